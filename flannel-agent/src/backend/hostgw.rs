@@ -1,0 +1,39 @@
+//! SKELETON: to be written (kernel datapaths work). The constructor signature is the
+//! contract with the agent.
+#![allow(unused_variables, reason = "skeleton")]
+
+use super::{Backend, Error, ExternalInterface, Result};
+use crate::lease::{Lease, LeaseAttrs};
+#[allow(unused_imports, reason = "skeleton")]
+use crate::netconf::VxlanConfig;
+
+/// SKELETON.
+pub struct HostGw;
+
+impl HostGw {
+    /// Build the backend for this host.
+    pub async fn new(ext: ExternalInterface) -> Result<Self> {
+        Err(Error::Other("not implemented yet".into()))
+    }
+}
+
+impl Backend for HostGw {
+    async fn prepare(&mut self) -> Result<LeaseAttrs> {
+        Err(Error::Other("not implemented yet".into()))
+    }
+    async fn register(&mut self, own: &Lease) -> Result<()> {
+        Ok(())
+    }
+    async fn add_peer(&mut self, peer: &Lease) -> Result<()> {
+        Ok(())
+    }
+    async fn remove_peer(&mut self, peer: &Lease) -> Result<()> {
+        Ok(())
+    }
+    async fn reconcile(&mut self, peers: &[Lease]) -> Result<()> {
+        Ok(())
+    }
+    fn mtu(&self) -> u32 {
+        0
+    }
+}

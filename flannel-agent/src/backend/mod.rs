@@ -1,0 +1,111 @@
+//! Backends: how pod traffic reaches other hosts. One trait, three implementations:
+//! `ebpf-vxlan` (our programs on top of a fully programmed kernel VXLAN device), `vxlan`
+//! (the kernel device alone, exactly like upstream) and `host-gw` (plain routes).
+
+use std::{
+    future::Future,
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use crate::lease::{Lease, LeaseAttrs};
+
+pub mod ebpf;
+pub mod hostgw;
+pub mod vxlan;
+
+/// The interface pod traffic leaves the host through, and the addresses peers use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalInterface {
+    /// Interface name.
+    pub name: String,
+    /// Interface index.
+    pub index: u32,
+    /// The interface's IPv4 address (VXLAN local address).
+    pub iface_addr: Ipv4Addr,
+    /// The IPv4 address published to peers (`--public-ip`, else `iface_addr`).
+    pub public_ip: Ipv4Addr,
+    /// The interface's IPv6 address, when IPv6 is enabled.
+    pub iface_addr6: Option<Ipv6Addr>,
+    /// The IPv6 address published to peers.
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// Interface MTU.
+    pub mtu: u32,
+}
+
+/// Errors of the backends.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Anything else, with context.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Result of backend operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A datapath that carries pod traffic to peers. Every method is idempotent: the agent may
+/// call any of them again after a restart or a missed event, and the kernel state must end
+/// up the same.
+pub trait Backend: Send {
+    /// Create what must exist before leasing (devices) and return the attributes to publish
+    /// (backend type and data, public IPs).
+    fn prepare(&mut self) -> impl Future<Output = Result<LeaseAttrs>> + Send;
+
+    /// Finish set-up once this host's lease is known (device addresses).
+    fn register(&mut self, own: &Lease) -> impl Future<Output = Result<()>> + Send;
+
+    /// Program one peer (added or changed).
+    fn add_peer(&mut self, peer: &Lease) -> impl Future<Output = Result<()>> + Send;
+
+    /// Remove one peer.
+    fn remove_peer(&mut self, peer: &Lease) -> impl Future<Output = Result<()>> + Send;
+
+    /// Make the datapath equal the full peer set (own lease excluded): add what is missing,
+    /// fix what differs, remove what this agent programmed for hosts no longer present, and
+    /// touch nothing else.
+    fn reconcile(&mut self, peers: &[Lease]) -> impl Future<Output = Result<()>> + Send;
+
+    /// The MTU pods must use (written to `subnet.env`).
+    fn mtu(&self) -> u32;
+}
+
+/// The backend this host runs, chosen once at start-up (a closed set: no registry).
+pub enum AnyBackend {
+    /// eBPF VXLAN on top of the kernel VXLAN device.
+    Ebpf(ebpf::EbpfVxlan),
+    /// Kernel VXLAN device only.
+    Vxlan(vxlan::KernelVxlan),
+    /// Plain routes via peers' public IPs.
+    HostGw(hostgw::HostGw),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $b:ident => $e:expr) => {
+        match $self {
+            AnyBackend::Ebpf($b) => $e,
+            AnyBackend::Vxlan($b) => $e,
+            AnyBackend::HostGw($b) => $e,
+        }
+    };
+}
+
+impl Backend for AnyBackend {
+    async fn prepare(&mut self) -> Result<LeaseAttrs> {
+        dispatch!(self, b => b.prepare().await)
+    }
+    async fn register(&mut self, own: &Lease) -> Result<()> {
+        dispatch!(self, b => b.register(own).await)
+    }
+    async fn add_peer(&mut self, peer: &Lease) -> Result<()> {
+        dispatch!(self, b => b.add_peer(peer).await)
+    }
+    async fn remove_peer(&mut self, peer: &Lease) -> Result<()> {
+        dispatch!(self, b => b.remove_peer(peer).await)
+    }
+    async fn reconcile(&mut self, peers: &[Lease]) -> Result<()> {
+        dispatch!(self, b => b.reconcile(peers).await)
+    }
+    fn mtu(&self) -> u32 {
+        dispatch!(self, b => b.mtu())
+    }
+}

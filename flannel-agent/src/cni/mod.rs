@@ -1,0 +1,1 @@
+//! SKELETON: the flannel CNI plugin.

@@ -1,0 +1,2 @@
+//! SKELETON: flanneld entry point (control-plane work).
+fn main() {}

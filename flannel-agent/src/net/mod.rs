@@ -1,0 +1,1 @@
+//! SKELETON: host networking helpers.

@@ -1,0 +1,48 @@
+//! Subnet managers: where leases live. One trait, two implementations (etcd, Kubernetes),
+//! chosen once at start-up.
+
+use std::future::Future;
+
+use futures::stream::BoxStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    lease::{Lease, LeaseAttrs, LeaseEvent},
+    netconf::NetworkConfig,
+};
+
+pub mod env_file;
+pub mod etcd;
+pub mod kube;
+
+/// Errors of the subnet managers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Anything else, with context.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Result of subnet manager operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A source of leases.
+pub trait SubnetManager: Send + Sync {
+    /// The cluster network configuration (validated).
+    fn network_config(&self) -> impl Future<Output = Result<NetworkConfig>> + Send;
+
+    /// Acquire (or re-acquire after a restart) this host's lease, publishing `attrs`.
+    fn acquire_lease(&self, attrs: &LeaseAttrs) -> impl Future<Output = Result<Lease>> + Send;
+
+    /// Every lease in the cluster, this host's included: a [`LeaseEvent::Snapshot`] first,
+    /// then changes; a new snapshot after any gap (reconnect, compaction, relist).
+    fn watch_leases(&self) -> BoxStream<'static, Result<LeaseEvent>>;
+
+    /// Keep `lease` alive until `cancel` fires (etcd: renew before expiry; kube: clear the
+    /// node's NetworkUnavailable condition). Returns an error if the lease is lost.
+    fn complete_lease(
+        &self,
+        lease: &Lease,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = Result<()>> + Send;
+}

@@ -1,0 +1,54 @@
+//! Names of maps, programs and pins, shared by the programs, the agent, the tests and the
+//! docs. The kernel keeps 15 bytes of an object name, so every name here is at most that
+//! long (checked below).
+
+/// Version of the map layout. Part of the pin path: a release that changes any type in
+/// [`crate::maps`] or [`crate::stats`] bumps it, so it never opens a pinned map of the old
+/// layout (aya reuses a pinned map without checking its key or value size).
+pub const LAYOUT_VERSION: &str = "v1";
+
+/// Default bpffs directory under which the agent pins its maps and links.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/flannel";
+
+/// LPM trie: remote pod subnet → peer ([`crate::Route`]).
+pub const MAP_ROUTES: &str = "ROUTES";
+/// Hash: peer underlay IPv4 → peer record ([`crate::Peer`]); the ingress allow-list.
+pub const MAP_PEERS: &str = "PEERS";
+/// Array with one element: this host's [`crate::DatapathConfig`].
+pub const MAP_CONFIG: &str = "CONFIG";
+/// Per-CPU array indexed by peer slot: [`crate::PeerStats`].
+pub const MAP_PEER_STATS: &str = "PEER_STATS";
+/// Per-CPU array indexed by [`crate::DropReason`]: [`crate::Counter`].
+pub const MAP_DROPS: &str = "DROPS";
+/// Per-CPU array indexed by [`crate::stats::PassReason`]: [`crate::Counter`]. Packets the
+/// programs handed to the kernel path, and why.
+pub const MAP_PASSES: &str = "PASSES";
+
+/// TC egress program on `flannel.<VNI>`: encapsulates routed overlay traffic.
+pub const PROG_ENCAP: &str = "vxlan_encap";
+/// TC ingress program on the uplink: decapsulates VXLAN from known peers.
+pub const PROG_DECAP: &str = "vxlan_decap";
+
+/// Every map name, for pinning and for cleanup.
+pub const ALL_MAPS: [&str; 6] = [
+    MAP_ROUTES,
+    MAP_PEERS,
+    MAP_CONFIG,
+    MAP_PEER_STATS,
+    MAP_DROPS,
+    MAP_PASSES,
+];
+
+/// Maximum number of peers (slots in [`MAP_PEER_STATS`], entries in [`MAP_PEERS`] and
+/// [`MAP_ROUTES`]).
+pub const MAX_PEERS: u32 = 4096;
+
+const _: () = {
+    let mut i = 0;
+    while i < ALL_MAPS.len() {
+        assert!(ALL_MAPS[i].len() <= 15);
+        i += 1;
+    }
+    assert!(PROG_ENCAP.len() <= 15);
+    assert!(PROG_DECAP.len() <= 15);
+};

@@ -1,0 +1,155 @@
+//! Per-CPU counters: per peer, per drop reason, per pass-to-kernel reason.
+
+/// Value of [`crate::names::MAP_PEER_STATS`]: traffic exchanged with one peer through the
+/// eBPF path (the kernel fallback path is counted by the kernel on `flannel.<VNI>`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PeerStats {
+    /// Packets encapsulated towards the peer (a GSO super-packet counts once).
+    pub tx_packets: u64,
+    /// Bytes of those packets before encapsulation.
+    pub tx_bytes: u64,
+    /// Packets from the peer decapsulated and delivered.
+    pub rx_packets: u64,
+    /// Bytes of those packets after decapsulation.
+    pub rx_bytes: u64,
+}
+
+/// Value of [`crate::names::MAP_DROPS`] and [`crate::names::MAP_PASSES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    /// Packets counted.
+    pub packets: u64,
+    /// Their bytes as seen by the program.
+    pub bytes: u64,
+}
+
+/// Why the ingress program dropped a packet: index into [`crate::names::MAP_DROPS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// VXLAN on our port from an underlay address that holds no lease.
+    UnknownPeer = 0,
+    /// VXLAN on our port with another VNI.
+    BadVni = 1,
+    /// VXLAN header flags other than the I bit.
+    BadFlags = 2,
+    /// Inner source address outside the sending peer's lease subnet.
+    Spoofed = 3,
+    /// A header claimed to be there but was cut short.
+    Malformed = 4,
+}
+
+impl DropReason {
+    /// Number of reasons: the size of the drops map.
+    pub const COUNT: u32 = 5;
+    /// Every reason, in index order.
+    pub const ALL: [DropReason; Self::COUNT as usize] = [
+        Self::UnknownPeer,
+        Self::BadVni,
+        Self::BadFlags,
+        Self::Spoofed,
+        Self::Malformed,
+    ];
+
+    /// Stable name for logs, metrics and `flanneld` output.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownPeer => "unknown_peer",
+            Self::BadVni => "bad_vni",
+            Self::BadFlags => "bad_flags",
+            Self::Spoofed => "spoofed_source",
+            Self::Malformed => "malformed",
+        }
+    }
+}
+
+/// Why a program handed a packet to the kernel path instead of handling it: index into
+/// [`crate::names::MAP_PASSES`]. None of these is an error; they explain where traffic went.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassReason {
+    /// The agent has not enabled the datapath yet.
+    Disabled = 0,
+    /// No route for the destination in the routes map.
+    NoRoute = 1,
+    /// Not IPv4 (ARP, IPv6, …).
+    NotIpv4 = 2,
+    /// Too big for the uplink once encapsulated: the kernel sends frag-needed or fragments.
+    TooBig = 3,
+    /// An outer fragment or outer IP options: the kernel reassembles.
+    Fragment = 4,
+    /// A GSO aggregate on ingress: the kernel VXLAN device decapsulates it (6.18 cannot clear
+    /// the tunnel GSO state from BPF).
+    GsoIngress = 5,
+    /// A helper refused (adjust_room, fib lookup, redirect): the kernel path retries.
+    HelperFailed = 6,
+    /// The inner frame is not addressed to our VTEP MAC or is not IPv4.
+    NotForUs = 7,
+}
+
+impl PassReason {
+    /// Number of reasons: the size of the passes map.
+    pub const COUNT: u32 = 8;
+    /// Every reason, in index order.
+    pub const ALL: [PassReason; Self::COUNT as usize] = [
+        Self::Disabled,
+        Self::NoRoute,
+        Self::NotIpv4,
+        Self::TooBig,
+        Self::Fragment,
+        Self::GsoIngress,
+        Self::HelperFailed,
+        Self::NotForUs,
+    ];
+
+    /// Stable name for logs, metrics and `flanneld` output.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::NoRoute => "no_route",
+            Self::NotIpv4 => "not_ipv4",
+            Self::TooBig => "too_big",
+            Self::Fragment => "fragment",
+            Self::GsoIngress => "gso_ingress",
+            Self::HelperFailed => "helper_failed",
+            Self::NotForUs => "not_for_us",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: `#[repr(C)]` structs of `u64`s: no padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::PeerStats {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn counters_layout_is_pinned() {
+        assert_eq!(size_of::<PeerStats>(), 32);
+        assert_eq!(offset_of!(PeerStats, tx_packets), 0);
+        assert_eq!(offset_of!(PeerStats, tx_bytes), 8);
+        assert_eq!(offset_of!(PeerStats, rx_packets), 16);
+        assert_eq!(offset_of!(PeerStats, rx_bytes), 24);
+        assert_eq!(size_of::<Counter>(), 16);
+    }
+
+    #[test]
+    fn reason_indices_are_dense_and_stable() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, r) in PassReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        assert_eq!(DropReason::UnknownPeer.as_str(), "unknown_peer");
+        assert_eq!(PassReason::GsoIngress.as_str(), "gso_ingress");
+    }
+}
