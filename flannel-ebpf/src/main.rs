@@ -1,24 +1,84 @@
+//! flannel's VXLAN datapath: two TC programs that do what the kernel's `flannel.<VNI>`
+//! device does, with fewer stack traversals, while that device stays fully programmed
+//! as the fallback for everything these programs hand back (`TC_ACT_OK`).
+//!
+//! * [`vxlan_encap`] runs on TC egress of `flannel.<VNI>`: routing, netfilter and
+//!   kube-proxy have already run, exactly as upstream; the program adds the outer
+//!   IPv4/UDP/VXLAN headers itself and sends the packet straight out of the uplink.
+//! * [`vxlan_decap`] runs on TC ingress of the uplink: VXLAN from a known peer, with our
+//!   VNI, is stripped and handed to `flannel.<VNI>`'s ingress, so the inner packet sees the
+//!   same routing and netfilter as after a kernel decap, skipping the outer IP/UDP receive.
+//!   VXLAN from an address that holds no lease is dropped and counted.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+mod decap;
+mod encap;
+mod maps;
 
-#[classifier]
-pub fn vxlan_encap(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use flannel_common::{DropReason, PassReason};
+
+/// Why a program did not finish its job: the single place that maps an outcome to a TC
+/// action and a counter.
+#[derive(Clone, Copy)]
+pub(crate) enum Outcome {
+    /// Not our traffic at all (not VXLAN to us): hand it on, count nothing.
+    Ignore,
+    /// Ours, but the kernel path should carry it.
+    Pass(PassReason),
+    /// Ours and bad: drop it.
+    Drop(DropReason),
 }
 
+impl Outcome {
+    #[inline(always)]
+    fn action(self, ctx: &TcContext) -> i32 {
+        match self {
+            Outcome::Ignore => TC_ACT_OK as i32,
+            Outcome::Pass(reason) => {
+                maps::count(&maps::PASSES, reason as u32, ctx.len());
+                TC_ACT_OK as i32
+            }
+            Outcome::Drop(reason) => {
+                maps::count(&maps::DROPS, reason as u32, ctx.len());
+                TC_ACT_SHOT as i32
+            }
+        }
+    }
+}
+
+/// TC egress on `flannel.<VNI>`.
 #[classifier]
-pub fn vxlan_decap(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+pub fn vxlan_encap(ctx: TcContext) -> i32 {
+    match encap::try_encap(&ctx) {
+        Ok(action) => action,
+        Err(outcome) => outcome.action(&ctx),
+    }
+}
+
+/// TC ingress on the uplink.
+#[classifier]
+pub fn vxlan_decap(ctx: TcContext) -> i32 {
+    match decap::try_decap(&ctx) {
+        Ok(action) => action,
+        Err(outcome) => outcome.action(&ctx),
+    }
 }
 
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects any path that could get here.
     loop {}
 }
 
+/// The kernel lets only GPL-compatible programs call GPL-only helpers such as
+/// `bpf_redirect_neigh`'s FIB lookup and `bpf_fib_lookup`.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,39 +1,193 @@
-//! SKELETON: to be written (kernel datapaths work). The constructor signature is the
-//! contract with the agent.
-#![allow(unused_variables, reason = "skeleton")]
+//! `ebpf-vxlan`: our TC programs carry VXLAN, the kernel device stays as the fallback.
+//!
+//! Everything the kernel `vxlan` backend programs (device `flannel.<VNI>`, and per peer a
+//! neighbour, an FDB entry and an onlink route) is programmed here too, first, exactly as
+//! upstream. The programs are a bypass on top of it: they encapsulate what the kernel
+//! routed into `flannel.<VNI>` and decapsulate VXLAN arriving on the uplink, and hand back
+//! to the kernel path anything they don't handle (fragments, ARP, GSO aggregates on
+//! ingress, route misses). So a detached program, a stopped agent or an unknown case
+//! degrades to upstream's behaviour, never to loss, and peers running the kernel VXLAN
+//! backend (ours or upstream's) interoperate by construction.
+//!
+//! Order of updates, so the kernel path always backs the BPF path: a peer's kernel entries
+//! go in before its map entries, and its map entries come out before its kernel entries.
 
-use crate::backend::{Backend, Error, ExternalInterface, Result};
-use crate::lease::{Lease, LeaseAttrs};
-#[allow(unused_imports, reason = "skeleton")]
-use crate::netconf::VxlanConfig;
+mod loader;
+mod probe;
+mod tables;
 
-/// SKELETON.
-pub struct EbpfVxlan;
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use flannel_common::{
+    DatapathConfig,
+    maps::CONFIG_F_ENABLED,
+    wire::FLANNEL_VXLAN_PORT,
+};
+use tracing::{info, warn};
+
+pub use loader::{Datapath, OBJECT, PinLayout};
+pub use probe::FallbackReason;
+pub use tables::{Counters, PeerEntry};
+
+use crate::{
+    backend::{Backend, Error, ExternalInterface, Result, vxlan::KernelVxlan},
+    lease::{Lease, LeaseAttrs},
+    netconf::VxlanConfig,
+};
+
+/// The eBPF VXLAN backend.
+pub struct EbpfVxlan {
+    kernel: KernelVxlan,
+    datapath: Datapath,
+    ext: ExternalInterface,
+    config: VxlanConfig,
+    attrs: LeaseAttrs,
+}
 
 impl EbpfVxlan {
-    /// Build the backend for this host.
-    pub async fn new(ext: ExternalInterface, config: VxlanConfig, pin_root: std::path::PathBuf) -> Result<Self> {
-        Err(Error::Other("not implemented yet".into()))
+    /// Set up the kernel device, load and attach the programs. Any failure is a
+    /// [`FallbackReason`] inside the error, for the agent to log before it falls back to
+    /// the kernel backend (`--dataplane=auto`) or exits (`--dataplane=ebpf`).
+    pub async fn new(
+        ext: ExternalInterface,
+        config: VxlanConfig,
+        pin_root: PathBuf,
+    ) -> Result<Self> {
+        Self::try_new(ext, config, pin_root)
+            .await
+            .map_err(|reason| Error::Other(format!("eBPF datapath unavailable: {reason}")))
+    }
+
+    async fn try_new(
+        ext: ExternalInterface,
+        config: VxlanConfig,
+        pin_root: PathBuf,
+    ) -> std::result::Result<Self, FallbackReason> {
+        probe::probe(&pin_root)?;
+        let mut kernel = KernelVxlan::new(ext.clone(), config.clone())
+            .await
+            .map_err(|e| FallbackReason::Device(e.to_string()))?;
+        // The programs ride on the device: create it now (prepare is idempotent, the agent
+        // calls it again through us).
+        let attrs = kernel
+            .prepare()
+            .await
+            .map_err(|e| FallbackReason::Device(e.to_string()))?;
+        let layout = PinLayout::new(pin_root);
+        let device = format!("flannel.{}", config.vni);
+        let datapath = loader::load(&layout, &device, &ext.name)?;
+        info!(device, uplink = %ext.name, pins = %layout.versioned().display(), "eBPF VXLAN datapath attached");
+        Ok(Self {
+            kernel,
+            datapath,
+            ext,
+            config,
+            attrs,
+        })
+    }
+
+    /// Counters summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        self.datapath
+            .counters()
+            .map_err(|e| Error::Other(format!("reading eBPF counters: {e}")))
+    }
+
+    fn datapath_config(&self) -> DatapathConfig {
+        let (sport_min, sport_max) = local_port_range();
+        DatapathConfig {
+            flags: CONFIG_F_ENABLED,
+            vni: self.config.vni,
+            port: if self.config.port == 0 { FLANNEL_VXLAN_PORT } else { self.config.port },
+            sport_min,
+            sport_max,
+            local_ip: self.ext.public_ip.octets(),
+            vtep_mac: self.kernel.vtep_mac(),
+            uplink_ifindex: self.ext.index,
+            vxlan_ifindex: self.kernel.vxlan_ifindex(),
+            ttl: 64,
+            ..Default::default()
+        }
+    }
+
+    fn map_err(what: &str, e: aya::maps::MapError) -> Error {
+        Error::Other(format!("eBPF maps: {what}: {e}"))
+    }
+}
+
+/// What the maps need from a lease, or `None` (logged) for leases the datapath can't use.
+fn peer_entry(peer: &Lease) -> Option<PeerEntry> {
+    if peer.attrs.backend_type != "vxlan" {
+        return None;
+    }
+    let mac = crate::backend::vxlan::peer_vtep_mac(peer)?;
+    Some(PeerEntry {
+        underlay: peer.attrs.public_ip,
+        subnet: peer.subnet,
+        vtep_mac: mac,
+    })
+}
+
+/// The kernel's ephemeral port range, which its VXLAN driver uses for outer source ports.
+fn local_port_range() -> (u16, u16) {
+    let parsed = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        });
+    match parsed {
+        // The kernel picks in [min, max): its formula excludes max.
+        Some((min, max)) if min < max => (min, max),
+        _ => (32768, 60999),
     }
 }
 
 impl Backend for EbpfVxlan {
     async fn prepare(&mut self) -> Result<LeaseAttrs> {
-        Err(Error::Other("not implemented yet".into()))
+        self.attrs = self.kernel.prepare().await?;
+        Ok(self.attrs.clone())
     }
+
     async fn register(&mut self, own: &Lease) -> Result<()> {
+        self.kernel.register(own).await?;
+        let cfg = self.datapath_config();
+        self.datapath
+            .set_config(&cfg)
+            .map_err(|e| Self::map_err("CONFIG", e))?;
+        info!(vni = cfg.vni, port = cfg.port, local = %Ipv4Addr::from(cfg.local_ip), "eBPF datapath enabled");
         Ok(())
     }
+
     async fn add_peer(&mut self, peer: &Lease) -> Result<()> {
-        Ok(())
+        self.kernel.add_peer(peer).await?;
+        let Some(entry) = peer_entry(peer) else {
+            warn!(subnet = %peer.subnet, "peer not usable by the eBPF datapath; kernel path only");
+            return Ok(());
+        };
+        self.datapath
+            .upsert_peer(&entry)
+            .map_err(|e| Self::map_err("upsert peer", e))
     }
+
     async fn remove_peer(&mut self, peer: &Lease) -> Result<()> {
-        Ok(())
+        self.datapath
+            .remove_peer(peer.attrs.public_ip, peer.subnet)
+            .map_err(|e| Self::map_err("remove peer", e))?;
+        self.kernel.remove_peer(peer).await
     }
+
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<()> {
-        Ok(())
+        self.kernel.reconcile(peers).await?;
+        let desired: Vec<PeerEntry> = peers.iter().filter_map(peer_entry).collect();
+        self.datapath
+            .reconcile(&desired)
+            .map_err(|e| Self::map_err("reconcile", e))
     }
+
     fn mtu(&self) -> u32 {
-        0
+        // Same as the kernel device: pods keep MTU − 50 so encapsulated TSO segments fit
+        // the uplink (the programs use FIXED_GSO).
+        self.kernel.mtu()
     }
 }

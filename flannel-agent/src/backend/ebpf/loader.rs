@@ -1,0 +1,293 @@
+//! Loading, pinning and attaching the programs so that an agent restart never leaves a
+//! packet without a datapath.
+//!
+//! Pin layout under `--bpf-pin-path` (default `/sys/fs/bpf/flannel`):
+//!
+//! ```text
+//! <root>/v1/maps/{ROUTES,PEERS,CONFIG,PEER_STATS,DROPS,PASSES}
+//! <root>/v1/links/{encap,decap}
+//! ```
+//!
+//! `v1` is `flannel_common::names::LAYOUT_VERSION`: a release that changes a map type uses
+//! a new directory instead of reusing maps of the wrong shape (aya reuses a pinned map
+//! without checking it). Maps are pinned, so their contents outlive the agent. Programs are
+//! attached with tcx links, which are pinned too: on restart the new program replaces the
+//! old one inside the same link (`BPF_LINK_UPDATE`), atomically, and the maps the new
+//! program opens are the pinned ones, already filled.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use flannel_common::{
+    Counter, DatapathConfig, Peer, PeerKey, PeerStats, Route,
+    names::{self, LAYOUT_VERSION},
+};
+use tracing::{debug, info, warn};
+
+use super::probe::FallbackReason;
+
+/// The compiled programs, embedded at build time by `build.rs` (aya-build).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flannel"));
+
+/// Where one agent's objects are pinned.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    /// The layout under `root` (the `--bpf-pin-path`).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The versioned directory holding everything.
+    pub fn versioned(&self) -> PathBuf {
+        self.root.join(LAYOUT_VERSION)
+    }
+
+    /// Pin path of a map.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.versioned().join("maps").join(name)
+    }
+
+    /// Pin path of a program's link.
+    pub fn link(&self, which: &str) -> PathBuf {
+        self.versioned().join("links").join(which)
+    }
+
+    /// Remove every pin: the links go (detaching the programs) and the maps with them.
+    /// Used by tests and `teardown`; the agent itself never does this on exit.
+    pub fn remove_all(&self) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(&self.root) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// The loaded datapath: typed handles on every map, and the programs attached.
+pub struct Datapath {
+    /// Remote subnet → route.
+    pub routes: LpmTrie<MapData, [u8; 4], Route>,
+    /// Peer underlay → peer.
+    pub peers: HashMap<MapData, PeerKey, Peer>,
+    /// This host's configuration.
+    pub config: Array<MapData, DatapathConfig>,
+    /// Per-peer counters.
+    pub peer_stats: PerCpuArray<MapData, PeerStats>,
+    /// Drop counters.
+    pub drops: PerCpuArray<MapData, Counter>,
+    /// Pass-to-kernel counters.
+    pub passes: PerCpuArray<MapData, Counter>,
+    /// Keeps the programs (and their log buffer) loaded while the agent runs.
+    _ebpf: Ebpf,
+}
+
+/// One program and where it goes.
+struct Attachment<'a> {
+    program: &'static str,
+    link: &'static str,
+    interface: &'a str,
+    direction: TcAttachType,
+}
+
+/// Load the programs, reuse or create the pinned maps, and attach (or atomically replace)
+/// the encap program on `vxlan_dev` egress and the decap program on `uplink` ingress.
+pub fn load(
+    layout: &PinLayout,
+    vxlan_dev: &str,
+    uplink: &str,
+) -> Result<Datapath, FallbackReason> {
+    let pin_err = |path: &Path, error: String| FallbackReason::Pin {
+        path: path.display().to_string(),
+        error,
+    };
+    for dir in [layout.versioned().join("maps"), layout.versioned().join("links")] {
+        std::fs::create_dir_all(&dir).map_err(|e| pin_err(&dir, e.to_string()))?;
+    }
+    check_pinned_maps(layout)?;
+
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
+        .iter()
+        .map(|name| (*name, layout.map(name)))
+        .collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(OBJECT)
+        .map_err(|e| FallbackReason::Load(format!("{e:#}")))?;
+    start_log_forwarder(&mut ebpf);
+
+    for a in [
+        Attachment {
+            program: names::PROG_ENCAP,
+            link: "encap",
+            interface: vxlan_dev,
+            direction: TcAttachType::Egress,
+        },
+        Attachment {
+            program: names::PROG_DECAP,
+            link: "decap",
+            interface: uplink,
+            direction: TcAttachType::Ingress,
+        },
+    ] {
+        attach(&mut ebpf, layout, &a)?;
+    }
+
+    let take = |ebpf: &mut Ebpf, name: &str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| FallbackReason::Load(format!("map {name} missing from the object")))
+    };
+    let map_err = |name: &str, e: aya::maps::MapError| {
+        FallbackReason::Load(format!("map {name} has an unexpected type: {e}"))
+    };
+    Ok(Datapath {
+        routes: LpmTrie::try_from(take(&mut ebpf, names::MAP_ROUTES)?)
+            .map_err(|e| map_err(names::MAP_ROUTES, e))?,
+        peers: HashMap::try_from(take(&mut ebpf, names::MAP_PEERS)?)
+            .map_err(|e| map_err(names::MAP_PEERS, e))?,
+        config: Array::try_from(take(&mut ebpf, names::MAP_CONFIG)?)
+            .map_err(|e| map_err(names::MAP_CONFIG, e))?,
+        peer_stats: PerCpuArray::try_from(take(&mut ebpf, names::MAP_PEER_STATS)?)
+            .map_err(|e| map_err(names::MAP_PEER_STATS, e))?,
+        drops: PerCpuArray::try_from(take(&mut ebpf, names::MAP_DROPS)?)
+            .map_err(|e| map_err(names::MAP_DROPS, e))?,
+        passes: PerCpuArray::try_from(take(&mut ebpf, names::MAP_PASSES)?)
+            .map_err(|e| map_err(names::MAP_PASSES, e))?,
+        _ebpf: ebpf,
+    })
+}
+
+/// Refuse pinned maps whose shape differs from what this build expects, instead of letting
+/// the programs read garbage. Within one layout version this only happens after a bug.
+fn check_pinned_maps(layout: &PinLayout) -> Result<(), FallbackReason> {
+    use std::mem::size_of;
+    let expected: [(&str, usize, usize); 6] = [
+        (names::MAP_ROUTES, 8, size_of::<Route>()),
+        (names::MAP_PEERS, size_of::<PeerKey>(), size_of::<Peer>()),
+        (names::MAP_CONFIG, 4, size_of::<DatapathConfig>()),
+        (names::MAP_PEER_STATS, 4, size_of::<PeerStats>()),
+        (names::MAP_DROPS, 4, size_of::<Counter>()),
+        (names::MAP_PASSES, 4, size_of::<Counter>()),
+    ];
+    for (name, key, value) in expected {
+        let path = layout.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|e| FallbackReason::Pin {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        })?;
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            return Err(FallbackReason::Pin {
+                path: path.display().to_string(),
+                error: format!(
+                    "pinned map has key/value size {}/{}, this build needs {key}/{value}",
+                    info.key_size(),
+                    info.value_size()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Attach one program: replace the program inside the pinned link if there is a live one,
+/// otherwise create a tcx link and pin it.
+fn attach(ebpf: &mut Ebpf, layout: &PinLayout, a: &Attachment<'_>) -> Result<(), FallbackReason> {
+    let attach_err = |error: String| FallbackReason::Attach {
+        program: a.program,
+        interface: a.interface.to_owned(),
+        error,
+    };
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(a.program)
+        .ok_or_else(|| FallbackReason::Load(format!("program {} missing", a.program)))?
+        .try_into()
+        .map_err(|e| FallbackReason::Load(format!("program {}: {e}", a.program)))?;
+    prog.load()
+        .map_err(|e| FallbackReason::Load(format!("program {}: {e:#}", a.program)))?;
+
+    let pin = layout.link(a.link);
+    if pin.exists() {
+        match replace_in_pinned_link(prog, &pin) {
+            Ok(()) => {
+                info!(program = a.program, interface = a.interface, "replaced program in pinned link");
+                return Ok(());
+            }
+            Err(error) => {
+                // The link died with its device (recreated flannel.1, gone veth): start over.
+                warn!(program = a.program, pin = %pin.display(), %error, "stale link pin, re-attaching");
+                std::fs::remove_file(&pin).map_err(|e| attach_err(e.to_string()))?;
+            }
+        }
+    }
+    let id = prog
+        .attach_with_options(
+            a.interface,
+            a.direction,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| attach_err(format!("{e:#}")))?;
+    let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
+    fd_link.pin(&pin).map_err(|e| FallbackReason::Pin {
+        path: pin.display().to_string(),
+        error: e.to_string(),
+    })?;
+    info!(program = a.program, interface = a.interface, "attached with a new pinned tcx link");
+    Ok(())
+}
+
+fn replace_in_pinned_link(prog: &mut SchedClassifier, pin: &Path) -> Result<(), String> {
+    let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+    let id = prog.attach_to_link(link).map_err(|e| format!("{e:#}"))?;
+    // The pin keeps the link; our fd can go.
+    drop(prog.take_link(id).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+/// Forward the programs' aya-log records into our tracing logs (via the `log` bridge).
+fn start_log_forwarder(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(e) => {
+            debug!(error = %e, "no eBPF log records to forward");
+            return;
+        }
+    };
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    handle.spawn(async move {
+        // SAFETY: the logger owns its ring buffer fd and moves into the AsyncFd, so the fd
+        // stays open and unchanged for as long as it is registered.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let Ok(mut fd) = registered else {
+            return;
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

@@ -1,0 +1,210 @@
+//! Domain verbs over the maps: "this peer exists", "this peer is gone", "the peer set is
+//! exactly this". The only code that knows the map encodings.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
+use flannel_common::{
+    Counter, DatapathConfig, DropReason, Peer, PeerKey, PeerStats, Route, names::MAX_PEERS,
+    stats::PassReason,
+};
+use ipnetwork::Ipv4Network;
+
+use super::loader::Datapath;
+
+/// A peer as the datapath needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerEntry {
+    /// The peer's underlay address.
+    pub underlay: Ipv4Addr,
+    /// The peer's pod subnet.
+    pub subnet: Ipv4Network,
+    /// The peer's VTEP MAC.
+    pub vtep_mac: [u8; 6],
+}
+
+/// Counters summed over CPUs, for logs, the demo and tests.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    /// Per peer underlay address.
+    pub peers: BTreeMap<Ipv4Addr, PeerStats>,
+    /// Per drop reason name.
+    pub drops: BTreeMap<&'static str, Counter>,
+    /// Per pass reason name.
+    pub passes: BTreeMap<&'static str, Counter>,
+}
+
+impl Datapath {
+    /// Write this host's configuration (enables or disables both programs at once).
+    pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), MapError> {
+        self.config.set(0, cfg, 0)
+    }
+
+    /// The peers currently in the maps, with their slots.
+    pub fn current_peers(&self) -> Result<BTreeMap<Ipv4Addr, Peer>, MapError> {
+        let mut out = BTreeMap::new();
+        for entry in self.peers.iter() {
+            let (k, v) = entry?;
+            out.insert(Ipv4Addr::from(k.addr), v);
+        }
+        Ok(out)
+    }
+
+    /// The routes currently in the map.
+    pub fn current_routes(&self) -> Result<BTreeMap<Ipv4Network, Route>, MapError> {
+        let mut out = BTreeMap::new();
+        for entry in self.routes.iter() {
+            let (k, v) = entry?;
+            if let Ok(net) = Ipv4Network::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8) {
+                out.insert(net, v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Add or update one peer. The allow-list entry goes in before the route, so replies
+    /// to the first encapsulated packet are already accepted.
+    pub fn upsert_peer(&mut self, p: &PeerEntry) -> Result<(), MapError> {
+        let current = self.current_peers()?;
+        let slot = match current.get(&p.underlay) {
+            Some(existing) => existing.slot,
+            None => {
+                let slot = free_slot(&current).ok_or(MapError::OutOfBounds {
+                    index: MAX_PEERS,
+                    max_entries: MAX_PEERS,
+                })?;
+                self.reset_slot(slot)?;
+                slot
+            }
+        };
+        let peer = Peer {
+            slot,
+            subnet: p.subnet.network().octets(),
+            prefix_len: u32::from(p.subnet.prefix()),
+        };
+        self.peers.insert(PeerKey { addr: p.underlay.octets() }, peer, 0)?;
+        // A peer that changed subnet leaves its old route behind: drop it.
+        for (net, route) in self.current_routes()? {
+            if route.peer_ip == p.underlay.octets() && net != p.subnet {
+                self.routes.remove(&route_key(net))?;
+            }
+        }
+        let route = Route {
+            peer_ip: p.underlay.octets(),
+            vtep_mac: p.vtep_mac,
+            flags: 0,
+            peer_slot: slot,
+        };
+        self.routes.insert(&route_key(p.subnet), route, 0)
+    }
+
+    /// Remove one peer: route first (stop sending), then the allow-list entry.
+    pub fn remove_peer(&mut self, underlay: Ipv4Addr, subnet: Ipv4Network) -> Result<(), MapError> {
+        ignore_missing(self.routes.remove(&route_key(subnet)))?;
+        let still_routed = self
+            .current_routes()?
+            .values()
+            .any(|r| r.peer_ip == underlay.octets());
+        if !still_routed {
+            ignore_missing(self.peers.remove(&PeerKey { addr: underlay.octets() }))?;
+        }
+        Ok(())
+    }
+
+    /// Make the maps hold exactly `desired`: upsert every entry, delete every route and
+    /// peer not in it.
+    pub fn reconcile(&mut self, desired: &[PeerEntry]) -> Result<(), MapError> {
+        for p in desired {
+            self.upsert_peer(p)?;
+        }
+        for (net, route) in self.current_routes()? {
+            let wanted = desired
+                .iter()
+                .any(|p| p.subnet == net && p.underlay.octets() == route.peer_ip);
+            if !wanted {
+                ignore_missing(self.routes.remove(&route_key(net)))?;
+            }
+        }
+        for underlay in self.current_peers()?.keys() {
+            if !desired.iter().any(|p| p.underlay == *underlay) {
+                ignore_missing(self.peers.remove(&PeerKey { addr: underlay.octets() }))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sum the per-CPU counters.
+    pub fn counters(&self) -> Result<Counters, MapError> {
+        let mut out = Counters::default();
+        for (addr, peer) in self.current_peers()? {
+            let per_cpu = self.peer_stats.get(&peer.slot, 0)?;
+            let mut sum = PeerStats::default();
+            for s in per_cpu.iter() {
+                sum.tx_packets += s.tx_packets;
+                sum.tx_bytes += s.tx_bytes;
+                sum.rx_packets += s.rx_packets;
+                sum.rx_bytes += s.rx_bytes;
+            }
+            out.peers.insert(addr, sum);
+        }
+        for reason in DropReason::ALL {
+            out.drops
+                .insert(reason.as_str(), sum_counter(&self.drops.get(&(reason as u32), 0)?));
+        }
+        for reason in PassReason::ALL {
+            out.passes
+                .insert(reason.as_str(), sum_counter(&self.passes.get(&(reason as u32), 0)?));
+        }
+        Ok(out)
+    }
+
+    /// Zero a stats slot before a new peer uses it.
+    fn reset_slot(&mut self, slot: u32) -> Result<(), MapError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::SyscallError(
+            aya::sys::SyscallError { call: "nr_cpus", io_error: e },
+        ))?;
+        let zeros = PerCpuValues::try_from(vec![PeerStats::default(); cpus])
+            .map_err(|e| MapError::SyscallError(aya::sys::SyscallError {
+                call: "per-cpu values",
+                io_error: e,
+            }))?;
+        self.peer_stats.set(slot, zeros, 0)
+    }
+}
+
+fn sum_counter(values: &PerCpuValues<Counter>) -> Counter {
+    values.iter().fold(Counter::default(), |acc, c| Counter {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    })
+}
+
+fn route_key(net: Ipv4Network) -> Key<[u8; 4]> {
+    Key::new(u32::from(net.prefix()), net.network().octets())
+}
+
+fn free_slot(current: &BTreeMap<Ipv4Addr, Peer>) -> Option<u32> {
+    (0..MAX_PEERS).find(|s| !current.values().any(|p| p.slot == *s))
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_slot_fills_holes_first() {
+        let mut m = BTreeMap::new();
+        let peer = |slot| Peer { slot, subnet: [0; 4], prefix_len: 24 };
+        assert_eq!(free_slot(&m), Some(0));
+        m.insert(Ipv4Addr::new(1, 0, 0, 1), peer(0));
+        m.insert(Ipv4Addr::new(1, 0, 0, 2), peer(2));
+        assert_eq!(free_slot(&m), Some(1));
+    }
+}

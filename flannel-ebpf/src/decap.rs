@@ -1,0 +1,115 @@
+//! Ingress: decapsulate VXLAN from known peers on the uplink.
+//!
+//! Accepted: outer IPv4 without options or fragmentation, to our underlay address, UDP to
+//! our VXLAN port, from an underlay address that holds a lease (anything else on our port
+//! is dropped and counted: upstream's kernel device would accept VXLAN from anyone), VXLAN
+//! flags exactly the I bit and our VNI, inner frame to our VTEP MAC carrying IPv4 whose
+//! source lies in the sending peer's subnet.
+//!
+//! Delivery: the inner frame is redirected into `flannel.<VNI>`'s ingress, so it meets the
+//! same routing, conntrack and netfilter as a kernel-decapsulated packet (kube-proxy
+//! reverse NAT and NetworkPolicy keep working); what is skipped is the outer IP receive,
+//! netfilter on the outer packet, the UDP socket lookup and the VXLAN driver.
+//!
+//! GSO aggregates go to the kernel device untouched: on 6.18 `bpf_skb_adjust_room` cannot
+//! clear the tunnel GSO state of a decapsulated aggregate, which the next transmit would
+//! then segment in software. Outer fragments go to the kernel too (it reassembles them).
+
+use aya_ebpf::{
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::bpf_redirect,
+    programs::TcContext,
+};
+use aya_log_ebpf::debug;
+use flannel_common::{
+    DropReason, PassReason, PeerKey,
+    wire::{
+        ETH_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_LEN, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD, in_subnet,
+        parse_vxlan_header,
+    },
+};
+
+use crate::{Outcome, maps};
+
+const OUTER_IP: usize = ETH_LEN;
+const OUTER_UDP: usize = OUTER_IP + IPV4_LEN;
+const VXLAN: usize = OUTER_UDP + UDP_LEN;
+const INNER_ETH: usize = VXLAN + VXLAN_LEN;
+const INNER_IP: usize = INNER_ETH + ETH_LEN;
+
+#[inline(always)]
+pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
+    let ethertype: u16 = ctx.load(12).map_err(|_| Outcome::Ignore)?;
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return Err(Outcome::Ignore);
+    }
+    let ip: [u8; IPV4_LEN] = ctx.load(OUTER_IP).map_err(|_| Outcome::Ignore)?;
+    if ip[9] != IPPROTO_UDP {
+        return Err(Outcome::Ignore);
+    }
+    let Some(cfg) = maps::config() else {
+        return Err(Outcome::Ignore);
+    };
+    let dst = [ip[16], ip[17], ip[18], ip[19]];
+    if dst != cfg.local_ip {
+        return Err(Outcome::Ignore);
+    }
+    // Fragments (MF set or an offset) and options: the kernel reassembles / parses them.
+    // Non-first fragments carry no UDP header, so this test comes before the port check.
+    if ip[0] != 0x45 || (u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff) != 0 {
+        return Err(Outcome::Pass(PassReason::Fragment));
+    }
+    let dport: u16 = ctx.load(OUTER_UDP + 2).map_err(|_| Outcome::Ignore)?;
+    if u16::from_be(dport) != cfg.port {
+        return Err(Outcome::Ignore);
+    }
+
+    // From here on the packet is VXLAN for us.
+    let src = [ip[12], ip[13], ip[14], ip[15]];
+    let Some(peer) = (unsafe { maps::PEERS.get(PeerKey { addr: src }) }).copied() else {
+        debug!(ctx, "dropped VXLAN from unknown peer {:i}", u32::from_be_bytes(src));
+        return Err(Outcome::Drop(DropReason::UnknownPeer));
+    };
+    let vx: [u8; VXLAN_LEN] = ctx
+        .load(VXLAN)
+        .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
+    let vni = parse_vxlan_header(&vx).ok_or(Outcome::Drop(DropReason::BadFlags))?;
+    if vni != cfg.vni {
+        return Err(Outcome::Drop(DropReason::BadVni));
+    }
+    let eth: [u8; ETH_LEN] = ctx
+        .load(INNER_ETH)
+        .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
+    if eth[0..6] != cfg.vtep_mac {
+        return Err(Outcome::Pass(PassReason::NotForUs));
+    }
+    if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
+        // ARP and friends: the kernel device answers them.
+        return Err(Outcome::Pass(PassReason::NotIpv4));
+    }
+    let inner_src: [u8; 4] = ctx
+        .load(INNER_IP + 12)
+        .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
+    if !in_subnet(inner_src, peer.subnet, peer.prefix_len) {
+        return Err(Outcome::Drop(DropReason::Spoofed));
+    }
+    // SAFETY: reading a field of the context the kernel handed us.
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        return Err(Outcome::Pass(PassReason::GsoIngress));
+    }
+
+    ctx.adjust_room(
+        -(VXLAN_OVERHEAD as i32),
+        BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+    )
+    .map_err(|_| Outcome::Pass(PassReason::HelperFailed))?;
+    // The outer Ethernet header now sits in front of the inner IP header: make it the
+    // inner one, so flannel.<VNI> sees a frame addressed to itself from the peer's VTEP.
+    ctx.store(0, &eth, 0)
+        .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
+    maps::count_peer(peer.slot, ctx.len(), false);
+    // SAFETY: plain helper call; the ifindex comes from the agent's configuration.
+    let rc = unsafe { bpf_redirect(cfg.vxlan_ifindex, BPF_F_INGRESS as u64) };
+    Ok(rc as i32)
+}

@@ -1,0 +1,80 @@
+//! Every map the programs use. BTF-defined (`#[btf_map]`) so the kernel knows the key and
+//! value types and `bpftool map dump` prints field names. Names and sizes come from
+//! `flannel_common::names`; the agent pins them under the versioned pin directory.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    macros::btf_map,
+};
+use flannel_common::{
+    Counter, DatapathConfig, DropReason, PassReason, Peer, PeerKey, PeerStats, Route,
+    names::MAX_PEERS,
+};
+
+const PEERS_MAX: usize = MAX_PEERS as usize;
+
+/// Remote pod subnet → peer. LPM so subnets of any length can coexist.
+#[btf_map]
+pub static ROUTES: LpmTrie<[u8; 4], Route, PEERS_MAX> = LpmTrie::new();
+
+/// Peer underlay IPv4 → peer. No-prealloc so an update is an RCU swap of the whole value:
+/// a reader never sees a half-written entry.
+#[btf_map]
+pub static PEERS: HashMap<PeerKey, Peer, PEERS_MAX, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+/// This host's parameters; element 0.
+#[btf_map]
+pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+/// Per-peer traffic, indexed by `Route::peer_slot` / `Peer::slot`.
+#[btf_map]
+pub static PEER_STATS: PerCpuArray<PeerStats, PEERS_MAX> = PerCpuArray::new();
+
+/// Drops by `DropReason`.
+#[btf_map]
+pub static DROPS: PerCpuArray<Counter, { DropReason::COUNT as usize }> = PerCpuArray::new();
+
+/// Hand-offs to the kernel path by `PassReason`.
+#[btf_map]
+pub static PASSES: PerCpuArray<Counter, { PassReason::COUNT as usize }> = PerCpuArray::new();
+
+/// The datapath configuration, if the agent has enabled it.
+#[inline(always)]
+pub fn config() -> Option<DatapathConfig> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.flags & flannel_common::maps::CONFIG_F_ENABLED == 0 {
+        return None;
+    }
+    Some(*cfg)
+}
+
+/// Add one packet of `bytes` to a per-CPU counter (no atomics: the slot is this CPU's).
+#[inline(always)]
+pub fn count<const N: usize>(map: &PerCpuArray<Counter, N>, index: u32, bytes: u32) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, valid for the program's run; nothing else writes it now.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(bytes);
+        }
+    }
+}
+
+/// Account a packet sent to (`tx`) or received from a peer.
+#[inline(always)]
+pub fn count_peer(slot: u32, bytes: u32, tx: bool) {
+    if let Some(s) = PEER_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, as above.
+        unsafe {
+            if tx {
+                (*s).tx_packets += 1;
+                (*s).tx_bytes += u64::from(bytes);
+            } else {
+                (*s).rx_packets += 1;
+                (*s).rx_bytes += u64::from(bytes);
+            }
+        }
+    }
+}
