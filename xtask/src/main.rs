@@ -1,1 +1,104 @@
-fn main() {}
+//! `cargo xtask`: what a developer or CI runs. Setup is code, not prose: every command that
+//! needs the eBPF toolchain or the test packages installs what is missing first.
+//! Building is cargo's job (flannel-agent's build.rs builds the eBPF object); this only
+//! orchestrates.
+
+mod setup;
+mod util;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "flannel developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing: rust-src for nightly, bpf-linker, Debian packages; mount
+    /// bpffs. Idempotent.
+    Setup,
+    /// Build the agent, the CNI plugin and the eBPF programs.
+    Build,
+    /// Build, then run flanneld (as root) with the given arguments.
+    Run {
+        /// Arguments for flanneld, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Every check and test: rustfmt, clippy -D warnings, unit tests, privileged tests.
+    Test {
+        /// Extra arguments for the test binaries (e.g. a name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Dump the pinned maps with bpftool.
+    Maps {
+        /// The agent's --bpf-pin-path.
+        #[arg(long, default_value = "/sys/fs/bpf/flannel")]
+        pin_path: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = util::workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::Build => {
+            setup::run()?;
+            util::cargo(&["build", "--bins"])
+        }
+        Command::Run { args } => {
+            setup::run()?;
+            util::cargo(&["build", "--bins"])?;
+            let bin = root.join("target/debug/flanneld");
+            util::exec(&bin, &args)
+        }
+        Command::Test { args } => {
+            setup::run()?;
+            test(&args)
+        }
+        Command::Maps { pin_path } => maps(&pin_path),
+    }
+}
+
+/// The whole suite, in the order that fails fastest.
+fn test(extra: &[String]) -> Result<()> {
+    util::cargo(&["fmt", "--all", "--check"])?;
+    util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // Binaries first: the end-to-end tests run the real flanneld and flannel CNI plugin.
+    util::cargo(&["build", "--bins"])?;
+    let mut unit = vec!["test", "-p", "flannel-common", "-p", "flannel-agent", "-p", "xtask"];
+    if !extra.is_empty() {
+        unit.push("--");
+        unit.extend(extra.iter().map(String::as_str));
+    }
+    util::cargo(&unit)?;
+    // Privileged tests share two cores and the kernel: one at a time keeps timing honest.
+    let mut e2e = vec!["test", "-p", "flannel-e2e", "--", "--test-threads=1"];
+    e2e.extend(extra.iter().map(String::as_str));
+    util::cargo_env(&e2e, &[("FLANNEL_TEST_PRIVILEGED", "1")])
+}
+
+fn maps(pin_path: &std::path::Path) -> Result<()> {
+    let dir = pin_path.join(flannel_layout_version()).join("maps");
+    for entry in std::fs::read_dir(&dir)
+        .map_err(|e| anyhow::anyhow!("no pinned maps under {}: {e}", dir.display()))?
+    {
+        let path = entry?.path();
+        println!("== {}", path.display());
+        util::run("bpftool", &["map", "dump", "pinned", &path.to_string_lossy()])?;
+    }
+    Ok(())
+}
+
+fn flannel_layout_version() -> &'static str {
+    "v1"
+}
