@@ -155,7 +155,10 @@ mod tests {
         }
         assert!(seen.iter().filter(|s| **s).count() > 2);
         // Kernel formula, worked by hand: h = 1 ^ (1 << 16) = 0x10001.
-        assert_eq!(vxlan_source_port(1, min, max), ((0x10001u64 * 28231) >> 32) as u16 + min);
+        assert_eq!(
+            vxlan_source_port(1, min, max),
+            ((0x10001u64 * 28231) >> 32) as u16 + min
+        );
     }
 
     #[test]

@@ -67,7 +67,11 @@ pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
     // From here on the packet is VXLAN for us.
     let src = [ip[12], ip[13], ip[14], ip[15]];
     let Some(peer) = (unsafe { maps::PEERS.get(PeerKey { addr: src }) }).copied() else {
-        debug!(ctx, "dropped VXLAN from unknown peer {:i}", u32::from_be_bytes(src));
+        debug!(
+            ctx,
+            "dropped VXLAN from unknown peer {:i}",
+            u32::from_be_bytes(src)
+        );
         return Err(Outcome::Drop(DropReason::UnknownPeer));
     };
     let vx: [u8; VXLAN_LEN] = ctx

@@ -54,11 +54,15 @@ const HEADERS: usize = INNER_ETH + ETH_LEN;
 pub fn try_encap(ctx: &TcContext) -> Result<i32, Outcome> {
     let cfg = maps::config().ok_or(Outcome::Pass(PassReason::Disabled))?;
 
-    let ethertype: u16 = ctx.load(12).map_err(|_| Outcome::Pass(PassReason::NotIpv4))?;
+    let ethertype: u16 = ctx
+        .load(12)
+        .map_err(|_| Outcome::Pass(PassReason::NotIpv4))?;
     if u16::from_be(ethertype) != ETH_P_IP {
         return Err(Outcome::Pass(PassReason::NotIpv4));
     }
-    let tos: u8 = ctx.load(ETH_LEN + 1).map_err(|_| Outcome::Pass(PassReason::NotIpv4))?;
+    let tos: u8 = ctx
+        .load(ETH_LEN + 1)
+        .map_err(|_| Outcome::Pass(PassReason::NotIpv4))?;
     let dst: [u8; 4] = ctx
         .load(ETH_LEN + 16)
         .map_err(|_| Outcome::Pass(PassReason::NotIpv4))?;

@@ -12,7 +12,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc::TcAttachOptions},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc::TcAttachOptions,
+    },
 };
 use flannel_common::{
     Counter, DatapathConfig, DropReason, PassReason, Peer, PeerKey, PeerStats, Route,
@@ -57,7 +59,12 @@ fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     std::thread::spawn(move || {
         // SAFETY: unshare affects only this thread, which owns nothing else.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
         f()
     })
     .join()
@@ -65,7 +72,11 @@ fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 fn sh(cmd: &str) {
-    let status = Command::new("sh").arg("-c").arg(cmd).status().expect("spawn sh");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .expect("spawn sh");
     assert!(status.success(), "`{cmd}` failed");
 }
 
@@ -85,14 +96,20 @@ impl Loaded {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(flannel_agent::backend::ebpf::OBJECT).expect("load object");
+        let mut ebpf = loader
+            .load(flannel_agent::backend::ebpf::OBJECT)
+            .expect("load object");
         for (prog, dev, dir) in [
             (names::PROG_ENCAP, "fl0", TcAttachType::Egress),
             (names::PROG_DECAP, "fl1", TcAttachType::Ingress),
         ] {
-            let p: &mut SchedClassifier =
-                ebpf.program_mut(prog).expect("program").try_into().expect("classifier");
-            p.load().unwrap_or_else(|e| panic!("verifier rejected {prog}: {e:#}"));
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(prog)
+                .expect("program")
+                .try_into()
+                .expect("classifier");
+            p.load()
+                .unwrap_or_else(|e| panic!("verifier rejected {prog}: {e:#}"));
             p.attach_with_options(dev, dir, TcAttachOptions::TcxOrder(LinkOrder::default()))
                 .unwrap_or_else(|e| panic!("attach {prog} to {dev}: {e:#}"));
         }
@@ -126,14 +143,27 @@ impl Loaded {
         let mut peers: HashMap<&mut MapData, PeerKey, Peer> =
             HashMap::try_from(self.ebpf.map_mut(names::MAP_PEERS).unwrap()).unwrap();
         peers
-            .insert(PeerKey { addr: PEER_IP }, Peer { slot: 3, subnet: PEER_SUBNET, prefix_len: 24 }, 0)
+            .insert(
+                PeerKey { addr: PEER_IP },
+                Peer {
+                    slot: 3,
+                    subnet: PEER_SUBNET,
+                    prefix_len: 24,
+                },
+                0,
+            )
             .unwrap();
         let mut routes: LpmTrie<&mut MapData, [u8; 4], Route> =
             LpmTrie::try_from(self.ebpf.map_mut(names::MAP_ROUTES).unwrap()).unwrap();
         routes
             .insert(
                 &Key::new(24, PEER_SUBNET),
-                Route { peer_ip: PEER_IP, vtep_mac: PEER_MAC, flags: 0, peer_slot: 3 },
+                Route {
+                    peer_ip: PEER_IP,
+                    vtep_mac: PEER_MAC,
+                    flags: 0,
+                    peer_slot: 3,
+                },
                 0,
             )
             .unwrap();
@@ -145,31 +175,52 @@ impl Loaded {
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.data_out = Some(&mut out);
-        let r = p.test_run(opts).unwrap_or_else(|e| panic!("test_run {prog}: {e:#}"));
+        let r = p
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("test_run {prog}: {e:#}"));
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
     }
 
-    fn per_cpu_sum<T: aya::Pod + Copy>(&self, map: &str, index: u32, add: impl Fn(T, T) -> T, zero: T) -> T {
+    fn per_cpu_sum<T: aya::Pod + Copy>(
+        &self,
+        map: &str,
+        index: u32,
+        add: impl Fn(T, T) -> T,
+        zero: T,
+    ) -> T {
         let m: PerCpuArray<&MapData, T> =
             PerCpuArray::try_from(self.ebpf.map(map).unwrap()).unwrap();
-        m.get(&index, 0).unwrap().iter().fold(zero, |a, b| add(a, *b))
+        m.get(&index, 0)
+            .unwrap()
+            .iter()
+            .fold(zero, |a, b| add(a, *b))
     }
 
     fn peer_stats(&self, slot: u32) -> PeerStats {
-        self.per_cpu_sum(names::MAP_PEER_STATS, slot, |a: PeerStats, b| PeerStats {
-            tx_packets: a.tx_packets + b.tx_packets,
-            tx_bytes: a.tx_bytes + b.tx_bytes,
-            rx_packets: a.rx_packets + b.rx_packets,
-            rx_bytes: a.rx_bytes + b.rx_bytes,
-        }, PeerStats::default())
+        self.per_cpu_sum(
+            names::MAP_PEER_STATS,
+            slot,
+            |a: PeerStats, b| PeerStats {
+                tx_packets: a.tx_packets + b.tx_packets,
+                tx_bytes: a.tx_bytes + b.tx_bytes,
+                rx_packets: a.rx_packets + b.rx_packets,
+                rx_bytes: a.rx_bytes + b.rx_bytes,
+            },
+            PeerStats::default(),
+        )
     }
 
     fn counter(&self, map: &str, index: u32) -> u64 {
-        self.per_cpu_sum(map, index, |a: Counter, b| Counter {
-            packets: a.packets + b.packets,
-            bytes: a.bytes + b.bytes,
-        }, Counter::default())
+        self.per_cpu_sum(
+            map,
+            index,
+            |a: Counter, b| Counter {
+                packets: a.packets + b.packets,
+                bytes: a.bytes + b.bytes,
+            },
+            Counter::default(),
+        )
         .packets
     }
 }
@@ -183,8 +234,26 @@ fn inner_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -
     f.extend_from_slice(&src_mac);
     f.extend_from_slice(&[0x08, 0x00]);
     let mut ip = [
-        0x45, 0x00, (total >> 8) as u8, total as u8, 0x12, 0x34, 0x40, 0x00, 64, 1, 0, 0,
-        src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3],
+        0x45,
+        0x00,
+        (total >> 8) as u8,
+        total as u8,
+        0x12,
+        0x34,
+        0x40,
+        0x00,
+        64,
+        1,
+        0,
+        0,
+        src[0],
+        src[1],
+        src[2],
+        src[3],
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
     ];
     let c = wire::ipv4_header_checksum(&ip);
     ip[10] = (c >> 8) as u8;
@@ -202,7 +271,14 @@ fn vxlan_packet(outer_src: [u8; 4], vni: u32, inner: &[u8]) -> Vec<u8> {
     p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x20]); // peer uplink MAC
     p.extend_from_slice(&[0x08, 0x00]);
     let udp_len = (8 + 8 + inner.len()) as u16;
-    p.extend_from_slice(&wire::outer_ipv4_header(20 + udp_len, 7, 0, 64, outer_src, LOCAL_IP));
+    p.extend_from_slice(&wire::outer_ipv4_header(
+        20 + udp_len,
+        7,
+        0,
+        64,
+        outer_src,
+        LOCAL_IP,
+    ));
     p.extend_from_slice(&40000u16.to_be_bytes());
     p.extend_from_slice(&8472u16.to_be_bytes());
     p.extend_from_slice(&udp_len.to_be_bytes());
@@ -223,7 +299,10 @@ fn encap_builds_the_headers_the_linux_vxlan_driver_builds() {
         let mut dp = Loaded::new(&pin_path);
         let inner = inner_frame(PEER_MAC, OUR_MAC, [10, 244, 1, 5], [10, 244, 2, 7]);
         let (verdict, out) = dp.run(names::PROG_ENCAP, &inner);
-        assert_eq!(verdict, TC_ACT_REDIRECT, "encap must redirect to the uplink");
+        assert_eq!(
+            verdict, TC_ACT_REDIRECT,
+            "encap must redirect to the uplink"
+        );
         assert_eq!(out.len(), inner.len() + 50, "VXLAN adds exactly 50 bytes");
 
         // Outer IPv4.
@@ -239,13 +318,26 @@ fn encap_builds_the_headers_the_linux_vxlan_driver_builds() {
         let mut zeroed = ip;
         zeroed[10] = 0;
         zeroed[11] = 0;
-        assert_eq!(wire::ipv4_header_checksum(&zeroed), u16::from_be_bytes([ip[10], ip[11]]));
+        assert_eq!(
+            wire::ipv4_header_checksum(&zeroed),
+            u16::from_be_bytes([ip[10], ip[11]])
+        );
         // Outer UDP.
         let sport = u16::from_be_bytes([out[34], out[35]]);
-        assert!((32768..61000).contains(&sport), "source port {sport} from the flow hash");
+        assert!(
+            (32768..61000).contains(&sport),
+            "source port {sport} from the flow hash"
+        );
         assert_eq!(u16::from_be_bytes([out[36], out[37]]), 8472);
-        assert_eq!(u16::from_be_bytes([out[38], out[39]]) as usize, out.len() - 34);
-        assert_eq!(&out[40..42], &[0, 0], "outer UDP checksum is zero (GSO-safe)");
+        assert_eq!(
+            u16::from_be_bytes([out[38], out[39]]) as usize,
+            out.len() - 34
+        );
+        assert_eq!(
+            &out[40..42],
+            &[0, 0],
+            "outer UDP checksum is zero (GSO-safe)"
+        );
         // VXLAN, VNI 1.
         assert_eq!(&out[42..50], &[0x08, 0, 0, 0, 0, 0, 1, 0]);
         // Inner frame: dst = peer VTEP MAC, src = ours, then the original IP packet.
@@ -295,15 +387,27 @@ fn decap_delivers_vxlan_from_known_peers_and_drops_the_rest() {
         let inner = inner_frame(OUR_MAC, PEER_MAC, [10, 244, 2, 7], [10, 244, 1, 5]);
 
         let (verdict, out) = dp.run(names::PROG_DECAP, &vxlan_packet(PEER_IP, 1, &inner));
-        assert_eq!(verdict, TC_ACT_REDIRECT, "known peer: redirected into flannel.1");
+        assert_eq!(
+            verdict, TC_ACT_REDIRECT,
+            "known peer: redirected into flannel.1"
+        );
         assert_eq!(out, inner, "exactly the inner frame comes out");
         let stats = dp.peer_stats(3);
         assert_eq!(stats.rx_packets, 1);
         assert_eq!(stats.rx_bytes, inner.len() as u64);
 
-        let (verdict, _) = dp.run(names::PROG_DECAP, &vxlan_packet([198, 18, 0, 99], 1, &inner));
-        assert_eq!(verdict, TC_ACT_SHOT, "VXLAN from an address without a lease is dropped");
-        assert_eq!(dp.counter(names::MAP_DROPS, DropReason::UnknownPeer as u32), 1);
+        let (verdict, _) = dp.run(
+            names::PROG_DECAP,
+            &vxlan_packet([198, 18, 0, 99], 1, &inner),
+        );
+        assert_eq!(
+            verdict, TC_ACT_SHOT,
+            "VXLAN from an address without a lease is dropped"
+        );
+        assert_eq!(
+            dp.counter(names::MAP_DROPS, DropReason::UnknownPeer as u32),
+            1
+        );
 
         let (verdict, _) = dp.run(names::PROG_DECAP, &vxlan_packet(PEER_IP, 2, &inner));
         assert_eq!(verdict, TC_ACT_SHOT, "another VNI is dropped");
@@ -311,20 +415,33 @@ fn decap_delivers_vxlan_from_known_peers_and_drops_the_rest() {
 
         let spoofed = inner_frame(OUR_MAC, PEER_MAC, [10, 244, 3, 7], [10, 244, 1, 5]);
         let (verdict, _) = dp.run(names::PROG_DECAP, &vxlan_packet(PEER_IP, 1, &spoofed));
-        assert_eq!(verdict, TC_ACT_SHOT, "inner source outside the peer's subnet");
+        assert_eq!(
+            verdict, TC_ACT_SHOT,
+            "inner source outside the peer's subnet"
+        );
         assert_eq!(dp.counter(names::MAP_DROPS, DropReason::Spoofed as u32), 1);
 
         let mut fragment = vxlan_packet(PEER_IP, 1, &inner);
         fragment[20] |= 0x20; // MF
         let (verdict, out) = dp.run(names::PROG_DECAP, &fragment);
-        assert_eq!(verdict, TC_ACT_OK, "outer fragments go to the kernel for reassembly");
+        assert_eq!(
+            verdict, TC_ACT_OK,
+            "outer fragments go to the kernel for reassembly"
+        );
         assert_eq!(out, fragment);
-        assert_eq!(dp.counter(names::MAP_PASSES, PassReason::Fragment as u32), 1);
+        assert_eq!(
+            dp.counter(names::MAP_PASSES, PassReason::Fragment as u32),
+            1
+        );
 
         let mut other_port = vxlan_packet(PEER_IP, 1, &inner);
         other_port[36..38].copy_from_slice(&4789u16.to_be_bytes());
         let (verdict, out) = dp.run(names::PROG_DECAP, &other_port);
-        assert_eq!((verdict, out), (TC_ACT_OK, other_port), "not our port: untouched");
+        assert_eq!(
+            (verdict, out),
+            (TC_ACT_OK, other_port),
+            "not our port: untouched"
+        );
     });
 }
 
@@ -342,7 +459,11 @@ fn bpftool_dumps_the_pinned_maps_with_field_names() {
             .arg(pin_path.join(names::MAP_ROUTES))
             .output()
             .expect("run bpftool");
-        assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "bpftool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let dump: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
         let entry = &dump[0]["formatted"];
         assert_eq!(entry["value"]["peer_slot"], 3, "dump: {dump}");
@@ -352,7 +473,10 @@ fn bpftool_dumps_the_pinned_maps_with_field_names() {
             .iter()
             .map(|v| v.as_u64().unwrap() as u8)
             .collect();
-        assert_eq!(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]), Ipv4Addr::from(PEER_IP));
+        assert_eq!(
+            Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]),
+            Ipv4Addr::from(PEER_IP)
+        );
         assert!(entry["value"]["vtep_mac"].is_array());
 
         let out = Command::new("bpftool")

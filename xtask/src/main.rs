@@ -75,7 +75,15 @@ fn test(extra: &[String]) -> Result<()> {
     util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     // Binaries first: the end-to-end tests run the real flanneld and flannel CNI plugin.
     util::cargo(&["build", "--bins"])?;
-    let mut unit = vec!["test", "-p", "flannel-common", "-p", "flannel-agent", "-p", "xtask"];
+    let mut unit = vec![
+        "test",
+        "-p",
+        "flannel-common",
+        "-p",
+        "flannel-agent",
+        "-p",
+        "xtask",
+    ];
     if !extra.is_empty() {
         unit.push("--");
         unit.extend(extra.iter().map(String::as_str));
@@ -94,7 +102,10 @@ fn maps(pin_path: &std::path::Path) -> Result<()> {
     {
         let path = entry?.path();
         println!("== {}", path.display());
-        util::run("bpftool", &["map", "dump", "pinned", &path.to_string_lossy()])?;
+        util::run(
+            "bpftool",
+            &["map", "dump", "pinned", &path.to_string_lossy()],
+        )?;
     }
     Ok(())
 }

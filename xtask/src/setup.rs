@@ -69,7 +69,10 @@ fn rust_src() -> Result<()> {
         return Ok(());
     }
     eprintln!("setup: adding rust-src to nightly (eBPF builds core with -Z build-std)");
-    util::run("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])
+    util::run(
+        "rustup",
+        &["component", "add", "rust-src", "--toolchain", "nightly"],
+    )
 }
 
 /// The LLVM major version of nightly rustc, which bpf-linker must match.
@@ -103,7 +106,9 @@ fn bpf_linker() -> Result<()> {
         std::os::unix::fs::symlink(lib.join(&libllvm), &link)?;
     }
     let feature = format!("llvm-{}", llvm_major()?);
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's {libllvm} ({feature})");
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's {libllvm} ({feature})"
+    );
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = std::process::Command::new(cargo)
         .args([
@@ -126,7 +131,10 @@ fn bpf_linker() -> Result<()> {
 
 fn bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts")?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         return Ok(());
     }
     eprintln!("setup: mounting bpffs at /sys/fs/bpf");

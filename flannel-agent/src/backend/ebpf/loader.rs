@@ -102,16 +102,15 @@ struct Attachment<'a> {
 
 /// Load the programs, reuse or create the pinned maps, and attach (or atomically replace)
 /// the encap program on `vxlan_dev` egress and the decap program on `uplink` ingress.
-pub fn load(
-    layout: &PinLayout,
-    vxlan_dev: &str,
-    uplink: &str,
-) -> Result<Datapath, FallbackReason> {
+pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapath, FallbackReason> {
     let pin_err = |path: &Path, error: String| FallbackReason::Pin {
         path: path.display().to_string(),
         error,
     };
-    for dir in [layout.versioned().join("maps"), layout.versioned().join("links")] {
+    for dir in [
+        layout.versioned().join("maps"),
+        layout.versioned().join("links"),
+    ] {
         std::fs::create_dir_all(&dir).map_err(|e| pin_err(&dir, e.to_string()))?;
     }
     check_pinned_maps(layout)?;
@@ -127,7 +126,6 @@ pub fn load(
     let mut ebpf = loader
         .load(OBJECT)
         .map_err(|e| FallbackReason::Load(format!("{e:#}")))?;
-    start_log_forwarder(&mut ebpf);
 
     for a in [
         Attachment {
@@ -145,6 +143,10 @@ pub fn load(
     ] {
         attach(&mut ebpf, layout, &a)?;
     }
+    // Only now: the logger takes the log ring buffer out of `ebpf`, and without a runtime
+    // to forward from it is dropped, which must not happen before the programs that write
+    // to the buffer are loaded.
+    start_log_forwarder(&mut ebpf);
 
     let take = |ebpf: &mut Ebpf, name: &str| {
         ebpf.take_map(name)
@@ -225,7 +227,11 @@ fn attach(ebpf: &mut Ebpf, layout: &PinLayout, a: &Attachment<'_>) -> Result<(),
     if pin.exists() {
         match replace_in_pinned_link(prog, &pin) {
             Ok(()) => {
-                info!(program = a.program, interface = a.interface, "replaced program in pinned link");
+                info!(
+                    program = a.program,
+                    interface = a.interface,
+                    "replaced program in pinned link"
+                );
                 return Ok(());
             }
             Err(error) => {
@@ -248,7 +254,11 @@ fn attach(ebpf: &mut Ebpf, layout: &PinLayout, a: &Attachment<'_>) -> Result<(),
         path: pin.display().to_string(),
         error: e.to_string(),
     })?;
-    info!(program = a.program, interface = a.interface, "attached with a new pinned tcx link");
+    info!(
+        program = a.program,
+        interface = a.interface,
+        "attached with a new pinned tcx link"
+    );
     Ok(())
 }
 

@@ -18,14 +18,10 @@ mod tables;
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use flannel_common::{
-    DatapathConfig,
-    maps::CONFIG_F_ENABLED,
-    wire::FLANNEL_VXLAN_PORT,
-};
+use flannel_common::{DatapathConfig, maps::CONFIG_F_ENABLED, wire::FLANNEL_VXLAN_PORT};
 use tracing::{info, warn};
 
-pub use loader::{Datapath, OBJECT, PinLayout};
+pub use loader::{Datapath, OBJECT, PinLayout, load};
 pub use probe::FallbackReason;
 pub use tables::{Counters, PeerEntry};
 
@@ -98,7 +94,11 @@ impl EbpfVxlan {
         DatapathConfig {
             flags: CONFIG_F_ENABLED,
             vni: self.config.vni,
-            port: if self.config.port == 0 { FLANNEL_VXLAN_PORT } else { self.config.port },
+            port: if self.config.port == 0 {
+                FLANNEL_VXLAN_PORT
+            } else {
+                self.config.port
+            },
             sport_min,
             sport_max,
             local_ip: self.ext.public_ip.octets(),

@@ -82,7 +82,13 @@ impl Datapath {
             subnet: p.subnet.network().octets(),
             prefix_len: u32::from(p.subnet.prefix()),
         };
-        self.peers.insert(PeerKey { addr: p.underlay.octets() }, peer, 0)?;
+        self.peers.insert(
+            PeerKey {
+                addr: p.underlay.octets(),
+            },
+            peer,
+            0,
+        )?;
         // A peer that changed subnet leaves its old route behind: drop it.
         for (net, route) in self.current_routes()? {
             if route.peer_ip == p.underlay.octets() && net != p.subnet {
@@ -106,7 +112,9 @@ impl Datapath {
             .values()
             .any(|r| r.peer_ip == underlay.octets());
         if !still_routed {
-            ignore_missing(self.peers.remove(&PeerKey { addr: underlay.octets() }))?;
+            ignore_missing(self.peers.remove(&PeerKey {
+                addr: underlay.octets(),
+            }))?;
         }
         Ok(())
     }
@@ -127,7 +135,9 @@ impl Datapath {
         }
         for underlay in self.current_peers()?.keys() {
             if !desired.iter().any(|p| p.underlay == *underlay) {
-                ignore_missing(self.peers.remove(&PeerKey { addr: underlay.octets() }))?;
+                ignore_missing(self.peers.remove(&PeerKey {
+                    addr: underlay.octets(),
+                }))?;
             }
         }
         Ok(())
@@ -148,26 +158,34 @@ impl Datapath {
             out.peers.insert(addr, sum);
         }
         for reason in DropReason::ALL {
-            out.drops
-                .insert(reason.as_str(), sum_counter(&self.drops.get(&(reason as u32), 0)?));
+            out.drops.insert(
+                reason.as_str(),
+                sum_counter(&self.drops.get(&(reason as u32), 0)?),
+            );
         }
         for reason in PassReason::ALL {
-            out.passes
-                .insert(reason.as_str(), sum_counter(&self.passes.get(&(reason as u32), 0)?));
+            out.passes.insert(
+                reason.as_str(),
+                sum_counter(&self.passes.get(&(reason as u32), 0)?),
+            );
         }
         Ok(out)
     }
 
     /// Zero a stats slot before a new peer uses it.
     fn reset_slot(&mut self, slot: u32) -> Result<(), MapError> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::SyscallError(
-            aya::sys::SyscallError { call: "nr_cpus", io_error: e },
-        ))?;
-        let zeros = PerCpuValues::try_from(vec![PeerStats::default(); cpus])
-            .map_err(|e| MapError::SyscallError(aya::sys::SyscallError {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            })
+        })?;
+        let zeros = PerCpuValues::try_from(vec![PeerStats::default(); cpus]).map_err(|e| {
+            MapError::SyscallError(aya::sys::SyscallError {
                 call: "per-cpu values",
                 io_error: e,
-            }))?;
+            })
+        })?;
         self.peer_stats.set(slot, zeros, 0)
     }
 }
@@ -201,7 +219,11 @@ mod tests {
     #[test]
     fn free_slot_fills_holes_first() {
         let mut m = BTreeMap::new();
-        let peer = |slot| Peer { slot, subnet: [0; 4], prefix_len: 24 };
+        let peer = |slot| Peer {
+            slot,
+            subnet: [0; 4],
+            prefix_len: 24,
+        };
         assert_eq!(free_slot(&m), Some(0));
         m.insert(Ipv4Addr::new(1, 0, 0, 1), peer(0));
         m.insert(Ipv4Addr::new(1, 0, 0, 2), peer(2));
