@@ -305,8 +305,19 @@ pub fn iperf(
     addr: Ipv4Addr,
     args: &[&str],
 ) -> serde_json::Value {
+    iperf_ns(t, &client.pod, &server.pod, addr, args)
+}
+
+/// iperf3 between any two namespaces of the topology (pods or hosts).
+pub fn iperf_ns(
+    t: &mut Topology,
+    client_ns: &str,
+    server_ns: &str,
+    addr: Ipv4Addr,
+    args: &[&str],
+) -> serde_json::Value {
     let srv = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{}", server.pod))
+        .arg(format!("--net=/var/run/netns/{server_ns}"))
         .args(["iperf3", "-s", "-1", "-p", "5201"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -315,7 +326,7 @@ pub fn iperf(
     t.children.push(srv);
     std::thread::sleep(Duration::from_millis(300));
     let (ok, out) = sh_out(&inside(
-        &client.pod,
+        client_ns,
         &format!("iperf3 -c {addr} -p 5201 -J {}", args.join(" ")),
     ));
     assert!(ok, "iperf3 client failed: {out}");

@@ -37,6 +37,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Side-by-side datapath benchmark: eBPF VXLAN, kernel VXLAN, host-gw and the bare
+    /// underlay, interleaved rounds, medians and ratios.
+    Bench {
+        /// Arguments for the benchmark (--rounds N, --seconds S, --transactions N).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Dump the pinned maps with bpftool.
     Maps {
         /// The agent's --bpf-pin-path.
@@ -64,6 +71,11 @@ fn main() -> Result<()> {
         Command::Test { args } => {
             setup::run()?;
             test(&args)
+        }
+        Command::Bench { args } => {
+            setup::run()?;
+            util::cargo(&["build", "-p", "flannel-e2e", "--bin", "bench"])?;
+            util::exec(&root.join("target/debug/bench"), &args)
         }
         Command::Maps { pin_path } => maps(&pin_path),
     }

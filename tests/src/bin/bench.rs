@@ -1,0 +1,296 @@
+//! `cargo xtask bench`: the eBPF VXLAN datapath against the kernel VXLAN device, host-gw
+//! (no encapsulation) and the bare underlay (the ceiling), side by side in one run, rounds
+//! interleaved so the noise of a shared machine hits every mode alike.
+//!
+//! Each mode is two host namespaces on one veth with a pod behind each (see
+//! `flannel_e2e::twohost`). Per round and mode: iperf3 one stream, iperf3 four streams,
+//! and a TCP request/response ping-pong (1-byte messages, TCP_NODELAY) for p50/p99.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use flannel_e2e::twohost::{
+    Carrier, Host, Topology, attach_ebpf, counters, inside, iperf_ns, two_hosts_with,
+};
+
+const RR_PORT: u16 = 7007;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("rr-server") => rr_server(),
+        Some("rr-client") => rr_client(&args[2], args[3].parse().expect("transaction count")),
+        _ => bench(&args[1..]),
+    }
+}
+
+/// Echo one byte per message until the peer closes, for every connection.
+fn rr_server() {
+    let listener = TcpListener::bind(("0.0.0.0", RR_PORT)).expect("bind rr server");
+    for stream in listener.incoming() {
+        let Ok(mut s) = stream else { continue };
+        let _ = s.set_nodelay(true);
+        let mut b = [0u8; 1];
+        while s.read_exact(&mut b).is_ok() {
+            if s.write_all(&b).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// `count` request/response transactions; prints p50 and p99 in microseconds.
+fn rr_client(addr: &str, count: usize) {
+    let mut s = TcpStream::connect((addr, RR_PORT)).expect("connect rr server");
+    s.set_nodelay(true).expect("nodelay");
+    let mut lat = Vec::with_capacity(count);
+    let mut b = [7u8; 1];
+    // Warm up caches, ARP and conntrack before measuring.
+    for _ in 0..200 {
+        s.write_all(&b).expect("send");
+        s.read_exact(&mut b).expect("recv");
+    }
+    for _ in 0..count {
+        let t0 = Instant::now();
+        s.write_all(&b).expect("send");
+        s.read_exact(&mut b).expect("recv");
+        lat.push(t0.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    lat.sort_by(f64::total_cmp);
+    println!("{} {}", percentile(&lat, 0.50), percentile(&lat, 0.99));
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Ebpf,
+    KernelVxlan,
+    HostGw,
+    Underlay,
+}
+
+impl Mode {
+    const ALL: [Mode; 4] = [Mode::Ebpf, Mode::KernelVxlan, Mode::HostGw, Mode::Underlay];
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "eBPF VXLAN",
+            Mode::KernelVxlan => "kernel VXLAN",
+            Mode::HostGw => "host-gw",
+            Mode::Underlay => "bare underlay",
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+struct Samples {
+    one: Vec<f64>,
+    four: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+struct Setup {
+    t: Topology,
+    a: Host,
+    b: Host,
+}
+
+fn bench(args: &[String]) {
+    let rounds: usize = flag(args, "--rounds").unwrap_or(5);
+    let secs: u64 = flag(args, "--seconds").unwrap_or(5);
+    let rr: usize = flag(args, "--transactions").unwrap_or(20_000);
+    assert!(flannel_e2e::require_root(), "the benchmark needs root");
+
+    let mut setups: Vec<(Mode, Setup)> = Vec::new();
+    for mode in Mode::ALL {
+        let mut t = Topology::new();
+        let carrier = if mode == Mode::HostGw {
+            Carrier::HostGw
+        } else {
+            Carrier::Vxlan
+        };
+        let (a, b) = two_hosts_with(&mut t, carrier);
+        if mode == Mode::Ebpf {
+            let (pa, pb) = (t.pin_root("a"), t.pin_root("b"));
+            attach_ebpf(&a, &b, pa);
+            attach_ebpf(&b, &a, pb);
+        }
+        setups.push((mode, Setup { t, a, b }));
+    }
+    let exe = std::env::current_exe().expect("own path");
+    let mut results: Vec<(Mode, Samples)> =
+        Mode::ALL.iter().map(|m| (*m, Samples::default())).collect();
+
+    for round in 0..rounds {
+        // Rotate the order every round so no mode always runs first or last.
+        for i in 0..setups.len() {
+            let idx = (i + round) % setups.len();
+            let (mode, s) = &mut setups[idx];
+            let (client, server, addr) = endpoints(*mode, &s.a, &s.b);
+            let t_arg = secs.to_string();
+            let one = gbits(&iperf_ns(
+                &mut s.t,
+                &client,
+                &server,
+                addr,
+                &["-t", &t_arg, "-O", "1", "-A", "0,1"],
+            ));
+            let four = gbits(&iperf_ns(
+                &mut s.t,
+                &client,
+                &server,
+                addr,
+                &["-t", &t_arg, "-O", "1", "-P", "4"],
+            ));
+            let (p50, p99) = request_response(&exe, &client, &server, addr, rr);
+            eprintln!(
+                "round {}: {:<13} 1 stream {one:6.2} Gbit/s, 4 streams {four:6.2} Gbit/s, RR p50 {p50:6.1} µs p99 {p99:6.1} µs",
+                round + 1,
+                mode.name()
+            );
+            let r = &mut results.iter_mut().find(|(m, _)| m == mode).expect("mode").1;
+            r.one.push(one);
+            r.four.push(four);
+            r.p50.push(p50);
+            r.p99.push(p99);
+        }
+    }
+
+    if let Some((_, s)) = setups.iter().find(|(m, _)| *m == Mode::Ebpf) {
+        let c = counters(&s.a, s.t.pins[0].clone());
+        eprintln!("eBPF host A counters: {:?}", c.peers);
+        eprintln!(
+            "eBPF host A passes to the kernel: {:?}",
+            c.passes
+                .iter()
+                .filter(|(_, v)| v.packets > 0)
+                .collect::<Vec<_>>()
+        );
+    }
+    report(&results, rounds, secs);
+}
+
+/// Who talks to whom in a mode: pod to pod, or host to host over the bare underlay.
+fn endpoints(mode: Mode, a: &Host, b: &Host) -> (String, String, Ipv4Addr) {
+    if mode == Mode::Underlay {
+        (a.ns.clone(), b.ns.clone(), b.underlay)
+    } else {
+        (a.pod.clone(), b.pod.clone(), b.pod_ip())
+    }
+}
+
+fn gbits(report: &serde_json::Value) -> f64 {
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
+}
+
+fn request_response(
+    exe: &std::path::Path,
+    client: &str,
+    server: &str,
+    addr: Ipv4Addr,
+    count: usize,
+) -> (f64, f64) {
+    let mut srv = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{server}"))
+        .arg(exe)
+        .arg("rr-server")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("rr server");
+    std::thread::sleep(Duration::from_millis(200));
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(inside(
+            client,
+            &format!("{} rr-client {addr} {count}", exe.display()),
+        ))
+        .output()
+        .expect("rr client");
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(f64::NAN));
+    (it.next().unwrap_or(f64::NAN), it.next().unwrap_or(f64::NAN))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn spread(v: &[f64]) -> String {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{min:.1}–{max:.1}")
+}
+
+fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64) {
+    let m = |mode: Mode| &results.iter().find(|(x, _)| *x == mode).expect("mode").1;
+    println!("\n{rounds} interleaved rounds, iperf3 {secs} s per run; medians (min–max)\n");
+    println!("| mode | 1 stream Gbit/s | 4 streams Gbit/s | RR p50 µs | RR p99 µs |");
+    println!("|---|---|---|---|---|");
+    for (mode, s) in results {
+        println!(
+            "| {} | {:.2} ({}) | {:.2} ({}) | {:.1} ({}) | {:.1} ({}) |",
+            mode.name(),
+            median(&s.one),
+            spread(&s.one),
+            median(&s.four),
+            spread(&s.four),
+            median(&s.p50),
+            spread(&s.p50),
+            median(&s.p99),
+            spread(&s.p99)
+        );
+    }
+    let (e, k, h, u) = (
+        m(Mode::Ebpf),
+        m(Mode::KernelVxlan),
+        m(Mode::HostGw),
+        m(Mode::Underlay),
+    );
+    println!();
+    println!("| ratio | 1 stream | 4 streams | RR p50 | RR p99 |");
+    println!("|---|---|---|---|---|");
+    for (name, other) in [
+        ("eBPF / kernel VXLAN", k),
+        ("eBPF / host-gw", h),
+        ("eBPF / bare underlay", u),
+    ] {
+        println!(
+            "| {name} | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
+            median(&e.one) / median(&other.one),
+            median(&e.four) / median(&other.four),
+            median(&e.p50) / median(&other.p50),
+            median(&e.p99) / median(&other.p99),
+        );
+    }
+    println!(
+        "\ntargets: eBPF ≥ 1.15× kernel VXLAN throughput, ≥ 0.95× host-gw, RR p50 ≤ 0.9× kernel VXLAN"
+    );
+}
+
+fn flag<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+}
