@@ -274,8 +274,8 @@ pub fn attach_ebpf(host: &Host, peer: &Host, pin_root: PathBuf) {
 
 pub fn counters(host: &Host, pin_root: PathBuf) -> Counters {
     in_netns(&host.ns.clone(), move || {
-        flannel_agent::backend::ebpf::load(&PinLayout::new(pin_root), "flannel.1", "eth0")
-            .expect("reopen datapath")
+        flannel_agent::backend::ebpf::open_pinned(&PinLayout::new(pin_root))
+            .expect("open pinned maps")
             .counters()
             .expect("read counters")
     })

@@ -88,8 +88,43 @@ pub struct Datapath {
     pub drops: PerCpuArray<MapData, Counter>,
     /// Pass-to-kernel counters.
     pub passes: PerCpuArray<MapData, Counter>,
-    /// Keeps the programs (and their log buffer) loaded while the agent runs.
-    _ebpf: Ebpf,
+    /// Keeps the programs (and their log buffer) loaded while the agent runs; `None` when
+    /// only the pinned maps were opened for inspection.
+    _ebpf: Option<Ebpf>,
+}
+
+/// Open the pinned maps of a running datapath without loading or attaching anything:
+/// for inspection (counters, contents) from another process.
+pub fn open_pinned(layout: &PinLayout) -> Result<Datapath, FallbackReason> {
+    check_pinned_maps(layout)?;
+    let open = |name: &str| {
+        let path = layout.map(name);
+        MapData::from_pin(&path)
+            .map(aya::maps::Map::from_map_data)
+            .map_err(|e| FallbackReason::Pin {
+                path: path.display().to_string(),
+                error: e.to_string(),
+            })?
+            .map_err(|e| FallbackReason::Load(format!("map {name}: {e}")))
+    };
+    let map_err = |name: &str, e: aya::maps::MapError| {
+        FallbackReason::Load(format!("map {name} has an unexpected type: {e}"))
+    };
+    Ok(Datapath {
+        routes: LpmTrie::try_from(open(names::MAP_ROUTES)?)
+            .map_err(|e| map_err(names::MAP_ROUTES, e))?,
+        peers: HashMap::try_from(open(names::MAP_PEERS)?)
+            .map_err(|e| map_err(names::MAP_PEERS, e))?,
+        config: Array::try_from(open(names::MAP_CONFIG)?)
+            .map_err(|e| map_err(names::MAP_CONFIG, e))?,
+        peer_stats: PerCpuArray::try_from(open(names::MAP_PEER_STATS)?)
+            .map_err(|e| map_err(names::MAP_PEER_STATS, e))?,
+        drops: PerCpuArray::try_from(open(names::MAP_DROPS)?)
+            .map_err(|e| map_err(names::MAP_DROPS, e))?,
+        passes: PerCpuArray::try_from(open(names::MAP_PASSES)?)
+            .map_err(|e| map_err(names::MAP_PASSES, e))?,
+        _ebpf: None,
+    })
 }
 
 /// One program and where it goes.
@@ -168,7 +203,7 @@ pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapat
             .map_err(|e| map_err(names::MAP_DROPS, e))?,
         passes: PerCpuArray::try_from(take(&mut ebpf, names::MAP_PASSES)?)
             .map_err(|e| map_err(names::MAP_PASSES, e))?,
-        _ebpf: ebpf,
+        _ebpf: Some(ebpf),
     })
 }
 

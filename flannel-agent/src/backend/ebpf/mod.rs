@@ -21,7 +21,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use flannel_common::{DatapathConfig, maps::CONFIG_F_ENABLED, wire::FLANNEL_VXLAN_PORT};
 use tracing::{info, warn};
 
-pub use loader::{Datapath, OBJECT, PinLayout, load};
+pub use loader::{Datapath, OBJECT, PinLayout, load, open_pinned};
 pub use probe::FallbackReason;
 pub use tables::{Counters, PeerEntry};
 
