@@ -39,14 +39,14 @@ impl Outcome {
     #[inline(always)]
     fn action(self, ctx: &TcContext) -> i32 {
         match self {
-            Outcome::Ignore => TC_ACT_OK as i32,
+            Outcome::Ignore => TC_ACT_OK,
             Outcome::Pass(reason) => {
                 maps::count(&maps::PASSES, reason as u32, ctx.len());
-                TC_ACT_OK as i32
+                TC_ACT_OK
             }
             Outcome::Drop(reason) => {
                 maps::count(&maps::DROPS, reason as u32, ctx.len());
-                TC_ACT_SHOT as i32
+                TC_ACT_SHOT
             }
         }
     }

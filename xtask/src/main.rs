@@ -85,6 +85,24 @@ fn main() -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     util::cargo(&["fmt", "--all", "--check"])?;
     util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // The eBPF crate only builds for the BPF target, with nightly (via the rustup proxy).
+    util::run(
+        "cargo",
+        &[
+            "+nightly",
+            "clippy",
+            "-p",
+            "flannel-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
     // Binaries first: the end-to-end tests run the real flanneld and flannel CNI plugin.
     util::cargo(&["build", "--bins"])?;
     let mut unit = vec![
