@@ -38,6 +38,12 @@ pub enum Error {
     /// Anything else, with context.
     #[error("{0}")]
     Other(String),
+    /// The kernel VXLAN backend failed.
+    #[error(transparent)]
+    Vxlan(#[from] vxlan::Error),
+    /// The host-gw backend failed.
+    #[error(transparent)]
+    HostGw(#[from] hostgw::Error),
 }
 
 /// Result of backend operations.

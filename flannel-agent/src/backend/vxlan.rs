@@ -1,39 +1,953 @@
-//! SKELETON: to be written (kernel datapaths work). The constructor signature is the
-//! contract with the agent.
-#![allow(unused_variables, reason = "skeleton")]
+//! `vxlan`: the kernel VXLAN device alone, programmed exactly like upstream flannel.
+//!
+//! Device: `flannel.<VNI>` (VNI, UDP port — always sent, 8472 by default rather than relying
+//! on the module parameter —, local = the uplink's own address, link = the uplink, TTL 0, learning off
+//! unless configured, GBP if configured, no group/remote so nothing is flooded), MTU = uplink
+//! MTU (or the configured `MTU`) − 50, a random locally-administered MAC. An existing device
+//! with compatible VNI/link/local/port/GBP is reused with its MAC (so peers' entries stay
+//! right across restarts); anything else by that name is deleted and recreated.
+//!
+//! The local address is the interface address (`IfaceAddr`), as upstream's
+//! `vxlanDeviceAttrs{vtepAddr: be.extIface.IfaceAddr}` in every release; the *published*
+//! `PublicIP` is `--public-ip` (`ExtAddr`). They differ only behind NAT, where the kernel
+//! could not send from the public address (it is not local). The reference spec says
+//! "local = public IP"; upstream's code says otherwise, and the code is what peers see.
+//!
+//! Per peer, in this order (so the kernel never ARPs for the gateway):
+//! 1. permanent neighbour `<peer subnet base> lladdr <peer VtepMAC> dev flannel.N`;
+//! 2. permanent FDB entry `<peer VtepMAC> dst <peer PublicIP> self dev flannel.N`;
+//! 3. route `<peer subnet> via <peer subnet base> dev flannel.N onlink`.
+//!
+//! With `DirectRouting`, a peer whose PublicIP is directly connected (the kernel's route to
+//! it has no gateway) gets only `<peer subnet> via <PublicIP> dev <uplink>` instead.
+//!
+//! Ownership, so reconcile removes what is stale and touches nothing else: every neighbour,
+//! FDB entry and non-kernel route on `flannel.N` is ours (the device is); routes elsewhere
+//! (direct routes) are ours only when they carry [`RTPROT_FLANNEL`]. Routes we create on the
+//! device carry it too, so `ip route show proto 84` lists everything this agent programmed.
+//!
+//! Restart: nothing is torn down on exit; on start the device is reused and reconcile only
+//! writes entries that differ, so a restarted agent leaves the kernel state as it was.
+//! Reconcile also recreates a deleted device with the MAC already advertised (upstream
+//! picks a fresh one without republishing it, leaving peers with a stale MAC).
+//!
+//! Addresses: the device carries exactly `<own subnet base>/32`; any other IPv4 address on
+//! it (a previous lease's, or one added by hand) is removed, since the device is ours.
 
-use super::{Backend, Error, ExternalInterface, Result};
-use crate::lease::{Lease, LeaseAttrs};
-#[allow(unused_imports, reason = "skeleton")]
-use crate::netconf::VxlanConfig;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
 
-/// SKELETON.
-pub struct KernelVxlan;
+use ipnetwork::Ipv4Network;
+use netlink_packet_route::{
+    AddressFamily,
+    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    },
+    route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType},
+};
+use serde_json::value::RawValue;
+use tracing::{debug, info, warn};
+
+use super::{Backend, ExternalInterface, Result};
+use crate::{
+    lease::{Lease, LeaseAttrs},
+    net::netlink::{self, Netlink, format_mac},
+    netconf::VxlanConfig,
+};
+
+pub use crate::net::netlink::RTPROT_FLANNEL;
+
+/// VXLAN encapsulation overhead over IPv4 (outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet
+/// 14), subtracted from the uplink MTU for the device and the pods.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// Errors of the kernel VXLAN backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A netlink request failed.
+    #[error(transparent)]
+    Netlink(#[from] netlink::Error),
+    /// The MTU left after the VXLAN overhead is unusable.
+    #[error("Backend.MTU {mtu}: too small for VXLAN (device MTU would be below 68)")]
+    MtuTooSmall {
+        /// The uplink (or configured) MTU.
+        mtu: u32,
+    },
+    /// The device vanished or came back without what we need.
+    #[error("device {device}: {reason}")]
+    Device {
+        /// Device name.
+        device: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `register` was called with a lease that has no usable subnet.
+    #[error("own lease {subnet}: {reason}")]
+    OwnLease {
+        /// The lease's subnet.
+        subnet: Ipv4Network,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Why a peer's lease can't be programmed by a VXLAN backend (logged and skipped).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PeerError {
+    /// The peer runs another backend.
+    #[error("lease {subnet}: BackendType {found:?} is not \"vxlan\"")]
+    WrongBackend {
+        /// The peer's subnet.
+        subnet: Ipv4Network,
+        /// Its backend type.
+        found: String,
+    },
+    /// No `BackendData`.
+    #[error("lease {subnet}: BackendData is missing")]
+    MissingData {
+        /// The peer's subnet.
+        subnet: Ipv4Network,
+    },
+    /// `BackendData.VtepMAC` is absent or not a MAC.
+    #[error("lease {subnet}: BackendData.VtepMAC {value} is not a MAC address")]
+    BadMac {
+        /// The peer's subnet.
+        subnet: Ipv4Network,
+        /// The JSON found (or `missing`).
+        value: String,
+    },
+}
+
+/// What a VXLAN peer's lease says, parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VxlanPeer {
+    /// The peer's pod subnet.
+    pub subnet: Ipv4Network,
+    /// Where to send its VXLAN packets.
+    pub public_ip: Ipv4Addr,
+    /// Its VTEP (device) MAC: the inner destination MAC its kernel accepts.
+    pub vtep_mac: [u8; 6],
+}
+
+/// Parse a peer's lease as a VXLAN peer: `BackendType` must be `vxlan` and `BackendData`
+/// must carry a `VtepMAC` (keys matched case-insensitively, as Go's JSON decoder does; the
+/// `VNI` is informational upstream and ignored here too).
+pub fn parse_peer(lease: &Lease) -> Result<VxlanPeer, PeerError> {
+    let subnet = lease.subnet;
+    if lease.attrs.backend_type != "vxlan" {
+        return Err(PeerError::WrongBackend {
+            subnet,
+            found: lease.attrs.backend_type.clone(),
+        });
+    }
+    let data = lease
+        .attrs
+        .backend_data
+        .as_deref()
+        .ok_or(PeerError::MissingData { subnet })?;
+    let vtep_mac = vtep_mac_from_data(data).map_err(|value| PeerError::BadMac { subnet, value })?;
+    Ok(VxlanPeer {
+        subnet,
+        public_ip: lease.attrs.public_ip,
+        vtep_mac,
+    })
+}
+
+/// The peer's VTEP MAC, or `None` with a warning naming the lease and field.
+pub fn peer_vtep_mac(peer: &Lease) -> Option<[u8; 6]> {
+    match parse_peer(peer) {
+        Ok(p) => Some(p.vtep_mac),
+        Err(e) => {
+            warn!(subnet = %peer.subnet, error = %e, "skipping peer");
+            None
+        }
+    }
+}
+
+/// `VtepMAC` from a `BackendData` JSON object; on failure the offending JSON as text.
+fn vtep_mac_from_data(data: &RawValue) -> Result<[u8; 6], String> {
+    let value: serde_json::Value =
+        serde_json::from_str(data.get()).map_err(|_| data.get().to_owned())?;
+    let obj = value.as_object().ok_or_else(|| data.get().to_owned())?;
+    let mac = obj
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("VtepMAC"))
+        .map(|(_, v)| v)
+        .ok_or_else(|| "missing".to_owned())?;
+    mac.as_str()
+        .and_then(parse_mac)
+        .ok_or_else(|| mac.to_string())
+}
+
+/// Parse a 6-byte MAC written with `:` or `-` separators (what Go's `net.ParseMAC` accepts
+/// for EUI-48, minus the dotted form nobody writes into leases).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let sep = if s.contains('-') { '-' } else { ':' };
+    let mut out = [0u8; 6];
+    let mut parts = s.split(sep);
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// Upstream's `BackendData` for a vxlan lease: `{"VNI":1,"VtepMAC":"0e:2a:…"}` (Go's
+/// compact `json.Marshal` of `vxlanLeaseAttrs`, field order included).
+pub fn backend_data(vni: u32, mac: &[u8; 6]) -> Box<RawValue> {
+    RawValue::from_string(format!(
+        r#"{{"VNI":{vni},"VtepMAC":"{}"}}"#,
+        format_mac(mac)
+    ))
+    .expect("static JSON shape is valid")
+}
+
+/// A random locally-administered unicast MAC (upstream `pkg/mac`).
+fn random_mac() -> [u8; 6] {
+    let mut mac: [u8; 6] = rand::random();
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
+/// How one peer subnet is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// Through the VXLAN device.
+    Vxlan {
+        vtep_mac: [u8; 6],
+        public_ip: Ipv4Addr,
+    },
+    /// A plain route via the peer's public IP on the uplink (DirectRouting).
+    Direct { gateway: Ipv4Addr, oif: u32 },
+}
+
+/// The kernel VXLAN backend.
+pub struct KernelVxlan {
+    nl: Netlink,
+    ext: ExternalInterface,
+    config: VxlanConfig,
+    name: String,
+    ifindex: u32,
+    mac: [u8; 6],
+    mtu: u32,
+    own: Option<Ipv4Network>,
+}
 
 impl KernelVxlan {
-    /// Build the backend for this host.
+    /// Build the backend for this host: opens netlink and creates (or adopts) the device,
+    /// so [`vxlan_ifindex`](Self::vxlan_ifindex) and [`vtep_mac`](Self::vtep_mac) are valid
+    /// from here on.
     pub async fn new(ext: ExternalInterface, config: VxlanConfig) -> Result<Self> {
-        Err(Error::Other("not implemented yet".into()))
+        let base = config.mtu.unwrap_or(ext.mtu);
+        let mtu = base
+            .checked_sub(VXLAN_OVERHEAD)
+            .filter(|m| *m >= 68)
+            .ok_or(Error::MtuTooSmall { mtu: base })?;
+        let nl = Netlink::connect().map_err(Error::from)?;
+        let mut this = Self {
+            nl,
+            name: format!("flannel.{}", config.vni),
+            ext,
+            config,
+            ifindex: 0,
+            mac: [0; 6],
+            mtu,
+            own: None,
+        };
+        this.ensure_device().await?;
+        Ok(this)
+    }
+
+    /// Index of `flannel.<VNI>`.
+    pub fn vxlan_ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// The device's MAC, as advertised in `BackendData.VtepMAC`.
+    pub fn vtep_mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The uplink this backend sends through.
+    pub fn ext(&self) -> &ExternalInterface {
+        &self.ext
+    }
+
+    /// The device name (`flannel.<VNI>`).
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Create the device, or adopt a compatible one (keeping its MAC), or replace an
+    /// incompatible one.
+    async fn ensure_device(&mut self) -> Result<(), Error> {
+        if let Some(link) = self.nl.link_by_name(&self.name).await? {
+            match self.incompatibility(&link) {
+                None => return self.adopt(&link).await,
+                Some(why) => {
+                    warn!(device = %self.name, reason = %why, "existing device is incompatible; recreating it");
+                    self.nl.link_del(link.header.index).await?;
+                }
+            }
+        }
+        // Recreating a device that vanished under us: keep the MAC peers already hold.
+        let mac = if self.mac == [0; 6] {
+            random_mac()
+        } else {
+            self.mac
+        };
+        let msg = self.device_message(mac);
+        match self.nl.link_add(msg).await {
+            Ok(()) => {}
+            // Raced with another creator (or a leftover we could not see): adopt it.
+            Err(e) if e.is_exists() => {}
+            Err(e) => return Err(e.into()),
+        }
+        let link = self
+            .nl
+            .link_by_name(&self.name)
+            .await?
+            .ok_or_else(|| Error::Device {
+                device: self.name.clone(),
+                reason: "missing right after creation".into(),
+            })?;
+        info!(device = %self.name, vni = self.config.vni, port = self.config.port,
+              local = %self.ext.iface_addr, uplink = %self.ext.name, mtu = self.mtu,
+              mac = %format_mac(&mac), "created VXLAN device");
+        self.adopt(&link).await
+    }
+
+    fn device_message(&self, mac: [u8; 6]) -> LinkMessage {
+        let mut b = rtnetlink::LinkVxlan::new(&self.name, self.config.vni)
+            .dev(self.ext.index)
+            .local(self.ext.iface_addr)
+            .port(self.config.port)
+            .ttl(0)
+            .tos(0)
+            .learning(self.config.learning)
+            .proxy(false)
+            .rsc(false)
+            .l2miss(false)
+            .l3miss(false)
+            .udp_zero_csum6_tx(false)
+            .udp_zero_csum6_rx(false)
+            .mtu(self.mtu)
+            .address(mac.to_vec());
+        if self.config.gbp {
+            b = b.gbp();
+        }
+        b.build()
+    }
+
+    /// Why an existing link can't be reused, or `None` when it can. Zero values on the
+    /// device count as "don't care", as upstream's `vxlanLinksIncompat`.
+    fn incompatibility(&self, link: &LinkMessage) -> Option<String> {
+        let infos = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(i) => Some(i),
+            _ => None,
+        });
+        let Some(infos) = infos else {
+            return Some("no link info".into());
+        };
+        if !infos
+            .iter()
+            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)))
+        {
+            return Some("not a vxlan device".into());
+        }
+        let data = infos.iter().find_map(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(d)) => Some(d),
+            _ => None,
+        });
+        let Some(data) = data else {
+            return Some("no vxlan attributes".into());
+        };
+        let mut gbp = false;
+        for attr in data {
+            match *attr {
+                InfoVxlan::Id(id) if id != self.config.vni => return Some(format!("VNI {id}")),
+                InfoVxlan::Link(l) if l != 0 && l != self.ext.index => {
+                    return Some(format!("link #{l}"));
+                }
+                InfoVxlan::Local(ip) if !ip.is_unspecified() && ip != self.ext.iface_addr => {
+                    return Some(format!("local {ip}"));
+                }
+                InfoVxlan::Group(ip) if !ip.is_unspecified() => {
+                    return Some(format!("group {ip}"));
+                }
+                InfoVxlan::L2Miss(true) => return Some("l2miss".into()),
+                InfoVxlan::Port(p) if p != 0 && p != self.config.port => {
+                    return Some(format!("port {p}"));
+                }
+                InfoVxlan::Gbp => gbp = true,
+                InfoVxlan::CollectMetadata(true) => return Some("external".into()),
+                _ => {}
+            }
+        }
+        (gbp != self.config.gbp).then(|| format!("gbp {gbp}"))
+    }
+
+    /// Take over an existing compatible device: its index and MAC, our MTU.
+    async fn adopt(&mut self, link: &LinkMessage) -> Result<(), Error> {
+        self.ifindex = link.header.index;
+        self.mac = match netlink::link_mac(link) {
+            Some(mac) if mac != [0; 6] => mac,
+            _ => {
+                let mac = random_mac();
+                self.set_mac(mac).await?;
+                mac
+            }
+        };
+        if netlink::link_mtu(link) != Some(self.mtu) {
+            let mut msg = LinkMessage::default();
+            msg.header.index = self.ifindex;
+            msg.attributes.push(LinkAttribute::Mtu(self.mtu));
+            self.nl.link_set(msg).await?;
+            info!(device = %self.name, mtu = self.mtu, "set device MTU");
+        }
+        debug!(device = %self.name, ifindex = self.ifindex, mac = %format_mac(&self.mac), "using VXLAN device");
+        Ok(())
+    }
+
+    async fn set_mac(&self, mac: [u8; 6]) -> Result<(), Error> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = self.ifindex;
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        self.nl.link_set(msg).await?;
+        Ok(())
+    }
+
+    /// Put back our address and MAC and bring the device up (idempotent).
+    async fn ensure_registered(&mut self, own: Ipv4Network) -> Result<(), Error> {
+        let want = own.network();
+        for (addr, len) in self.nl.addresses_v4(self.ifindex).await? {
+            if (addr, len) != (want, 32) {
+                info!(device = %self.name, address = %format!("{addr}/{len}"), "removing stale address");
+                self.nl.addr_del_v4(self.ifindex, addr, len).await?;
+            }
+        }
+        self.nl.addr_replace_v4(self.ifindex, want, 32).await?;
+        let link = self
+            .nl
+            .link_by_index(self.ifindex)
+            .await?
+            .ok_or_else(|| Error::Device {
+                device: self.name.clone(),
+                reason: "vanished".into(),
+            })?;
+        if netlink::link_mac(&link) != Some(self.mac) {
+            // Something (udev's MACAddressPolicy, NetworkManager) rewrote it; peers hold the
+            // advertised one, so put it back.
+            warn!(device = %self.name, mac = %format_mac(&self.mac), "device MAC differs from the advertised one; restoring it");
+            self.set_mac(self.mac).await?;
+        }
+        if !link.header.flags.contains(LinkFlags::Up) {
+            let mut msg = LinkMessage::default();
+            msg.header.index = self.ifindex;
+            msg.header.flags = LinkFlags::Up;
+            msg.header.change_mask = LinkFlags::Up;
+            self.nl.link_set(msg).await?;
+        }
+        Ok(())
+    }
+
+    /// The desired target of one lease, or `None` (logged) when it can't be programmed.
+    async fn target(&self, lease: &Lease) -> Result<Option<Target>, Error> {
+        if Some(lease.subnet) == self.own {
+            return Ok(None);
+        }
+        let peer = match parse_peer(lease) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(subnet = %lease.subnet, error = %e, "skipping peer");
+                return Ok(None);
+            }
+        };
+        if self.config.direct_routing
+            && let Some(oif) = self.on_link(peer.public_ip).await?
+        {
+            return Ok(Some(Target::Direct {
+                gateway: peer.public_ip,
+                oif,
+            }));
+        }
+        Ok(Some(Target::Vxlan {
+            vtep_mac: peer.vtep_mac,
+            public_ip: peer.public_ip,
+        }))
+    }
+
+    /// The output interface when `ip` is directly connected (its route has no gateway).
+    async fn on_link(&self, ip: Ipv4Addr) -> Result<Option<u32>, Error> {
+        let route = match self.nl.route_get_v4(ip).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(peer = %ip, error = %e, "no route to peer; not using direct routing");
+                return Ok(None);
+            }
+        };
+        if netlink::route_gateway_v4(&route).is_some() {
+            return Ok(None);
+        }
+        Ok(netlink::route_oif(&route))
+    }
+
+    /// Program one subnet (neighbour, FDB, route for VXLAN; one route for direct), undoing
+    /// the earlier steps when a later one fails, as upstream.
+    async fn program(&self, subnet: Ipv4Network, target: Target) -> Result<(), Error> {
+        match target {
+            Target::Vxlan {
+                vtep_mac,
+                public_ip,
+            } => {
+                let base = subnet.network();
+                self.nl
+                    .neigh_replace(arp_entry(self.ifindex, base, vtep_mac))
+                    .await?;
+                if let Err(e) = self
+                    .nl
+                    .neigh_replace(fdb_entry(self.ifindex, vtep_mac, public_ip))
+                    .await
+                {
+                    let _ = self
+                        .nl
+                        .neigh_del(arp_entry(self.ifindex, base, vtep_mac))
+                        .await;
+                    return Err(e.into());
+                }
+                if let Err(e) = self.nl.route_replace(self.vxlan_route(subnet)).await {
+                    let _ = self
+                        .nl
+                        .neigh_del(fdb_entry(self.ifindex, vtep_mac, public_ip))
+                        .await;
+                    let _ = self
+                        .nl
+                        .neigh_del(arp_entry(self.ifindex, base, vtep_mac))
+                        .await;
+                    return Err(e.into());
+                }
+            }
+            Target::Direct { gateway, oif } => {
+                self.nl
+                    .route_replace(netlink::gateway_route(subnet, gateway, oif))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn vxlan_route(&self, subnet: Ipv4Network) -> RouteMessage {
+        let mut r = netlink::route_base(subnet);
+        r.header.flags = RouteFlags::Onlink;
+        r.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet(
+                subnet.network(),
+            )));
+        r.attributes.push(RouteAttribute::Oif(self.ifindex));
+        r
+    }
+
+    /// Whether a dumped route is one this backend owns.
+    fn owns_route(&self, r: &RouteMessage) -> bool {
+        let proto = u8::from(r.header.protocol);
+        proto == RTPROT_FLANNEL
+            || (netlink::route_oif(r) == Some(self.ifindex)
+                && r.header.protocol != RouteProtocol::Kernel)
+    }
+
+    /// Whether a dumped route is exactly what `target` wants for `subnet`.
+    fn route_matches(&self, r: &RouteMessage, subnet: Ipv4Network, target: Target) -> bool {
+        let (gw, oif) = match target {
+            Target::Vxlan { .. } => (subnet.network(), self.ifindex),
+            Target::Direct { gateway, oif } => (gateway, oif),
+        };
+        netlink::route_dst_v4(r) == Some(subnet)
+            && netlink::route_gateway_v4(r) == Some(gw)
+            && netlink::route_oif(r) == Some(oif)
+            && u8::from(r.header.protocol) == RTPROT_FLANNEL
+            && r.header.tos == 0
+            && !r
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Priority(p) if *p != 0))
+    }
+
+    /// Make the kernel equal `desired` for every entry this backend owns.
+    async fn converge(&self, desired: &BTreeMap<Ipv4Network, Target>) -> Result<(), Error> {
+        let mut failed = None;
+        // 1. Add or fix what differs (entries already right are not rewritten).
+        let neighs = self
+            .nl
+            .neighbours(AddressFamily::Inet, self.ifindex)
+            .await?;
+        let fdb = self
+            .nl
+            .neighbours(AddressFamily::Bridge, self.ifindex)
+            .await?;
+        let routes = self.nl.routes_v4().await?;
+        for (subnet, target) in desired {
+            let ok = match *target {
+                Target::Vxlan {
+                    vtep_mac,
+                    public_ip,
+                } => {
+                    has_neigh(&neighs, subnet.network(), vtep_mac)
+                        && has_fdb(&fdb, vtep_mac, public_ip)
+                        && routes
+                            .iter()
+                            .any(|r| self.route_matches(r, *subnet, *target))
+                }
+                Target::Direct { .. } => routes
+                    .iter()
+                    .any(|r| self.route_matches(r, *subnet, *target)),
+            };
+            if ok {
+                continue;
+            }
+            debug!(%subnet, ?target, "programming peer");
+            if let Err(e) = self.program(*subnet, *target).await {
+                warn!(%subnet, error = %e, "programming peer failed");
+                failed = Some(e);
+            }
+        }
+        // 2. Remove what is ours and not desired.
+        let want_neigh: BTreeSet<(Ipv4Addr, [u8; 6])> = desired
+            .iter()
+            .filter_map(|(s, t)| match t {
+                Target::Vxlan { vtep_mac, .. } => Some((s.network(), *vtep_mac)),
+                Target::Direct { .. } => None,
+            })
+            .collect();
+        let want_fdb: BTreeSet<([u8; 6], Ipv4Addr)> = desired
+            .values()
+            .filter_map(|t| match t {
+                Target::Vxlan {
+                    vtep_mac,
+                    public_ip,
+                } => Some((*vtep_mac, *public_ip)),
+                Target::Direct { .. } => None,
+            })
+            .collect();
+        for n in self
+            .nl
+            .neighbours(AddressFamily::Inet, self.ifindex)
+            .await?
+        {
+            let Some(IpAddr::V4(ip)) = netlink::neigh_dst(&n) else {
+                continue;
+            };
+            let keep = netlink::neigh_lladdr(&n).is_some_and(|mac| want_neigh.contains(&(ip, mac)))
+                && n.header.state == NeighbourState::Permanent;
+            if !keep {
+                info!(device = %self.name, neighbour = %ip, "removing stale neighbour entry");
+                self.nl.neigh_del(arp_del(self.ifindex, ip)).await?;
+            }
+        }
+        for n in self
+            .nl
+            .neighbours(AddressFamily::Bridge, self.ifindex)
+            .await?
+        {
+            // Only VXLAN remote entries (they have a destination); others are the kernel's.
+            let (Some(IpAddr::V4(dst)), Some(mac)) =
+                (netlink::neigh_dst(&n), netlink::neigh_lladdr(&n))
+            else {
+                continue;
+            };
+            if !want_fdb.contains(&(mac, dst)) {
+                info!(device = %self.name, mac = %format_mac(&mac), dst = %dst, "removing stale FDB entry");
+                self.nl.neigh_del(fdb_entry(self.ifindex, mac, dst)).await?;
+            }
+        }
+        let mut kept = BTreeSet::new();
+        for r in self.nl.routes_v4().await? {
+            if !self.owns_route(&r) {
+                continue;
+            }
+            let Some(dst) = netlink::route_dst_v4(&r) else {
+                continue;
+            };
+            let wanted = desired
+                .get(&dst)
+                .is_some_and(|t| self.route_matches(&r, dst, *t));
+            if wanted && kept.insert(dst) {
+                continue;
+            }
+            info!(route = %dst, "removing stale route");
+            self.nl.route_del(netlink::route_del_from(&r)).await?;
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// The desired state for `peers`, skipping (with a warning) leases we can't program.
+    async fn desired(&self, peers: &[Lease]) -> Result<BTreeMap<Ipv4Network, Target>, Error> {
+        let mut desired = BTreeMap::new();
+        for lease in peers {
+            if let Some(t) = self.target(lease).await? {
+                desired.insert(lease.subnet, t);
+            }
+        }
+        Ok(desired)
+    }
+
+    /// MACs of the neighbour entries for `ip` on the device.
+    async fn neigh_macs(&self, ip: Ipv4Addr) -> Result<Vec<[u8; 6]>, Error> {
+        Ok(self
+            .nl
+            .neighbours(AddressFamily::Inet, self.ifindex)
+            .await?
+            .iter()
+            .filter(|n| netlink::neigh_dst(n) == Some(IpAddr::V4(ip)))
+            .filter_map(netlink::neigh_lladdr)
+            .collect())
+    }
+
+    /// Delete every FDB entry for `macs`.
+    async fn drop_fdb_of(&self, macs: &[[u8; 6]]) -> Result<(), Error> {
+        for n in self
+            .nl
+            .neighbours(AddressFamily::Bridge, self.ifindex)
+            .await?
+        {
+            if let (Some(IpAddr::V4(dst)), Some(mac)) =
+                (netlink::neigh_dst(&n), netlink::neigh_lladdr(&n))
+                && macs.contains(&mac)
+            {
+                self.nl.neigh_del(fdb_entry(self.ifindex, mac, dst)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove everything programmed for `subnet`, whatever it was (a removal event carries
+    /// only the subnet).
+    async fn unprogram(&self, subnet: Ipv4Network) -> Result<(), Error> {
+        let base = subnet.network();
+        let macs = self.neigh_macs(base).await?;
+        // Routes first, so nothing is sent to a half-removed peer.
+        for r in self.nl.routes_v4().await? {
+            if self.owns_route(&r) && netlink::route_dst_v4(&r) == Some(subnet) {
+                self.nl.route_del(netlink::route_del_from(&r)).await?;
+            }
+        }
+        self.drop_fdb_of(&macs).await?;
+        self.nl.neigh_del(arp_del(self.ifindex, base)).await?;
+        Ok(())
     }
 }
 
 impl Backend for KernelVxlan {
     async fn prepare(&mut self) -> Result<LeaseAttrs> {
-        Err(Error::Other("not implemented yet".into()))
+        self.ensure_device().await?;
+        Ok(LeaseAttrs {
+            public_ip: self.ext.public_ip,
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: Some(backend_data(self.config.vni, &self.mac)),
+            backend_v6_data: None,
+        })
     }
+
     async fn register(&mut self, own: &Lease) -> Result<()> {
+        self.own = Some(own.subnet);
+        if own.subnet.prefix() > 31 {
+            return Err(Error::OwnLease {
+                subnet: own.subnet,
+                reason: "a /32 subnet leaves no pod addresses".into(),
+            }
+            .into());
+        }
+        self.ensure_registered(own.subnet).await?;
+        info!(device = %self.name, address = %format!("{}/32", own.subnet.network()), "VXLAN device registered");
         Ok(())
     }
+
     async fn add_peer(&mut self, peer: &Lease) -> Result<()> {
+        let Some(target) = self.target(peer).await? else {
+            return Ok(());
+        };
+        let base = peer.subnet.network();
+        // A changed lease may give the subnet a new VTEP MAC (the peer recreated its
+        // device): the neighbour entry is replaced in place, the old MAC's FDB entry must go.
+        let old_macs: Vec<[u8; 6]> = self
+            .neigh_macs(base)
+            .await?
+            .into_iter()
+            .filter(|m| !matches!(target, Target::Vxlan { vtep_mac, .. } if vtep_mac == *m))
+            .collect();
+        // ... or move it between VXLAN and direct routing: then the old route has another
+        // gateway or device, and everything of the subnet is dropped first.
+        let routes = self.nl.routes_v4().await.map_err(Error::from)?;
+        if !routes
+            .iter()
+            .any(|r| self.route_matches(r, peer.subnet, target))
+        {
+            self.unprogram(peer.subnet).await?;
+        }
+        self.program(peer.subnet, target).await?;
+        if !old_macs.is_empty() {
+            self.drop_fdb_of(&old_macs).await?;
+        }
+        info!(subnet = %peer.subnet, public_ip = %peer.attrs.public_ip, ?target, "peer programmed");
         Ok(())
     }
+
     async fn remove_peer(&mut self, peer: &Lease) -> Result<()> {
+        if Some(peer.subnet) == self.own {
+            return Ok(());
+        }
+        self.unprogram(peer.subnet).await?;
+        info!(subnet = %peer.subnet, "peer removed");
         Ok(())
     }
+
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<()> {
+        if self
+            .nl
+            .link_by_index(self.ifindex)
+            .await
+            .map_err(Error::from)?
+            .is_none()
+        {
+            warn!(device = %self.name, "VXLAN device is gone; recreating it with the advertised MAC");
+            self.ensure_device().await?;
+        }
+        if let Some(own) = self.own {
+            self.ensure_registered(own).await?;
+        }
+        let desired = self.desired(peers).await?;
+        self.converge(&desired).await?;
+        debug!(peers = desired.len(), "VXLAN state reconciled");
         Ok(())
     }
+
     fn mtu(&self) -> u32 {
-        0
+        self.mtu
+    }
+}
+
+fn arp_entry(ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> NeighbourMessage {
+    let mut n = arp_del(ifindex, ip);
+    n.header.state = NeighbourState::Permanent;
+    n.header.kind = RouteType::Unicast;
+    n.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    n
+}
+
+fn arp_del(ifindex: u32, ip: Ipv4Addr) -> NeighbourMessage {
+    let mut n = NeighbourMessage::default();
+    n.header.family = AddressFamily::Inet;
+    n.header.ifindex = ifindex;
+    n.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+    n
+}
+
+fn fdb_entry(ifindex: u32, mac: [u8; 6], remote: Ipv4Addr) -> NeighbourMessage {
+    let mut n = NeighbourMessage::default();
+    n.header.family = AddressFamily::Bridge;
+    n.header.ifindex = ifindex;
+    n.header.flags = NeighbourFlags::Own;
+    n.header.state = NeighbourState::Permanent;
+    n.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    n.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            remote,
+        )));
+    n
+}
+
+fn has_neigh(neighs: &[NeighbourMessage], ip: Ipv4Addr, mac: [u8; 6]) -> bool {
+    neighs.iter().any(|n| {
+        netlink::neigh_dst(n) == Some(IpAddr::V4(ip))
+            && netlink::neigh_lladdr(n) == Some(mac)
+            && n.header.state == NeighbourState::Permanent
+    })
+}
+
+fn has_fdb(fdb: &[NeighbourMessage], mac: [u8; 6], remote: Ipv4Addr) -> bool {
+    fdb.iter().any(|n| {
+        netlink::neigh_dst(n) == Some(IpAddr::V4(remote)) && netlink::neigh_lladdr(n) == Some(mac)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(backend_type: &str, data: Option<&str>) -> Lease {
+        Lease {
+            subnet: "10.244.2.0/24".parse().unwrap(),
+            ipv6_subnet: None,
+            attrs: LeaseAttrs {
+                public_ip: "198.18.0.2".parse().unwrap(),
+                public_ipv6: None,
+                backend_type: backend_type.into(),
+                backend_data: data.map(|d| RawValue::from_string(d.into()).unwrap()),
+                backend_v6_data: None,
+            },
+        }
+    }
+
+    #[test]
+    fn backend_data_is_upstreams_compact_json() {
+        let d = backend_data(1, &[0x0e, 0x2a, 0xbc, 0x01, 0x02, 0xff]);
+        assert_eq!(d.get(), r#"{"VNI":1,"VtepMAC":"0e:2a:bc:01:02:ff"}"#);
+    }
+
+    #[test]
+    fn peer_data_parses_case_insensitively() {
+        let p = parse_peer(&lease(
+            "vxlan",
+            Some(r#"{"vni":1,"vtepmac":"0E:2A:BC:01:02:FF"}"#),
+        ))
+        .unwrap();
+        assert_eq!(p.vtep_mac, [0x0e, 0x2a, 0xbc, 0x01, 0x02, 0xff]);
+        assert_eq!(p.public_ip, Ipv4Addr::new(198, 18, 0, 2));
+    }
+
+    #[test]
+    fn malformed_peers_are_errors_naming_the_field() {
+        let e = parse_peer(&lease("host-gw", None)).unwrap_err();
+        assert!(matches!(e, PeerError::WrongBackend { .. }));
+        let e = parse_peer(&lease("vxlan", None)).unwrap_err();
+        assert!(matches!(e, PeerError::MissingData { .. }));
+        let e = parse_peer(&lease("vxlan", Some(r#"{"VNI":1,"VtepMAC":"zz"}"#))).unwrap_err();
+        assert!(e.to_string().contains("VtepMAC \"zz\""), "{e}");
+        let e = parse_peer(&lease("vxlan", Some(r#"{"VNI":1}"#))).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+        let e = parse_peer(&lease("vxlan", Some(r#"[1]"#))).unwrap_err();
+        assert!(matches!(e, PeerError::BadMac { .. }));
+        assert_eq!(
+            peer_vtep_mac(&lease("vxlan", Some(r#"{"VtepMAC":7}"#))),
+            None
+        );
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("0e-2a-00-00-00-01"),
+            Some([0x0e, 0x2a, 0, 0, 0, 1])
+        );
+        assert_eq!(parse_mac("0e:2a:00:00:00"), None);
+        assert_eq!(parse_mac("0e:2a:00:00:00:01:02"), None);
+        assert_eq!(parse_mac("0e:2a:00:00:00:1"), None);
+    }
+
+    #[test]
+    fn random_macs_are_local_unicast() {
+        for _ in 0..64 {
+            let m = random_mac();
+            assert_eq!(m[0] & 0x03, 0x02);
+        }
     }
 }

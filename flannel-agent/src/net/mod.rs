@@ -1,1 +1,5 @@
 //! SKELETON: host networking helpers.
+pub mod blackhole;
+pub mod iface;
+pub mod masq;
+pub mod netlink;

@@ -1,0 +1,557 @@
+//! IP masquerade (`--ip-masq`) and forward-accept (`--iptables-forward-rules`) rules, as
+//! upstream's `pkg/trafficmngr` installs them, in nftables or iptables mode.
+//!
+//! # How the agent calls this
+//!
+//! After the backend is registered and before `subnet.env` is written:
+//!
+//! ```ignore
+//! let masq = net::masq::MasqConfig {
+//!     network: config.network.unwrap(),   // cluster network (C)
+//!     subnet: lease.subnet,               // own subnet as a network, 10.244.1.0/24 (P)
+//!     fully_random: !cli.ip_masq_fully_random_disable,
+//!     nftables: config.enable_nftables,
+//! };
+//! // Once, before subnet.env (logs and returns the error; upstream exits on it):
+//! net::masq::install(&masq, cli.ip_masq, cli.iptables_forward_rules).await?;
+//! // Then, in the background (iptables mode re-checks every --iptables-resync seconds and
+//! // rewrites a chain only when it differs; in nftables mode it returns at once):
+//! tokio::spawn(net::masq::resync_loop(masq, cli.ip_masq, cli.iptables_forward_rules,
+//!     Duration::from_secs(cli.iptables_resync), cancel.child_token()));
+//! ```
+//!
+//! The lower-level [`ensure_masq`] / [`ensure_forward`] rewrite one chain unconditionally.
+//! Each install first removes the other implementation's objects, as upstream does at start.
+//! [`teardown`] removes everything of both implementations (upstream never does this on
+//! shutdown; it is for an explicit uninstall and for tests).
+//!
+//! # Rules (golden listings from upstream's `e2e/rules.go`)
+//!
+//! nftables: `table ip flannel-ipv4` with chain `postrtg` (nat, postrouting, srcnat) and
+//! chain `forward` (filter, forward). iptables: chain `FLANNEL-POSTRTG` in `nat` jumped to
+//! from the end of `POSTROUTING` (comment `flanneld masq`), chain `FLANNEL-FWD` in `filter`
+//! jumped to from the end of `FORWARD` (comment `flanneld forward`).
+//!
+//! Rules are written as `nft -f -` / `iptables-restore --noflush` scripts: each call is one
+//! kernel transaction (no window with a half-filled chain), and the script text is the
+//! golden listing. Spawning those tools is confined to this module (the agent otherwise
+//! uses netlink only).
+
+use std::{process::Stdio, time::Duration};
+
+use ipnetwork::Ipv4Network;
+use tokio::{io::AsyncWriteExt, process::Command};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Comment on every masquerade rule (iptables mode).
+pub const MASQ_COMMENT: &str = "flanneld masq";
+/// Comment on every forward rule (iptables mode).
+pub const FWD_COMMENT: &str = "flanneld forward";
+/// The nftables table (IPv4).
+pub const NFT_TABLE: &str = "flannel-ipv4";
+/// kube-proxy's masquerade mark: packets carrying it are left to kube-proxy.
+const KUBE_PROXY_MARK: &str = "0x4000";
+/// IPv4 multicast, never masqueraded.
+const MULTICAST: &str = "224.0.0.0/4";
+
+/// Errors of rule management.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The tool could not be started (not installed?).
+    #[error("running {program}: {source}")]
+    Spawn {
+        /// `nft`, `iptables`, `iptables-restore`.
+        program: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tool rejected the rules.
+    #[error("{program} failed ({status}): {stderr}")]
+    Failed {
+        /// The tool.
+        program: &'static str,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed.
+        stderr: String,
+    },
+}
+
+/// Result of rule management.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the rules are built from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MasqConfig {
+    /// The cluster network (`C`).
+    pub network: Ipv4Network,
+    /// This host's subnet, as a network (`P`, e.g. `10.244.1.0/24`).
+    pub subnet: Ipv4Network,
+    /// `--random-fully` / `fully-random` (upstream default on).
+    pub fully_random: bool,
+    /// nftables mode (`EnableNFTables`) rather than iptables.
+    pub nftables: bool,
+}
+
+impl MasqConfig {
+    fn c(&self) -> String {
+        // Normalise to the network address: "10.244.0.0/16", never "10.244.3.7/16".
+        Ipv4Network::new(self.network.network(), self.network.prefix())
+            .map_or_else(|_| self.network.to_string(), |n| n.to_string())
+    }
+    fn p(&self) -> String {
+        Ipv4Network::new(self.subnet.network(), self.subnet.prefix())
+            .map_or_else(|_| self.subnet.to_string(), |n| n.to_string())
+    }
+}
+
+/// Install (or rewrite) the masquerade rules.
+pub async fn ensure_masq(cfg: &MasqConfig) -> Result<()> {
+    if cfg.nftables {
+        teardown_iptables().await?;
+        nft(&nft_masq_script(cfg)).await?;
+    } else {
+        teardown_nft().await?;
+        let jump =
+            !iptables_rule_exists("nat", "POSTROUTING", MASQ_COMMENT, "FLANNEL-POSTRTG").await?;
+        iptables_restore(&iptables_masq_script(cfg, jump)).await?;
+    }
+    info!(network = %cfg.network, subnet = %cfg.subnet, nftables = cfg.nftables, "masquerade rules in place");
+    Ok(())
+}
+
+/// Install (or rewrite) the forward-accept rules.
+pub async fn ensure_forward(cfg: &MasqConfig) -> Result<()> {
+    if cfg.nftables {
+        teardown_iptables().await?;
+        nft(&nft_forward_script(cfg)).await?;
+    } else {
+        teardown_nft().await?;
+        let jump = !iptables_rule_exists("filter", "FORWARD", FWD_COMMENT, "FLANNEL-FWD").await?;
+        iptables_restore(&iptables_forward_script(cfg, jump)).await?;
+    }
+    info!(network = %cfg.network, nftables = cfg.nftables, "forward rules in place");
+    Ok(())
+}
+
+/// Install the requested rule sets (masquerade when `ip_masq`, forward-accept when
+/// `forward`), removing the other implementation's objects first.
+pub async fn install(cfg: &MasqConfig, ip_masq: bool, forward: bool) -> Result<()> {
+    if ip_masq {
+        ensure_masq(cfg).await?;
+    }
+    if forward {
+        ensure_forward(cfg).await?;
+    }
+    Ok(())
+}
+
+/// Keep the iptables rules in place until `cancel` fires: every `period`, rewrite a chain
+/// whose rules (or jump) differ from what [`install`] wrote — a firewall reload or an
+/// `iptables -F` is repaired within one period. nftables mode returns at once (our own
+/// table, which other tools do not flush; upstream does not resync it either).
+pub async fn resync_loop(
+    cfg: MasqConfig,
+    ip_masq: bool,
+    forward: bool,
+    period: Duration,
+    cancel: CancellationToken,
+) {
+    if cfg.nftables || period.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        if ip_masq {
+            resync_one(&cfg, "nat", iptables_masq_script(&cfg, true), "masquerade").await;
+        }
+        if forward {
+            resync_one(
+                &cfg,
+                "filter",
+                iptables_forward_script(&cfg, true),
+                "forward",
+            )
+            .await;
+        }
+    }
+}
+
+async fn resync_one(cfg: &MasqConfig, table: &str, want: String, what: &str) {
+    let listing = match iptables_list(table).await {
+        Ok(l) => l,
+        Err(error) => {
+            warn!(%error, rules = what, "cannot list iptables rules");
+            return;
+        }
+    };
+    if rules_in_place(&want, &listing) {
+        return;
+    }
+    warn!(
+        rules = what,
+        "iptables rules missing or changed; reinstalling"
+    );
+    let r = if what == "masquerade" {
+        ensure_masq(cfg).await
+    } else {
+        ensure_forward(cfg).await
+    };
+    if let Err(error) = r {
+        warn!(%error, rules = what, "reinstalling iptables rules failed");
+    }
+}
+
+/// Whether every `-A` line of `script` appears in `listing` (`iptables -S`), the chain's own
+/// rules in the same order and nothing else in the chain.
+fn rules_in_place(script: &str, listing: &str) -> bool {
+    let want: Vec<&str> = script.lines().filter(|l| l.starts_with("-A ")).collect();
+    let Some(chain) = script
+        .lines()
+        .find_map(|l| l.strip_prefix(':'))
+        .and_then(|l| l.split_whitespace().next())
+    else {
+        return false;
+    };
+    let prefix = format!("-A {chain} ");
+    let own_want: Vec<&str> = want
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with(&prefix))
+        .collect();
+    let own_have: Vec<&str> = listing.lines().filter(|l| l.starts_with(&prefix)).collect();
+    own_want == own_have && want.iter().all(|w| listing.lines().any(|l| l == *w))
+}
+
+/// Remove every rule, chain and table of both implementations (absent ones are fine).
+pub async fn teardown() -> Result<()> {
+    teardown_nft().await?;
+    teardown_iptables().await
+}
+
+/// The nftables script for the masquerade chain: create-if-absent, flush, refill.
+pub fn nft_masq_script(cfg: &MasqConfig) -> String {
+    let (c, p) = (cfg.c(), cfg.p());
+    let masq = if cfg.fully_random {
+        "masquerade fully-random"
+    } else {
+        "masquerade"
+    };
+    let t = format!("ip {NFT_TABLE}");
+    format!(
+        "add table {t} {{ comment \"rules for {NFT_TABLE}\" ; }}\n\
+         add chain {t} postrtg {{ type nat hook postrouting priority srcnat ; policy accept ; comment \"chain to manage traffic masquerading by flannel\" ; }}\n\
+         flush chain {t} postrtg\n\
+         add rule {t} postrtg meta mark {KUBE_PROXY_MARK} return\n\
+         add rule {t} postrtg ip saddr {p} ip daddr {c} return\n\
+         add rule {t} postrtg ip saddr {c} ip daddr {p} return\n\
+         add rule {t} postrtg ip saddr != {p} ip daddr {c} return\n\
+         add rule {t} postrtg ip saddr {c} ip daddr != {MULTICAST} {masq}\n\
+         add rule {t} postrtg ip saddr != {c} ip daddr {c} {masq}\n"
+    )
+}
+
+/// The nftables script for the forward chain.
+pub fn nft_forward_script(cfg: &MasqConfig) -> String {
+    let c = cfg.c();
+    let t = format!("ip {NFT_TABLE}");
+    format!(
+        "add table {t} {{ comment \"rules for {NFT_TABLE}\" ; }}\n\
+         add chain {t} forward {{ type filter hook forward priority filter ; policy accept ; comment \"chain to accept flannel traffic\" ; }}\n\
+         flush chain {t} forward\n\
+         add rule {t} forward ip saddr {c} accept\n\
+         add rule {t} forward ip daddr {c} accept\n"
+    )
+}
+
+/// The `iptables-restore --noflush` script for `FLANNEL-POSTRTG` (declaring the chain
+/// creates or flushes it); `jump` adds the `POSTROUTING` jump when it is missing.
+pub fn iptables_masq_script(cfg: &MasqConfig, jump: bool) -> String {
+    let (c, p) = (cfg.c(), cfg.p());
+    let m = format!("-m comment --comment \"{MASQ_COMMENT}\"");
+    let masq = if cfg.fully_random {
+        "MASQUERADE --random-fully"
+    } else {
+        "MASQUERADE"
+    };
+    let mut s = format!(
+        "*nat\n:FLANNEL-POSTRTG - [0:0]\n\
+         -A FLANNEL-POSTRTG -m mark --mark {KUBE_PROXY_MARK}/{KUBE_PROXY_MARK} {m} -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {p} -d {c} {m} -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {c} -d {p} {m} -j RETURN\n\
+         -A FLANNEL-POSTRTG ! -s {c} -d {p} {m} -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {c} ! -d {MULTICAST} {m} -j {masq}\n\
+         -A FLANNEL-POSTRTG ! -s {c} -d {c} {m} -j {masq}\n"
+    );
+    if jump {
+        s.push_str(&format!("-A POSTROUTING {m} -j FLANNEL-POSTRTG\n"));
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// The `iptables-restore --noflush` script for `FLANNEL-FWD`.
+pub fn iptables_forward_script(cfg: &MasqConfig, jump: bool) -> String {
+    let c = cfg.c();
+    let m = format!("-m comment --comment \"{FWD_COMMENT}\"");
+    let mut s = format!(
+        "*filter\n:FLANNEL-FWD - [0:0]\n\
+         -A FLANNEL-FWD -s {c} {m} -j ACCEPT\n\
+         -A FLANNEL-FWD -d {c} {m} -j ACCEPT\n"
+    );
+    if jump {
+        s.push_str(&format!("-A FORWARD {m} -j FLANNEL-FWD\n"));
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+async fn teardown_nft() -> Result<()> {
+    // "add" then "delete" in one transaction: removes the table whether or not it exists,
+    // on any nft version (no need for `destroy`, nft ≥ 1.0.8).
+    match nft(&format!(
+        "add table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
+    ))
+    .await
+    {
+        // No nft binary or no nf_tables: there is nothing of ours to remove.
+        Err(Error::Spawn { .. }) => Ok(()),
+        other => other,
+    }
+}
+
+async fn teardown_iptables() -> Result<()> {
+    for (table, parent, comment, chain) in [
+        ("nat", "POSTROUTING", MASQ_COMMENT, "FLANNEL-POSTRTG"),
+        ("filter", "FORWARD", FWD_COMMENT, "FLANNEL-FWD"),
+    ] {
+        let listing = match iptables_list(table).await {
+            Ok(l) => l,
+            // No iptables binary: there is nothing of ours to remove.
+            Err(Error::Spawn { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // Remove every jump (duplicates included), then the chain itself.
+        let jump = jump_rule(parent, comment, chain);
+        for _ in listing.lines().filter(|l| *l == jump) {
+            iptables(&jump_args("-D", table, parent, comment, chain)).await?;
+        }
+        if listing.lines().any(|l| l == format!("-N {chain}")) {
+            iptables(&["-w", "-t", table, "-F", chain]).await?;
+            iptables(&["-w", "-t", table, "-X", chain]).await?;
+            debug!(table, chain, "removed iptables chain");
+        }
+    }
+    Ok(())
+}
+
+/// The jump rule as `iptables -S` prints it.
+fn jump_rule(parent: &str, comment: &str, chain: &str) -> String {
+    format!("-A {parent} -m comment --comment \"{comment}\" -j {chain}")
+}
+
+fn jump_args<'a>(
+    op: &'a str,
+    table: &'a str,
+    parent: &'a str,
+    comment: &'a str,
+    chain: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "-w",
+        "-t",
+        table,
+        op,
+        parent,
+        "-m",
+        "comment",
+        "--comment",
+        comment,
+        "-j",
+        chain,
+    ]
+}
+
+async fn iptables_rule_exists(
+    table: &str,
+    parent: &str,
+    comment: &str,
+    chain: &str,
+) -> Result<bool> {
+    let jump = jump_rule(parent, comment, chain);
+    Ok(iptables_list(table).await?.lines().any(|l| l == jump))
+}
+
+/// `iptables -t table -S`.
+async fn iptables_list(table: &str) -> Result<String> {
+    let out = tool("iptables")
+        .args(["-w", "-t", table, "-S"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| Error::Spawn {
+            program: "iptables",
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(Error::Failed {
+            program: "iptables",
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The one place this agent starts a process to program the kernel: nftables and iptables
+/// rule sets are applied through their own tools (atomic `-f`/`-restore` transactions);
+/// everything else goes through netlink.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "nft/iptables(-restore) are the supported interfaces to their rule sets"
+)]
+fn tool(program: &'static str) -> Command {
+    Command::new(program)
+}
+
+/// Run `iptables args`.
+async fn iptables(args: &[&str]) -> Result<()> {
+    let out = tool("iptables")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| Error::Spawn {
+            program: "iptables",
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Failed {
+            program: "iptables",
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+async fn iptables_restore(script: &str) -> Result<()> {
+    feed("iptables-restore", &["--noflush", "--wait"], script).await
+}
+
+async fn nft(script: &str) -> Result<()> {
+    feed("nft", &["-f", "-"], script).await
+}
+
+/// Run `program args` with `script` on stdin.
+async fn feed(program: &'static str, args: &[&str], script: &str) -> Result<()> {
+    let mut child = tool(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| Error::Spawn { program, source })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(|source| Error::Spawn { program, source })?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|source| Error::Spawn { program, source })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Failed {
+            program,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> MasqConfig {
+        MasqConfig {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            fully_random: true,
+            nftables: false,
+        }
+    }
+
+    #[test]
+    fn iptables_rules_match_upstreams_golden_listing() {
+        let s = iptables_masq_script(&cfg(), true);
+        let m = r#"-m comment --comment "flanneld masq""#;
+        for rule in [
+            format!("-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {m} -j RETURN"),
+            format!("-A FLANNEL-POSTRTG -s 10.244.1.0/24 -d 10.244.0.0/16 {m} -j RETURN"),
+            format!("-A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.1.0/24 {m} -j RETURN"),
+            format!("-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.1.0/24 {m} -j RETURN"),
+            format!(
+                "-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 {m} -j MASQUERADE --random-fully"
+            ),
+            format!(
+                "-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 {m} -j MASQUERADE --random-fully"
+            ),
+            format!("-A POSTROUTING {m} -j FLANNEL-POSTRTG"),
+        ] {
+            assert!(s.contains(&rule), "missing {rule}\n{s}");
+        }
+        assert!(!iptables_masq_script(&cfg(), false).contains("-A POSTROUTING"));
+    }
+
+    #[test]
+    fn nft_rules_match_upstreams_golden_listing() {
+        let c = MasqConfig {
+            fully_random: false,
+            ..cfg()
+        };
+        let s = nft_masq_script(&c);
+        assert!(
+            s.contains("postrtg ip saddr != 10.244.1.0/24 ip daddr 10.244.0.0/16 return"),
+            "{s}"
+        );
+        assert!(s.contains("ip daddr != 224.0.0.0/4 masquerade\n"), "{s}");
+        let f = nft_forward_script(&c);
+        assert!(f.contains("forward ip saddr 10.244.0.0/16 accept"), "{f}");
+    }
+
+    #[test]
+    fn resync_detects_missing_or_extra_rules() {
+        let script = iptables_masq_script(&cfg(), true);
+        // `iptables -S` prints rules exactly as the script writes them.
+        let listing: String = script
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(rules_in_place(&script, &listing), "{listing}");
+        let missing: String = listing.lines().skip(1).map(|l| format!("{l}\n")).collect();
+        assert!(!rules_in_place(&script, &missing));
+        let extra = format!("{listing}-A FLANNEL-POSTRTG -j ACCEPT\n");
+        assert!(!rules_in_place(&script, &extra));
+    }
+
+    #[test]
+    fn host_bits_are_normalised() {
+        let c = MasqConfig {
+            subnet: "10.244.1.1/24".parse().unwrap(),
+            ..cfg()
+        };
+        assert_eq!(c.p(), "10.244.1.0/24");
+    }
+}

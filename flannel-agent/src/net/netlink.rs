@@ -1,0 +1,622 @@
+//! Shared rtnetlink helpers: one connection in the current network namespace, and the
+//! handful of typed operations the kernel datapaths need (links, addresses, neighbours,
+//! FDB entries, routes).
+//!
+//! Why a wrapper at all: rtnetlink's builders report "already exists" and "not found" as an
+//! opaque `NetlinkError`, and every backend wants the same answers to "does it exist?",
+//! "make it so" and "make sure it's gone". Those mappings (EEXIST, ENOENT, ESRCH, ENODEV,
+//! EADDRNOTAVAIL) live here once. Messages are built from plain `netlink-packet-route`
+//! structs so callers can express exactly what upstream flannel sends (for example an FDB
+//! entry with `NTF_SELF` and no VNI/port attributes).
+//!
+//! The socket is bound to the network namespace of the thread that calls
+//! [`Netlink::connect`]; tests rely on that by entering a namespace on a dedicated thread
+//! before building their runtime.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::StreamExt;
+use ipnetwork::Ipv4Network;
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    },
+};
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+    NetlinkPayload,
+};
+
+/// Errors of netlink operations.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The netlink socket could not be opened.
+    #[error("opening a netlink socket: {source}")]
+    Connect {
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel rejected a request.
+    #[error("netlink {op} failed: {source} (errno {errno})")]
+    Kernel {
+        /// What was attempted (e.g. `"add link flannel.1"`).
+        op: String,
+        /// Positive errno.
+        errno: i32,
+        /// The errno as an I/O error (for its message).
+        #[source]
+        source: std::io::Error,
+    },
+    /// The request could not be sent (the connection task is gone).
+    #[error("netlink {op}: request could not be sent")]
+    Transport {
+        /// What was attempted.
+        op: String,
+    },
+    /// The kernel answered with something other than what was asked for.
+    #[error("netlink {op}: unexpected reply")]
+    Unexpected {
+        /// What was attempted.
+        op: String,
+    },
+}
+
+impl Error {
+    /// The errno of a kernel rejection, if this is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Kernel { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+
+    /// Whether the kernel said the object already exists.
+    pub fn is_exists(&self) -> bool {
+        self.errno() == Some(libc::EEXIST)
+    }
+
+    /// Whether the kernel said the object (or its device) does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self.errno(),
+            Some(libc::ENOENT | libc::ESRCH | libc::ENODEV | libc::EADDRNOTAVAIL)
+        )
+    }
+}
+
+/// Result of netlink operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The main routing table (`RT_TABLE_MAIN`).
+pub const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
+
+/// A route-netlink connection in the network namespace it was opened in.
+#[derive(Clone, Debug)]
+pub struct Netlink {
+    handle: rtnetlink::Handle,
+}
+
+impl Netlink {
+    /// Open a connection in the calling thread's network namespace. The connection task is
+    /// spawned on the current tokio runtime and ends when the last clone is dropped.
+    pub fn connect() -> Result<Self> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|source| Error::Connect { source })?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// The raw rtnetlink handle, for requests this module does not wrap.
+    pub fn handle(&self) -> &rtnetlink::Handle {
+        &self.handle
+    }
+
+    /// Send a request that expects only an acknowledgement.
+    async fn ack(&self, op: impl Into<String>, msg: RouteNetlinkMessage, flags: u16) -> Result<()> {
+        let op = op.into();
+        let mut req = NetlinkMessage::from(msg);
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        let mut handle = self.handle.clone();
+        let mut replies = handle
+            .request(req)
+            .map_err(|_| Error::Transport { op: op.clone() })?;
+        while let Some(reply) = replies.next().await {
+            if let NetlinkPayload::Error(err) = reply.payload
+                && err.code.is_some()
+            {
+                return Err(kernel_error(op, err.raw_code()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Send a request and collect every inner reply (dumps and single gets).
+    async fn collect(
+        &self,
+        op: impl Into<String>,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>> {
+        let op = op.into();
+        let mut req = NetlinkMessage::from(msg);
+        req.header.flags = NLM_F_REQUEST | flags;
+        let mut handle = self.handle.clone();
+        let mut replies = handle
+            .request(req)
+            .map_err(|_| Error::Transport { op: op.clone() })?;
+        let mut out = Vec::new();
+        while let Some(reply) = replies.next().await {
+            match reply.payload {
+                NetlinkPayload::InnerMessage(m) => out.push(m),
+                NetlinkPayload::Error(err) if err.code.is_some() => {
+                    return Err(kernel_error(op, err.raw_code()));
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- links ----
+
+    /// The link called `name`, if it exists.
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        self.one_link(format!("get link {name}"), msg).await
+    }
+
+    /// The link with index `index`, if it exists.
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<LinkMessage>> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        self.one_link(format!("get link #{index}"), msg).await
+    }
+
+    async fn one_link(&self, op: String, msg: LinkMessage) -> Result<Option<LinkMessage>> {
+        match self
+            .collect(op.clone(), RouteNetlinkMessage::GetLink(msg), 0)
+            .await
+        {
+            Ok(replies) => replies
+                .into_iter()
+                .find_map(|m| match m {
+                    RouteNetlinkMessage::NewLink(l) => Some(l),
+                    _ => None,
+                })
+                .map(Some)
+                .ok_or(Error::Unexpected { op }),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Create a link (fails with EEXIST if the name is taken).
+    pub async fn link_add(&self, msg: LinkMessage) -> Result<()> {
+        let op = format!("add link {}", link_name(&msg).unwrap_or("?"));
+        self.ack(
+            op,
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .await
+    }
+
+    /// Change attributes of an existing link (flags, MTU, address).
+    pub async fn link_set(&self, msg: LinkMessage) -> Result<()> {
+        let op = format!("set link #{}", msg.header.index);
+        self.ack(op, RouteNetlinkMessage::SetLink(msg), 0).await
+    }
+
+    /// Delete a link; `Ok(false)` if it was already gone.
+    pub async fn link_del(&self, index: u32) -> Result<bool> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        absent_ok(
+            self.ack(
+                format!("delete link #{index}"),
+                RouteNetlinkMessage::DelLink(msg),
+                0,
+            )
+            .await,
+        )
+    }
+
+    // ---- addresses ----
+
+    /// IPv4 addresses on link `index`, as (address, prefix length).
+    pub async fn addresses_v4(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        let replies = self
+            .collect(
+                "dump addresses",
+                RouteNetlinkMessage::GetAddress(msg),
+                NLM_F_DUMP,
+            )
+            .await?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => {
+                    let addr = a.attributes.iter().find_map(|at| match at {
+                        AddressAttribute::Local(IpAddr::V4(v4)) => Some(*v4),
+                        _ => None,
+                    });
+                    let addr = addr.or_else(|| {
+                        a.attributes.iter().find_map(|at| match at {
+                            AddressAttribute::Address(IpAddr::V4(v4)) => Some(*v4),
+                            _ => None,
+                        })
+                    })?;
+                    Some((addr, a.header.prefix_len))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn addr_msg(index: u32, addr: Ipv4Addr, prefix_len: u8) -> AddressMessage {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.prefix_len = prefix_len;
+        msg.header.index = index;
+        msg.attributes
+            .push(AddressAttribute::Local(IpAddr::V4(addr)));
+        msg.attributes
+            .push(AddressAttribute::Address(IpAddr::V4(addr)));
+        msg
+    }
+
+    /// Add `addr/prefix_len` to link `index` (no error if it is already there).
+    pub async fn addr_replace_v4(&self, index: u32, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        self.ack(
+            format!("add address {addr}/{prefix_len} on #{index}"),
+            RouteNetlinkMessage::NewAddress(Self::addr_msg(index, addr, prefix_len)),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .await
+    }
+
+    /// Remove `addr/prefix_len` from link `index`; `Ok(false)` if it was not there.
+    pub async fn addr_del_v4(&self, index: u32, addr: Ipv4Addr, prefix_len: u8) -> Result<bool> {
+        absent_ok(
+            self.ack(
+                format!("delete address {addr}/{prefix_len} on #{index}"),
+                RouteNetlinkMessage::DelAddress(Self::addr_msg(index, addr, prefix_len)),
+                0,
+            )
+            .await,
+        )
+    }
+
+    // ---- neighbours and FDB entries ----
+
+    /// Every neighbour entry of `family` on link `index` (`AddressFamily::Bridge` lists FDB
+    /// entries).
+    pub async fn neighbours(
+        &self,
+        family: AddressFamily,
+        index: u32,
+    ) -> Result<Vec<NeighbourMessage>> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family;
+        let replies = self
+            .collect(
+                format!("dump neighbours ({family:?})"),
+                RouteNetlinkMessage::GetNeighbour(msg),
+                NLM_F_DUMP,
+            )
+            .await?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == index => Some(n),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Create or replace a neighbour/FDB entry.
+    pub async fn neigh_replace(&self, msg: NeighbourMessage) -> Result<()> {
+        let op = format!("replace neighbour {}", describe_neigh(&msg));
+        self.ack(
+            op,
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .await
+    }
+
+    /// Delete a neighbour/FDB entry; `Ok(false)` if it was not there.
+    pub async fn neigh_del(&self, msg: NeighbourMessage) -> Result<bool> {
+        let op = format!("delete neighbour {}", describe_neigh(&msg));
+        absent_ok(
+            self.ack(op, RouteNetlinkMessage::DelNeighbour(msg), 0)
+                .await,
+        )
+    }
+
+    // ---- routes ----
+
+    /// Every IPv4 route of the main table.
+    pub async fn routes_v4(&self) -> Result<Vec<RouteMessage>> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        let replies = self
+            .collect(
+                "dump routes",
+                RouteNetlinkMessage::GetRoute(msg),
+                NLM_F_DUMP,
+            )
+            .await?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) if route_table(&r) == MAIN_TABLE => Some(r),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Create or replace a route.
+    pub async fn route_replace(&self, msg: RouteMessage) -> Result<()> {
+        let op = format!("replace route {}", describe_route(&msg));
+        self.ack(
+            op,
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .await
+    }
+
+    /// Create a route; fails with EEXIST when a route with the same key (destination,
+    /// TOS, metric, table) exists, whatever its type — never replaces one.
+    pub async fn route_add(&self, msg: RouteMessage) -> Result<()> {
+        let op = format!("add route {}", describe_route(&msg));
+        self.ack(
+            op,
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .await
+    }
+
+    /// Delete a route (matched on every attribute given); `Ok(false)` if it was not there.
+    pub async fn route_del(&self, msg: RouteMessage) -> Result<bool> {
+        let op = format!("delete route {}", describe_route(&msg));
+        absent_ok(self.ack(op, RouteNetlinkMessage::DelRoute(msg), 0).await)
+    }
+
+    /// The route the kernel would use to reach `dst` (`ip route get`).
+    pub async fn route_get_v4(&self, dst: Ipv4Addr) -> Result<RouteMessage> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.destination_prefix_length = 32;
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        let op = format!("get route to {dst}");
+        self.collect(op.clone(), RouteNetlinkMessage::GetRoute(msg), 0)
+            .await?
+            .into_iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => Some(r),
+                _ => None,
+            })
+            .ok_or(Error::Unexpected { op })
+    }
+}
+
+/// The `rtm_protocol` value marking routes this agent created (`ip route show proto 84`).
+/// 84 (0x54, 'T' for tunnel) is unassigned in iproute2's `rt_protos` and in the kernel's
+/// `RTPROT_*` list, so no routing daemon uses it.
+pub const RTPROT_FLANNEL: u8 = 0x54;
+
+/// `<subnet> proto 84 table main`: the parts of every route this agent installs.
+pub fn route_base(subnet: Ipv4Network) -> RouteMessage {
+    let mut r = RouteMessage::default();
+    r.header.address_family = AddressFamily::Inet;
+    r.header.destination_prefix_length = subnet.prefix();
+    r.header.table = MAIN_TABLE as u8;
+    r.header.protocol = RouteProtocol::from(RTPROT_FLANNEL);
+    r.header.scope = RouteScope::Universe;
+    r.header.kind = RouteType::Unicast;
+    r.attributes
+        .push(RouteAttribute::Destination(RouteAddress::Inet(
+            subnet.network(),
+        )));
+    r
+}
+
+/// `<subnet> via <gateway> dev <oif> proto 84`: a host-gw or DirectRouting route.
+pub fn gateway_route(subnet: Ipv4Network, gateway: Ipv4Addr, oif: u32) -> RouteMessage {
+    let mut r = route_base(subnet);
+    r.attributes
+        .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+    r.attributes.push(RouteAttribute::Oif(oif));
+    r
+}
+
+/// A delete request matching exactly one dumped route.
+pub fn route_del_from(r: &RouteMessage) -> RouteMessage {
+    let mut d = RouteMessage::default();
+    d.header = r.header.clone();
+    d.attributes = r
+        .attributes
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                RouteAttribute::Destination(_)
+                    | RouteAttribute::Gateway(_)
+                    | RouteAttribute::Oif(_)
+                    | RouteAttribute::Priority(_)
+                    | RouteAttribute::Table(_)
+            )
+        })
+        .cloned()
+        .collect();
+    d
+}
+
+fn kernel_error(op: String, raw: i32) -> Error {
+    let errno = raw.abs();
+    Error::Kernel {
+        op,
+        errno,
+        source: std::io::Error::from_raw_os_error(errno),
+    }
+}
+
+/// Map "not found" to `Ok(false)`, success to `Ok(true)`.
+fn absent_ok(r: Result<()>) -> Result<bool> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+// ---- attribute accessors (shared by the backends and tests) ----
+
+/// A link's name.
+pub fn link_name(l: &LinkMessage) -> Option<&str> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+/// A link's Ethernet address.
+pub fn link_mac(l: &LinkMessage) -> Option<[u8; 6]> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(b) => b.as_slice().try_into().ok(),
+        _ => None,
+    })
+}
+
+/// A link's MTU.
+pub fn link_mtu(l: &LinkMessage) -> Option<u32> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    })
+}
+
+/// The table a route lives in (`RTA_TABLE` wins over the 8-bit header field).
+pub fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
+/// An IPv4 route's destination network (`0.0.0.0/0` for a default route).
+pub fn route_dst_v4(r: &RouteMessage) -> Option<Ipv4Network> {
+    let addr = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(v4)) => Some(*v4),
+            _ => None,
+        })
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    Ipv4Network::new(addr, r.header.destination_prefix_length).ok()
+}
+
+/// An IPv4 route's gateway.
+pub fn route_gateway_v4(r: &RouteMessage) -> Option<Ipv4Addr> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(v4)) => Some(*v4),
+        _ => None,
+    })
+}
+
+/// A route's output interface.
+pub fn route_oif(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// A neighbour entry's IP (for FDB entries: the VXLAN remote).
+pub fn neigh_dst(n: &NeighbourMessage) -> Option<IpAddr> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+        // FDB (AF_BRIDGE) entries: the parser can't know the remote's family, so it keeps
+        // the raw bytes.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => match b.len() {
+            4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+/// A neighbour entry's link-layer address.
+pub fn neigh_lladdr(n: &NeighbourMessage) -> Option<[u8; 6]> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(b) => b.as_slice().try_into().ok(),
+        _ => None,
+    })
+}
+
+/// Format a MAC as upstream does (`net.HardwareAddr.String()`: lower-case, colons).
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn describe_neigh(n: &NeighbourMessage) -> String {
+    let dst = neigh_dst(n).map(|d| d.to_string()).unwrap_or_default();
+    let mac = neigh_lladdr(n).map(|m| format_mac(&m)).unwrap_or_default();
+    format!("{dst} lladdr {mac} on #{}", n.header.ifindex)
+}
+
+fn describe_route(r: &RouteMessage) -> String {
+    let dst = route_dst_v4(r).map(|d| d.to_string()).unwrap_or_default();
+    let mut s = dst;
+    if let Some(gw) = route_gateway_v4(r) {
+        s.push_str(&format!(" via {gw}"));
+    }
+    if let Some(oif) = route_oif(r) {
+        s.push_str(&format!(" dev #{oif}"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_is_formatted_like_go() {
+        assert_eq!(
+            format_mac(&[0x0e, 0x2a, 0x00, 0xff, 0x10, 0x01]),
+            "0e:2a:00:ff:10:01"
+        );
+    }
+
+    #[test]
+    fn not_found_covers_every_absent_errno() {
+        for errno in [libc::ENOENT, libc::ESRCH, libc::ENODEV, libc::EADDRNOTAVAIL] {
+            assert!(kernel_error("x".into(), -errno).is_not_found());
+        }
+        assert!(kernel_error("x".into(), -libc::EEXIST).is_exists());
+        assert!(!kernel_error("x".into(), -libc::EPERM).is_not_found());
+    }
+}

@@ -1,0 +1,401 @@
+//! A small flannel cluster for end-to-end tests: one real etcd, N host namespaces on a
+//! shared underlay, one real `flanneld` per host (inside its namespace), and pods behind
+//! each host's `cni0` once its `subnet.env` exists.
+//!
+//! etcd runs in the root namespace on 127.0.0.1 (the shared [`EtcdServer`] harness); each
+//! host reaches it through an in-process relay listening on the host namespace's own
+//! 127.0.0.1 (the listening socket is created inside the namespace, the outbound one in
+//! the root namespace), so no link or address is added to the root namespace.
+//!
+//! The agent binary is `<target dir>/debug/flanneld` (or `$FLANNELD_BIN`): build it first
+//! with `cargo build -p flannel-agent --bin flanneld` (`cargo xtask test` and CI do).
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use ipnetwork::Ipv4Network;
+
+use crate::{
+    etcd::EtcdServer,
+    netns::{ChildGuard, Host, NetNs, Underlay, wait_until},
+};
+
+/// upstream's default etcd prefix.
+pub const PREFIX: &str = "/coreos.com/network";
+
+/// Path of the `flanneld` binary under test.
+pub fn flanneld_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLANNELD_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
+    );
+    let bin = target.join("debug/flanneld");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).unwrap_or_else(|_| {
+        panic!(
+            "{} not found: run `cargo build -p flannel-agent --bin flanneld` first (or set FLANNELD_BIN)",
+            bin.display()
+        )
+    });
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../flannel-agent/src");
+    if newest_mtime(&src).is_some_and(|t| t > built) {
+        eprintln!(
+            "warning: {} is older than flannel-agent/src; testing a stale agent \
+             (run `cargo build -p flannel-agent --bin flanneld`)",
+            bin.display()
+        );
+    }
+    bin
+}
+
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            if meta.is_dir() {
+                newest_mtime(&e.path())
+            } else {
+                meta.modified().ok()
+            }
+        })
+        .max()
+}
+
+/// Relays TCP connections from `127.0.0.1:<port>` inside a namespace to the same port on
+/// the root namespace's loopback. Stops accepting when dropped.
+struct Relay {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn new(ns: &NetNs, port: u16) -> Self {
+        let listener = ns
+            .enter(move || TcpListener::bind((Ipv4Addr::LOCALHOST, port)))
+            .unwrap_or_else(|e| panic!("relay bind 127.0.0.1:{port} in {}: {e}", ns.name()));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        // This thread stays in the root namespace: its outbound connects reach etcd.
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inside, _)) => {
+                        let _ = inside.set_nonblocking(false);
+                        if let Ok(outside) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
+                            pipe(inside, outside);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+fn pipe(a: TcpStream, b: TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+        return;
+    };
+    std::thread::spawn(move || copy(a, b2));
+    std::thread::spawn(move || copy(b, a2));
+}
+
+fn copy(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One host of the cluster: its namespace and pods, its agent, and what the agent wrote.
+pub struct Node {
+    /// Agent process (None while stopped). Declared first: stopped before the namespace goes.
+    pub agent: Option<ChildGuard>,
+    /// Keeps the etcd relay of this host alive.
+    _relay: Relay,
+    /// The host namespace and its pods.
+    pub host: Host,
+    /// Where the agent writes `subnet.env`.
+    pub subnet_file: PathBuf,
+    /// The agent's log file (stderr).
+    pub log_file: PathBuf,
+    args: Vec<String>,
+}
+
+/// What `subnet.env` says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubnetEnv {
+    /// `FLANNEL_NETWORK`.
+    pub network: Ipv4Network,
+    /// `FLANNEL_SUBNET` as a network (the file has the gateway address, `.1/24`).
+    pub subnet: Ipv4Network,
+    /// `FLANNEL_MTU`.
+    pub mtu: u32,
+    /// `FLANNEL_IPMASQ`.
+    pub ipmasq: bool,
+}
+
+impl Node {
+    /// Start (or restart) the agent.
+    pub fn start(&mut self) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_file)
+            .expect("agent log file");
+        let child = self
+            .host
+            .ns
+            .command(&flanneld_bin().to_string_lossy())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn flanneld");
+        self.agent = Some(ChildGuard::new(child));
+    }
+
+    /// SIGKILL the agent (a crash: nothing is cleaned up).
+    pub fn kill(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.kill();
+        }
+    }
+
+    /// SIGTERM the agent and wait for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.stop(libc::SIGTERM, Duration::from_secs(5));
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// Parse `subnet.env`, if the agent wrote it.
+    pub fn subnet_env(&self) -> Option<SubnetEnv> {
+        let text = std::fs::read_to_string(&self.subnet_file).ok()?;
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_owned)
+        };
+        let gw: Ipv4Network = get("FLANNEL_SUBNET")?.parse().ok()?;
+        Some(SubnetEnv {
+            network: get("FLANNEL_NETWORK")?.parse().ok()?,
+            subnet: Ipv4Network::new(gw.network(), gw.prefix()).ok()?,
+            mtu: get("FLANNEL_MTU")?.parse().ok()?,
+            ipmasq: get("FLANNEL_IPMASQ").as_deref() == Some("true"),
+        })
+    }
+
+    /// Wait for `subnet.env` (written once the lease is held and the datapath is set up).
+    pub fn wait_subnet_env(&mut self, timeout: Duration) -> SubnetEnv {
+        let mut env = None;
+        let mut exited = false;
+        let ok = wait_until(timeout, || {
+            env = self.subnet_env();
+            exited = !self.agent.as_mut().is_some_and(ChildGuard::running);
+            env.is_some() || exited
+        });
+        assert!(
+            !exited || env.is_some(),
+            "flanneld in {} exited; log:\n{}",
+            self.host.ns.name(),
+            self.log()
+        );
+        assert!(
+            ok,
+            "no subnet.env from {} after {timeout:?}; log:\n{}",
+            self.host.ns.name(),
+            self.log()
+        );
+        env.expect("checked")
+    }
+}
+
+/// The cluster.
+pub struct Cluster {
+    /// Hosts, in order (host `i` has underlay address `198.18.0.<i+1>`).
+    pub nodes: Vec<Node>,
+    /// The underlay (kept for attaching more namespaces, e.g. an "outside" one).
+    pub underlay: Underlay,
+    /// etcd.
+    pub etcd: EtcdServer,
+    /// Per-test scratch directory (subnet.env files, logs).
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// etcd with `net_conf` at `<prefix>/config`, `hosts` host namespaces, and an agent
+    /// started in each with `--iface=eth0` plus `extra_args`.
+    pub fn start(hosts: u8, net_conf: &str, extra_args: &[&str]) -> Self {
+        let etcd = EtcdServer::start().expect("start etcd");
+        let port = etcd
+            .endpoint()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .expect("etcd port");
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            underlay: Underlay::new(),
+            etcd,
+            dir: tempfile::Builder::new()
+                .prefix("flannel-e2e-")
+                .tempdir()
+                .expect("tempdir"),
+        };
+        cluster.etcd_put(&format!("{PREFIX}/config"), net_conf);
+        for i in 1..=hosts {
+            let host = cluster.underlay.add_host(i);
+            let relay = Relay::new(&host.ns, port);
+            let subnet_file = cluster.dir.path().join(format!("h{i}-subnet.env"));
+            let log_file = cluster.dir.path().join(format!("h{i}-flanneld.log"));
+            let mut args = vec![
+                format!("--etcd-endpoints=http://127.0.0.1:{port}"),
+                format!("--etcd-prefix={PREFIX}"),
+                "--iface=eth0".to_owned(),
+                format!("--subnet-file={}", subnet_file.display()),
+            ];
+            args.extend(extra_args.iter().map(|s| (*s).to_owned()));
+            let mut node = Node {
+                agent: None,
+                _relay: relay,
+                host,
+                subnet_file,
+                log_file,
+                args,
+            };
+            node.start();
+            cluster.nodes.push(node);
+        }
+        cluster
+    }
+
+    /// Wait for every agent's `subnet.env`, then give each host `pods` pods in its subnet
+    /// with the MTU it reports. Returns the envs.
+    pub fn add_pods(&mut self, pods: usize) -> Vec<SubnetEnv> {
+        let mut envs = Vec::new();
+        for n in &mut self.nodes {
+            let env = n.wait_subnet_env(Duration::from_secs(30));
+            n.host.add_pods(env.subnet, env.mtu, pods);
+            envs.push(env);
+        }
+        envs
+    }
+
+    /// Run an etcd-client operation on a private runtime (root namespace).
+    fn etcd<F, Fut, R>(&self, f: F) -> R
+    where
+        F: FnOnce(etcd_client::Client) -> Fut,
+        Fut: std::future::Future<Output = R>,
+    {
+        let endpoint = self.etcd.endpoint();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let client = etcd_client::Client::connect([endpoint], None)
+                    .await
+                    .expect("etcd connect");
+                f(client).await
+            })
+    }
+
+    /// Put `value` at `key`.
+    pub fn etcd_put(&self, key: &str, value: &str) {
+        let (k, v) = (key.to_owned(), value.to_owned());
+        self.etcd(|mut c| async move { c.put(k, v, None).await.expect("etcd put") });
+    }
+
+    /// Delete `key`; returns how many keys were deleted.
+    pub fn etcd_delete(&self, key: &str) -> i64 {
+        let k = key.to_owned();
+        self.etcd(|mut c| async move { c.delete(k, None).await.expect("etcd delete").deleted() })
+    }
+
+    /// The etcd key of a lease: `<prefix>/subnets/10.244.7.0-24`.
+    pub fn lease_key(subnet: Ipv4Network) -> String {
+        format!("{PREFIX}/subnets/{}-{}", subnet.network(), subnet.prefix())
+    }
+
+    /// Value of `key`, if present.
+    pub fn etcd_get(&self, key: &str) -> Option<String> {
+        let k = key.to_owned();
+        self.etcd(|mut c| async move {
+            let resp = c.get(k, None).await.expect("etcd get");
+            resp.kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+        })
+    }
+
+    /// Every agent's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("==== {} ====\n{}", n.host.ns.name(), n.log()))
+            .collect()
+    }
+}
+
+/// Build `flanneld`'s net-conf JSON for a VXLAN or host-gw cluster on 10.244.0.0/16.
+pub fn net_conf(backend: &str) -> String {
+    format!(r#"{{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{backend}}}"#)
+}
+
+/// Everything `ip`/`bridge` know about a namespace, for failure messages.
+pub fn dump(ns: &NetNs) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path()))
+        .args([
+            "sh",
+            "-c",
+            "ip -d link; ip addr; ip route; ip neigh; bridge fdb show",
+        ])
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
