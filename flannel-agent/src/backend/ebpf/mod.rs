@@ -70,7 +70,7 @@ impl EbpfVxlan {
             .await
             .map_err(|e| FallbackReason::Device(e.to_string()))?;
         let layout = PinLayout::new(pin_root);
-        let device = format!("flannel.{}", config.vni);
+        let device = kernel.device_name().to_owned();
         let datapath = loader::load(&layout, &device, &ext.name)?;
         info!(device, uplink = %ext.name, pins = %layout.versioned().display(), "eBPF VXLAN datapath attached");
         Ok(Self {
@@ -101,7 +101,9 @@ impl EbpfVxlan {
             },
             sport_min,
             sport_max,
-            local_ip: self.ext.public_ip.octets(),
+            // The VXLAN local address is the interface address, as upstream's device uses
+            // (`--public-ip` is only what peers are told; behind NAT it isn't local).
+            local_ip: self.ext.iface_addr.octets(),
             vtep_mac: self.kernel.vtep_mac(),
             uplink_ifindex: self.ext.index,
             vxlan_ifindex: self.kernel.vxlan_ifindex(),
@@ -171,8 +173,9 @@ impl Backend for EbpfVxlan {
     }
 
     async fn remove_peer(&mut self, peer: &Lease) -> Result<()> {
+        // By subnet: etcd delete events carry no value, so the lease may lack the address.
         self.datapath
-            .remove_peer(peer.attrs.public_ip, peer.subnet)
+            .remove_peer(peer.subnet)
             .map_err(|e| Self::map_err("remove peer", e))?;
         self.kernel.remove_peer(peer).await
     }

@@ -104,8 +104,13 @@ impl Datapath {
         self.routes.insert(&route_key(p.subnet), route, 0)
     }
 
-    /// Remove one peer: route first (stop sending), then the allow-list entry.
-    pub fn remove_peer(&mut self, underlay: Ipv4Addr, subnet: Ipv4Network) -> Result<(), MapError> {
+    /// Remove the peer owning `subnet`: route first (stop sending), then its allow-list
+    /// entry unless another of its subnets is still routed.
+    pub fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), MapError> {
+        let Some(route) = self.current_routes()?.get(&subnet).copied() else {
+            return Ok(());
+        };
+        let underlay = Ipv4Addr::from(route.peer_ip);
         ignore_missing(self.routes.remove(&route_key(subnet)))?;
         let still_routed = self
             .current_routes()?
