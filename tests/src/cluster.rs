@@ -184,7 +184,15 @@ impl Node {
             .ns
             .command(&flanneld_bin().to_string_lossy())
             .args(&self.args)
-            .env("RUST_LOG", "info")
+            // `--log-level` in the node's arguments wins over this default.
+            .env(
+                "RUST_LOG",
+                if self.args.iter().any(|a| a.starts_with("--log-level")) {
+                    ""
+                } else {
+                    "info"
+                },
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -270,6 +278,14 @@ impl Cluster {
     /// etcd with `net_conf` at `<prefix>/config`, `hosts` host namespaces, and an agent
     /// started in each with `--iface=eth0` plus `extra_args`.
     pub fn start(hosts: u8, net_conf: &str, extra_args: &[&str]) -> Self {
+        Self::start_each(hosts, net_conf, |_| {
+            extra_args.iter().map(|s| (*s).to_owned()).collect()
+        })
+    }
+
+    /// Like [`Cluster::start`], with each host's extra arguments from `args(i)` (`i` is
+    /// 1-based, the host's underlay index): for mixed clusters (eBPF and kernel hosts).
+    pub fn start_each(hosts: u8, net_conf: &str, args_for: impl Fn(u8) -> Vec<String>) -> Self {
         let etcd = EtcdServer::start().expect("start etcd");
         let port = etcd
             .endpoint()
@@ -298,7 +314,7 @@ impl Cluster {
                 "--iface=eth0".to_owned(),
                 format!("--subnet-file={}", subnet_file.display()),
             ];
-            args.extend(extra_args.iter().map(|s| (*s).to_owned()));
+            args.extend(args_for(i));
             let mut node = Node {
                 agent: None,
                 _relay: relay,

@@ -150,7 +150,10 @@ pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapat
     }
     check_pinned_maps(layout)?;
 
+    // Log statements below the agent's level cost the programs one branch, nothing more.
+    let log_level = ebpf_log_level();
     let mut loader = EbpfLoader::new();
+    loader.override_global("AYA_LOG_LEVEL", &log_level, false);
     let paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
         .iter()
         .map(|name| (*name, layout.map(name)))
@@ -304,6 +307,19 @@ fn replace_in_pinned_link(prog: &mut SchedClassifier, pin: &Path) -> Result<(), 
     // The pin keeps the link; our fd can go.
     drop(prog.take_link(id).map_err(|e| e.to_string())?);
     Ok(())
+}
+
+/// The agent's log level as aya-log's level number (0 = off, 1 = error … 5 = trace).
+fn ebpf_log_level() -> u8 {
+    use tracing::level_filters::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::OFF => 0,
+        LevelFilter::ERROR => 1,
+        LevelFilter::WARN => 2,
+        LevelFilter::INFO => 3,
+        LevelFilter::DEBUG => 4,
+        _ => 5,
+    }
 }
 
 /// Forward the programs' aya-log records into our tracing logs (via the `log` bridge).
