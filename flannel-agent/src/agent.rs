@@ -1,1 +1,642 @@
-//! SKELETON: to be written.
+//! The start-up sequence and main loop of flanneld (upstream `main.go` `main()`):
+//! subnet manager → network config → external interface → backend → lease → rules →
+//! `subnet.env` → ready → watch peers and keep the lease alive until a signal.
+//!
+//! Errors before the lease is taken are configuration problems and end the process with a
+//! message naming the flag or field; nothing has been changed on the host by then except
+//! the backend's devices. On SIGINT/SIGTERM nothing is torn down (upstream semantics: a
+//! restart is hitless because routes, neighbours and FDB entries stay).
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    backend::{self, AnyBackend, Backend, ExternalInterface},
+    cli::{Cli, Dataplane},
+    lease::{Lease, LeaseEvent, PeerChange, PeerSet},
+    net::{iface, masq},
+    netconf::{BackendConfig, NetworkConfig},
+    server::{self, Readiness},
+    subnet::{
+        self, SubnetManager,
+        env_file::{self, SubnetEnv},
+        etcd::{EtcdOptions, EtcdSubnetManager},
+    },
+};
+
+/// Why flanneld stopped with a failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The subnet manager could not be built or failed fatally.
+    #[error("subnet manager: {0}")]
+    Subnet(#[from] subnet::Error),
+    /// The network configuration enables neither family.
+    #[error("network config enables neither IPv4 nor IPv6")]
+    NoFamily,
+    /// Flags that contradict the network configuration.
+    #[error("{flag}: {reason}")]
+    Conflict {
+        /// The flag.
+        flag: &'static str,
+        /// Why it cannot be honoured.
+        reason: String,
+    },
+    /// No external interface.
+    #[error("choosing the external interface: {0}")]
+    Iface(#[from] iface::Error),
+    /// The backend failed to start.
+    #[error("backend {backend}: {source}")]
+    Backend {
+        /// Backend name.
+        backend: &'static str,
+        /// Its error.
+        source: backend::Error,
+    },
+    /// The health server could not listen.
+    #[error(transparent)]
+    Server(#[from] server::Error),
+    /// Installing signal handlers failed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// Installing masquerade/forward rules failed.
+    #[error("installing masquerade/forward rules: {0}")]
+    Rules(#[from] masq::Error),
+    /// The lease watch ended, which the managers never do on their own.
+    #[error("the lease watch ended unexpectedly")]
+    WatchEnded,
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Address-family and masquerade facts the rule installer needs; kept as plain data so the
+/// traffic-rule implementation (iptables/nftables) is independent of the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrafficRules {
+    /// Cluster IPv4 network.
+    pub network: Option<ipnetwork::Ipv4Network>,
+    /// Own IPv4 subnet.
+    pub subnet: Option<ipnetwork::Ipv4Network>,
+    /// Cluster IPv6 network.
+    pub ipv6_network: Option<ipnetwork::Ipv6Network>,
+    /// Own IPv6 subnet.
+    pub ipv6_subnet: Option<ipnetwork::Ipv6Network>,
+    /// `--ip-masq`.
+    pub ip_masq: bool,
+    /// `--ip-masq-fully-random-disable`.
+    pub fully_random_disable: bool,
+    /// `--iptables-forward-rules`.
+    pub forward_rules: bool,
+    /// `EnableNFTables`.
+    pub nftables: bool,
+    /// `--iptables-resync`.
+    pub resync: Duration,
+    /// `--ip-blackhole-route`.
+    pub blackhole_route: bool,
+    /// Previous run's network (for recycling stale masquerade rules).
+    pub previous_network: Option<ipnetwork::Ipv4Network>,
+}
+
+/// Installs the masquerade/forward rules (`crate::net::masq`) and keeps them in place in
+/// the background. Upstream exits when the first installation fails, and so do we.
+async fn install_traffic_rules(rules: &TrafficRules, cancel: &CancellationToken) -> Result<()> {
+    if rules.blackhole_route {
+        warn!("--ip-blackhole-route is not supported by this implementation; ignoring it");
+    }
+    if (rules.ip_masq || rules.forward_rules) && rules.ipv6_network.is_some() {
+        warn!(
+            "IPv6 masquerade/forward rules are not supported by this implementation; only IPv4 rules are installed"
+        );
+    }
+    let (Some(network), Some(subnet)) = (rules.network, rules.subnet) else {
+        return Ok(());
+    };
+    if !rules.ip_masq && !rules.forward_rules {
+        return Ok(());
+    }
+    let cfg = masq::MasqConfig {
+        network,
+        subnet,
+        fully_random: !rules.fully_random_disable,
+        nftables: rules.nftables,
+    };
+    masq::install(&cfg, rules.ip_masq, rules.forward_rules).await?;
+    tokio::spawn(masq::resync_loop(
+        cfg,
+        rules.ip_masq,
+        rules.forward_rules,
+        rules.resync,
+        cancel.child_token(),
+    ));
+    Ok(())
+}
+
+/// Runs flanneld until a signal (Ok) or a fatal error.
+pub async fn run(cli: Cli) -> Result<()> {
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        subnet_manager = if cli.kube_subnet_mgr { "kube" } else { "etcd" },
+        dataplane = ?cli.dataplane,
+        "starting flanneld"
+    );
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone())?;
+    let ready = Readiness::default();
+    let server = if cli.healthz_port > 0 {
+        let addr = SocketAddr::new(cli.healthz_ip, cli.healthz_port);
+        Some(server::start(addr, ready.clone(), cancel.child_token()).await?)
+    } else {
+        None
+    };
+    let result = if cli.kube_subnet_mgr {
+        run_kube(&cli, &ready, &cancel).await
+    } else {
+        run_etcd(&cli, &ready, &cancel).await
+    };
+    cancel.cancel();
+    if let Some((_, task)) = server {
+        // Upstream gives the health server a 3 s grace period.
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+    }
+    if result.is_ok() {
+        info!("Exiting cleanly...");
+    }
+    result
+}
+
+async fn run_etcd(cli: &Cli, ready: &Readiness, cancel: &CancellationToken) -> Result<()> {
+    let previous = env_file::read_previous(&cli.subnet_file);
+    let opts = EtcdOptions {
+        endpoints: cli.etcd_endpoint_list(),
+        prefix: cli.etcd_prefix.clone(),
+        keyfile: Cli::path_flag(&cli.etcd_keyfile),
+        certfile: Cli::path_flag(&cli.etcd_certfile),
+        cafile: Cli::path_flag(&cli.etcd_cafile),
+        username: Some(cli.etcd_username.clone()).filter(|s| !s.is_empty()),
+        password: Some(cli.etcd_password.clone()).filter(|s| !s.is_empty()),
+        ttl: cli.lease_ttl(),
+        renew_margin: cli.renew_margin(),
+        previous,
+    };
+    // Upstream's client blocks while etcd is unreachable; retry likewise (with auth, the
+    // client authenticates while connecting, so an outage shows up here).
+    let mgr = loop {
+        let res = tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            r = EtcdSubnetManager::connect(opts.clone()) => r,
+        };
+        match res {
+            Ok(m) => break m,
+            Err(e) if e.is_transient() => {
+                warn!(error = %e, "connecting to etcd failed; retrying in 1s");
+                tokio::select! {
+                    () = cancel.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Err(e) => return Err(subnet::Error::from(e).into()),
+        }
+    };
+    run_with(&mgr, cli, (cli.public_ip, cli.public_ipv6), ready, cancel).await
+}
+
+async fn run_kube(cli: &Cli, ready: &Readiness, cancel: &CancellationToken) -> Result<()> {
+    use crate::subnet::kube::{ClientOptions, KubeSubnetManager};
+    let client = ClientOptions {
+        api_url: Some(cli.kube_api_url.clone()).filter(|s| !s.is_empty()),
+        kubeconfig: Cli::path_flag(&cli.kubeconfig_file),
+    };
+    let mgr = tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        m = KubeSubnetManager::from_flags(&client, &cli.net_config_path, &cli.kube_annotation_prefix) => {
+            m.map_err(subnet::Error::from)?
+        }
+    }
+    .set_node_network_unavailable(cli.set_node_network_unavailable);
+    // The node-public-ip(v6) annotations replace the flags (upstream).
+    let public = (
+        mgr.node_public_ip().or(cli.public_ip),
+        mgr.node_public_ipv6().or(cli.public_ipv6),
+    );
+    run_with(&mgr, cli, public, ready, cancel).await
+}
+
+/// Fetches the network config, retrying every second while the store is unreachable or the
+/// config is absent (upstream blocks the same way); an invalid config is fatal.
+async fn fetch_config<M: SubnetManager>(
+    mgr: &M,
+    cancel: &CancellationToken,
+) -> Result<Option<NetworkConfig>> {
+    loop {
+        let res = tokio::select! {
+            () = cancel.cancelled() => return Ok(None),
+            r = mgr.network_config() => r,
+        };
+        match res {
+            Ok(cfg) => return Ok(Some(cfg)),
+            Err(e) if e.is_transient() => {
+                warn!(error = %e, "could not fetch the network config; retrying in 1s");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(None),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Which backend to build, decided from the config and `--dataplane` before any side
+/// effect, so a contradiction fails at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Plan {
+    /// host-gw routes.
+    HostGw,
+    /// The kernel VXLAN device alone.
+    Kernel(crate::netconf::VxlanConfig),
+    /// eBPF VXLAN, failing if it cannot load.
+    Ebpf(crate::netconf::VxlanConfig),
+    /// eBPF VXLAN, else the kernel VXLAN device.
+    EbpfOrKernel(crate::netconf::VxlanConfig),
+}
+
+fn plan(backend: &BackendConfig, dataplane: Dataplane) -> Result<Plan> {
+    Ok(match (backend, dataplane) {
+        (BackendConfig::HostGw, Dataplane::Ebpf) => {
+            return Err(Error::Conflict {
+                flag: "--dataplane=ebpf",
+                reason: "the eBPF datapath is a VXLAN datapath but the network config selects \
+                         the host-gw backend (use --dataplane=auto or kernel)"
+                    .into(),
+            });
+        }
+        (BackendConfig::HostGw, _) => Plan::HostGw,
+        (BackendConfig::Vxlan(vx), Dataplane::Kernel) => Plan::Kernel(vx.clone()),
+        (BackendConfig::Vxlan(vx), Dataplane::Ebpf) => Plan::Ebpf(vx.clone()),
+        (BackendConfig::Vxlan(vx), Dataplane::Auto) => Plan::EbpfOrKernel(vx.clone()),
+    })
+}
+
+/// Builds the planned backend.
+async fn build_backend(plan: Plan, ext: &ExternalInterface, cli: &Cli) -> Result<AnyBackend> {
+    let err = |backend| move |source| Error::Backend { backend, source };
+    let pins = cli.bpf_pin_path.clone();
+    match plan {
+        Plan::HostGw => Ok(AnyBackend::HostGw(
+            backend::hostgw::HostGw::new(ext.clone())
+                .await
+                .map_err(err("host-gw"))?,
+        )),
+        Plan::Kernel(vx) => Ok(AnyBackend::Vxlan(
+            backend::vxlan::KernelVxlan::new(ext.clone(), vx)
+                .await
+                .map_err(err("vxlan"))?,
+        )),
+        Plan::Ebpf(vx) => Ok(AnyBackend::Ebpf(
+            backend::ebpf::EbpfVxlan::new(ext.clone(), vx, pins)
+                .await
+                .map_err(err("ebpf-vxlan"))?,
+        )),
+        Plan::EbpfOrKernel(vx) => {
+            match backend::ebpf::EbpfVxlan::new(ext.clone(), vx.clone(), pins).await {
+                Ok(b) => {
+                    info!("using the eBPF VXLAN datapath");
+                    Ok(AnyBackend::Ebpf(b))
+                }
+                Err(reason) => {
+                    warn!(%reason, "eBPF VXLAN datapath unavailable; falling back to the kernel VXLAN datapath");
+                    Ok(AnyBackend::Vxlan(
+                        backend::vxlan::KernelVxlan::new(ext.clone(), vx)
+                            .await
+                            .map_err(err("vxlan"))?,
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Acquires the lease, retrying transient store errors every second.
+async fn acquire<M: SubnetManager>(
+    mgr: &M,
+    attrs: &crate::lease::LeaseAttrs,
+    cancel: &CancellationToken,
+) -> Result<Option<Lease>> {
+    loop {
+        let res = tokio::select! {
+            () = cancel.cancelled() => return Ok(None),
+            r = mgr.acquire_lease(attrs) => r,
+        };
+        match res {
+            Ok(lease) => return Ok(Some(lease)),
+            Err(e) if e.is_transient() => {
+                warn!(error = %e, "acquiring a lease failed; retrying in 1s")
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(None),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+fn warn_without_br_netfilter(cfg: &NetworkConfig) {
+    if cfg.enable_nftables {
+        return;
+    }
+    let checks = [
+        (
+            cfg.enable_ipv4,
+            "/proc/sys/net/bridge/bridge-nf-call-iptables",
+        ),
+        (
+            cfg.enable_ipv6,
+            "/proc/sys/net/bridge/bridge-nf-call-ip6tables",
+        ),
+    ];
+    for (enabled, path) in checks {
+        if enabled && !Path::new(path).exists() {
+            warn!(%path, "br_netfilter is not loaded; bridged pod traffic bypasses iptables (upstream refuses to start here)");
+        }
+    }
+}
+
+/// Everything after the subnet manager exists.
+async fn run_with<M: SubnetManager>(
+    mgr: &M,
+    cli: &Cli,
+    public: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+    ready: &Readiness,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let Some(cfg) = fetch_config(mgr, cancel).await? else {
+        return Ok(());
+    };
+    if !cfg.enable_ipv4 && !cfg.enable_ipv6 {
+        return Err(Error::NoFamily);
+    }
+    let plan = plan(&cfg.backend, cli.dataplane)?;
+    info!(network = ?cfg.network, ipv6_network = ?cfg.ipv6_network, backend = cfg.backend.type_name(), "network config");
+    warn_without_br_netfilter(&cfg);
+
+    let selector = iface::Selector {
+        iface: cli.iface.clone(),
+        iface_regex: cli.iface_regex.clone(),
+        iface_can_reach: cli.iface_can_reach,
+        public_ip: public.0,
+        public_ipv6: public.1,
+        ipv4: cfg.enable_ipv4,
+        ipv6: cfg.enable_ipv6,
+    };
+    let ext = iface::lookup(&selector).await?;
+    let mut backend = build_backend(plan, &ext, cli).await?;
+    let backend_name = cfg.backend.type_name();
+    let attrs = backend.prepare().await.map_err(|source| Error::Backend {
+        backend: backend_name,
+        source,
+    })?;
+    let Some(lease) = acquire(mgr, &attrs, cancel).await? else {
+        return Ok(());
+    };
+    backend
+        .register(&lease)
+        .await
+        .map_err(|source| Error::Backend {
+            backend: backend_name,
+            source,
+        })?;
+
+    let previous = env_file::read_previous(&cli.subnet_file);
+    let rules = TrafficRules {
+        network: cfg.network.filter(|_| cfg.enable_ipv4),
+        subnet: Some(lease.subnet).filter(|_| cfg.enable_ipv4),
+        ipv6_network: cfg.ipv6_network.filter(|_| cfg.enable_ipv6),
+        ipv6_subnet: lease.ipv6_subnet.filter(|_| cfg.enable_ipv6),
+        ip_masq: cli.ip_masq,
+        fully_random_disable: cli.ip_masq_fully_random_disable,
+        forward_rules: cli.iptables_forward_rules,
+        nftables: cfg.enable_nftables,
+        resync: Duration::from_secs(cli.iptables_resync),
+        blackhole_route: cli.ip_blackhole_route,
+        previous_network: previous.network,
+    };
+    install_traffic_rules(&rules, cancel).await?;
+
+    let env = SubnetEnv {
+        network: rules.network,
+        subnet: rules.subnet,
+        ipv6_network: rules.ipv6_network,
+        ipv6_subnet: rules.ipv6_subnet,
+        mtu: backend.mtu(),
+        ip_masq: cli.ip_masq,
+    };
+    match env_file::write(&cli.subnet_file, &env) {
+        Ok(()) => {
+            info!(path = %cli.subnet_file.display(), subnet = %lease.subnet, mtu = env.mtu, "wrote subnet.env");
+            ready.mark_ready();
+            sd_notify_ready();
+        }
+        // Upstream keeps running but never becomes ready.
+        Err(error) => error!(%error, "failed to write subnet.env; staying not ready"),
+    }
+
+    tokio::select! {
+        () = cancel.cancelled() => Ok(()),
+        r = mgr.complete_lease(&lease, cancel.child_token()) => match r {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // Upstream: "Lease has been revoked. Shutting down daemon." and exit 0, so a
+                // restart re-acquires (preferring the same subnet via subnet.env).
+                error!(%error, "lease lost; shutting down");
+                Ok(())
+            }
+        },
+        r = watch_peers(mgr, &mut backend, lease.subnet) => r,
+    }
+}
+
+/// How long after a failed backend operation the full peer set is reconciled again.
+const REPAIR_DELAY: Duration = Duration::from_secs(5);
+
+/// Feeds lease events through a [`PeerSet`] into the backend. A backend error for one peer
+/// is logged and does not stop the loop; a full reconcile (the backend is idempotent) is
+/// retried [`REPAIR_DELAY`] later until it succeeds, so a transient netlink failure does
+/// not leave a peer unprogrammed until the next snapshot.
+async fn watch_peers<M: SubnetManager>(
+    mgr: &M,
+    backend: &mut AnyBackend,
+    own: ipnetwork::Ipv4Network,
+) -> Result<()> {
+    let mut peers = PeerSet::new(own);
+    let mut events = mgr.watch_leases();
+    let mut repair_at: Option<tokio::time::Instant> = None;
+    loop {
+        let event = tokio::select! {
+            ev = events.next() => match ev {
+                None => return Err(Error::WatchEnded),
+                Some(Err(error)) => {
+                    warn!(%error, "lease watch error");
+                    continue;
+                }
+                Some(Ok(e)) => e,
+            },
+            () = sleep_until_opt(repair_at) => {
+                repair_at = None;
+                info!(peers = peers.len(), "retrying a full reconcile after a backend error");
+                if let Err(error) = backend.reconcile(&peers.peers()).await {
+                    warn!(%error, retry_in = ?REPAIR_DELAY, "reconciling peers failed");
+                    repair_at = Some(tokio::time::Instant::now() + REPAIR_DELAY);
+                }
+                continue;
+            }
+        };
+        let failed = apply_event(&mut peers, backend, event).await;
+        if failed && repair_at.is_none() {
+            repair_at = Some(tokio::time::Instant::now() + REPAIR_DELAY);
+        }
+        debug!(peers = peers.len(), "peer set updated");
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing scheduled.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies one lease event to the peer set and the backend; `true` if the backend failed.
+async fn apply_event(peers: &mut PeerSet, backend: &mut AnyBackend, event: LeaseEvent) -> bool {
+    let snapshot = matches!(event, LeaseEvent::Snapshot(_));
+    let changes = peers.apply(event);
+    if snapshot {
+        info!(
+            peers = peers.len(),
+            changed = changes.len(),
+            "lease snapshot; reconciling"
+        );
+        return match backend.reconcile(&peers.peers()).await {
+            Ok(()) => false,
+            Err(error) => {
+                warn!(%error, "reconciling peers failed");
+                true
+            }
+        };
+    }
+    let mut failed = false;
+    for change in changes {
+        match change {
+            PeerChange::Add(l) => {
+                info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer added");
+                if let Err(error) = backend.add_peer(&l).await {
+                    warn!(subnet = %l.subnet, %error, "programming peer failed");
+                    failed = true;
+                }
+            }
+            PeerChange::Remove(l) => {
+                info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer removed");
+                if let Err(error) = backend.remove_peer(&l).await {
+                    warn!(subnet = %l.subnet, %error, "removing peer failed");
+                    failed = true;
+                }
+            }
+        }
+    }
+    failed
+}
+
+fn spawn_signal_handler(cancel: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => info!("received SIGINT; shutting down"),
+            _ = term.recv() => info!("received SIGTERM; shutting down"),
+        }
+        cancel.cancel();
+    });
+    Ok(())
+}
+
+/// Tells systemd the service is up (`Type=notify` units; upstream's `sd_notify READY=1`).
+/// Best effort: no `NOTIFY_SOCKET`, no message.
+fn sd_notify_ready() {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        sd_notify_to(path.as_ref());
+    }
+}
+
+/// Sends `READY=1` to a notify socket path (`@name` = abstract namespace).
+fn sd_notify_to(path: &std::path::Path) {
+    use std::os::{linux::net::SocketAddrExt, unix::net::UnixDatagram};
+    let sent = UnixDatagram::unbound().and_then(|sock| {
+        match path.as_os_str().as_encoded_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(b"READY=1", &addr)
+            }
+            None => sock.send_to(b"READY=1", path),
+        }
+    });
+    if let Err(error) = sent {
+        warn!(path = %path.display(), %error, "sd_notify READY=1 failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netconf::VxlanConfig;
+
+    #[test]
+    fn backend_plans() {
+        let vx = BackendConfig::Vxlan(VxlanConfig::default());
+        assert_eq!(
+            plan(&vx, Dataplane::Auto).unwrap(),
+            Plan::EbpfOrKernel(VxlanConfig::default())
+        );
+        assert_eq!(
+            plan(&vx, Dataplane::Kernel).unwrap(),
+            Plan::Kernel(VxlanConfig::default())
+        );
+        assert_eq!(
+            plan(&vx, Dataplane::Ebpf).unwrap(),
+            Plan::Ebpf(VxlanConfig::default())
+        );
+        assert_eq!(
+            plan(&BackendConfig::HostGw, Dataplane::Auto).unwrap(),
+            Plan::HostGw
+        );
+        assert_eq!(
+            plan(&BackendConfig::HostGw, Dataplane::Kernel).unwrap(),
+            Plan::HostGw
+        );
+        let err = plan(&BackendConfig::HostGw, Dataplane::Ebpf)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--dataplane=ebpf") && err.contains("host-gw"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sd_notify_sends_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sd_notify_to(&path);
+        let mut buf = [0u8; 16];
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+    }
+}

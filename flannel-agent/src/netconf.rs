@@ -1,9 +1,75 @@
 //! The cluster network configuration (`net-conf.json`, etcd `<prefix>/config`).
 //!
-//! SKELETON: the control-plane work fills in parsing (Go-JSON semantics: case-insensitive
-//! keys), defaulting and validation exactly as upstream's `CheckNetworkConfig`.
+//! Parsed with Go `encoding/json` semantics, because the same JSON is read by upstream
+//! flanneld: object keys match field names case-insensitively (`"network"`, `"Network"` and
+//! `"NETWORK"` are the same field), unknown keys are ignored, `null` leaves the default.
+//! [`NetworkConfig::parse`] only parses (what upstream's kube manager uses);
+//! [`NetworkConfig::parse_and_check`] also defaults and validates exactly like upstream's
+//! `CheckNetworkConfig` (what the etcd manager uses).
+
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
+use serde_json::{Map, Value};
+
+/// Why a network configuration was refused. Every variant names the field and the value, so
+/// the operator knows what to fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// Not JSON at all.
+    #[error("network config is not valid JSON: {reason}")]
+    Json {
+        /// serde_json's message (with line and column).
+        reason: String,
+    },
+    /// Valid JSON, but not an object.
+    #[error("network config must be a JSON object, got {value}")]
+    NotObject {
+        /// The JSON given.
+        value: String,
+    },
+    /// A field has the wrong JSON type or an unparsable value.
+    #[error("network config field {field}: {value} is not {expected}")]
+    Field {
+        /// Field name (upstream spelling, e.g. `Backend.VNI`).
+        field: String,
+        /// The JSON value found.
+        value: String,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// A value parsed but fails upstream's `CheckNetworkConfig` rules.
+    #[error("network config field {field}: {value}: {reason}")]
+    Invalid {
+        /// Field name.
+        field: &'static str,
+        /// The offending value.
+        value: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
+    /// No `Backend` section: upstream then uses its `udp` backend, which we do not have.
+    #[error(
+        "network config has no \"Backend\" section: upstream flannel then defaults to the \
+         \"udp\" backend, which is not supported here; set \"Backend\": {{\"Type\": \"vxlan\"}}"
+    )]
+    NoBackend,
+    /// `Backend.Type` names a backend we do not implement (or none at all).
+    #[error(
+        "network config field Backend.Type: unknown or unsupported backend type {value:?} \
+         (supported: \"vxlan\", \"host-gw\")"
+    )]
+    UnsupportedBackend {
+        /// The type as given.
+        value: String,
+    },
+    /// Neither family is enabled.
+    #[error("network config: EnableIPv4 and EnableIPv6 are both false; enable at least one")]
+    NoFamily,
+}
+
+/// Result of configuration parsing.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The validated network configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,18 +82,18 @@ pub struct NetworkConfig {
     pub network: Option<Ipv4Network>,
     /// Per-host IPv4 prefix length.
     pub subnet_len: u8,
-    /// First allocatable IPv4 subnet base.
-    pub subnet_min: std::net::Ipv4Addr,
-    /// Last allocatable IPv4 subnet base.
-    pub subnet_max: std::net::Ipv4Addr,
+    /// First allocatable IPv4 subnet base (`0.0.0.0` = unset before checking).
+    pub subnet_min: Ipv4Addr,
+    /// Last allocatable IPv4 subnet base (`0.0.0.0` = unset before checking).
+    pub subnet_max: Ipv4Addr,
     /// IPv6 cluster network.
     pub ipv6_network: Option<Ipv6Network>,
     /// Per-host IPv6 prefix length.
     pub ipv6_subnet_len: u8,
     /// First allocatable IPv6 subnet base.
-    pub ipv6_subnet_min: Option<std::net::Ipv6Addr>,
+    pub ipv6_subnet_min: Option<Ipv6Addr>,
     /// Last allocatable IPv6 subnet base.
-    pub ipv6_subnet_max: Option<std::net::Ipv6Addr>,
+    pub ipv6_subnet_max: Option<Ipv6Addr>,
     /// Use nftables rather than iptables for masquerade/forward rules.
     pub enable_nftables: bool,
     /// The backend section.
@@ -80,5 +146,670 @@ impl Default for VxlanConfig {
             direct_routing: false,
             mtu: None,
         }
+    }
+}
+
+/// A JSON object looked up the way Go's `encoding/json` matches struct fields: an exact key
+/// wins, otherwise the first key equal ignoring ASCII case. `null` counts as absent.
+struct GoObject<'a> {
+    map: &'a Map<String, Value>,
+    /// Field-name prefix for error messages (`"Backend."`).
+    path: &'static str,
+}
+
+impl<'a> GoObject<'a> {
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        let found = self.map.get(name).or_else(|| {
+            self.map
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        });
+        found.filter(|v| !v.is_null())
+    }
+
+    fn field_err(&self, name: &str, value: &Value, expected: &'static str) -> Error {
+        Error::Field {
+            field: format!("{}{name}", self.path),
+            value: value.to_string(),
+            expected,
+        }
+    }
+
+    fn bool(&self, name: &str, default: bool) -> Result<bool> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.field_err(name, v, "a boolean")),
+        }
+    }
+
+    /// A Go `uint`/`int` field: a JSON integer (no fraction, no exponent).
+    fn int(&self, name: &str) -> Result<Option<i64>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| self.field_err(name, v, "an integer")),
+        }
+    }
+
+    fn str(&self, name: &str) -> Result<Option<&'a str>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.field_err(name, v, "a string")),
+        }
+    }
+
+    fn ipv4_net(&self, name: &str) -> Result<Option<Ipv4Network>> {
+        let Some(s) = self.str(name)? else {
+            return Ok(None);
+        };
+        let net: Ipv4Network = s
+            .parse()
+            .map_err(|_| self.field_err(name, &Value::from(s), "an IPv4 CIDR (a.b.c.d/n)"))?;
+        if !s.contains('/') {
+            return Err(self.field_err(name, &Value::from(s), "an IPv4 CIDR (a.b.c.d/n)"));
+        }
+        // Go's net.ParseCIDR masks host bits off: 10.244.1.0/16 is 10.244.0.0/16.
+        Ok(Some(
+            Ipv4Network::new(net.network(), net.prefix()).expect("prefix already valid"),
+        ))
+    }
+
+    fn ipv6_net(&self, name: &str) -> Result<Option<Ipv6Network>> {
+        let Some(s) = self.str(name)? else {
+            return Ok(None);
+        };
+        let net: Ipv6Network = s
+            .parse()
+            .map_err(|_| self.field_err(name, &Value::from(s), "an IPv6 CIDR (x::/n)"))?;
+        if !s.contains('/') {
+            return Err(self.field_err(name, &Value::from(s), "an IPv6 CIDR (x::/n)"));
+        }
+        Ok(Some(
+            Ipv6Network::new(net.network(), net.prefix()).expect("prefix already valid"),
+        ))
+    }
+
+    fn ipv4(&self, name: &str) -> Result<Option<Ipv4Addr>> {
+        let Some(s) = self.str(name)? else {
+            return Ok(None);
+        };
+        s.parse()
+            .map(Some)
+            .map_err(|_| self.field_err(name, &Value::from(s), "an IPv4 address"))
+    }
+
+    fn ipv6(&self, name: &str) -> Result<Option<Ipv6Addr>> {
+        let Some(s) = self.str(name)? else {
+            return Ok(None);
+        };
+        s.parse()
+            .map(Some)
+            .map_err(|_| self.field_err(name, &Value::from(s), "an IPv6 address"))
+    }
+}
+
+fn prefix_len(obj: &GoObject<'_>, name: &str) -> Result<u8> {
+    match obj.int(name)? {
+        None => Ok(0),
+        Some(n) => u8::try_from(n).map_err(|_| {
+            obj.field_err(
+                name,
+                &Value::from(n),
+                "a prefix length (unsigned, at most 128)",
+            )
+        }),
+    }
+}
+
+impl NetworkConfig {
+    /// Parses `net-conf.json` with Go-JSON semantics and resolves the backend, without
+    /// upstream's defaulting/validation (the kube manager uses this as is).
+    pub fn parse(json: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(json).map_err(|e| Error::Json {
+            reason: e.to_string(),
+        })?;
+        let Value::Object(map) = &value else {
+            return Err(Error::NotObject {
+                value: value.to_string(),
+            });
+        };
+        let obj = GoObject { map, path: "" };
+        Ok(Self {
+            enable_ipv4: obj.bool("EnableIPv4", true)?,
+            enable_ipv6: obj.bool("EnableIPv6", false)?,
+            network: obj.ipv4_net("Network")?,
+            subnet_len: prefix_len(&obj, "SubnetLen")?,
+            subnet_min: obj.ipv4("SubnetMin")?.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            subnet_max: obj.ipv4("SubnetMax")?.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            ipv6_network: obj.ipv6_net("IPv6Network")?,
+            ipv6_subnet_len: prefix_len(&obj, "IPv6SubnetLen")?,
+            ipv6_subnet_min: obj.ipv6("IPv6SubnetMin")?.filter(|a| !a.is_unspecified()),
+            ipv6_subnet_max: obj.ipv6("IPv6SubnetMax")?.filter(|a| !a.is_unspecified()),
+            enable_nftables: obj.bool("EnableNFTables", false)?,
+            backend: parse_backend(obj.get("Backend"))?,
+        })
+    }
+
+    /// Parses and then applies upstream's `CheckNetworkConfig` (etcd manager semantics).
+    pub fn parse_and_check(json: &str) -> Result<Self> {
+        let mut cfg = Self::parse(json)?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Defaults `SubnetLen`/`SubnetMin`/`SubnetMax` (and the IPv6 counterparts) and
+    /// validates them, as upstream's `CheckNetworkConfig`.
+    pub fn check(&mut self) -> Result<()> {
+        if !self.enable_ipv4 && !self.enable_ipv6 {
+            return Err(Error::NoFamily);
+        }
+        if self.enable_ipv4 {
+            self.check_v4()?;
+        }
+        if self.enable_ipv6 {
+            self.check_v6()?;
+        }
+        Ok(())
+    }
+
+    fn check_v4(&mut self) -> Result<()> {
+        let network = match self.network {
+            Some(n) if !(n.ip().is_unspecified() && n.prefix() == 0) => n,
+            other => {
+                return Err(Error::Invalid {
+                    field: "Network",
+                    value: other.map_or_else(|| "(missing)".into(), |n| n.to_string()),
+                    reason: "please define a correct Network parameter in the flannel config"
+                        .into(),
+                });
+            }
+        };
+        let prefix = network.prefix();
+        if self.subnet_len > 0 {
+            if self.subnet_len > 30 {
+                return Err(invalid_len(
+                    "SubnetLen",
+                    self.subnet_len,
+                    "SubnetLen must be less than /31",
+                ));
+            }
+            if self.subnet_len < prefix + 2 {
+                return Err(invalid_len(
+                    "SubnetLen",
+                    self.subnet_len,
+                    &format!("Network {network} must be able to accommodate at least four subnets"),
+                ));
+            }
+        } else if prefix > 28 {
+            return Err(Error::Invalid {
+                field: "Network",
+                value: network.to_string(),
+                reason: "Network is too small. Minimum useful network prefix is /28".into(),
+            });
+        } else if prefix <= 22 {
+            self.subnet_len = 24;
+        } else {
+            self.subnet_len = prefix + 2;
+        }
+        let size = 1u64 << (32 - self.subnet_len);
+        let base = u64::from(u32::from(network.network()));
+        if self.subnet_min.is_unspecified() {
+            self.subnet_min = Ipv4Addr::from((base + size) as u32);
+        } else if !network.contains(self.subnet_min) {
+            return Err(outside("SubnetMin", self.subnet_min, network));
+        }
+        if self.subnet_max.is_unspecified() {
+            self.subnet_max = Ipv4Addr::from((base + (1u64 << (32 - prefix)) - size) as u32);
+        } else if !network.contains(self.subnet_max) {
+            return Err(outside("SubnetMax", self.subnet_max, network));
+        }
+        let mask = !(size as u32 - 1);
+        for (field, addr) in [
+            ("SubnetMin", self.subnet_min),
+            ("SubnetMax", self.subnet_max),
+        ] {
+            if u32::from(addr) & mask != u32::from(addr) {
+                return Err(Error::Invalid {
+                    field,
+                    value: addr.to_string(),
+                    reason: format!(
+                        "{field} is not on a SubnetLen (/{}) boundary",
+                        self.subnet_len
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_v6(&mut self) -> Result<()> {
+        let network = match self.ipv6_network {
+            Some(n) if !(n.ip().is_unspecified() && n.prefix() == 0) => n,
+            other => {
+                return Err(Error::Invalid {
+                    field: "IPv6Network",
+                    value: other.map_or_else(|| "(missing)".into(), |n| n.to_string()),
+                    reason: "please define a correct IPv6Network parameter in the flannel config"
+                        .into(),
+                });
+            }
+        };
+        let prefix = network.prefix();
+        if self.ipv6_subnet_len > 0 {
+            if self.ipv6_subnet_len > 126 {
+                return Err(invalid_len(
+                    "IPv6SubnetLen",
+                    self.ipv6_subnet_len,
+                    "IPv6SubnetLen must be less than /127",
+                ));
+            }
+            if self.ipv6_subnet_len < prefix + 2 {
+                return Err(invalid_len(
+                    "IPv6SubnetLen",
+                    self.ipv6_subnet_len,
+                    &format!(
+                        "IPv6Network {network} must be able to accommodate at least four subnets"
+                    ),
+                ));
+            }
+        } else if prefix > 124 {
+            return Err(Error::Invalid {
+                field: "IPv6Network",
+                value: network.to_string(),
+                reason: "IPv6Network is too small. Minimum useful network prefix is /124".into(),
+            });
+        } else if prefix <= 62 {
+            self.ipv6_subnet_len = 64;
+        } else {
+            self.ipv6_subnet_len = prefix + 2;
+        }
+        let size = 1u128 << (128 - self.ipv6_subnet_len);
+        let base = u128::from(network.network());
+        let min = match self.ipv6_subnet_min {
+            None => Ipv6Addr::from(base + size),
+            Some(a) if !network.contains(a) => return Err(outside("IPv6SubnetMin", a, network)),
+            Some(a) => a,
+        };
+        let span = if prefix == 0 {
+            u128::MAX
+        } else {
+            (1u128 << (128 - prefix)) - 1
+        };
+        let max = match self.ipv6_subnet_max {
+            None => Ipv6Addr::from(base + span + 1 - size),
+            Some(a) if !network.contains(a) => return Err(outside("IPv6SubnetMax", a, network)),
+            Some(a) => a,
+        };
+        let mask = !(size - 1);
+        for (field, addr) in [("IPv6SubnetMin", min), ("IPv6SubnetMax", max)] {
+            if u128::from(addr) & mask != u128::from(addr) {
+                return Err(Error::Invalid {
+                    field,
+                    value: addr.to_string(),
+                    reason: format!(
+                        "{field} is not on a IPv6SubnetLen (/{}) boundary",
+                        self.ipv6_subnet_len
+                    ),
+                });
+            }
+        }
+        self.ipv6_subnet_min = Some(min);
+        self.ipv6_subnet_max = Some(max);
+        Ok(())
+    }
+
+    /// Whether `subnet` is one this configuration would hand out (checked config): the base
+    /// lies in `[SubnetMin, SubnetMax]` and the prefix is `SubnetLen`. Upstream's
+    /// `isSubnetConfigCompat` for IPv4.
+    pub fn v4_compatible(&self, subnet: Ipv4Network) -> bool {
+        subnet.prefix() == self.subnet_len
+            && subnet.ip() >= self.subnet_min
+            && subnet.ip() <= self.subnet_max
+    }
+
+    /// IPv6 counterpart of [`Self::v4_compatible`]; with IPv6 disabled only `None` fits.
+    pub fn v6_compatible(&self, subnet: Option<Ipv6Network>) -> bool {
+        match (self.enable_ipv6, subnet) {
+            (false, s) => s.is_none(),
+            (true, None) => false,
+            (true, Some(s)) => {
+                s.prefix() == self.ipv6_subnet_len
+                    && self.ipv6_subnet_min.is_some_and(|m| s.ip() >= m)
+                    && self.ipv6_subnet_max.is_some_and(|m| s.ip() <= m)
+            }
+        }
+    }
+}
+
+fn invalid_len(field: &'static str, len: u8, reason: &str) -> Error {
+    Error::Invalid {
+        field,
+        value: len.to_string(),
+        reason: reason.to_owned(),
+    }
+}
+
+fn outside(field: &'static str, addr: impl ToString, network: impl std::fmt::Display) -> Error {
+    Error::Invalid {
+        field,
+        value: addr.to_string(),
+        reason: format!("{field} is not within Network {network}"),
+    }
+}
+
+/// Resolves the `Backend` section. Upstream lower-cases `Type` before looking it up.
+fn parse_backend(backend: Option<&Value>) -> Result<BackendConfig> {
+    let Some(backend) = backend else {
+        return Err(Error::NoBackend);
+    };
+    let Value::Object(map) = backend else {
+        return Err(Error::Field {
+            field: "Backend".into(),
+            value: backend.to_string(),
+            expected: "an object",
+        });
+    };
+    let obj = GoObject {
+        map,
+        path: "Backend.",
+    };
+    let ty = obj.str("Type")?.unwrap_or_default();
+    match ty.to_ascii_lowercase().as_str() {
+        "vxlan" => parse_vxlan(&obj).map(BackendConfig::Vxlan),
+        "host-gw" => Ok(BackendConfig::HostGw),
+        _ => Err(Error::UnsupportedBackend {
+            value: ty.to_owned(),
+        }),
+    }
+}
+
+fn parse_vxlan(obj: &GoObject<'_>) -> Result<VxlanConfig> {
+    let mut cfg = VxlanConfig::default();
+    if let Some(vni) = obj.int("VNI")? {
+        // The kernel's VNI is 24 bits; upstream would fail later creating the device.
+        cfg.vni = u32::try_from(vni)
+            .ok()
+            .filter(|v| *v < 1 << 24)
+            .ok_or_else(|| obj.field_err("VNI", &Value::from(vni), "a VNI in 0..16777215"))?;
+    }
+    // 0 means "not sent to the kernel", i.e. the kernel default 8472.
+    if let Some(port) = obj.int("Port")?.filter(|p| *p != 0) {
+        cfg.port = u16::try_from(port)
+            .ok()
+            .ok_or_else(|| obj.field_err("Port", &Value::from(port), "a UDP port in 0..65535"))?;
+    }
+    // 0 means "the external interface's MTU".
+    if let Some(mtu) = obj.int("MTU")?.filter(|m| *m != 0) {
+        cfg.mtu = Some(
+            u32::try_from(mtu)
+                .ok()
+                .filter(|m| *m >= 68 + 50 && *m <= 65535)
+                .ok_or_else(|| obj.field_err("MTU", &Value::from(mtu), "an MTU in 118..65535"))?,
+        );
+    }
+    cfg.gbp = obj.bool("GBP", false)?;
+    cfg.learning = obj.bool("Learning", false)?;
+    cfg.direct_routing = obj.bool("DirectRouting", false)?;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    const VX: &str = r#""Backend":{"Type":"vxlan"}"#;
+
+    #[test]
+    fn upstream_example_lower_camel_case() {
+        let cfg = NetworkConfig::parse_and_check(&format!(r#"{{"network":"10.3.0.0/16",{VX}}}"#))
+            .unwrap();
+        assert_eq!(cfg.network, Some("10.3.0.0/16".parse().unwrap()));
+        assert_eq!(cfg.subnet_len, 24);
+        assert_eq!(cfg.subnet_min, v4("10.3.1.0"));
+        assert_eq!(cfg.subnet_max, v4("10.3.255.0"));
+        assert!(cfg.enable_ipv4);
+        assert!(!cfg.enable_ipv6);
+        assert_eq!(cfg.backend, BackendConfig::Vxlan(VxlanConfig::default()));
+    }
+
+    #[test]
+    fn upstream_ipv6_example() {
+        let cfg = NetworkConfig::parse_and_check(&format!(
+            r#"{{"EnableIPv4":false,"enableIPv6":true,"ipv6Network":"fc00::/48",{VX}}}"#
+        ))
+        .unwrap();
+        assert_eq!(cfg.ipv6_subnet_len, 64);
+        assert_eq!(cfg.ipv6_subnet_min, Some("fc00:0:0:1::".parse().unwrap()));
+        assert_eq!(
+            cfg.ipv6_subnet_max,
+            Some("fc00:0:0:ffff::".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn host_bits_masked_and_derived_lengths() {
+        let cfg = NetworkConfig::parse_and_check(&format!(r#"{{"Network":"10.244.1.0/16",{VX}}}"#))
+            .unwrap();
+        assert_eq!(cfg.network, Some("10.244.0.0/16".parse().unwrap()));
+        for (prefix, len) in [(8, 24), (22, 24), (23, 25), (26, 28), (28, 30)] {
+            let cfg = NetworkConfig::parse_and_check(&format!(
+                r#"{{"Network":"10.0.0.0/{prefix}",{VX}}}"#
+            ))
+            .unwrap();
+            assert_eq!(cfg.subnet_len, len, "prefix {prefix}");
+        }
+        let err = NetworkConfig::parse_and_check(&format!(r#"{{"Network":"10.0.0.0/29",{VX}}}"#))
+            .unwrap_err();
+        assert!(err.to_string().contains("/28"), "{err}");
+    }
+
+    #[test]
+    fn explicit_range_and_case_insensitive_keys() {
+        let cfg = NetworkConfig::parse_and_check(
+            r#"{"NETWORK":"10.5.0.0/16","subnetlen":26,"subnetMin":"10.5.1.0","SUBNETMAX":"10.5.2.192",
+                "enablenftables":true,"backend":{"type":"VXLAN","vni":42,"port":4789,"gbp":true,
+                "directrouting":true,"Learning":true,"mtu":9000},"Unknown":1}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.subnet_len, 26);
+        assert_eq!(cfg.subnet_min, v4("10.5.1.0"));
+        assert_eq!(cfg.subnet_max, v4("10.5.2.192"));
+        assert!(cfg.enable_nftables);
+        assert_eq!(
+            cfg.backend,
+            BackendConfig::Vxlan(VxlanConfig {
+                vni: 42,
+                port: 4789,
+                gbp: true,
+                learning: true,
+                direct_routing: true,
+                mtu: Some(9000),
+            })
+        );
+    }
+
+    #[test]
+    fn host_gw_and_null_fields() {
+        let cfg = NetworkConfig::parse_and_check(
+            r#"{"Network":"10.1.0.0/16","SubnetLen":null,"Backend":{"Type":"host-gw"}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.backend, BackendConfig::HostGw);
+        assert_eq!(cfg.subnet_len, 24);
+    }
+
+    #[test]
+    fn zero_min_is_unset() {
+        let cfg = NetworkConfig::parse_and_check(&format!(
+            r#"{{"Network":"10.1.0.0/16","SubnetMin":"0.0.0.0",{VX}}}"#
+        ))
+        .unwrap();
+        assert_eq!(cfg.subnet_min, v4("10.1.1.0"));
+    }
+
+    fn err(json: &str) -> String {
+        NetworkConfig::parse_and_check(json)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_field_and_value() {
+        let cases: &[(&str, &[&str])] = &[
+            (r#"{"Network":"10.1.0.0/16"}"#, &["Backend", "udp"]),
+            (
+                r#"{"Network":"10.1.0.0/16","Backend":{}}"#,
+                &["Backend.Type", "\"\""],
+            ),
+            (
+                r#"{"Network":"10.1.0.0/16","Backend":{"Type":"udp"}}"#,
+                &["Backend.Type", "udp"],
+            ),
+            (
+                r#"{"Network":"10.1.0.0/16","Backend":{"Type":"foo"}}"#,
+                &["Backend.Type", "foo"],
+            ),
+            (
+                r#"{"Network":"10.1.0.0/16","Backend":"vxlan"}"#,
+                &["Backend", "\"vxlan\""],
+            ),
+            (&format!(r#"{{{VX}}}"#), &["Network", "missing"]),
+            (
+                &format!(r#"{{"Network":"0.0.0.0/0",{VX}}}"#),
+                &["Network", "0.0.0.0/0"],
+            ),
+            (
+                &format!(r#"{{"Network":"fc00::/48",{VX}}}"#),
+                &["Network", "fc00::/48"],
+            ),
+            (
+                &format!(r#"{{"Network":"10.1.0.0",{VX}}}"#),
+                &["Network", "10.1.0.0"],
+            ),
+            (&format!(r#"{{"Network":7,{VX}}}"#), &["Network", "7"]),
+            (
+                &format!(r#"{{"Network":"10.1.0.0/16","SubnetLen":31,{VX}}}"#),
+                &["SubnetLen", "31"],
+            ),
+            (
+                &format!(r#"{{"Network":"10.1.0.0/16","SubnetLen":17,{VX}}}"#),
+                &["SubnetLen", "17"],
+            ),
+            (
+                &format!(r#"{{"Network":"10.1.0.0/16","SubnetLen":-1,{VX}}}"#),
+                &["SubnetLen", "-1"],
+            ),
+            (
+                &format!(r#"{{"Network":"10.1.0.0/16","SubnetLen":24.5,{VX}}}"#),
+                &["SubnetLen", "24.5"],
+            ),
+            (
+                &format!(r#"{{"Network":"10.1.0.0/16","SubnetMin":"10.2.0.0",{VX}}}"#),
+                &["SubnetMin", "10.2.0.0"],
+            ),
+            (
+                &format!(r#"{{"Network":"10.1.0.0/16","SubnetMax":"10.2.0.0",{VX}}}"#),
+                &["SubnetMax", "10.2.0.0"],
+            ),
+            (
+                &format!(r#"{{"Network":"10.1.0.0/16","SubnetMin":"10.1.0.7",{VX}}}"#),
+                &["SubnetMin", "10.1.0.7", "boundary"],
+            ),
+            (
+                &format!(r#"{{"Network":"10.1.0.0/16","SubnetMin":"bogus",{VX}}}"#),
+                &["SubnetMin", "bogus"],
+            ),
+            (
+                &format!(r#"{{"Network":"10.1.0.0/16","EnableIPv4":"yes",{VX}}}"#),
+                &["EnableIPv4", "yes"],
+            ),
+            (
+                &format!(r#"{{"EnableIPv4":false,{VX}}}"#),
+                &["EnableIPv4", "EnableIPv6"],
+            ),
+            (
+                &format!(r#"{{"Network":"10.1.0.0/16","EnableIPv6":true,{VX}}}"#),
+                &["IPv6Network", "missing"],
+            ),
+            (
+                &format!(
+                    r#"{{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6SubnetLen":127,{VX}}}"#
+                ),
+                &["IPv6SubnetLen", "127"],
+            ),
+            (
+                &format!(
+                    r#"{{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/126",{VX}}}"#
+                ),
+                &["IPv6Network", "fc00::/126"],
+            ),
+            (
+                &format!(
+                    r#"{{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6SubnetMin":"fd00::",{VX}}}"#
+                ),
+                &["IPv6SubnetMin", "fd00::"],
+            ),
+            (
+                r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#,
+                &["Backend.VNI", "16777216"],
+            ),
+            (
+                r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","Port":70000}}"#,
+                &["Backend.Port", "70000"],
+            ),
+            (
+                r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","MTU":-5}}"#,
+                &["Backend.MTU", "-5"],
+            ),
+            (
+                r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","GBP":1}}"#,
+                &["Backend.GBP", "1"],
+            ),
+            ("[1]", &["object", "[1]"]),
+            ("{", &["JSON"]),
+        ];
+        for (json, needles) in cases {
+            let msg = err(json);
+            for n in *needles {
+                assert!(
+                    msg.contains(n),
+                    "error for {json} was {msg:?}, expected it to mention {n:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn parse_only_does_not_default() {
+        let cfg = NetworkConfig::parse(&format!(r#"{{"Network":"10.1.0.0/16",{VX}}}"#)).unwrap();
+        assert_eq!(cfg.subnet_len, 0);
+        assert_eq!(cfg.subnet_min, Ipv4Addr::UNSPECIFIED);
+    }
+
+    #[test]
+    fn compatibility() {
+        let cfg = NetworkConfig::parse_and_check(&format!(
+            r#"{{"Network":"10.1.0.0/16","SubnetMax":"10.1.9.0",{VX}}}"#
+        ))
+        .unwrap();
+        assert!(cfg.v4_compatible("10.1.1.0/24".parse().unwrap()));
+        assert!(cfg.v4_compatible("10.1.9.0/24".parse().unwrap()));
+        assert!(!cfg.v4_compatible("10.1.0.0/24".parse().unwrap()));
+        assert!(!cfg.v4_compatible("10.1.10.0/24".parse().unwrap()));
+        assert!(!cfg.v4_compatible("10.1.2.0/25".parse().unwrap()));
+        assert!(cfg.v6_compatible(None));
+        assert!(!cfg.v6_compatible(Some("fc00::/64".parse().unwrap())));
     }
 }

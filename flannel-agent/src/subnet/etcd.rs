@@ -1,1 +1,670 @@
-//! SKELETON: to be written.
+//! The etcd subnet manager: leases live in etcd v3 under `<prefix>/subnets/`, wire-compatible
+//! with upstream flanneld (same keys, same value JSON, same create-if-absent transaction), so
+//! mixed clusters work.
+//!
+//! Deliberate differences from upstream: a lost create race is retried (upstream's retry
+//! never fires), the lease watch resyncs with a fresh snapshot after any disconnect (not only
+//! after compaction), and renewal refuses to resurrect a key someone deleted.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KeyValue, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use futures::stream::BoxStream;
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use rand::seq::IndexedRandom;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{SubnetManager, env_file::PreviousSubnets};
+use crate::{
+    lease::{
+        Lease, LeaseAttrs, LeaseEvent, SubnetId, VxlanBackendData, make_subnet_key,
+        parse_subnet_key,
+    },
+    netconf::{self, NetworkConfig},
+};
+
+mod alloc;
+mod watch;
+
+pub use alloc::{renew_after, renew_retry};
+
+/// Upstream's default `--etcd-prefix`.
+pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
+/// Upstream's default `--etcd-endpoints`.
+pub const DEFAULT_ENDPOINTS: &str = "http://127.0.0.1:4001,http://127.0.0.1:2379";
+/// Upstream's lease TTL.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How often a create that lost a race is retried before giving up.
+const ACQUIRE_ATTEMPTS: u32 = 10;
+
+/// Errors of the etcd subnet manager.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An etcd call failed (connection, auth, gRPC status).
+    #[error("etcd {op}: {source}")]
+    Etcd {
+        /// What was being done.
+        op: String,
+        /// The client's error.
+        source: etcd_client::Error,
+    },
+    /// Reading a TLS file named on the command line failed.
+    #[error("reading {flag} {path}: {source}")]
+    TlsFile {
+        /// The flag that named the file.
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `<prefix>/config` does not exist.
+    #[error(
+        "flannel config not found in etcd store at {key}. Did you create your config using \
+         etcdv3 API?"
+    )]
+    ConfigNotFound {
+        /// The key looked up.
+        key: String,
+    },
+    /// `<prefix>/config` exists but is invalid.
+    #[error("network config at etcd key {key} is invalid: {source}")]
+    Config {
+        /// The key read.
+        key: String,
+        /// Why it is invalid.
+        source: netconf::Error,
+    },
+    /// etcd keys always carry an IPv4 subnet, so an IPv6-only network cannot be leased here.
+    #[error("the etcd subnet manager needs EnableIPv4 (etcd subnet keys always have an IPv4 part)")]
+    Ipv6Only,
+    /// Every subnet in the configured range is taken.
+    #[error("out of subnets: no free /{len} left in {min}..{max} ({family})")]
+    OutOfSubnets {
+        /// `ipv4` or `ipv6`.
+        family: &'static str,
+        /// Prefix length handed out.
+        len: u8,
+        /// `SubnetMin`.
+        min: String,
+        /// `SubnetMax`.
+        max: String,
+    },
+    /// Every attempt to create a key lost a race to another host.
+    #[error(
+        "failed to acquire a lease after {attempts} attempts: other hosts kept taking the chosen subnet"
+    )]
+    AcquireRace {
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// This host's lease key disappeared (expired, deleted, compacted away).
+    #[error("lease {key} has been revoked (expired or deleted)")]
+    LeaseLost {
+        /// The etcd key.
+        key: String,
+    },
+}
+
+impl Error {
+    fn etcd(op: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> Self {
+        let op = op.into();
+        move |source| Self::Etcd { op, source }
+    }
+
+    /// Whether retrying the same call later may succeed (etcd unreachable or busy), as
+    /// opposed to a configuration problem.
+    pub fn is_transient(&self) -> bool {
+        use tonic::Code;
+        match self {
+            // Bad credentials or a malformed request will not fix themselves.
+            Self::Etcd { source, .. } => match source {
+                etcd_client::Error::GRpcStatus(status) => !matches!(
+                    status.code(),
+                    Code::Unauthenticated
+                        | Code::PermissionDenied
+                        | Code::InvalidArgument
+                        | Code::Unimplemented
+                ),
+                etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => false,
+                _ => true,
+            },
+            Self::ConfigNotFound { .. } | Self::AcquireRace { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How to reach etcd and how to lease, from the command line.
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// Endpoint URLs.
+    pub endpoints: Vec<String>,
+    /// Key prefix (`--etcd-prefix`).
+    pub prefix: String,
+    /// `--etcd-keyfile`.
+    pub keyfile: Option<PathBuf>,
+    /// `--etcd-certfile`.
+    pub certfile: Option<PathBuf>,
+    /// `--etcd-cafile`.
+    pub cafile: Option<PathBuf>,
+    /// `--etcd-username`.
+    pub username: Option<String>,
+    /// `--etcd-password`.
+    pub password: Option<String>,
+    /// Lease TTL (24 h upstream).
+    pub ttl: Duration,
+    /// Renew this long before expiry (`--subnet-lease-renew-margin`).
+    pub renew_margin: Duration,
+    /// Subnets from the previous run's `subnet.env`, preferred when free.
+    pub previous: PreviousSubnets,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        Self {
+            endpoints: DEFAULT_ENDPOINTS.split(',').map(str::to_owned).collect(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            keyfile: None,
+            certfile: None,
+            cafile: None,
+            username: None,
+            password: None,
+            ttl: DEFAULT_TTL,
+            renew_margin: Duration::from_secs(3600),
+            previous: PreviousSubnets::default(),
+        }
+    }
+}
+
+/// A lease record read from etcd.
+#[derive(Clone, Debug)]
+struct Record {
+    key: String,
+    lease: Lease,
+    mod_revision: i64,
+    /// The etcd lease the key is attached to; 0 for a reservation (no TTL).
+    etcd_lease: i64,
+}
+
+/// The subnet manager backed by etcd v3.
+#[derive(Clone)]
+pub struct EtcdSubnetManager {
+    client: Client,
+    /// Prefix without trailing `/` (Go `path.Join` semantics).
+    prefix: String,
+    ttl: Duration,
+    renew_margin: Duration,
+    previous: PreviousSubnets,
+}
+
+impl EtcdSubnetManager {
+    /// Connects to etcd. TLS is used only when both a key and a certificate are given
+    /// (upstream); a CA file alone only warns.
+    pub async fn connect(opts: EtcdOptions) -> Result<Self> {
+        // Keep-alives make a silently dead connection fail the watch instead of hanging it.
+        let mut connect = ConnectOptions::new()
+            .with_require_leader(true)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(user) = opts.username.as_deref().filter(|u| !u.is_empty()) {
+            connect = connect.with_user(user, opts.password.clone().unwrap_or_default());
+        }
+        match (&opts.keyfile, &opts.certfile) {
+            (Some(key), Some(cert)) => {
+                let read = |flag, path: &PathBuf| {
+                    std::fs::read(path).map_err(|source| Error::TlsFile {
+                        flag,
+                        path: path.clone(),
+                        source,
+                    })
+                };
+                let mut tls = TlsOptions::new().identity(Identity::from_pem(
+                    read("--etcd-certfile", cert)?,
+                    read("--etcd-keyfile", key)?,
+                ));
+                tls = match &opts.cafile {
+                    Some(ca) => {
+                        tls.ca_certificate(Certificate::from_pem(read("--etcd-cafile", ca)?))
+                    }
+                    None => tls.with_native_roots(),
+                };
+                connect = connect.with_tls(tls);
+            }
+            _ => {
+                if opts.cafile.is_some() || opts.keyfile.is_some() || opts.certfile.is_some() {
+                    warn!(
+                        "TLS needs both --etcd-keyfile and --etcd-certfile; connecting to etcd without TLS"
+                    );
+                }
+            }
+        }
+        let client = Client::connect(&opts.endpoints, Some(connect))
+            .await
+            .map_err(Error::etcd(format!(
+                "connect to {}",
+                opts.endpoints.join(",")
+            )))?;
+        Ok(Self {
+            client,
+            prefix: opts.prefix.trim_end_matches('/').to_owned(),
+            ttl: opts.ttl.max(Duration::from_secs(1)),
+            renew_margin: opts.renew_margin,
+            previous: opts.previous,
+        })
+    }
+
+    /// The etcd key of the network configuration.
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    /// The key prefix all lease keys live under (with trailing `/`).
+    pub fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    /// The etcd key of a lease.
+    pub fn lease_key(&self, subnet: Ipv4Network, ipv6: Option<Ipv6Network>) -> String {
+        format!("{}{}", self.subnets_prefix(), make_subnet_key(subnet, ipv6))
+    }
+
+    async fn read_config(&self) -> Result<NetworkConfig> {
+        let key = self.config_key();
+        let resp = self
+            .client
+            .clone()
+            .get(key.as_str(), None)
+            .await
+            .map_err(Error::etcd(format!("get {key}")))?;
+        let kv = resp
+            .kvs()
+            .first()
+            .ok_or_else(|| Error::ConfigNotFound { key: key.clone() })?;
+        let text = String::from_utf8_lossy(kv.value());
+        NetworkConfig::parse_and_check(&text).map_err(|source| Error::Config { key, source })
+    }
+
+    /// Every readable lease record, every subnet whose key parses (readable or not: a key
+    /// with a bad value still occupies its subnet), and the store revision.
+    async fn list(&self) -> Result<(Vec<Record>, Vec<SubnetId>, i64)> {
+        let prefix = self.subnets_prefix();
+        let resp = self
+            .client
+            .clone()
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(Error::etcd(format!("list {prefix}")))?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut records = Vec::new();
+        let mut used = Vec::new();
+        for kv in resp.kvs() {
+            if let Ok(key) = kv.key_str()
+                && let Ok(id) = parse_subnet_key(key)
+            {
+                used.push(id);
+            }
+            if let Some(lease) = record_lease(kv) {
+                records.push(Record {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    lease,
+                    mod_revision: kv.mod_revision(),
+                    etcd_lease: kv.lease(),
+                });
+            }
+        }
+        Ok((records, used, revision))
+    }
+
+    async fn grant(&self) -> Result<i64> {
+        let resp = self
+            .client
+            .clone()
+            .lease_grant(self.ttl.as_secs() as i64, None)
+            .await
+            .map_err(Error::etcd("lease grant"))?;
+        Ok(resp.id())
+    }
+
+    async fn revoke(&self, id: i64) {
+        if let Err(error) = self.client.clone().lease_revoke(id).await {
+            debug!(lease = id, %error, "revoking an unused etcd lease failed; it will expire");
+        }
+    }
+
+    /// Puts `value` at `key` under a fresh etcd lease if `cmp` holds; `false` if it did not.
+    async fn put_if(&self, key: &str, value: String, cmp: Compare) -> Result<bool> {
+        self.put_if_with(key, value, cmp, true).await
+    }
+
+    /// [`Self::put_if`], optionally without a TTL (re-putting a reservation keeps it one).
+    async fn put_if_with(&self, key: &str, value: String, cmp: Compare, ttl: bool) -> Result<bool> {
+        let id = if ttl { self.grant().await? } else { 0 };
+        let opts = (id != 0).then(|| PutOptions::new().with_lease(id));
+        let txn = Txn::new()
+            .when([cmp])
+            .and_then([TxnOp::put(key, value, opts)]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(Error::etcd(format!("txn put {key}")))?;
+        if !resp.succeeded() && id != 0 {
+            self.revoke(id).await;
+        }
+        Ok(resp.succeeded())
+    }
+
+    /// One acquisition attempt; `None` when another host changed the chosen key first.
+    async fn try_acquire(&self, cfg: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Option<Lease>> {
+        let (records, mut used, _) = self.list().await?;
+        let value = attrs.to_json();
+
+        // 1. Reuse the lease already published for our public IP.
+        if let Some(rec) = records
+            .iter()
+            .find(|r| r.lease.attrs.public_ip == attrs.public_ip)
+        {
+            let compatible =
+                cfg.v4_compatible(rec.lease.subnet) && cfg.v6_compatible(rec.lease.ipv6_subnet);
+            let cmp = Compare::mod_revision(rec.key.as_str(), CompareOp::Equal, rec.mod_revision);
+            if compatible {
+                // A reservation (key without TTL) stays one, as upstream documents.
+                let ttl = rec.etcd_lease != 0;
+                if !self.put_if_with(&rec.key, value, cmp, ttl).await? {
+                    return Ok(None);
+                }
+                info!(key = %rec.key, "reusing the lease already held by this public IP");
+                return Ok(Some(Lease {
+                    attrs: attrs.clone(),
+                    ..rec.lease.clone()
+                }));
+            }
+            warn!(key = %rec.key, "lease of this public IP is incompatible with the network config; deleting it");
+            let txn = Txn::new()
+                .when([cmp])
+                .and_then([TxnOp::delete(rec.key.as_str(), None)]);
+            self.client
+                .clone()
+                .txn(txn)
+                .await
+                .map_err(Error::etcd(format!("delete {}", rec.key)))?;
+            used.retain(|id| *id != rec.lease.id());
+        }
+
+        // 2. The subnet of the previous run, if still free; 3. otherwise a random free one.
+        let (subnet, ipv6_subnet) = self.choose(cfg, &used)?;
+        let key = self.lease_key(subnet, ipv6_subnet);
+        if !self
+            .put_if(
+                &key,
+                value,
+                Compare::version(key.as_str(), CompareOp::Equal, 0),
+            )
+            .await?
+        {
+            return Ok(None);
+        }
+        Ok(Some(Lease {
+            subnet,
+            ipv6_subnet,
+            attrs: attrs.clone(),
+        }))
+    }
+
+    fn choose(
+        &self,
+        cfg: &NetworkConfig,
+        used: &[SubnetId],
+    ) -> Result<(Ipv4Network, Option<Ipv6Network>)> {
+        let used4: Vec<Ipv4Network> = used.iter().map(|(v4, _)| *v4).collect();
+        let used6: Vec<Ipv6Network> = used.iter().filter_map(|(_, v6)| *v6).collect();
+        let v4_free = |sn: Ipv4Network| cfg.v4_compatible(sn) && !overlaps4(sn, &used4);
+        let prev4 = self.previous.subnet.filter(|sn| v4_free(*sn));
+        let prev6 = self
+            .previous
+            .ipv6_subnet
+            .filter(|sn| cfg.v6_compatible(Some(*sn)) && !overlaps6(*sn, &used6));
+        let mut rng = rand::rng();
+        let subnet = match prev4 {
+            Some(sn) => {
+                info!(subnet = %sn, "reusing the subnet of the previous run (from subnet.env)");
+                sn
+            }
+            None => *alloc::free_v4(cfg, &used4, alloc::CANDIDATES)
+                .choose(&mut rng)
+                .ok_or_else(|| Error::OutOfSubnets {
+                    family: "ipv4",
+                    len: cfg.subnet_len,
+                    min: cfg.subnet_min.to_string(),
+                    max: cfg.subnet_max.to_string(),
+                })?,
+        };
+        let ipv6_subnet = if !cfg.enable_ipv6 {
+            None
+        } else if prev4.is_some() && prev6.is_some() {
+            prev6
+        } else {
+            Some(
+                *alloc::free_v6(cfg, &used6, alloc::CANDIDATES)
+                    .choose(&mut rng)
+                    .ok_or_else(|| Error::OutOfSubnets {
+                        family: "ipv6",
+                        len: cfg.ipv6_subnet_len,
+                        min: cfg
+                            .ipv6_subnet_min
+                            .map(|a| a.to_string())
+                            .unwrap_or_default(),
+                        max: cfg
+                            .ipv6_subnet_max
+                            .map(|a| a.to_string())
+                            .unwrap_or_default(),
+                    })?,
+            )
+        };
+        Ok((subnet, ipv6_subnet))
+    }
+
+    /// Renews our lease: a new etcd lease and a re-put (upstream), but only while the key
+    /// still exists, so a deleted lease is noticed instead of silently recreated.
+    async fn renew(&self, lease: &Lease) -> Result<()> {
+        let key = self.lease_key(lease.subnet, lease.ipv6_subnet);
+        let cmp = Compare::version(key.as_str(), CompareOp::Greater, 0);
+        if self.put_if(&key, lease.attrs.to_json(), cmp).await? {
+            debug!(%key, ttl = ?self.ttl, "renewed lease");
+            Ok(())
+        } else {
+            Err(Error::LeaseLost { key })
+        }
+    }
+
+    /// How long our key's etcd lease has left (`None` for a reservation, which never
+    /// expires), or `LeaseLost` when the key is gone.
+    async fn own_ttl(&self, key: &str) -> Result<Option<Duration>> {
+        let mut client = self.client.clone();
+        let resp = client
+            .get(key, None)
+            .await
+            .map_err(Error::etcd(format!("get {key}")))?;
+        let kv = resp.kvs().first().ok_or_else(|| Error::LeaseLost {
+            key: key.to_owned(),
+        })?;
+        if kv.lease() == 0 {
+            return Ok(None);
+        }
+        let ttl = client
+            .lease_time_to_live(kv.lease(), None)
+            .await
+            .map_err(Error::etcd(format!("time-to-live of {key}")))?;
+        Ok(Some(Duration::from_secs(ttl.ttl().max(0) as u64)))
+    }
+
+    async fn complete(&self, lease: &Lease, cancel: CancellationToken) -> Result<()> {
+        let key = self.lease_key(lease.subnet, lease.ipv6_subnet);
+        let retry = renew_retry(self.ttl);
+        let renew_in = renew_after(self.ttl, self.renew_margin);
+        // etcd may be briefly unreachable right now: that is not a lost lease.
+        let mut backoff = watch::Backoff::default();
+        let left = loop {
+            match self.own_ttl(&key).await {
+                Ok(left) => break left,
+                Err(e @ Error::LeaseLost { .. }) => return Err(e),
+                Err(error) => {
+                    warn!(%key, %error, "reading own lease failed; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        };
+        let renewing = left.is_some();
+        // When the current grant leaves less than the margin, renew right away.
+        let mut next_renewal =
+            Instant::now() + left.unwrap_or_default().saturating_sub(self.ttl - renew_in);
+        let mut own_watch = watch::OwnKeyWatch::new(self.client.clone(), key.clone());
+        if renewing {
+            info!(%key, ttl = ?self.ttl, every = ?renew_in, "keeping the lease alive");
+        } else {
+            info!(%key, "lease is a reservation (no TTL); not renewing");
+        }
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = tokio::time::sleep_until(next_renewal.into()), if renewing => {
+                    match self.renew(lease).await {
+                        Ok(()) => next_renewal = Instant::now() + renew_in,
+                        Err(e @ Error::LeaseLost { .. }) => return Err(e),
+                        Err(error) => {
+                            warn!(%key, %error, retry_in = ?retry, "renewing the lease failed");
+                            next_renewal = Instant::now() + retry;
+                        }
+                    }
+                }
+                () = own_watch.deleted() => return Err(Error::LeaseLost { key }),
+            }
+        }
+    }
+}
+
+fn overlaps4(sn: Ipv4Network, used: &[Ipv4Network]) -> bool {
+    used.iter()
+        .any(|u| u.contains(sn.network()) || sn.contains(u.network()))
+}
+
+fn overlaps6(sn: Ipv6Network, used: &[Ipv6Network]) -> bool {
+    used.iter()
+        .any(|u| u.contains(sn.network()) || sn.contains(u.network()))
+}
+
+/// Reads one lease record; malformed ones are logged with their key and skipped.
+fn record_lease(kv: &KeyValue) -> Option<Lease> {
+    let key = String::from_utf8_lossy(kv.key());
+    let (subnet, ipv6_subnet) = match parse_subnet_key(&key) {
+        Ok(id) => id,
+        Err(error) => {
+            warn!(%key, %error, "ignoring bad subnet key");
+            return None;
+        }
+    };
+    let attrs = match LeaseAttrs::from_json(kv.value()) {
+        Ok(a) => a,
+        Err(error) => {
+            warn!(%key, %error, value = %String::from_utf8_lossy(kv.value()), "ignoring malformed lease");
+            return None;
+        }
+    };
+    if attrs.backend_type == "vxlan"
+        && let Err(error) = VxlanBackendData::from_raw(attrs.backend_data.as_deref())
+    {
+        warn!(%key, %error, "ignoring vxlan lease with unusable BackendData");
+        return None;
+    }
+    Some(Lease {
+        subnet,
+        ipv6_subnet,
+        attrs,
+    })
+}
+
+/// The lease a delete event stands for: only the subnet is known.
+fn removed_lease(kv: &KeyValue) -> Option<Lease> {
+    let key = String::from_utf8_lossy(kv.key());
+    match parse_subnet_key(&key) {
+        Ok((subnet, ipv6_subnet)) => Some(Lease {
+            subnet,
+            ipv6_subnet,
+            attrs: LeaseAttrs {
+                public_ip: std::net::Ipv4Addr::UNSPECIFIED,
+                public_ipv6: None,
+                backend_type: String::new(),
+                backend_data: None,
+                backend_v6_data: None,
+            },
+        }),
+        Err(error) => {
+            warn!(%key, %error, "ignoring delete of a bad subnet key");
+            None
+        }
+    }
+}
+
+impl SubnetManager for EtcdSubnetManager {
+    async fn network_config(&self) -> super::Result<NetworkConfig> {
+        Ok(self.read_config().await?)
+    }
+
+    async fn acquire_lease(&self, attrs: &LeaseAttrs) -> super::Result<Lease> {
+        for attempt in 1..=ACQUIRE_ATTEMPTS {
+            let cfg = self.read_config().await?;
+            if !cfg.enable_ipv4 {
+                return Err(Error::Ipv6Only.into());
+            }
+            if let Some(lease) = self.try_acquire(&cfg, attrs).await? {
+                info!(subnet = %lease.subnet, ipv6_subnet = ?lease.ipv6_subnet, key = %lease.key(), "acquired lease");
+                return Ok(lease);
+            }
+            let pause = Duration::from_millis(rand::random_range(10..100) * u64::from(attempt));
+            debug!(
+                attempt,
+                ?pause,
+                "another host took the chosen subnet first; retrying"
+            );
+            tokio::time::sleep(pause).await;
+        }
+        Err(Error::AcquireRace {
+            attempts: ACQUIRE_ATTEMPTS,
+        }
+        .into())
+    }
+
+    fn watch_leases(&self) -> BoxStream<'static, super::Result<LeaseEvent>> {
+        watch::watch_leases(self.clone())
+    }
+
+    async fn complete_lease(&self, lease: &Lease, cancel: CancellationToken) -> super::Result<()> {
+        Ok(self.complete(lease, cancel).await?)
+    }
+}
+
+/// Builds watch options for a prefix from `revision`.
+fn prefix_watch(revision: i64) -> WatchOptions {
+    WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision)
+}
+
+/// Whether a watch event is a deletion.
+fn is_delete(ev: &etcd_client::Event) -> bool {
+    ev.event_type() == EventType::Delete
+}

@@ -21,6 +21,30 @@ pub enum Error {
     /// Anything else, with context.
     #[error("{0}")]
     Other(String),
+    /// The Kubernetes subnet manager failed.
+    #[error(transparent)]
+    Kube(Box<self::kube::Error>),
+    /// The etcd subnet manager failed.
+    #[error(transparent)]
+    Etcd(Box<self::etcd::Error>),
+}
+
+impl Error {
+    /// Whether the same call may succeed later (store unreachable, config not written yet,
+    /// a lost race) rather than a configuration problem that retrying cannot fix.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Etcd(e) => e.is_transient(),
+            Self::Kube(e) => e.is_transient(),
+            Self::Other(_) => false,
+        }
+    }
+}
+
+impl From<self::etcd::Error> for Error {
+    fn from(e: self::etcd::Error) -> Self {
+        Self::Etcd(Box::new(e))
+    }
 }
 
 /// Result of subnet manager operations.

@@ -1,0 +1,207 @@
+//! Watching leases in etcd, robust to disconnects and compaction.
+//!
+//! The lease watch starts from a snapshot and, after **any** interruption (etcd restart,
+//! network error, compaction), takes a fresh snapshot instead of trying to resume: the
+//! snapshot is diffed by the agent's `PeerSet`, so nothing that happened while disconnected
+//! is lost, whatever the server's compaction state.
+
+use std::time::Duration;
+
+use etcd_client::{Client, WatchOptions, WatchStream};
+use futures::{StreamExt, stream::BoxStream};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::{EtcdSubnetManager, is_delete, prefix_watch, record_lease, removed_lease};
+use crate::lease::LeaseEvent;
+
+/// Exponential backoff 100 ms → ×2 → 5 s, as upstream's watch reconnect.
+#[derive(Debug)]
+pub(super) struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    /// The delay to wait now; doubles the next one.
+    pub(super) fn next_delay(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        d
+    }
+
+    /// After a success.
+    pub(super) fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
+type Tx = mpsc::Sender<crate::subnet::Result<LeaseEvent>>;
+
+/// Spawns the watch task; it ends when the returned stream is dropped.
+pub(super) fn watch_leases(
+    mgr: EtcdSubnetManager,
+) -> BoxStream<'static, crate::subnet::Result<LeaseEvent>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(run(mgr, tx));
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) }).boxed()
+}
+
+/// Sleeps `d`; `true` if the receiver went away meanwhile.
+async fn sleep_or_closed(tx: &Tx, d: Duration) -> bool {
+    tokio::select! {
+        () = tx.closed() => true,
+        () = tokio::time::sleep(d) => false,
+    }
+}
+
+async fn run(mgr: EtcdSubnetManager, tx: Tx) {
+    let prefix = mgr.subnets_prefix();
+    let mut backoff = Backoff::default();
+    loop {
+        let listed = tokio::select! {
+            () = tx.closed() => return,
+            r = mgr.list() => r,
+        };
+        let (records, _, revision) = match listed {
+            Ok(l) => l,
+            Err(error) => {
+                warn!(%error, "listing leases failed; retrying");
+                if sleep_or_closed(&tx, backoff.next_delay()).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        debug!(leases = records.len(), revision, "lease snapshot");
+        let snapshot = LeaseEvent::Snapshot(records.into_iter().map(|r| r.lease).collect());
+        if tx.send(Ok(snapshot)).await.is_err() {
+            return;
+        }
+        let mut client = mgr.client.clone();
+        let watched = tokio::select! {
+            () = tx.closed() => return,
+            r = client.watch(prefix.as_str(), Some(prefix_watch(revision + 1))) => r,
+        };
+        match watched {
+            Ok(mut ws) => {
+                if forward(&mut ws, &tx, &mut backoff).await {
+                    return;
+                }
+            }
+            Err(error) => warn!(%error, "starting the lease watch failed; resyncing"),
+        }
+        if sleep_or_closed(&tx, backoff.next_delay()).await {
+            return;
+        }
+    }
+}
+
+/// Forwards watch events until the watch ends; `true` if the receiver went away.
+async fn forward(ws: &mut WatchStream, tx: &Tx, backoff: &mut Backoff) -> bool {
+    loop {
+        let msg = tokio::select! {
+            () = tx.closed() => return true,
+            m = ws.message() => m,
+        };
+        let resp = match msg {
+            Ok(Some(resp)) => resp,
+            Ok(None) => {
+                warn!("lease watch closed by etcd; resyncing");
+                return false;
+            }
+            Err(error) => {
+                warn!(%error, "lease watch failed; resyncing");
+                return false;
+            }
+        };
+        if resp.compact_revision() != 0 || resp.canceled() {
+            warn!(
+                compact_revision = resp.compact_revision(),
+                reason = resp.cancel_reason(),
+                "lease watch cancelled by etcd; resyncing"
+            );
+            return false;
+        }
+        backoff.reset();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let event = if is_delete(ev) {
+                removed_lease(kv).map(LeaseEvent::Removed)
+            } else {
+                record_lease(kv).map(LeaseEvent::Added)
+            };
+            if let Some(event) = event
+                && tx.send(Ok(event)).await.is_err()
+            {
+                return true;
+            }
+        }
+    }
+}
+
+/// Watches this host's own key and reports when it is deleted. Survives disconnects and
+/// compaction by re-reading the key before (re)starting the watch, so a key that expired
+/// while etcd was unreachable is still noticed.
+pub(super) struct OwnKeyWatch {
+    client: Client,
+    key: String,
+    stream: Option<WatchStream>,
+    backoff: Backoff,
+}
+
+impl OwnKeyWatch {
+    pub(super) fn new(client: Client, key: String) -> Self {
+        Self {
+            client,
+            key,
+            stream: None,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Resolves when the key is gone. Cancel-safe (all state lives in `self`), so it can sit
+    /// in a `select!` loop.
+    pub(super) async fn deleted(&mut self) {
+        loop {
+            let Some(ws) = self.stream.as_mut() else {
+                match self.client.get(self.key.as_str(), None).await {
+                    Ok(resp) if resp.kvs().is_empty() => return,
+                    Ok(resp) => {
+                        let rev = resp.header().map_or(0, |h| h.revision());
+                        let opts = WatchOptions::new().with_start_revision(rev + 1);
+                        match self.client.watch(self.key.as_str(), Some(opts)).await {
+                            Ok(ws) => self.stream = Some(ws),
+                            Err(error) => {
+                                warn!(key = %self.key, %error, "watching own lease failed; retrying");
+                                tokio::time::sleep(self.backoff.next_delay()).await;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        warn!(key = %self.key, %error, "reading own lease failed; retrying");
+                        tokio::time::sleep(self.backoff.next_delay()).await;
+                    }
+                }
+                continue;
+            };
+            match ws.message().await {
+                Ok(Some(resp)) if resp.compact_revision() == 0 && !resp.canceled() => {
+                    self.backoff.reset();
+                    if resp.events().iter().any(is_delete) {
+                        return;
+                    }
+                }
+                Ok(Some(_)) | Ok(None) => self.stream = None,
+                Err(error) => {
+                    warn!(key = %self.key, %error, "own lease watch failed; re-reading");
+                    self.stream = None;
+                    tokio::time::sleep(self.backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The real `flanneld` against a real etcd, one agent per host namespace, on the kernel
+//! VXLAN datapath: what lands in etcd and `subnet.env` (wire format), readiness, renewal
+//! with a short TTL, lease loss, SIGTERM semantics (nothing torn down) and subnet reuse
+//! across restarts. Pod-to-pod traffic is covered by `kernel_vxlan.rs`.
+//!
+//! Needs root and a built agent: `cargo build -p flannel-agent --bin flanneld`.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpStream},
+    os::unix::fs::MetadataExt,
+    time::Duration,
+};
+
+use flannel_e2e::{
+    cluster::{Cluster, Node, net_conf},
+    netns::{NetNs, host_ip, wait_until},
+    require_root,
+};
+use ipnetwork::Ipv4Network;
+
+const VXLAN: &str = r#"{"Type":"vxlan"}"#;
+const HEALTHZ: u16 = 9464;
+
+fn vtep_mac(ns: &NetNs) -> String {
+    let out = ns.sh("ip -br link show flannel.1");
+    out.split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("no MAC in {out:?}"))
+        .to_owned()
+}
+
+fn readyz(ns: &NetNs) -> String {
+    ns.enter(|| {
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, HEALTHZ))?;
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        std::io::Result::Ok(out)
+    })
+    .unwrap_or_else(|e| format!("error: {e}"))
+}
+
+fn has_route(node: &Node, subnet: Ipv4Network) -> bool {
+    node.host
+        .ns
+        .sh(&format!("ip route show {subnet}"))
+        .contains("flannel.1")
+}
+
+fn running(node: &mut Node) -> bool {
+    node.agent.as_mut().is_some_and(|a| a.running())
+}
+
+#[test]
+fn agents_publish_upstream_leases_write_subnet_env_and_renew() {
+    if !require_root() {
+        return;
+    }
+    let healthz = format!("--healthz-port={HEALTHZ}");
+    let mut c = Cluster::start(
+        2,
+        &net_conf(VXLAN),
+        &[
+            "--dataplane=kernel",
+            "--healthz-ip=127.0.0.1",
+            &healthz,
+            "--subnet-lease-ttl=4",
+        ],
+    );
+    let mut subnets = Vec::new();
+    for i in 0..c.nodes.len() {
+        let env = c.nodes[i].wait_subnet_env(Duration::from_secs(30));
+        let node = &c.nodes[i];
+        subnets.push(env.subnet);
+
+        // subnet.env: upstream's exact lines and order, mode 0644.
+        let text = std::fs::read_to_string(&node.subnet_file).unwrap();
+        let gw = Ipv4Addr::from(u32::from(env.subnet.ip()) + 1);
+        assert_eq!(
+            text,
+            format!(
+                "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={gw}/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+            )
+        );
+        let mode = std::fs::metadata(&node.subnet_file).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+
+        // The etcd value is byte-for-byte what upstream writes, with this host's device MAC.
+        let value = c
+            .etcd_get(&Cluster::lease_key(env.subnet))
+            .expect("lease key in etcd");
+        let expected = format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+            host_ip(i as u8 + 1),
+            vtep_mac(&node.host.ns)
+        );
+        assert_eq!(value, expected);
+
+        let ready = readyz(&node.host.ns);
+        assert!(
+            ready.starts_with("HTTP/1.1 200") && ready.ends_with("flanneld is ready"),
+            "{ready}"
+        );
+    }
+    assert_ne!(subnets[0], subnets[1]);
+    assert!(
+        wait_until(Duration::from_secs(10), || has_route(
+            &c.nodes[0],
+            subnets[1]
+        ) && has_route(
+            &c.nodes[1],
+            subnets[0]
+        )),
+        "peers not programmed\n{}",
+        c.logs()
+    );
+
+    // A 4 s TTL renewed every 2 s: after three TTLs both leases and routes are still there.
+    std::thread::sleep(Duration::from_secs(12));
+    for sn in &subnets {
+        assert!(
+            c.etcd_get(&Cluster::lease_key(*sn)).is_some(),
+            "lease {sn} expired despite renewal\n{}",
+            c.logs()
+        );
+    }
+    assert!(has_route(&c.nodes[0], subnets[1]) && has_route(&c.nodes[1], subnets[0]));
+}
+
+#[test]
+fn sigterm_keeps_state_restart_reuses_subnet_and_lease_loss_stops_the_agent() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::start(2, &net_conf(VXLAN), &["--dataplane=kernel"]);
+    let first = c.nodes[0].wait_subnet_env(Duration::from_secs(30)).subnet;
+    let peer = c.nodes[1].wait_subnet_env(Duration::from_secs(30)).subnet;
+    assert!(wait_until(Duration::from_secs(10), || has_route(
+        &c.nodes[0],
+        peer
+    )));
+
+    // SIGTERM: clean exit, nothing torn down (lease key, device, peer route all stay).
+    c.nodes[0].stop();
+    assert!(
+        c.nodes[0].log().contains("Exiting cleanly"),
+        "{}",
+        c.nodes[0].log()
+    );
+    assert!(
+        c.etcd_get(&Cluster::lease_key(first)).is_some(),
+        "lease deleted on shutdown"
+    );
+    assert!(
+        has_route(&c.nodes[0], peer),
+        "peer route torn down on shutdown"
+    );
+
+    // Restart: same public IP → same subnet.
+    std::fs::remove_file(&c.nodes[0].subnet_file).unwrap();
+    c.nodes[0].start();
+    assert_eq!(
+        c.nodes[0].wait_subnet_env(Duration::from_secs(30)).subnet,
+        first
+    );
+
+    // Lease gone while stopped (expired): subnet.env remembers it and it is taken again.
+    c.nodes[0].stop();
+    assert_eq!(c.etcd_delete(&Cluster::lease_key(first)), 1);
+    c.nodes[0].start();
+    let deadline_ok = wait_until(Duration::from_secs(30), || {
+        c.etcd_get(&Cluster::lease_key(first)).is_some()
+    });
+    assert!(deadline_ok, "subnet not re-acquired\n{}", c.logs());
+
+    // Lease loss while running: the agent notices, exits, and its peer forgets it.
+    assert!(wait_until(Duration::from_secs(10), || has_route(
+        &c.nodes[0],
+        peer
+    )));
+    assert_eq!(c.etcd_delete(&Cluster::lease_key(peer)), 1);
+    let node1 = &mut c.nodes[1];
+    assert!(
+        wait_until(Duration::from_secs(15), || !running(node1)),
+        "agent kept running without its lease\n{}",
+        node1.log()
+    );
+    let log = c.nodes[1].log();
+    assert!(
+        log.contains("lease lost") && log.contains("Exiting cleanly"),
+        "{log}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !has_route(&c.nodes[0], peer)),
+        "route to the departed host stays\n{}",
+        c.logs()
+    );
+}
+
+/// A bpffs directory for one test's pins, removed on drop (the agent deliberately leaves
+/// its pins behind on exit, like every other piece of kernel state).
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn dataplane_auto_comes_up_either_way() {
+    if !require_root() {
+        return;
+    }
+    let pins = PinDir(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}-auto",
+        flannel_e2e::netns::unique_tag()
+    )));
+    let pin_arg = format!("--bpf-pin-path={}", pins.0.display());
+    // Declared after `pins`: the cluster (agents, namespaces) goes first, then the pins.
+    let mut c = Cluster::start(1, &net_conf(VXLAN), &[&pin_arg]);
+    let env = c.nodes[0].wait_subnet_env(Duration::from_secs(30));
+    assert!(c.etcd_get(&Cluster::lease_key(env.subnet)).is_some());
+    let log = c.nodes[0].log();
+    if let Some(line) = log.lines().find(|l| l.contains("VXLAN datapath")) {
+        eprintln!("datapath chosen: {line}");
+    }
+    assert!(
+        log.contains("using the eBPF VXLAN datapath")
+            || log.contains("falling back to the kernel VXLAN datapath"),
+        "{log}"
+    );
+    c.nodes[0].stop();
+}
+
+#[test]
+fn etcd_outage_keeps_datapath_and_watch_resumes() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::start(2, &net_conf(VXLAN), &["--dataplane=kernel"]);
+    let a = c.nodes[0].wait_subnet_env(Duration::from_secs(30)).subnet;
+    let b = c.nodes[1].wait_subnet_env(Duration::from_secs(30)).subnet;
+    assert!(wait_until(Duration::from_secs(10), || has_route(
+        &c.nodes[0],
+        b
+    ) && has_route(
+        &c.nodes[1],
+        a
+    )));
+
+    // etcd down: agents keep running, kernel state untouched.
+    c.etcd.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        running(&mut c.nodes[0]) && running(&mut c.nodes[1]),
+        "{}",
+        c.logs()
+    );
+    assert!(has_route(&c.nodes[0], b) && has_route(&c.nodes[1], a));
+
+    // etcd back: the lease watch reconnects (resync), so a change made now is seen.
+    c.etcd.restart().expect("restart etcd");
+    assert_eq!(c.etcd_delete(&Cluster::lease_key(b)), 1);
+    assert!(
+        wait_until(Duration::from_secs(20), || !has_route(&c.nodes[0], b)),
+        "watch did not resume after the outage\n{}",
+        c.logs()
+    );
+    let node1 = &mut c.nodes[1];
+    assert!(
+        wait_until(Duration::from_secs(20), || !running(node1)),
+        "agent kept running without its lease\n{}",
+        node1.log()
+    );
+    assert!(running(&mut c.nodes[0]), "{}", c.logs());
+}
