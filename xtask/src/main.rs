@@ -37,6 +37,14 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The main job: a three-host cluster in network namespaces with a local etcd, two
+    /// hosts on eBPF and one on the kernel fallback, pods on each; prints the connectivity
+    /// matrix and the peers with their counters; tears everything down on exit or Ctrl-C.
+    Demo {
+        /// Arguments for the demo (`--no-wait` exits right after printing).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Side-by-side datapath benchmark: eBPF VXLAN, kernel VXLAN, host-gw and the bare
     /// underlay, interleaved rounds, medians and ratios.
     Bench {
@@ -71,6 +79,12 @@ fn main() -> Result<()> {
         Command::Test { args } => {
             setup::run()?;
             test(&args)
+        }
+        Command::Demo { args } => {
+            setup::run()?;
+            util::cargo(&["build", "--bins"])?;
+            util::cargo(&["build", "-p", "flannel-e2e", "--bin", "demo"])?;
+            util::exec(&root.join("target/debug/demo"), &args)
         }
         Command::Bench { args } => {
             setup::run()?;
