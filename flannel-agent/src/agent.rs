@@ -298,16 +298,16 @@ async fn build_backend(plan: Plan, ext: &ExternalInterface, cli: &Cli) -> Result
                 .await
                 .map_err(err("vxlan"))?,
         )),
-        Plan::Ebpf(vx) => Ok(AnyBackend::Ebpf(
+        Plan::Ebpf(vx) => Ok(AnyBackend::Ebpf(Box::new(
             backend::ebpf::EbpfVxlan::new(ext.clone(), vx, pins)
                 .await
                 .map_err(err("ebpf-vxlan"))?,
-        )),
+        ))),
         Plan::EbpfOrKernel(vx) => {
             match backend::ebpf::EbpfVxlan::new(ext.clone(), vx.clone(), pins).await {
                 Ok(b) => {
                     info!("using the eBPF VXLAN datapath");
-                    Ok(AnyBackend::Ebpf(b))
+                    Ok(AnyBackend::Ebpf(Box::new(b)))
                 }
                 Err(reason) => {
                     warn!(%reason, "eBPF VXLAN datapath unavailable; falling back to the kernel VXLAN datapath");

@@ -77,8 +77,8 @@ pub trait Backend: Send {
 
 /// The backend this host runs, chosen once at start-up (a closed set: no registry).
 pub enum AnyBackend {
-    /// eBPF VXLAN on top of the kernel VXLAN device.
-    Ebpf(ebpf::EbpfVxlan),
+    /// eBPF VXLAN on top of the kernel VXLAN device (boxed: it carries the loaded maps).
+    Ebpf(Box<ebpf::EbpfVxlan>),
     /// Kernel VXLAN device only.
     Vxlan(vxlan::KernelVxlan),
     /// Plain routes via peers' public IPs.
