@@ -107,7 +107,16 @@ pub struct TrafficRules {
 /// the background. Upstream exits when the first installation fails, and so do we.
 async fn install_traffic_rules(rules: &TrafficRules, cancel: &CancellationToken) -> Result<()> {
     if rules.blackhole_route {
-        warn!("--ip-blackhole-route is not supported by this implementation; ignoring it");
+        match rules.subnet {
+            Some(subnet) => {
+                tokio::spawn(crate::net::blackhole::run(
+                    subnet,
+                    rules.resync,
+                    cancel.child_token(),
+                ));
+            }
+            None => warn!("--ip-blackhole-route covers IPv4 subnets only; ignoring it"),
+        }
     }
     if (rules.ip_masq || rules.forward_rules) && rules.ipv6_network.is_some() {
         warn!(
