@@ -388,6 +388,44 @@ impl Cluster {
         })
     }
 
+    /// Every pod of every host with its address.
+    pub fn pods(&self) -> Vec<(&NetNs, Ipv4Addr)> {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.host.pods.iter().map(|p| (&p.ns, p.ip)))
+            .collect()
+    }
+
+    /// Wait until every pod answers a ping from every pod (agents program peers as their
+    /// leases appear, so the first rounds may race them); panics with the logs otherwise.
+    pub fn assert_all_pods_reach_each_other(&self) {
+        let pods = self.pods();
+        for (from, _) in &pods {
+            for (_, to) in &pods {
+                let ok = wait_until(Duration::from_secs(15), || {
+                    from.run(&format!("ping -c 1 -W 1 {to}")).status.success()
+                });
+                assert!(ok, "{} cannot reach {to}\n{}", from.name(), self.logs());
+            }
+        }
+    }
+
+    /// iperf3 for `seconds` from host `from`'s first pod to host `to`'s first pod (0-based
+    /// host indices); bytes received.
+    pub fn iperf(&self, from: usize, to: usize, seconds: u32) -> u64 {
+        let server = &self.nodes[to].host.pods[0];
+        let _srv = server
+            .ns
+            .spawn("iperf3", &["-s", "-1", "-B", &server.ip.to_string()]);
+        std::thread::sleep(Duration::from_millis(300));
+        let out = self.nodes[from].host.pods[0].ns.sh(&format!(
+            "iperf3 -c {} -t {seconds} -J --connect-timeout 3000",
+            server.ip
+        ));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+        v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0)
+    }
+
     /// Every agent's log, for failure messages.
     pub fn logs(&self) -> String {
         self.nodes

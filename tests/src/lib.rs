@@ -1,6 +1,12 @@
 //! Harness for flannel's privileged end-to-end tests: namespaces, etcd, agents, traffic.
 //! Every resource a test creates is owned by a guard whose `Drop` removes it.
 
+pub mod cluster;
+pub mod etcd;
+pub mod kube_api;
+pub mod netns;
+pub mod twohost;
+
 /// Whether privileged tests can run. Not root: prints why and returns `false`, so the test
 /// returns early — unless `FLANNEL_TEST_PRIVILEGED=1` (CI, `cargo xtask test`), where a
 /// skip would hide a failure, so it panics instead.

@@ -13,7 +13,7 @@ use std::{
 use flannel_agent::backend::ebpf::{PinLayout, open_pinned};
 use flannel_e2e::{
     cluster::{Cluster, net_conf},
-    netns::{NetNs, wait_until},
+    netns::wait_until,
     require_root,
 };
 use ipnetwork::Ipv4Network;
@@ -51,37 +51,6 @@ impl Drop for Pins {
     }
 }
 
-fn all_pods_reach_each_other(c: &Cluster) {
-    let pods: Vec<(&NetNs, Ipv4Addr)> = c
-        .nodes
-        .iter()
-        .flat_map(|n| n.host.pods.iter().map(|p| (&p.ns, p.ip)))
-        .collect();
-    for (from, _) in &pods {
-        for (_, to) in &pods {
-            let ok = wait_until(Duration::from_secs(15), || {
-                from.run(&format!("ping -c 1 -W 1 {to}")).status.success()
-            });
-            assert!(ok, "{} cannot reach {to}\n{}", from.name(), c.logs());
-        }
-    }
-}
-
-/// iperf3 from host `from`'s first pod to host `to`'s first pod; bytes received.
-fn iperf(c: &Cluster, from: usize, to: usize, seconds: u32) -> u64 {
-    let server = &c.nodes[to].host.pods[0];
-    let _srv = server
-        .ns
-        .spawn("iperf3", &["-s", "-1", "-B", &server.ip.to_string()]);
-    std::thread::sleep(Duration::from_millis(300));
-    let out = c.nodes[from].host.pods[0].ns.sh(&format!(
-        "iperf3 -c {} -t {seconds} -J --connect-timeout 3000",
-        server.ip
-    ));
-    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
-    v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0)
-}
-
 /// The routes map of a host: subnet → peer underlay.
 fn routes(pins: &Pins, host: u8) -> Vec<(Ipv4Network, Ipv4Addr)> {
     let dp = open_pinned(&pins.layout(host)).expect("open pinned maps");
@@ -106,11 +75,11 @@ fn mixed_cluster_of_ebpf_and_kernel_vxlan_hosts() {
         }
     });
     let envs = c.add_pods(1);
-    all_pods_reach_each_other(&c);
+    c.assert_all_pods_reach_each_other();
 
     // Both directions between an eBPF host and the kernel host, and between eBPF hosts.
     for (from, to) in [(0, 2), (2, 0), (0, 1), (1, 0)] {
-        let bytes = iperf(&c, from, to, 2);
+        let bytes = c.iperf(from, to, 2);
         assert!(
             bytes > 10 * 1024 * 1024,
             "host {from} → host {to}: only {bytes} bytes"
@@ -163,7 +132,7 @@ fn sigkilled_agent_under_load_resets_no_connection_and_reconciles_its_maps() {
         vec!["--dataplane=ebpf".into(), pins.arg(i)]
     });
     let envs = c.add_pods(1);
-    all_pods_reach_each_other(&c);
+    c.assert_all_pods_reach_each_other();
 
     // A long transfer from host 1's pod; host 1's agent dies in the middle of it.
     let server = &c.nodes[1].host.pods[0];
@@ -241,7 +210,7 @@ fn auto_falls_back_to_kernel_vxlan_and_says_why_while_ebpf_refuses() {
         vec!["--dataplane=auto".into(), pin_arg.clone()]
     });
     c.add_pods(1);
-    all_pods_reach_each_other(&c);
+    c.assert_all_pods_reach_each_other();
     let log = c.nodes[0].log();
     assert!(
         log.contains("no bpffs mounted"),
@@ -282,7 +251,7 @@ fn vxlan_from_an_address_without_a_lease_is_dropped_counted_and_logged() {
         ]
     });
     c.add_pods(1);
-    all_pods_reach_each_other(&c);
+    c.assert_all_pods_reach_each_other();
     let stranger = c.underlay.attach("x", Ipv4Addr::new(198, 18, 1, 66), 1500);
     let target = c.nodes[0].host.pods[0].ip;
     stranger.enter(move || {

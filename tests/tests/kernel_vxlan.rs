@@ -12,32 +12,11 @@ use std::{
 
 use flannel_e2e::{
     cluster::{Cluster, net_conf},
-    netns::{NetNs, connect_from, kernel_state, listen_in, seen_source, wait_until},
+    netns::{connect_from, kernel_state, listen_in, seen_source, wait_until},
     require_root,
 };
 
 const VXLAN: &str = r#"{"Type":"vxlan"}"#;
-
-fn pods(c: &Cluster) -> Vec<(&NetNs, Ipv4Addr)> {
-    c.nodes
-        .iter()
-        .flat_map(|n| n.host.pods.iter().map(|p| (&p.ns, p.ip)))
-        .collect()
-}
-
-/// Wait until every pod answers a ping from every pod (the agents program peers as their
-/// leases appear, so the first rounds may race them).
-fn all_pods_reach_each_other(c: &Cluster) {
-    let pods = pods(c);
-    for (from, _) in &pods {
-        for (_, to) in &pods {
-            let ok = wait_until(Duration::from_secs(15), || {
-                from.run(&format!("ping -c 1 -W 1 {to}")).status.success()
-            });
-            assert!(ok, "{} cannot reach {to}\n{}", from.name(), c.logs());
-        }
-    }
-}
 
 #[test]
 fn kernel_vxlan_agents_connect_every_pod_and_forget_departed_hosts() {
@@ -50,20 +29,10 @@ fn kernel_vxlan_agents_connect_every_pod_and_forget_departed_hosts() {
         assert_eq!(e.mtu, 1450);
         assert_eq!(e.network.to_string(), "10.244.0.0/16");
     }
-    all_pods_reach_each_other(&c);
+    c.assert_all_pods_reach_each_other();
 
     // Bulk TCP across hosts.
-    let server = &c.nodes[2].host.pods[0];
-    let _srv = server
-        .ns
-        .spawn("iperf3", &["-s", "-1", "-B", &server.ip.to_string()]);
-    std::thread::sleep(Duration::from_millis(300));
-    let out = c.nodes[0].host.pods[0].ns.sh(&format!(
-        "iperf3 -c {} -t 2 -J --connect-timeout 3000",
-        server.ip
-    ));
-    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
-    let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    let bytes = c.iperf(0, 2, 2);
     assert!(bytes >= 10 * 1024 * 1024, "only {bytes} bytes crossed");
 
     // MTU: 1422 bytes of ICMP payload + 28 = the pod MTU, DF, crosses; a pod with a larger
@@ -123,7 +92,7 @@ fn kernel_vxlan_agent_restart_keeps_connections_and_kernel_state() {
     }
     let mut c = Cluster::start(2, &net_conf(VXLAN), &["--dataplane=kernel"]);
     c.add_pods(1);
-    all_pods_reach_each_other(&c);
+    c.assert_all_pods_reach_each_other();
     let (a, b) = (&c.nodes[0].host.pods[0], &c.nodes[1].host.pods[0]);
     let listener = listen_in(&b.ns, b.ip, 9000);
     let mut client = connect_from(&a.ns, b.ip, 9000).expect("connect");
@@ -175,7 +144,7 @@ fn kernel_vxlan_ip_masq_rewrites_only_traffic_leaving_the_cluster() {
     let outside = c.underlay.attach("out", outside_ip, 1500);
     let envs = c.add_pods(1);
     assert!(envs.iter().all(|e| e.ipmasq), "FLANNEL_IPMASQ not true");
-    all_pods_reach_each_other(&c);
+    c.assert_all_pods_reach_each_other();
     let (a, b) = (&c.nodes[0].host.pods[0], &c.nodes[1].host.pods[0]);
     let out_listener = listen_in(&outside, outside_ip, 8080);
     let pod_listener = listen_in(&b.ns, b.ip, 8080);
@@ -202,7 +171,7 @@ fn kernel_vxlan_ip_masq_with_nftables() {
     let outside_ip = Ipv4Addr::new(198, 18, 1, 1);
     let outside = c.underlay.attach("out", outside_ip, 1500);
     c.add_pods(1);
-    all_pods_reach_each_other(&c);
+    c.assert_all_pods_reach_each_other();
     let h1 = &c.nodes[0].host.ns;
     let table = h1.sh("nft list table ip flannel-ipv4");
     assert!(

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `flannel` CNI plugin binary; all logic lives in [`flannel_agent::cni`].
+
+fn main() -> std::process::ExitCode {
+    flannel_agent::cni::main()
+}

@@ -1,1 +1,400 @@
-//! SKELETON: the flannel CNI plugin.
+//! The `flannel` CNI plugin: a meta-plugin that turns flanneld's `subnet.env` into a
+//! `bridge` + `host-local` configuration and delegates to those plugins, as upstream's
+//! `flannel-io/cni-plugin` does (spec §10). The runtime talks to it through `CNI_*`
+//! environment variables, the netconf on stdin, and a result or error JSON on stdout.
+
+pub mod config;
+pub mod delegate;
+
+use std::io::{Read as _, Write as _};
+
+use serde_json::{Value, json};
+
+use self::{
+    config::{ConfigError, NetConf, SubnetEnv, render_delegate},
+    delegate::DelegateError,
+};
+
+/// CNI versions this plugin accepts (all that exist up to 1.0.0, like upstream's
+/// `version.All`).
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+
+/// The newest supported version, used when the input names none.
+pub const CURRENT_VERSION: &str = "1.0.0";
+
+/// CNI error codes (CNI spec, "Error" section).
+pub mod code {
+    /// Incompatible CNI version.
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    /// Invalid necessary environment variables.
+    pub const INVALID_ENV: u32 = 4;
+    /// Failed to decode content.
+    pub const DECODE: u32 = 6;
+    /// Invalid network config.
+    pub const INVALID_CONFIG: u32 = 7;
+    /// Try again later (flanneld has not written `subnet.env` yet).
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    /// Anything else (libcni's `ErrInternal`).
+    pub const INTERNAL: u32 = 999;
+}
+
+/// A CNI error result: printed as `{"cniVersion","code","msg","details"}` on stdout.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{msg}")]
+pub struct CniError {
+    /// CNI error code.
+    pub code: u32,
+    /// Short message.
+    pub msg: String,
+    /// Longer explanation.
+    pub details: String,
+}
+
+impl CniError {
+    fn new(code: u32, msg: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
+    }
+
+    /// The JSON the runtime reads.
+    pub fn to_json(&self, cni_version: &str) -> Value {
+        json!({
+            "cniVersion": cni_version,
+            "code": self.code,
+            "msg": self.msg,
+            "details": self.details,
+        })
+    }
+}
+
+impl From<ConfigError> for CniError {
+    fn from(e: ConfigError) -> Self {
+        let code = match &e {
+            ConfigError::Decode(_) => code::DECODE,
+            ConfigError::Delegate(_) => code::INVALID_CONFIG,
+            ConfigError::ReadSubnetEnv { source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                code::TRY_AGAIN_LATER
+            }
+            _ => code::INTERNAL,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+impl From<DelegateError> for CniError {
+    fn from(e: DelegateError) -> Self {
+        // Pass the delegate's own error through (libcni does the same).
+        if let DelegateError::Failed { stdout, .. } = &e
+            && let Ok(v) = serde_json::from_slice::<Value>(stdout)
+            && let Some(code) = v.get("code").and_then(Value::as_u64)
+        {
+            let text = |k| {
+                v.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            return Self {
+                code: u32::try_from(code).unwrap_or(code::INTERNAL),
+                msg: format!("failed to delegate: {}", text("msg")),
+                details: text("details"),
+            };
+        }
+        Self::new(code::INTERNAL, e.to_string())
+    }
+}
+
+/// The `CNI_*` environment of one invocation.
+#[derive(Clone, Debug, Default)]
+pub struct CniEnv {
+    /// `CNI_COMMAND`.
+    pub command: String,
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_NETNS`.
+    pub netns: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// `CNI_PATH`.
+    pub path: String,
+}
+
+impl CniEnv {
+    /// Reads the process environment.
+    pub fn from_process() -> Self {
+        let var = |k| std::env::var(k).unwrap_or_default();
+        Self {
+            command: var("CNI_COMMAND"),
+            container_id: var("CNI_CONTAINERID"),
+            netns: var("CNI_NETNS"),
+            ifname: var("CNI_IFNAME"),
+            path: var("CNI_PATH"),
+        }
+    }
+
+    fn require(&self, netns: bool) -> Result<(), CniError> {
+        let mut missing = Vec::new();
+        for (name, value, needed) in [
+            ("CNI_CONTAINERID", &self.container_id, true),
+            ("CNI_NETNS", &self.netns, netns),
+            ("CNI_IFNAME", &self.ifname, true),
+            ("CNI_PATH", &self.path, true),
+        ] {
+            if needed && value.is_empty() {
+                missing.push(name);
+            }
+        }
+        if !missing.is_empty() {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("required env variables [{}] missing", missing.join(",")),
+            ));
+        }
+        // The container ID names a file in dataDir: refuse anything path-like.
+        let id_ok = self
+            .container_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            && !self.container_id.starts_with('.');
+        if !id_ok {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("invalid CNI_CONTAINERID {:?}", self.container_id),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn version_key(v: &str) -> Option<(u32, u32, u32)> {
+    let mut it = v.split('.').map(str::parse::<u32>);
+    match (it.next(), it.next(), it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b)), Some(Ok(c)), None) => Some((a, b, c)),
+        _ => None,
+    }
+}
+
+/// The config's version, checked against [`SUPPORTED_VERSIONS`]; empty means 0.1.0 (libcni).
+fn check_version(v: &str) -> Result<&str, CniError> {
+    let v = if v.is_empty() { "0.1.0" } else { v };
+    if SUPPORTED_VERSIONS.contains(&v) {
+        Ok(v)
+    } else {
+        Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "incompatible CNI versions; config is {v:?}, plugin supports {SUPPORTED_VERSIONS:?}"
+            ),
+        ))
+    }
+}
+
+/// Runs one CNI command; returns what goes to stdout on success.
+pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
+    match env.command.as_str() {
+        "VERSION" => Ok(version_info(stdin)),
+        "ADD" => cmd_add(env, stdin),
+        "DEL" => cmd_del(env, stdin),
+        "CHECK" => cmd_check(env, stdin),
+        "" => Err(CniError::new(
+            code::INVALID_ENV,
+            "required env variables [CNI_COMMAND] missing",
+        )),
+        other => Err(CniError::new(
+            code::INVALID_ENV,
+            format!("unknown CNI_COMMAND: {other}"),
+        )),
+    }
+}
+
+fn version_info(stdin: &[u8]) -> Vec<u8> {
+    let asked = serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| CURRENT_VERSION.to_owned());
+    let out = json!({ "cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS });
+    serde_json::to_vec(&out).expect("JSON values serialise")
+}
+
+fn cmd_add(env: &CniEnv, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
+    env.require(true)?;
+    let conf = NetConf::parse(stdin)?;
+    check_version(&conf.cni_version)?;
+    let subnet_env = SubnetEnv::read(&conf.subnet_file)?;
+    let rendered = render_delegate(&conf, &subnet_env);
+    let plugin = rendered
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("bridge")
+        .to_owned();
+    let bytes = serde_json::to_vec(&rendered).expect("JSON values serialise");
+    delegate::save(&conf.data_dir, &env.container_id, &bytes)?;
+    let path = delegate::find_plugin(&plugin, &env.path)?;
+    Ok(delegate::invoke(&path, "ADD", &bytes)?)
+}
+
+/// The delegate type recorded in a stored config.
+fn stored_type(bytes: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    v.get("type")?.as_str().map(str::to_owned)
+}
+
+fn cmd_del(env: &CniEnv, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
+    env.require(false)?;
+    let conf = NetConf::parse(stdin)?;
+    check_version(&conf.cni_version)?;
+    let Some(bytes) = delegate::load(&conf.data_dir, &env.container_id)? else {
+        // Never added, or already deleted: DEL must succeed.
+        return Ok(Vec::new());
+    };
+    let Some(plugin) = stored_type(&bytes) else {
+        // Upstream's choice: log and succeed, so the runtime does not retry forever.
+        eprintln!(
+            "flannel: stored config {} is unreadable; interface may leak until reboot",
+            delegate::scratch_path(&conf.data_dir, &env.container_id).display()
+        );
+        return Ok(Vec::new());
+    };
+    let path = delegate::find_plugin(&plugin, &env.path)?;
+    delegate::invoke(&path, "DEL", &bytes)?;
+    delegate::remove(&conf.data_dir, &env.container_id)?;
+    Ok(Vec::new())
+}
+
+/// CHECK confirms flannel set this container up (its delegate config is stored) and that
+/// the config version allows CHECK. It does not ask the delegate: Debian's/upstream's
+/// `bridge` CHECK rejects host-local routes without a gateway (`Expected Route
+/// {Dst:10.244.0.0/16 GW:<nil>} not found`), which every flannel config has, so delegating
+/// would fail healthy pods. Upstream flannel answers CHECK with success unconditionally.
+fn cmd_check(env: &CniEnv, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
+    env.require(true)?;
+    let conf = NetConf::parse(stdin)?;
+    let version = check_version(&conf.cni_version)?;
+    if version_key(version) < Some((0, 4, 0)) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!("config version {version:?} does not allow CHECK"),
+        ));
+    }
+    let Some(bytes) = delegate::load(&conf.data_dir, &env.container_id)? else {
+        return Err(CniError::new(
+            code::INTERNAL,
+            format!(
+                "flannel set up no network for container {}",
+                env.container_id
+            ),
+        ));
+    };
+    if stored_type(&bytes).is_none() {
+        return Err(CniError::new(
+            code::DECODE,
+            format!(
+                "stored delegate config {} is unreadable",
+                delegate::scratch_path(&conf.data_dir, &env.container_id).display()
+            ),
+        ));
+    }
+    Ok(Vec::new())
+}
+
+/// The plugin binary's whole life: read env and stdin, run, print, exit 0 or 1.
+pub fn main() -> std::process::ExitCode {
+    let env = CniEnv::from_process();
+    let mut stdin = Vec::new();
+    let read = std::io::stdin().read_to_end(&mut stdin);
+    let version = serde_json::from_slice::<Value>(&stdin)
+        .ok()
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| CURRENT_VERSION.to_owned());
+    let result = match read {
+        Ok(_) => run(&env, &stdin),
+        Err(e) => Err(CniError::new(code::DECODE, format!("reading stdin: {e}"))),
+    };
+    let mut out = std::io::stdout().lock();
+    match result {
+        Ok(bytes) => {
+            if out.write_all(&bytes).and_then(|()| out.flush()).is_err() {
+                return std::process::ExitCode::FAILURE;
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let json = serde_json::to_vec(&e.to_json(&version)).expect("JSON values serialise");
+            // Nothing else can be done if stdout is gone; the exit code still says failure.
+            let _ = out.write_all(&json).and_then(|()| out.flush());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_answers_all_supported() {
+        let out: Value =
+            serde_json::from_slice(&version_info(br#"{"cniVersion":"0.4.0"}"#)).unwrap();
+        assert_eq!(out["cniVersion"], "0.4.0");
+        assert_eq!(out["supportedVersions"].as_array().unwrap().len(), 6);
+        let out: Value = serde_json::from_slice(&version_info(b"")).unwrap();
+        assert_eq!(out["cniVersion"], "1.0.0");
+    }
+
+    #[test]
+    fn env_and_version_errors_have_cni_codes() {
+        let env = CniEnv {
+            command: "ADD".into(),
+            ..Default::default()
+        };
+        let e = run(&env, b"{}").unwrap_err();
+        assert_eq!(e.code, code::INVALID_ENV);
+        assert!(e.msg.contains("CNI_CONTAINERID"), "{}", e.msg);
+        let env = CniEnv {
+            command: "ADD".into(),
+            container_id: "../../etc".into(),
+            netns: "/var/run/netns/x".into(),
+            ifname: "eth0".into(),
+            path: "/usr/lib/cni".into(),
+        };
+        assert_eq!(run(&env, b"{}").unwrap_err().code, code::INVALID_ENV);
+        assert_eq!(
+            check_version("9.9.9").unwrap_err().code,
+            code::INCOMPATIBLE_VERSION
+        );
+        assert_eq!(check_version("").unwrap(), "0.1.0");
+        let bogus = CniEnv {
+            command: "FROB".into(),
+            ..Default::default()
+        };
+        assert_eq!(run(&bogus, b"{}").unwrap_err().code, code::INVALID_ENV);
+    }
+
+    #[test]
+    fn delegate_error_passes_through() {
+        let e = DelegateError::Failed {
+            path: "/usr/lib/cni/bridge".into(),
+            status: std::os::unix::process::ExitStatusExt::from_raw(256),
+            stdout: br#"{"code":11,"msg":"busy","details":"d"}"#.to_vec(),
+        };
+        let c = CniError::from(e);
+        assert_eq!(c.code, 11);
+        assert_eq!(c.details, "d");
+        assert!(c.msg.contains("busy"));
+    }
+}

@@ -1,0 +1,203 @@
+//! Running the delegate plugin and remembering what it was given.
+//!
+//! The rendered delegate config is stored per container before ADD, so DEL can hand the
+//! delegate exactly what ADD did even if `subnet.env` has changed or vanished since.
+
+use std::{
+    io::Write as _,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+/// Why the delegate could not be run or said no.
+#[derive(Debug, thiserror::Error)]
+pub enum DelegateError {
+    /// No executable of that name in `CNI_PATH`.
+    #[error("failed to find plugin {plugin:?} in path {cni_path:?}")]
+    NotFound {
+        /// Plugin type.
+        plugin: String,
+        /// `CNI_PATH`.
+        cni_path: String,
+    },
+    /// Spawning or talking to the delegate failed.
+    #[error("running plugin {}: {source}", path.display())]
+    Exec {
+        /// The executable.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The delegate exited non-zero; `stdout` normally holds its CNI error JSON.
+    #[error("plugin {} failed ({status}): {}", path.display(), String::from_utf8_lossy(stdout).trim())]
+    Failed {
+        /// The executable.
+        path: PathBuf,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed.
+        stdout: Vec<u8>,
+    },
+    /// The scratch store could not be read or written.
+    #[error("{op} {}: {source}", path.display())]
+    Store {
+        /// What was attempted.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Finds plugin `plugin` in the colon-separated `cni_path`, like libcni's `FindInPath`.
+pub fn find_plugin(plugin: &str, cni_path: &str) -> Result<PathBuf, DelegateError> {
+    let not_found = || DelegateError::NotFound {
+        plugin: plugin.to_owned(),
+        cni_path: cni_path.to_owned(),
+    };
+    if plugin.is_empty() || plugin.contains('/') {
+        return Err(not_found());
+    }
+    cni_path
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(plugin))
+        .find(|p| p.is_file())
+        .ok_or_else(not_found)
+}
+
+/// Runs the delegate with `command` (our environment otherwise, as libcni's `invoke` does)
+/// and `config` on stdin; returns its stdout.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "CNI delegates by exec, per the CNI spec"
+)]
+pub fn invoke(path: &Path, command: &str, config: &[u8]) -> Result<Vec<u8>, DelegateError> {
+    let exec = |source| DelegateError::Exec {
+        path: path.to_owned(),
+        source,
+    };
+    let mut child = Command::new(path)
+        .env("CNI_COMMAND", command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(exec)?;
+    let mut stdin = child.stdin.take().expect("stdin was piped");
+    // A delegate that exits without reading gives EPIPE here; its exit status tells more.
+    let written = stdin.write_all(config);
+    drop(stdin);
+    let out = child.wait_with_output().map_err(exec)?;
+    if !out.status.success() {
+        return Err(DelegateError::Failed {
+            path: path.to_owned(),
+            status: out.status,
+            stdout: out.stdout,
+        });
+    }
+    written.map_err(exec)?;
+    Ok(out.stdout)
+}
+
+/// Where the rendered config of `container_id` lives.
+pub fn scratch_path(data_dir: &Path, container_id: &str) -> PathBuf {
+    data_dir.join(container_id)
+}
+
+/// Stores the rendered config (dir 0700, file 0600, fsynced) before ADD.
+pub fn save(data_dir: &Path, container_id: &str, config: &[u8]) -> Result<(), DelegateError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(|source| DelegateError::Store {
+            op: "creating",
+            path: data_dir.to_owned(),
+            source,
+        })?;
+    let path = scratch_path(data_dir, container_id);
+    let store = |source| DelegateError::Store {
+        op: "writing",
+        path: path.clone(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(store)?;
+    f.write_all(config).map_err(store)?;
+    f.sync_all().map_err(store)
+}
+
+/// The stored config of `container_id`; `None` if there is none (DEL is idempotent).
+pub fn load(data_dir: &Path, container_id: &str) -> Result<Option<Vec<u8>>, DelegateError> {
+    let path = scratch_path(data_dir, container_id);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(DelegateError::Store {
+            op: "reading",
+            path,
+            source,
+        }),
+    }
+}
+
+/// Forgets `container_id` after a successful DEL.
+pub fn remove(data_dir: &Path, container_id: &str) -> Result<(), DelegateError> {
+    let path = scratch_path(data_dir, container_id);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DelegateError::Store {
+            op: "removing",
+            path,
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_roundtrip_and_modes() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("flannel");
+        assert_eq!(load(&dir, "abc").unwrap(), None);
+        save(&dir, "abc", b"{}").unwrap();
+        assert_eq!(load(&dir, "abc").unwrap().as_deref(), Some(&b"{}"[..]));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("abc")), 0o600);
+        remove(&dir, "abc").unwrap();
+        remove(&dir, "abc").unwrap();
+        assert_eq!(load(&dir, "abc").unwrap(), None);
+    }
+
+    #[test]
+    fn find_plugin_searches_path_in_order() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        std::fs::write(b.path().join("bridge"), b"").unwrap();
+        let path = format!("{}:{}", a.path().display(), b.path().display());
+        assert_eq!(
+            find_plugin("bridge", &path).unwrap(),
+            b.path().join("bridge")
+        );
+        assert!(matches!(
+            find_plugin("macvlan", &path),
+            Err(DelegateError::NotFound { .. })
+        ));
+        assert!(find_plugin("../bridge", &path).is_err());
+    }
+}

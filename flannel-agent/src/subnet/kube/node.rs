@@ -1,0 +1,598 @@
+//! Pure conversions between a `Node` object and flannel leases: which pod CIDRs a node has,
+//! what a peer's annotations say, and which annotations our own node still needs.
+//!
+//! Kept free of I/O so the rules (upstream `nodeToLease` and `AcquireLease`) are unit-tested
+//! without an API server.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use k8s_openapi::api::core::v1::Node;
+use serde_json::value::RawValue;
+
+use super::annotations::AnnotationNames;
+use crate::lease::{Lease, LeaseAttrs};
+
+/// Which address families the cluster network enables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Families {
+    /// `EnableIPv4`.
+    pub ipv4: bool,
+    /// `EnableIPv6`.
+    pub ipv6: bool,
+}
+
+/// Why a node cannot be turned into a lease. Every variant names the node and the field, so
+/// the warning tells an operator exactly what to fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NodeError {
+    /// The node does not carry `kube-subnet-manager: "true"`: flannel does not run there
+    /// (yet), so it is not a peer.
+    #[error("node {node}: annotation {annotation} is {value:?}, not \"true\": not a flannel node")]
+    NotManaged {
+        /// Node name.
+        node: String,
+        /// The `kube-subnet-manager` annotation key.
+        annotation: String,
+        /// Its value (`None` when absent).
+        value: Option<String>,
+    },
+    /// A required annotation is absent.
+    #[error("node {node}: annotation {annotation} is missing")]
+    MissingAnnotation {
+        /// Node name.
+        node: String,
+        /// The missing annotation key.
+        annotation: String,
+    },
+    /// An annotation does not parse.
+    #[error("node {node}: annotation {annotation}={value:?} is invalid: {reason}")]
+    InvalidAnnotation {
+        /// Node name.
+        node: String,
+        /// The annotation key.
+        annotation: String,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Neither `spec.podCIDRs` nor `spec.podCIDR` is set.
+    #[error("node {node}: pod cidr not assigned (spec.podCIDR is empty)")]
+    PodCidrNotAssigned {
+        /// Node name.
+        node: String,
+    },
+    /// `spec.podCIDRs` has more entries than address families.
+    #[error(
+        "node {node}: spec.podCIDRs has {count} entries, at most 2 (one per family) are allowed"
+    )]
+    TooManyPodCidrs {
+        /// Node name.
+        node: String,
+        /// How many there are.
+        count: usize,
+    },
+    /// A pod CIDR does not parse.
+    #[error("node {node}: {field}={value:?} is not a CIDR: {reason}")]
+    InvalidPodCidr {
+        /// Node name.
+        node: String,
+        /// `spec.podCIDR` or `spec.podCIDRs`.
+        field: &'static str,
+        /// The value.
+        value: String,
+        /// Parser message.
+        reason: String,
+    },
+    /// The node has no pod CIDR of an enabled family.
+    #[error("node {node}: spec.podCIDRs has no {family} entry")]
+    MissingFamily {
+        /// Node name.
+        node: String,
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+    },
+}
+
+impl NodeError {
+    /// The node the error is about.
+    pub fn node(&self) -> &str {
+        match self {
+            Self::NotManaged { node, .. }
+            | Self::MissingAnnotation { node, .. }
+            | Self::InvalidAnnotation { node, .. }
+            | Self::PodCidrNotAssigned { node }
+            | Self::TooManyPodCidrs { node, .. }
+            | Self::InvalidPodCidr { node, .. }
+            | Self::MissingFamily { node, .. } => node,
+        }
+    }
+}
+
+/// A node's pod CIDRs, by family, with host bits cleared (Go's `net.ParseCIDR` semantics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodCidrs {
+    /// The IPv4 pod CIDR.
+    pub v4: Option<Ipv4Network>,
+    /// The IPv6 pod CIDR.
+    pub v6: Option<Ipv6Network>,
+}
+
+fn node_name(node: &Node) -> String {
+    node.metadata.name.clone().unwrap_or_default()
+}
+
+fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    node.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+/// Reads `spec.podCIDRs` (0–2 entries), falling back to `spec.podCIDR`.
+pub fn pod_cidrs(node: &Node) -> Result<PodCidrs, NodeError> {
+    let name = node_name(node);
+    let spec = node.spec.as_ref();
+    let list = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+    let (field, values) = if list.is_empty() {
+        let single = spec.and_then(|s| s.pod_cidr.clone()).unwrap_or_default();
+        if single.is_empty() {
+            return Err(NodeError::PodCidrNotAssigned { node: name });
+        }
+        ("spec.podCIDR", vec![single])
+    } else if list.len() > 2 {
+        return Err(NodeError::TooManyPodCidrs {
+            node: name,
+            count: list.len(),
+        });
+    } else {
+        ("spec.podCIDRs", list)
+    };
+    let mut out = PodCidrs::default();
+    for value in values {
+        let net: IpNetwork =
+            value
+                .parse()
+                .map_err(|e: ipnetwork::IpNetworkError| NodeError::InvalidPodCidr {
+                    node: name.clone(),
+                    field,
+                    value: value.clone(),
+                    reason: e.to_string(),
+                })?;
+        match net {
+            IpNetwork::V4(n) => {
+                out.v4.get_or_insert(
+                    Ipv4Network::new(n.network(), n.prefix()).expect("prefix already validated"),
+                );
+            }
+            IpNetwork::V6(n) => {
+                out.v6.get_or_insert(
+                    Ipv6Network::new(n.network(), n.prefix()).expect("prefix already validated"),
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn required<'a>(node: &'a Node, key: &str) -> Result<&'a str, NodeError> {
+    annotation(node, key).ok_or_else(|| NodeError::MissingAnnotation {
+        node: node_name(node),
+        annotation: key.to_owned(),
+    })
+}
+
+fn invalid(node: &Node, key: &str, value: &str, reason: impl ToString) -> NodeError {
+    NodeError::InvalidAnnotation {
+        node: node_name(node),
+        annotation: key.to_owned(),
+        value: value.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Parses backend data. `null` (host-gw and friends) becomes `None`; a vxlan node must have
+/// real data, since peers need its VTEP MAC.
+fn backend_data(
+    node: &Node,
+    key: &str,
+    backend_type: &str,
+) -> Result<Option<Box<RawValue>>, NodeError> {
+    let Some(value) = annotation(node, key) else {
+        if backend_type == "vxlan" {
+            return Err(NodeError::MissingAnnotation {
+                node: node_name(node),
+                annotation: key.to_owned(),
+            });
+        }
+        return Ok(None);
+    };
+    let raw: Box<RawValue> =
+        serde_json::from_str(value).map_err(|e| invalid(node, key, value, e))?;
+    if raw.get() == "null" {
+        if backend_type == "vxlan" {
+            return Err(invalid(
+                node,
+                key,
+                value,
+                "vxlan nodes must publish backend data",
+            ));
+        }
+        return Ok(None);
+    }
+    if !raw.get().starts_with('{') {
+        return Err(invalid(node, key, value, "expected a JSON object"));
+    }
+    Ok(Some(raw))
+}
+
+/// Builds a peer's lease from its annotations and pod CIDRs (upstream `nodeToLease`).
+pub fn node_to_lease(
+    node: &Node,
+    names: &AnnotationNames,
+    families: Families,
+) -> Result<Lease, NodeError> {
+    let managed = annotation(node, &names.subnet_kube_managed);
+    if managed != Some("true") {
+        return Err(NodeError::NotManaged {
+            node: node_name(node),
+            annotation: names.subnet_kube_managed.clone(),
+            value: managed.map(str::to_owned),
+        });
+    }
+    let backend_type = required(node, &names.backend_type)?.to_owned();
+    let cidrs = pod_cidrs(node)?;
+    let subnet = cidrs.v4.ok_or_else(|| NodeError::MissingFamily {
+        node: node_name(node),
+        family: "IPv4",
+    })?;
+    let mut attrs = LeaseAttrs {
+        public_ip: Ipv4Addr::UNSPECIFIED,
+        public_ipv6: None,
+        backend_type,
+        backend_data: None,
+        backend_v6_data: None,
+    };
+    if families.ipv4 {
+        let value = required(node, &names.backend_public_ip)?;
+        attrs.public_ip = value
+            .parse()
+            .map_err(|e| invalid(node, &names.backend_public_ip, value, e))?;
+        attrs.backend_data = backend_data(node, &names.backend_data, &attrs.backend_type)?;
+    }
+    let mut ipv6_subnet = None;
+    if families.ipv6 {
+        let value = required(node, &names.backend_public_ipv6)?;
+        let ip: Ipv6Addr = value
+            .parse()
+            .map_err(|e| invalid(node, &names.backend_public_ipv6, value, e))?;
+        attrs.public_ipv6 = Some(ip);
+        attrs.backend_v6_data = backend_data(node, &names.backend_v6_data, &attrs.backend_type)?;
+        ipv6_subnet = Some(cidrs.v6.ok_or_else(|| NodeError::MissingFamily {
+            node: node_name(node),
+            family: "IPv6",
+        })?);
+    }
+    Ok(Lease {
+        subnet,
+        ipv6_subnet,
+        attrs,
+    })
+}
+
+/// The user's `public-ip-overwrite` / `public-ipv6-overwrite`, if set and valid. An invalid
+/// one is reported, not published (upstream would publish it verbatim and break peers).
+pub fn overwrite_ip(node: &Node, key: &str, want_v4: bool) -> Result<Option<IpAddr>, NodeError> {
+    let Some(value) = annotation(node, key) else {
+        return Ok(None);
+    };
+    let ip: IpAddr = value.parse().map_err(|e| invalid(node, key, value, e))?;
+    if ip.is_ipv4() != want_v4 {
+        let family = if want_v4 { "an IPv4" } else { "an IPv6" };
+        return Err(invalid(
+            node,
+            key,
+            value,
+            format!("expected {family} address"),
+        ));
+    }
+    Ok(Some(ip))
+}
+
+/// The annotations our own node must carry to publish `attrs`, minus those it already has
+/// with the right value: an empty map means no patch is needed.
+///
+/// Which keys are written follows upstream `AcquireLease`: `kube-subnet-manager` and
+/// `backend-type` always; IPv4 data and address when the backend has IPv4 data (or is not
+/// vxlan, e.g. host-gw publishes `null`); IPv6 likewise when it has IPv6 data or an IPv6
+/// address. `public-ip(v6)-overwrite` replaces the published address.
+pub fn annotations_to_patch(
+    node: &Node,
+    names: &AnnotationNames,
+    families: Families,
+    attrs: &LeaseAttrs,
+) -> BTreeMap<String, String> {
+    let raw = |r: &Option<Box<RawValue>>| r.as_ref().map_or("null", |r| r.get()).to_owned();
+    let is_vxlan = attrs.backend_type == "vxlan";
+    let mut want = BTreeMap::new();
+    want.insert(names.subnet_kube_managed.clone(), "true".to_owned());
+    want.insert(names.backend_type.clone(), attrs.backend_type.clone());
+    if families.ipv4 && (!is_vxlan || attrs.backend_data.is_some()) {
+        want.insert(names.backend_data.clone(), raw(&attrs.backend_data));
+        let public = match overwrite_ip(node, &names.backend_public_ip_overwrite, true) {
+            Ok(Some(ip)) => ip.to_string(),
+            Ok(None) => attrs.public_ip.to_string(),
+            Err(error) => {
+                tracing::warn!(%error, "ignoring the public IP overwrite");
+                attrs.public_ip.to_string()
+            }
+        };
+        want.insert(names.backend_public_ip.clone(), public);
+    }
+    let has_v6 = if is_vxlan {
+        attrs.backend_v6_data.is_some()
+    } else {
+        attrs.public_ipv6.is_some()
+    };
+    if families.ipv6 && has_v6 {
+        let detected = attrs.public_ipv6.map(|ip| ip.to_string());
+        let public = match overwrite_ip(node, &names.backend_public_ipv6_overwrite, false) {
+            Ok(Some(ip)) => Some(ip.to_string()),
+            Ok(None) => detected,
+            Err(error) => {
+                tracing::warn!(%error, "ignoring the public IPv6 overwrite");
+                detected
+            }
+        };
+        want.insert(names.backend_v6_data.clone(), raw(&attrs.backend_v6_data));
+        if let Some(public) = public {
+            want.insert(names.backend_public_ipv6.clone(), public);
+        }
+    }
+    want.retain(|k, v| annotation(node, k) != Some(v.as_str()));
+    want
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{api::core::v1::NodeSpec, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+
+    use super::*;
+    use crate::subnet::kube::annotations::DEFAULT_PREFIX;
+
+    const V4: Families = Families {
+        ipv4: true,
+        ipv6: false,
+    };
+    const DUAL: Families = Families {
+        ipv4: true,
+        ipv6: true,
+    };
+
+    fn names() -> AnnotationNames {
+        AnnotationNames::new(DEFAULT_PREFIX).unwrap()
+    }
+
+    fn node(name: &str, cidrs: &[&str], ann: &[(&str, &str)]) -> Node {
+        let p = "flannel.alpha.coreos.com/";
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                annotations: Some(
+                    ann.iter()
+                        .map(|(k, v)| (format!("{p}{k}"), (*v).to_owned()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                pod_cidr: cidrs.first().map(|c| (*c).to_owned()),
+                pod_cidrs: Some(cidrs.iter().map(|c| (*c).to_owned()).collect()),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    const VXLAN_DATA: &str = r#"{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}"#;
+
+    fn good(name: &str) -> Node {
+        node(
+            name,
+            &["10.244.1.0/24"],
+            &[
+                ("kube-subnet-manager", "true"),
+                ("backend-type", "vxlan"),
+                ("backend-data", VXLAN_DATA),
+                ("public-ip", "198.18.0.2"),
+            ],
+        )
+    }
+
+    #[test]
+    fn peer_lease_from_upstream_annotations() {
+        let lease = node_to_lease(&good("a"), &names(), V4).unwrap();
+        assert_eq!(lease.subnet, "10.244.1.0/24".parse().unwrap());
+        assert_eq!(lease.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(lease.attrs.backend_type, "vxlan");
+        assert_eq!(lease.attrs.backend_data.unwrap().get(), VXLAN_DATA);
+        assert_eq!(lease.ipv6_subnet, None);
+    }
+
+    #[test]
+    fn pod_cidr_host_bits_cleared_and_single_field_fallback() {
+        let mut n = good("a");
+        n.spec = Some(NodeSpec {
+            pod_cidr: Some("10.244.3.7/24".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            pod_cidrs(&n).unwrap().v4,
+            Some("10.244.3.0/24".parse().unwrap())
+        );
+        n.spec = Some(NodeSpec::default());
+        assert!(matches!(
+            pod_cidrs(&n),
+            Err(NodeError::PodCidrNotAssigned { .. })
+        ));
+        let n = node("b", &["10.244.1.0/24", "fd00::/64", "fd01::/64"], &[]);
+        assert!(matches!(
+            pod_cidrs(&n),
+            Err(NodeError::TooManyPodCidrs { count: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_peers_are_named() {
+        let bad_ip = node(
+            "x",
+            &["10.244.1.0/24"],
+            &[
+                ("kube-subnet-manager", "true"),
+                ("backend-type", "vxlan"),
+                ("backend-data", VXLAN_DATA),
+                ("public-ip", "not-an-ip"),
+            ],
+        );
+        let err = node_to_lease(&bad_ip, &names(), V4).unwrap_err();
+        assert!(
+            matches!(&err, NodeError::InvalidAnnotation { node, annotation, .. }
+                if node == "x" && annotation == "flannel.alpha.coreos.com/public-ip"),
+            "{err}"
+        );
+        let bad_json = node(
+            "y",
+            &["10.244.1.0/24"],
+            &[
+                ("kube-subnet-manager", "true"),
+                ("backend-type", "vxlan"),
+                ("backend-data", "{VNI:1"),
+                ("public-ip", "198.18.0.3"),
+            ],
+        );
+        assert!(matches!(
+            node_to_lease(&bad_json, &names(), V4),
+            Err(NodeError::InvalidAnnotation { annotation, .. }) if annotation.ends_with("/backend-data")
+        ));
+        let unmanaged = node("z", &["10.244.1.0/24"], &[("public-ip", "198.18.0.3")]);
+        assert!(matches!(
+            node_to_lease(&unmanaged, &names(), V4),
+            Err(NodeError::NotManaged { value: None, .. })
+        ));
+        let no_cidr = node(
+            "w",
+            &["banana"],
+            &[("kube-subnet-manager", "true"), ("backend-type", "host-gw")],
+        );
+        assert!(matches!(
+            node_to_lease(&no_cidr, &names(), V4),
+            Err(NodeError::InvalidPodCidr {
+                field: "spec.podCIDRs",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn host_gw_null_data_is_none() {
+        let n = node(
+            "h",
+            &["10.244.2.0/24"],
+            &[
+                ("kube-subnet-manager", "true"),
+                ("backend-type", "host-gw"),
+                ("backend-data", "null"),
+                ("public-ip", "198.18.0.4"),
+            ],
+        );
+        let lease = node_to_lease(&n, &names(), V4).unwrap();
+        assert!(lease.attrs.backend_data.is_none());
+    }
+
+    #[test]
+    fn dual_stack_peer() {
+        let n = node(
+            "d",
+            &["10.244.5.0/24", "fd00:0:0:5::/64"],
+            &[
+                ("kube-subnet-manager", "true"),
+                ("backend-type", "vxlan"),
+                ("backend-data", VXLAN_DATA),
+                (
+                    "backend-v6-data",
+                    r#"{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e4"}"#,
+                ),
+                ("public-ip", "198.18.0.5"),
+                ("public-ipv6", "fd18::5"),
+            ],
+        );
+        let lease = node_to_lease(&n, &names(), DUAL).unwrap();
+        assert_eq!(lease.ipv6_subnet, Some("fd00:0:0:5::/64".parse().unwrap()));
+        assert_eq!(lease.attrs.public_ipv6, Some("fd18::5".parse().unwrap()));
+    }
+
+    fn attrs() -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: Ipv4Addr::new(198, 18, 0, 9),
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: Some(RawValue::from_string(VXLAN_DATA.into()).unwrap()),
+            backend_v6_data: None,
+        }
+    }
+
+    #[test]
+    fn own_annotations_upstream_names_and_values() {
+        let n = node("me", &["10.244.9.0/24"], &[]);
+        let patch = annotations_to_patch(&n, &names(), V4, &attrs());
+        let expect: BTreeMap<String, String> = [
+            ("flannel.alpha.coreos.com/kube-subnet-manager", "true"),
+            ("flannel.alpha.coreos.com/backend-type", "vxlan"),
+            ("flannel.alpha.coreos.com/backend-data", VXLAN_DATA),
+            ("flannel.alpha.coreos.com/public-ip", "198.18.0.9"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(patch, expect);
+    }
+
+    #[test]
+    fn unchanged_annotations_need_no_patch_and_overwrite_wins() {
+        let n = node(
+            "me",
+            &["10.244.9.0/24"],
+            &[
+                ("kube-subnet-manager", "true"),
+                ("backend-type", "vxlan"),
+                ("backend-data", VXLAN_DATA),
+                ("public-ip", "198.18.0.9"),
+            ],
+        );
+        assert!(annotations_to_patch(&n, &names(), V4, &attrs()).is_empty());
+        let mut n = n;
+        n.metadata.annotations.as_mut().unwrap().insert(
+            "flannel.alpha.coreos.com/public-ip-overwrite".into(),
+            "198.19.7.7".into(),
+        );
+        let patch = annotations_to_patch(&n, &names(), V4, &attrs());
+        assert_eq!(patch.len(), 1);
+        assert_eq!(patch["flannel.alpha.coreos.com/public-ip"], "198.19.7.7");
+    }
+
+    #[test]
+    fn host_gw_publishes_null_data() {
+        let n = node("me", &["10.244.9.0/24"], &[]);
+        let mut a = attrs();
+        a.backend_type = "host-gw".into();
+        a.backend_data = None;
+        let patch = annotations_to_patch(&n, &names(), V4, &a);
+        assert_eq!(patch["flannel.alpha.coreos.com/backend-data"], "null");
+        assert_eq!(patch["flannel.alpha.coreos.com/public-ip"], "198.18.0.9");
+    }
+}

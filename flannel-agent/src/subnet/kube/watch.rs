@@ -1,0 +1,271 @@
+//! The node watch: a kube-runtime watcher feeding a reflector store, turned into lease
+//! events. Every (re)list ends in `InitDone`, which becomes one [`LeaseEvent::Snapshot`]
+//! built from the store; single changes become `Added`/`Removed`.
+
+use std::{collections::HashMap, sync::Arc};
+
+use futures::{StreamExt as _, stream::BoxStream};
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use tracing::{debug, warn};
+
+use super::{
+    annotations::AnnotationNames,
+    node::{Families, NodeError, node_to_lease},
+};
+use crate::lease::{Lease, LeaseEvent};
+
+/// Watches all nodes; returns the lease event stream and the reflector's store.
+pub fn lease_events(
+    nodes: Api<Node>,
+    names: Arc<AnnotationNames>,
+    families: Families,
+) -> (
+    BoxStream<'static, crate::subnet::Result<LeaseEvent>>,
+    Store<Node>,
+) {
+    let writer = reflector::store::Writer::<Node>::default();
+    let reader = writer.as_reader();
+    let mut tracker = LeaseTracker {
+        names,
+        families,
+        reader: reader.clone(),
+        known: HashMap::new(),
+        warned: HashMap::new(),
+    };
+    let events =
+        reflector::reflector(writer, watcher(nodes, watcher::Config::default())).default_backoff();
+    let stream = events
+        .flat_map(move |event| {
+            let out = match event {
+                Ok(event) => tracker.handle(event),
+                // The watcher recovers by itself (re-watch, or relist after 410 Gone); the
+                // backoff above paces it. Nothing is lost: a relist ends in a fresh snapshot.
+                Err(error) => {
+                    warn!(%error, "node watch failed, retrying");
+                    Vec::new()
+                }
+            };
+            futures::stream::iter(out.into_iter().map(Ok))
+        })
+        .boxed();
+    (stream, reader)
+}
+
+/// Turns reflector-fed watcher events into lease events. State: what was last reported per
+/// node, so heartbeats and resyncs that change nothing flannel cares about stay silent,
+/// and the last warning per node, so a broken node is reported once per change, not on
+/// every status update.
+struct LeaseTracker {
+    names: Arc<AnnotationNames>,
+    families: Families,
+    reader: Store<Node>,
+    known: HashMap<String, Lease>,
+    warned: HashMap<String, String>,
+}
+
+impl LeaseTracker {
+    /// The node's lease, or why not (logged, once per distinct reason).
+    fn convert(&mut self, node: &Node) -> Result<Lease, NodeError> {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let result = node_to_lease(node, &self.names, self.families);
+        match &result {
+            Ok(_) => {
+                self.warned.remove(&name);
+            }
+            Err(error) => {
+                let msg = error.to_string();
+                if self.warned.get(&name) != Some(&msg) {
+                    match error {
+                        // A node flannel has not started on yet: normal, not worth a warning.
+                        NodeError::NotManaged { value: None, .. } => {
+                            debug!(node = %name, %error, "skipping node");
+                        }
+                        _ => warn!(node = %name, %error, "skipping node"),
+                    }
+                    self.warned.insert(name, msg);
+                }
+            }
+        }
+        result
+    }
+
+    fn handle(&mut self, event: watcher::Event<Node>) -> Vec<LeaseEvent> {
+        match event {
+            watcher::Event::Init | watcher::Event::InitApply(_) => Vec::new(),
+            watcher::Event::InitDone => {
+                self.known.clear();
+                for node in self.reader.state() {
+                    if let Ok(lease) = self.convert(&node) {
+                        let name = node.metadata.name.clone().unwrap_or_default();
+                        self.known.insert(name, lease);
+                    }
+                }
+                let mut leases: Vec<Lease> = self.known.values().cloned().collect();
+                leases.sort_by_key(|l| l.subnet);
+                debug!(leases = leases.len(), "node list complete");
+                vec![LeaseEvent::Snapshot(leases)]
+            }
+            watcher::Event::Apply(node) => {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                match self.convert(&node) {
+                    Ok(new) => match self.known.insert(name, new.clone()) {
+                        // Heartbeats, resyncs, unrelated fields: nothing to tell.
+                        Some(old) if old == new => Vec::new(),
+                        // A new pod CIDR (upstream misses this): the old subnet is gone.
+                        Some(old) if old.subnet != new.subnet => {
+                            vec![LeaseEvent::Removed(old), LeaseEvent::Added(new)]
+                        }
+                        _ => vec![LeaseEvent::Added(new)],
+                    },
+                    // flannel was taken off the node: it is no longer a peer.
+                    Err(NodeError::NotManaged { .. }) => self
+                        .known
+                        .remove(&name)
+                        .map(LeaseEvent::Removed)
+                        .into_iter()
+                        .collect(),
+                    // Malformed update of a known peer: keep what worked (warned above).
+                    Err(_) => Vec::new(),
+                }
+            }
+            watcher::Event::Delete(node) => {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                self.warned.remove(&name);
+                self.known
+                    .remove(&name)
+                    .map(LeaseEvent::Removed)
+                    .into_iter()
+                    .collect()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{api::core::v1::NodeSpec, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+    use kube::runtime::reflector::store::Writer;
+
+    use super::*;
+    use crate::subnet::kube::annotations::DEFAULT_PREFIX;
+
+    fn node(name: &str, cidr: &str, mac: &str, managed: bool) -> Node {
+        let p = "flannel.alpha.coreos.com/";
+        let mut ann: std::collections::BTreeMap<String, String> = [
+            ("backend-type", "vxlan".to_owned()),
+            ("backend-data", format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#)),
+            ("public-ip", "198.18.0.1".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{p}{k}"), v))
+        .collect();
+        if managed {
+            ann.insert(format!("{p}kube-subnet-manager"), "true".into());
+        }
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                annotations: Some(ann),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                pod_cidr: Some(cidr.into()),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn tracker(writer: &Writer<Node>) -> LeaseTracker {
+        LeaseTracker {
+            names: Arc::new(AnnotationNames::new(DEFAULT_PREFIX).unwrap()),
+            families: Families {
+                ipv4: true,
+                ipv6: false,
+            },
+            reader: writer.as_reader(),
+            known: HashMap::new(),
+            warned: HashMap::new(),
+        }
+    }
+
+    fn feed(
+        w: &mut Writer<Node>,
+        t: &mut LeaseTracker,
+        e: watcher::Event<Node>,
+    ) -> Vec<LeaseEvent> {
+        w.apply_watcher_event(&e);
+        t.handle(e)
+    }
+
+    fn subnets(events: &[LeaseEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                LeaseEvent::Snapshot(l) => format!("snapshot {}", l.len()),
+                LeaseEvent::Added(l) => format!("added {}", l.subnet),
+                LeaseEvent::Removed(l) => format!("removed {}", l.subnet),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn relist_snapshot_then_minimal_changes() {
+        let mut w = Writer::default();
+        let mut t = tracker(&w);
+        let a = node("a", "10.244.1.0/24", "0a:00:00:00:00:01", true);
+        let b = node("b", "10.244.2.0/24", "0a:00:00:00:00:02", true);
+        let stranger = node("c", "10.244.3.0/24", "0a:00:00:00:00:03", false);
+        assert!(feed(&mut w, &mut t, watcher::Event::Init).is_empty());
+        for n in [&a, &b, &stranger] {
+            assert!(feed(&mut w, &mut t, watcher::Event::InitApply(n.clone())).is_empty());
+        }
+        let ev = feed(&mut w, &mut t, watcher::Event::InitDone);
+        let LeaseEvent::Snapshot(leases) = &ev[0] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(leases.len(), 2);
+        assert!(leases[0].subnet < leases[1].subnet, "sorted by subnet");
+
+        // Unchanged: silent. New MAC: Added. New pod CIDR: Removed old, Added new.
+        assert!(feed(&mut w, &mut t, watcher::Event::Apply(a.clone())).is_empty());
+        let a2 = node("a", "10.244.1.0/24", "0a:00:00:00:00:11", true);
+        assert_eq!(
+            subnets(&feed(&mut w, &mut t, watcher::Event::Apply(a2))),
+            ["added 10.244.1.0/24"]
+        );
+        let a3 = node("a", "10.244.9.0/24", "0a:00:00:00:00:11", true);
+        assert_eq!(
+            subnets(&feed(&mut w, &mut t, watcher::Event::Apply(a3))),
+            ["removed 10.244.1.0/24", "added 10.244.9.0/24"]
+        );
+        // flannel taken off b: removed; deleted unknown node: silent; deleted a: removed.
+        let b_off = node("b", "10.244.2.0/24", "0a:00:00:00:00:02", false);
+        assert_eq!(
+            subnets(&feed(&mut w, &mut t, watcher::Event::Apply(b_off))),
+            ["removed 10.244.2.0/24"]
+        );
+        assert!(feed(&mut w, &mut t, watcher::Event::Delete(stranger)).is_empty());
+        let a_last = node("a", "10.244.9.0/24", "0a:00:00:00:00:11", true);
+        assert_eq!(
+            subnets(&feed(&mut w, &mut t, watcher::Event::Delete(a_last))),
+            ["removed 10.244.9.0/24"]
+        );
+
+        // A relist replaces everything: the snapshot reflects the store, nothing else.
+        feed(&mut w, &mut t, watcher::Event::Init);
+        feed(&mut w, &mut t, watcher::Event::InitApply(b.clone()));
+        let ev = feed(&mut w, &mut t, watcher::Event::InitDone);
+        assert!(
+            matches!(&ev[..], [LeaseEvent::Snapshot(l)] if l.len() == 1 && l[0].subnet.to_string() == "10.244.2.0/24")
+        );
+    }
+}

@@ -1,0 +1,382 @@
+//! Two real `flanneld --kube-subnet-mgr` processes, each in its own host namespace,
+//! against the in-test Kubernetes API server (bound on the underlay, so both reach it):
+//! they publish their leases as node annotations, learn each other through the node
+//! watch, program their datapaths, and pods behind them talk. Deleting a node object
+//! removes it from the other host's datapath.
+//!
+//! Needs the agent built first: `cargo build -p flannel-agent --bin flanneld`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use flannel_e2e::{
+    kube_api::KubeApi,
+    netns::{ChildGuard, Host, NetNs, Underlay, wait_until},
+    require_root,
+};
+use ipnetwork::Ipv4Network;
+
+const P: &str = "flannel.alpha.coreos.com/";
+const API_IP: &str = "198.18.0.254";
+
+fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .join("flanneld");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build -p flannel-agent --bin flanneld` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A bpffs pin directory, removed on drop. flanneld deliberately leaves its pins (maps and
+/// tcx links) behind on exit so a restart is hitless; a test must not.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("warning: could not remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// Fields drop in order: the process stops first, then its pins and files go.
+struct Agent {
+    _child: ChildGuard,
+    _pins: PinDir,
+    dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn subnet_env(&self) -> PathBuf {
+        self.dir.path().join("subnet.env")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("flanneld.log")).unwrap_or_default()
+    }
+}
+
+fn start_agent(host: &NetNs, node: &str, api: &KubeApi, dataplane: &str) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let net_conf = dir.path().join("net-conf.json");
+    std::fs::write(
+        &net_conf,
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#,
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("flanneld.log")).unwrap();
+    let pins = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/flannel-test-{}",
+        host.name()
+    )));
+    let child = host
+        .command(agent_binary().to_str().unwrap())
+        .args([
+            "--kube-subnet-mgr".to_owned(),
+            format!("--kube-api-url={}", api.url()),
+            format!("--net-config-path={}", net_conf.display()),
+            format!("--subnet-file={}", dir.path().join("subnet.env").display()),
+            "--iface=eth0".to_owned(),
+            format!("--dataplane={dataplane}"),
+            format!("--bpf-pin-path={}", pins.0.display()),
+            "--log-level=flannel_agent=debug,info".to_owned(),
+        ])
+        .env("NODE_NAME", node)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn flanneld");
+    Agent {
+        _child: ChildGuard::new(child),
+        _pins: pins,
+        dir,
+    }
+}
+
+fn read_mtu(agent: &Agent) -> u32 {
+    let text = std::fs::read_to_string(agent.subnet_env()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
+        .expect("FLANNEL_MTU line")
+        .parse()
+        .unwrap()
+}
+
+fn ping(from: &NetNs, to: std::net::Ipv4Addr) -> bool {
+    from.run(&format!("ping -c 1 -W 1 {to}")).status.success()
+}
+
+#[test]
+fn two_kube_agents_connect_their_pods_kernel_vxlan() {
+    if !require_root() {
+        return;
+    }
+    two_kube_agents("kernel");
+}
+
+#[test]
+fn two_kube_agents_connect_their_pods_ebpf() {
+    if !require_root() {
+        return;
+    }
+    two_kube_agents("ebpf");
+}
+
+/// The API server, reachable from every host at [`API_IP`] on the underlay. Fields drop in
+/// order: server, then underlay, then the server's runtime.
+struct Bench {
+    api: KubeApi,
+    underlay: Underlay,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn bench() -> Bench {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let underlay = Underlay::new();
+    underlay.ns.sh(&format!("ip addr add {API_IP}/15 dev br0"));
+    let listener = underlay
+        .ns
+        .enter(|| std::net::TcpListener::bind(format!("{API_IP}:0")).expect("bind on underlay"));
+    let api = {
+        let _guard = rt.enter();
+        KubeApi::start_on(listener)
+    };
+    Bench {
+        api,
+        underlay,
+        _rt: rt,
+    }
+}
+
+fn wait_for_subnet_env(a1: &Agent, a2: &Agent) {
+    let up = wait_until(Duration::from_secs(30), || {
+        a1.subnet_env().exists() && a2.subnet_env().exists()
+    });
+    assert!(
+        up,
+        "agents did not write subnet.env\n--- h1:\n{}\n--- h2:\n{}",
+        a1.log(),
+        a2.log()
+    );
+}
+
+fn two_kube_agents(dataplane: &str) {
+    let mut bench = bench();
+    let api = &bench.api;
+    let subnets: [Ipv4Network; 2] = [
+        "10.244.1.0/24".parse().unwrap(),
+        "10.244.2.0/24".parse().unwrap(),
+    ];
+    api.add_node("h1", &["10.244.1.0/24"]);
+    api.add_node("h2", &["10.244.2.0/24"]);
+
+    let mut h1: Host = bench.underlay.add_host(1);
+    let mut h2: Host = bench.underlay.add_host(2);
+    let a1 = start_agent(&h1.ns, "h1", api, dataplane);
+    let a2 = start_agent(&h2.ns, "h2", api, dataplane);
+    wait_for_subnet_env(&a1, &a2);
+    let env1 = std::fs::read_to_string(a1.subnet_env()).unwrap();
+    assert!(env1.contains("FLANNEL_SUBNET=10.244.1.1/24\n"), "{env1}");
+    assert!(env1.contains("FLANNEL_NETWORK=10.244.0.0/16\n"), "{env1}");
+    let mtu = read_mtu(&a1);
+    assert_eq!(mtu, 1450, "vxlan MTU is the uplink's minus 50");
+
+    // Published with upstream's names through the API server.
+    for (node, ip) in [("h1", "198.18.0.1"), ("h2", "198.18.0.2")] {
+        let ok = wait_until(Duration::from_secs(10), || {
+            let ann = api.annotations(node);
+            ann.get(&format!("{P}kube-subnet-manager"))
+                .map(String::as_str)
+                == Some("true")
+                && ann.get(&format!("{P}public-ip")).map(String::as_str) == Some(ip)
+                && ann.get(&format!("{P}backend-type")).map(String::as_str) == Some("vxlan")
+                && ann
+                    .get(&format!("{P}backend-data"))
+                    .is_some_and(|d| d.starts_with(r#"{"VNI":1,"VtepMAC":""#))
+        });
+        assert!(ok, "{node} annotations: {:?}", api.annotations(node));
+        let cleared = wait_until(Duration::from_secs(10), || {
+            api.node(node)
+                .and_then(|n| n.status?.conditions)
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "NetworkUnavailable" && c.status == "False")
+                })
+        });
+        assert!(cleared, "{node}: NetworkUnavailable not cleared");
+    }
+
+    h1.add_pods(subnets[0], mtu, 1);
+    h2.add_pods(subnets[1], mtu, 1);
+    let (p1, p2) = (&h1.pods[0], &h2.pods[0]);
+    let connected = wait_until(Duration::from_secs(15), || ping(&p1.ns, p2.ip));
+    assert!(
+        connected,
+        "pod {} cannot reach pod {}\n--- h1:\n{}\n--- h2:\n{}",
+        p1.ip,
+        p2.ip,
+        a1.log(),
+        a2.log()
+    );
+    assert!(
+        ping(&p2.ns, p1.ip),
+        "pod {} cannot reach pod {}",
+        p2.ip,
+        p1.ip
+    );
+
+    // The node object goes away: h1 forgets h2 (its route to h2's subnet is removed).
+    api.delete_node("h2");
+    let gone = wait_until(Duration::from_secs(10), || {
+        h1.ns.sh("ip route show 10.244.2.0/24").trim().is_empty()
+    });
+    assert!(
+        gone,
+        "h1 still routes to deleted h2:\n{}",
+        h1.ns.sh("ip route")
+    );
+    assert!(
+        !ping(&p1.ns, p2.ip),
+        "traffic to a deleted node still flows"
+    );
+
+    // Shown with --nocapture: what the agents did.
+    eprintln!(
+        "--- h1 flanneld:\n{}\n--- h2 flanneld:\n{}",
+        a1.log(),
+        a2.log()
+    );
+    drop((a1, a2));
+}
+
+/// The user-set annotations upstream's functional suite checks: `node-public-ip` picks
+/// the address (and so the interface) a node tunnels from, `public-ip-overwrite` the
+/// address peers are told to tunnel to (a NAT address in real life; here a second address
+/// of the node).
+#[test]
+fn kube_agents_honour_public_ip_annotations() {
+    if !require_root() {
+        return;
+    }
+    let mut bench = bench();
+    let api = &bench.api;
+    let subnets: [Ipv4Network; 2] = [
+        "10.244.1.0/24".parse().unwrap(),
+        "10.244.2.0/24".parse().unwrap(),
+    ];
+    api.add_node("h1", &["10.244.1.0/24"]);
+    api.add_node("h2", &["10.244.2.0/24"]);
+    api.annotate(
+        "h1",
+        &[(&format!("{P}node-public-ip"), Some("198.18.0.11"))],
+    );
+    api.annotate(
+        "h2",
+        &[(&format!("{P}public-ip-overwrite"), Some("198.18.0.22"))],
+    );
+    let mut h1: Host = bench.underlay.add_host(1);
+    let mut h2: Host = bench.underlay.add_host(2);
+    h1.ns.sh("ip addr add 198.18.0.11/15 dev eth0");
+    h2.ns.sh("ip addr add 198.18.0.22/15 dev eth0");
+    let a1 = start_agent(&h1.ns, "h1", api, "kernel");
+    let a2 = start_agent(&h2.ns, "h2", api, "kernel");
+    wait_for_subnet_env(&a1, &a2);
+
+    for (node, ip) in [("h1", "198.18.0.11"), ("h2", "198.18.0.22")] {
+        let ok = wait_until(Duration::from_secs(10), || {
+            api.annotations(node)
+                .get(&format!("{P}public-ip"))
+                .map(String::as_str)
+                == Some(ip)
+        });
+        assert!(ok, "{node} annotations: {:?}", api.annotations(node));
+    }
+    // The overwrite changes only what peers are told: h2 still sends from its own address.
+    let dev2 = h2.ns.sh("ip -d link show flannel.1");
+    assert!(dev2.contains("local 198.18.0.2 "), "{dev2}");
+
+    h1.add_pods(subnets[0], 1450, 1);
+    h2.add_pods(subnets[1], 1450, 1);
+    let (p1, p2) = (&h1.pods[0], &h2.pods[0]);
+    let connected = wait_until(Duration::from_secs(15), || ping(&p1.ns, p2.ip));
+    assert!(
+        connected,
+        "pods cannot talk\n--- h1:\n{}\n--- h2:\n{}",
+        a1.log(),
+        a2.log()
+    );
+    assert!(ping(&p2.ns, p1.ip));
+    // Peers were programmed with the published addresses.
+    let fdb1 = h1.ns.sh("bridge fdb show dev flannel.1");
+    assert!(fdb1.contains("dst 198.18.0.22"), "{fdb1}");
+    let fdb2 = h2.ns.sh("bridge fdb show dev flannel.1");
+    assert!(fdb2.contains("dst 198.18.0.11"), "{fdb2}");
+    drop((a1, a2));
+}
+
+/// Restarting flanneld is hitless and quiet: the kernel device (and so its VTEP MAC) is
+/// reused, the node's annotations are already right so nothing but the
+/// NetworkUnavailable condition is patched, and pods keep talking throughout.
+#[test]
+fn kube_agent_restart_keeps_lease_and_traffic() {
+    if !require_root() {
+        return;
+    }
+    let mut bench = bench();
+    let api = &bench.api;
+    api.add_node("h1", &["10.244.1.0/24"]);
+    api.add_node("h2", &["10.244.2.0/24"]);
+    let mut h1: Host = bench.underlay.add_host(1);
+    let mut h2: Host = bench.underlay.add_host(2);
+    let a1 = start_agent(&h1.ns, "h1", api, "kernel");
+    let a2 = start_agent(&h2.ns, "h2", api, "kernel");
+    wait_for_subnet_env(&a1, &a2);
+    h1.add_pods("10.244.1.0/24".parse().unwrap(), 1450, 1);
+    h2.add_pods("10.244.2.0/24".parse().unwrap(), 1450, 1);
+    let (p1, p2) = (&h1.pods[0], &h2.pods[0]);
+    assert!(wait_until(Duration::from_secs(15), || ping(&p1.ns, p2.ip)));
+    let annotations = api.annotations("h1");
+    let patches_before = api.patches().len();
+
+    // Stop h1's agent (SIGTERM): the datapath stays, traffic still flows.
+    drop(a1);
+    assert!(ping(&p1.ns, p2.ip), "traffic stopped with the agent");
+    let a1 = start_agent(&h1.ns, "h1", api, "kernel");
+    let up = wait_until(Duration::from_secs(30), || a1.subnet_env().exists());
+    assert!(up, "restarted agent not up:\n{}", a1.log());
+    assert!(
+        ping(&p1.ns, p2.ip),
+        "traffic broken after restart\n{}",
+        a1.log()
+    );
+    assert_eq!(api.annotations("h1"), annotations, "annotations churned");
+    let settled = wait_until(Duration::from_secs(10), || {
+        api.patches().len() > patches_before
+    });
+    assert!(settled, "the restarted agent never patched its node status");
+    let new: Vec<_> = api.patches().into_iter().skip(patches_before).collect();
+    assert!(
+        new.iter().all(|p| p.path == "nodes/h1/status"
+            && p.body.get("metadata").is_none()
+            && p.body["status"]["conditions"][0]["type"] == "NetworkUnavailable"),
+        "unexpected patches after restart: {new:?}"
+    );
+    drop((a1, a2));
+}
