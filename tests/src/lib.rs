@@ -16,9 +16,10 @@ pub fn require_root() -> bool {
         return true;
     }
     if std::env::var("FLANNEL_TEST_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("FLANNEL_TEST_PRIVILEGED=1 but not running as root: privileged tests cannot be skipped here");
+        panic!(
+            "FLANNEL_TEST_PRIVILEGED=1 but not running as root: privileged tests cannot be skipped here"
+        );
     }
     eprintln!("skipped: needs root (network namespaces, eBPF); run `cargo xtask test` as root");
     false
 }
-

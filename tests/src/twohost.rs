@@ -55,6 +55,12 @@ impl Topology {
     }
 }
 
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         for c in &mut self.children {

@@ -269,7 +269,7 @@ fn vxlan_from_an_address_without_a_lease_is_dropped_counted_and_logged() {
     });
     let ok = wait_until(Duration::from_secs(5), || {
         open_pinned(&pins.layout(1))
-            .and_then(|d| Ok(d.counters().expect("counters")))
+            .map(|d| d.counters().expect("counters"))
             .map(|c| c.drops["unknown_peer"].packets >= 5)
             .unwrap_or(false)
     });

@@ -141,11 +141,11 @@ fn main() {
     for i in 1..HOSTS {
         let layout = PinLayout::new(&pins.0[usize::from(i) - 1]);
         println!("\nhost {i} eBPF peers ({}):", layout.versioned().display());
-        match open_pinned(&layout).and_then(|d| {
-            Ok((
+        match open_pinned(&layout).map(|d| {
+            (
                 d.current_routes().map_err(|e| e.to_string()),
                 d.counters().map_err(|e| e.to_string()),
-            ))
+            )
         }) {
             Ok((Ok(routes), Ok(counters))) => {
                 for (subnet, r) in routes {
