@@ -363,3 +363,82 @@ fn dual_stack_add_gives_both_families() {
         "host-local still holds {left:?}"
     );
 }
+
+/// The whole node story: real agents on the eBPF datapath write `subnet.env`; the runtime
+/// calls our plugin on host 1 for a new pod; that pod reaches a pod on host 2 (and back),
+/// and DEL gives its address back to host-local.
+#[test]
+fn a_pod_added_by_the_plugin_reaches_a_pod_on_another_host() {
+    if !require_root() {
+        return;
+    }
+    let tag = flannel_e2e::netns::unique_tag();
+    let pins: Vec<PathBuf> = (1..=2)
+        .map(|i| PathBuf::from(format!("/sys/fs/bpf/flannel-test-{tag}-h{i}")))
+        .collect();
+    struct Unpin(Vec<PathBuf>);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = std::fs::remove_dir_all(p);
+            }
+        }
+    }
+    let _unpin = Unpin(pins.clone());
+    let mut c = flannel_e2e::cluster::Cluster::start_each(
+        2,
+        &flannel_e2e::cluster::net_conf(r#"{"Type":"vxlan"}"#),
+        |i| {
+            vec![
+                "--dataplane=ebpf".into(),
+                format!("--bpf-pin-path={}", pins[usize::from(i) - 1].display()),
+            ]
+        },
+    );
+    let env1 = c.nodes[0].wait_subnet_env(std::time::Duration::from_secs(30));
+    let env2 = c.nodes[1].wait_subnet_env(std::time::Duration::from_secs(30));
+    c.nodes[1].host.add_pods(env2.subnet, env2.mtu, 1);
+    let remote = c.nodes[1].host.pods[0].ip;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "cbr0",
+        "type": "flannel",
+        "subnetFile": c.nodes[0].subnet_file,
+        "dataDir": tmp.path().join("flannel"),
+        "ipam": { "dataDir": tmp.path().join("ipam") },
+        "delegate": { "hairpinMode": true, "isDefaultGateway": true },
+    });
+    let pod = NetNs::new("cnix");
+    let host = &c.nodes[0].host.ns;
+    let add = cni(host, "ADD", "cross-host-pod", Some(&pod), &conf);
+    assert!(add.ok, "ADD failed: {} {}", add.stdout, add.stderr);
+    let ip: ipnetwork::Ipv4Network = add.stdout["ips"][0]["address"]
+        .as_str()
+        .expect("an address")
+        .parse()
+        .expect("IPv4 CIDR");
+    assert!(
+        env1.subnet.contains(ip.ip()),
+        "{ip} outside {}",
+        env1.subnet
+    );
+    let mtu = ip_json(&pod, "link show eth0")[0]["mtu"].as_u64();
+    assert_eq!(mtu, Some(u64::from(env1.mtu)), "pod MTU from subnet.env");
+
+    let ok = flannel_e2e::netns::wait_until(std::time::Duration::from_secs(15), || {
+        pod.run(&format!("ping -c 1 -W 1 {remote}"))
+            .status
+            .success()
+    });
+    assert!(ok, "the new pod cannot reach {remote}\n{}", c.logs());
+    c.nodes[1].host.pods[0]
+        .ns
+        .sh(&format!("ping -c 1 -W 2 {}", ip.ip()));
+
+    let del = cni(host, "DEL", "cross-host-pod", Some(&pod), &conf);
+    assert!(del.ok, "DEL failed: {}", del.stderr);
+    let lease_file = tmp.path().join("ipam/cbr0").join(ip.ip().to_string());
+    assert!(!lease_file.exists(), "host-local still holds {}", ip.ip());
+}

@@ -293,3 +293,39 @@ fn vxlan_from_an_address_without_a_lease_is_dropped_counted_and_logged() {
         c.nodes[0].log()
     );
 }
+
+#[test]
+fn direct_routing_peers_bypass_vxlan_on_the_ebpf_datapath() {
+    if !require_root() {
+        return;
+    }
+    let pins = Pins::new(2);
+    let mut c = Cluster::start_each(
+        2,
+        &net_conf(r#"{"Type":"vxlan","DirectRouting":true}"#),
+        |i| vec!["--dataplane=ebpf".into(), pins.arg(i)],
+    );
+    let envs = c.add_pods(1);
+    c.assert_all_pods_reach_each_other();
+    assert!(c.iperf(0, 1, 1) > 10 * 1024 * 1024);
+    // Peers on our L2 segment get a plain route via their address, no encapsulation.
+    let route = c.nodes[0]
+        .host
+        .ns
+        .sh(&format!("ip route show {}", envs[1].subnet));
+    assert!(route.contains("via 198.18.0.2 dev eth0"), "{route}");
+    let counters = open_pinned(&pins.layout(1)).unwrap().counters().unwrap();
+    let peer = counters
+        .peers
+        .get(&Ipv4Addr::new(198, 18, 0, 2))
+        .copied()
+        .unwrap_or_default();
+    assert_eq!(
+        peer.tx_packets, 0,
+        "nothing may be encapsulated: {counters:?}"
+    );
+    assert_eq!(
+        peer.rx_packets, 0,
+        "nothing arrives encapsulated: {counters:?}"
+    );
+}

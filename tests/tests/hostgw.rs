@@ -4,11 +4,14 @@
 //! Needs root and a built agent: `cargo build -p flannel-agent --bin flanneld`, then
 //! `cargo test -p flannel-e2e --test hostgw`.
 
-use std::time::Duration;
+use std::{
+    io::{Read, Write},
+    time::Duration,
+};
 
 use flannel_e2e::{
     cluster::{Cluster, net_conf},
-    netns::wait_until,
+    netns::{connect_from, listen_in, wait_until},
     require_root,
 };
 
@@ -57,8 +60,24 @@ fn hostgw_agents_route_every_pod_and_forget_departed_hosts() {
     assert!(bytes >= 10 * 1024 * 1024, "only {bytes} bytes crossed");
 
     // A crashed and restarted agent leaves the routes exactly as they were.
+    // … and an open TCP connection across that crash keeps working.
+    let (a, b) = (&c.nodes[0].host.pods[0], &c.nodes[1].host.pods[0]);
+    let listener = listen_in(&b.ns, b.ip, 9000);
+    let mut client = connect_from(&a.ns, b.ip, 9000).expect("connect");
+    let (mut server, _) = listener.accept().expect("accept");
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut exchange = |msg: &[u8]| {
+        client.write_all(msg).expect("send");
+        let mut buf = vec![0u8; msg.len()];
+        server.read_exact(&mut buf).expect("receive");
+        assert_eq!(buf, msg);
+    };
+    exchange(b"before the crash");
     let before = c.nodes[0].host.ns.sh("ip route show");
     c.nodes[0].kill();
+    exchange(b"while the agent is down");
     std::fs::remove_file(&c.nodes[0].subnet_file).expect("remove subnet.env");
     c.nodes[0].start();
     c.nodes[0].wait_subnet_env(Duration::from_secs(30));
@@ -69,6 +88,7 @@ fn hostgw_agents_route_every_pod_and_forget_departed_hosts() {
         "{}",
         c.logs()
     );
+    exchange(b"after the restart");
 
     // Host 3 leaves.
     c.nodes[2].stop();
