@@ -83,12 +83,11 @@ fn main() -> Result<()> {
         Command::Demo { args } => {
             setup::run()?;
             util::cargo(&["build", "--bins"])?;
-            util::cargo(&["build", "-p", "flannel-e2e", "--bin", "demo"])?;
             util::exec(&root.join("target/debug/demo"), &args)
         }
         Command::Bench { args } => {
             setup::run()?;
-            util::cargo(&["build", "-p", "flannel-e2e", "--bin", "bench"])?;
+            util::cargo(&["build", "--bins"])?;
             util::exec(&root.join("target/debug/bench"), &args)
         }
         Command::Maps { pin_path } => maps(&pin_path),
@@ -118,25 +117,14 @@ fn test(extra: &[String]) -> Result<()> {
         ],
     )?;
     // Binaries first: the end-to-end tests run the real flanneld and flannel CNI plugin.
+    // Every cargo call here selects the same packages (the default members), so features
+    // unify the same way and nothing is rebuilt between steps.
     util::cargo(&["build", "--bins"])?;
-    let mut unit = vec![
-        "test",
-        "-p",
-        "flannel-common",
-        "-p",
-        "flannel-agent",
-        "-p",
-        "xtask",
-    ];
-    if !extra.is_empty() {
-        unit.push("--");
-        unit.extend(extra.iter().map(String::as_str));
-    }
-    util::cargo(&unit)?;
-    // Privileged tests share two cores and the kernel: one at a time keeps timing honest.
-    let mut e2e = vec!["test", "-p", "flannel-e2e", "--", "--test-threads=1"];
-    e2e.extend(extra.iter().map(String::as_str));
-    util::cargo_env(&e2e, &[("FLANNEL_TEST_PRIVILEGED", "1")])
+    // One test at a time: the privileged tests share two cores and the kernel, and timing
+    // stays honest.
+    let mut args = vec!["test", "--", "--test-threads=1"];
+    args.extend(extra.iter().map(String::as_str));
+    util::cargo_env(&args, &[("FLANNEL_TEST_PRIVILEGED", "1")])
 }
 
 fn maps(pin_path: &std::path::Path) -> Result<()> {
