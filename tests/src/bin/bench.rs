@@ -4,7 +4,9 @@
 //!
 //! Each mode is two host namespaces on one veth with a pod behind each (see
 //! `flannel_e2e::twohost`). Per round and mode: iperf3 one stream, iperf3 four streams,
-//! and a TCP request/response ping-pong (1-byte messages, TCP_NODELAY) for p50/p99.
+//! and a TCP request/response ping-pong (1-byte messages, TCP_NODELAY) for p50/p99, measured
+//! with the CPUs kept out of idle (SCHED_IDLE spinners) so VM wake-up latency doesn't
+//! dominate.
 
 use std::{
     io::{Read, Write},
@@ -193,6 +195,44 @@ fn gbits(report: &serde_json::Value) -> f64 {
         / 1e9
 }
 
+/// Keeps both CPUs out of idle while it lives, with SCHED_IDLE spinners that yield to any
+/// real work at once. On a VM an idle CPU takes tens of µs to wake, which would drown the
+/// datapath's share of a ping-pong's latency.
+struct NoIdle {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl NoIdle {
+    fn new() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+        let threads = (0..cpus)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let param = libc::sched_param { sched_priority: 0 };
+                    // SAFETY: changes only this thread's policy.
+                    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for NoIdle {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 fn request_response(
     exe: &std::path::Path,
     client: &str,
@@ -208,6 +248,7 @@ fn request_response(
         .spawn()
         .expect("rr server");
     std::thread::sleep(Duration::from_millis(200));
+    let _no_idle = NoIdle::new();
     let out = Command::new("sh")
         .arg("-c")
         .arg(inside(
