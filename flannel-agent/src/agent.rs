@@ -295,7 +295,10 @@ fn plan(backend: &BackendConfig, dataplane: Dataplane) -> Result<Plan> {
 /// Builds the planned backend.
 async fn build_backend(plan: Plan, ext: &ExternalInterface, cli: &Cli) -> Result<AnyBackend> {
     let err = |backend| move |source| Error::Backend { backend, source };
-    let pins = cli.bpf_pin_path.clone();
+    let pins = backend::ebpf::EbpfOptions {
+        pin_root: cli.bpf_pin_path.clone(),
+        fast_path: cli.ebpf_fast_path,
+    };
     match plan {
         Plan::HostGw => Ok(AnyBackend::HostGw(
             backend::hostgw::HostGw::new(ext.clone())

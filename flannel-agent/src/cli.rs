@@ -178,6 +178,12 @@ pub struct Cli {
         default_value = "/sys/fs/bpf/flannel"
     )]
     pub bpf_pin_path: PathBuf,
+    /// eBPF datapath only, opt-in: deliver VXLAN for local pods straight into their
+    /// namespace (bpf_redirect_peer), bypassing the host's routing and netfilter for that
+    /// traffic. Faster, but kube-proxy Services and netfilter NetworkPolicy need it off.
+    #[arg(long, env = "FLANNELD_EBPF_FAST_PATH", value_parser = go_bool, action = ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
+    pub ebpf_fast_path: bool,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "flannel_agent=debug").
     #[arg(long, env = "FLANNELD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -360,6 +366,7 @@ mod tests {
         );
         assert_eq!(c.dataplane, Dataplane::Auto);
         assert_eq!(c.bpf_pin_path, PathBuf::from("/sys/fs/bpf/flannel"));
+        assert!(!c.ebpf_fast_path);
         assert_eq!(c.lease_ttl(), Duration::from_secs(86400));
     }
 

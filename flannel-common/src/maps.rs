@@ -42,9 +42,36 @@ pub struct Peer {
     pub prefix_len: u32,
 }
 
+/// Key of [`crate::names::MAP_ENDPOINTS`]: a local pod's IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    /// Pod IPv4, network order.
+    pub addr: [u8; 4],
+}
+
+/// Value of [`crate::names::MAP_ENDPOINTS`]: how to hand a decapsulated packet straight to a
+/// local pod (fast path: `bpf_redirect_peer` into the pod's namespace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Interface index of the pod veth's host side (the bridge port).
+    pub ifindex: u32,
+    /// The pod's MAC: destination of the delivered frame.
+    pub pod_mac: [u8; 6],
+    /// The host side veth's MAC: source of the delivered frame.
+    pub host_mac: [u8; 6],
+}
+
 /// The datapath is configured and may handle packets. Until the agent sets it, both
 /// programs hand everything to the kernel path.
 pub const CONFIG_F_ENABLED: u32 = 1;
+
+/// Opt-in fast path: VXLAN for a local pod listed in the endpoints map is decapsulated and
+/// delivered straight into the pod's namespace, GSO aggregates included. This skips the
+/// host's routing and netfilter (FORWARD, conntrack) for that traffic, so it is off by
+/// default: kube-proxy Services and netfilter-based NetworkPolicy need the default path.
+pub const CONFIG_F_FAST_INGRESS: u32 = 2;
 
 /// Value of [`crate::names::MAP_CONFIG`] (one element): this host's VXLAN parameters.
 #[repr(C)]
@@ -86,6 +113,8 @@ mod pod {
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::Endpoint {}
 }
 
 #[cfg(test)]
@@ -110,6 +139,15 @@ mod tests {
         assert_eq!(offset_of!(Peer, slot), 0);
         assert_eq!(offset_of!(Peer, subnet), 4);
         assert_eq!(offset_of!(Peer, prefix_len), 8);
+    }
+
+    #[test]
+    fn endpoint_layout_is_pinned() {
+        assert_eq!(size_of::<EndpointKey>(), 4);
+        assert_eq!(size_of::<Endpoint>(), 16);
+        assert_eq!(offset_of!(Endpoint, ifindex), 0);
+        assert_eq!(offset_of!(Endpoint, pod_mac), 4);
+        assert_eq!(offset_of!(Endpoint, host_mac), 10);
     }
 
     #[test]

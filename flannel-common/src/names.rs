@@ -18,6 +18,8 @@ pub const MAP_PEERS: &str = "PEERS";
 pub const MAP_CONFIG: &str = "CONFIG";
 /// Per-CPU array indexed by peer slot: [`crate::PeerStats`].
 pub const MAP_PEER_STATS: &str = "PEER_STATS";
+/// Hash: local pod IPv4 → [`crate::Endpoint`], for the opt-in fast path.
+pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
 /// Per-CPU array indexed by [`crate::DropReason`]: [`crate::Counter`].
 pub const MAP_DROPS: &str = "DROPS";
 /// Per-CPU array indexed by [`crate::stats::PassReason`]: [`crate::Counter`]. Packets the
@@ -30,14 +32,18 @@ pub const PROG_ENCAP: &str = "vxlan_encap";
 pub const PROG_DECAP: &str = "vxlan_decap";
 
 /// Every map name, for pinning and for cleanup.
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 7] = [
     MAP_ROUTES,
     MAP_PEERS,
+    MAP_ENDPOINTS,
     MAP_CONFIG,
     MAP_PEER_STATS,
     MAP_DROPS,
     MAP_PASSES,
 ];
+
+/// Maximum number of local pods the fast path delivers to directly.
+pub const MAX_ENDPOINTS: u32 = 1024;
 
 /// Maximum number of peers (slots in [`MAP_PEER_STATS`], entries in [`MAP_PEERS`] and
 /// [`MAP_ROUTES`]).

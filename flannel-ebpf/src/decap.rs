@@ -14,15 +14,21 @@
 //! GSO aggregates go to the kernel device untouched: on 6.18 `bpf_skb_adjust_room` cannot
 //! clear the tunnel GSO state of a decapsulated aggregate, which the next transmit would
 //! then segment in software. Outer fragments go to the kernel too (it reassembles them).
+//!
+//! Opt-in fast path (`CONFIG_F_FAST_INGRESS`): packets for a local pod in the endpoints map,
+//! aggregates included, are decapsulated and put straight into the pod's namespace with
+//! `bpf_redirect_peer`. No device transmit happens on the way, so the stale tunnel GSO
+//! state is harmless; but the host's routing and netfilter never see these packets.
 
 use aya_ebpf::{
     bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::bpf_redirect,
+    helpers::{bpf_redirect, bpf_redirect_peer},
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use flannel_common::{
-    DropReason, PassReason, PeerKey,
+    DropReason, EndpointKey, PassReason, PeerKey,
+    maps::CONFIG_F_FAST_INGRESS,
     wire::{
         ETH_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_LEN, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD, in_subnet,
         parse_vxlan_header,
@@ -96,6 +102,29 @@ pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
         .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
     if !in_subnet(inner_src, peer.subnet, peer.prefix_len) {
         return Err(Outcome::Drop(DropReason::Spoofed));
+    }
+    if cfg.flags & CONFIG_F_FAST_INGRESS != 0 {
+        let inner_dst: [u8; 4] = ctx
+            .load(INNER_IP + 16)
+            .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
+        // SAFETY: the map value is only read, and copied out at once.
+        if let Some(ep) = unsafe { maps::ENDPOINTS.get(EndpointKey { addr: inner_dst }) }.copied() {
+            ctx.adjust_room(
+                -(VXLAN_OVERHEAD as i32),
+                BPF_ADJ_ROOM_MAC,
+                BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+            )
+            .map_err(|_| Outcome::Pass(PassReason::HelperFailed))?;
+            let mut delivered = eth;
+            delivered[0..6].copy_from_slice(&ep.pod_mac);
+            delivered[6..12].copy_from_slice(&ep.host_mac);
+            ctx.store(0, &delivered, 0)
+                .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
+            maps::count_peer(peer.slot, ctx.len(), false);
+            // SAFETY: plain helper call; the ifindex comes from the agent's endpoint sync.
+            let rc = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
+            return Ok(rc as i32);
+        }
     }
     // SAFETY: reading a field of the context the kernel handed us.
     if unsafe { (*ctx.skb.skb).gso_size } != 0 {

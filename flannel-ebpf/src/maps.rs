@@ -8,8 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flannel_common::{
-    Counter, DatapathConfig, DropReason, PassReason, Peer, PeerKey, PeerStats, Route,
-    names::MAX_PEERS,
+    Counter, DatapathConfig, DropReason, Endpoint, EndpointKey, PassReason, Peer, PeerKey,
+    PeerStats, Route,
+    names::{MAX_ENDPOINTS, MAX_PEERS},
 };
 
 const PEERS_MAX: usize = MAX_PEERS as usize;
@@ -23,6 +24,15 @@ pub static ROUTES: LpmTrie<[u8; 4], Route, PEERS_MAX> = LpmTrie::new();
 #[btf_map]
 pub static PEERS: HashMap<PeerKey, Peer, PEERS_MAX, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
+
+/// Local pod IPv4 → where to deliver it directly (opt-in fast path).
+#[btf_map]
+pub static ENDPOINTS: HashMap<
+    EndpointKey,
+    Endpoint,
+    { MAX_ENDPOINTS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// This host's parameters; element 0.
 #[btf_map]

@@ -329,3 +329,49 @@ fn direct_routing_peers_bypass_vxlan_on_the_ebpf_datapath() {
         "nothing arrives encapsulated: {counters:?}"
     );
 }
+
+#[test]
+fn opt_in_fast_path_delivers_straight_to_pods_aggregates_included() {
+    if !require_root() {
+        return;
+    }
+    let pins = Pins::new(2);
+    let mut c = Cluster::start_each(2, &net_conf(VXLAN), |i| {
+        vec![
+            "--dataplane=ebpf".into(),
+            pins.arg(i),
+            "--ebpf-fast-path".into(),
+        ]
+    });
+    c.add_pods(1);
+    c.assert_all_pods_reach_each_other();
+    // The agent learned each host's pod from cni0's neighbour table and FDB.
+    for (host, node) in [(1u8, 0usize), (2, 1)] {
+        let pod = c.nodes[node].host.pods[0].ip;
+        let ok = wait_until(Duration::from_secs(10), || {
+            open_pinned(&pins.layout(host))
+                .and_then(|d| Ok(d.current_endpoints().expect("endpoints")))
+                .is_ok_and(|e| e.contains_key(&pod))
+        });
+        assert!(ok, "host {host} never listed its pod {pod}\n{}", c.logs());
+    }
+    let before = open_pinned(&pins.layout(2)).unwrap().counters().unwrap();
+    for (from, to) in [(0, 1), (1, 0)] {
+        let bytes = c.iperf(from, to, 2);
+        assert!(
+            bytes > 10 * 1024 * 1024,
+            "host {from} → host {to}: only {bytes} bytes"
+        );
+    }
+    let after = open_pinned(&pins.layout(2)).unwrap().counters().unwrap();
+    let peer = Ipv4Addr::new(198, 18, 0, 1);
+    let rx = after.peers[&peer].rx_bytes - before.peers[&peer].rx_bytes;
+    assert!(
+        rx > 10 * 1024 * 1024,
+        "host 2 must have decapsulated the bulk itself: {after:?}"
+    );
+    assert_eq!(
+        after.passes["gso_ingress"].packets, before.passes["gso_ingress"].packets,
+        "no aggregate may fall back to the kernel device: {after:?}"
+    );
+}

@@ -489,3 +489,56 @@ fn bpftool_dumps_the_pinned_maps_with_field_names() {
         assert_eq!(dump[0]["formatted"]["value"]["port"], 8472);
     });
 }
+
+#[test]
+fn fast_path_decap_hands_frames_for_local_pods_straight_to_their_veth() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = PinDir::new("fast");
+    let pin_path = pins.0.clone();
+    in_fresh_netns(move || {
+        let mut dp = Loaded::new(&pin_path);
+        let mut config: Array<&mut MapData, DatapathConfig> =
+            Array::try_from(dp.ebpf.map_mut(names::MAP_CONFIG).unwrap()).unwrap();
+        let mut cfg = config.get(&0, 0).unwrap();
+        cfg.flags |= flannel_common::maps::CONFIG_F_FAST_INGRESS;
+        config.set(0, cfg, 0).unwrap();
+        let pod_mac = [0x02, 0x0d, 0, 0, 0, 5];
+        let veth_mac = [0x02, 0x0e, 0, 0, 0, 5];
+        let mut endpoints: HashMap<
+            &mut MapData,
+            flannel_common::EndpointKey,
+            flannel_common::Endpoint,
+        > = HashMap::try_from(dp.ebpf.map_mut(names::MAP_ENDPOINTS).unwrap()).unwrap();
+        endpoints
+            .insert(
+                flannel_common::EndpointKey {
+                    addr: [10, 244, 1, 5],
+                },
+                flannel_common::Endpoint {
+                    ifindex: 42,
+                    pod_mac,
+                    host_mac: veth_mac,
+                },
+                0,
+            )
+            .unwrap();
+
+        let inner = inner_frame(OUR_MAC, PEER_MAC, [10, 244, 2, 7], [10, 244, 1, 5]);
+        let (verdict, out) = dp.run(names::PROG_DECAP, &vxlan_packet(PEER_IP, 1, &inner));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out[0..6], &pod_mac, "delivered to the pod's MAC");
+        assert_eq!(&out[6..12], &veth_mac, "from the host side of its veth");
+        assert_eq!(
+            &out[12..],
+            &inner[12..],
+            "the inner packet itself is untouched"
+        );
+
+        // A pod not in the map takes the default path (into flannel.1, inner MACs kept).
+        let other = inner_frame(OUR_MAC, PEER_MAC, [10, 244, 2, 7], [10, 244, 1, 6]);
+        let (verdict, out) = dp.run(names::PROG_DECAP, &vxlan_packet(PEER_IP, 1, &other));
+        assert_eq!((verdict, out), (TC_ACT_REDIRECT, other));
+    });
+}

@@ -305,6 +305,14 @@ impl Netlink {
         family: AddressFamily,
         index: u32,
     ) -> Result<Vec<NeighbourMessage>> {
+        let mut all = self.all_neighbours(family).await?;
+        all.retain(|n| n.header.ifindex == index);
+        Ok(all)
+    }
+
+    /// Every neighbour entry of `family` on any link (for a bridge's FDB, whose entries sit
+    /// on the ports).
+    pub async fn all_neighbours(&self, family: AddressFamily) -> Result<Vec<NeighbourMessage>> {
         let mut msg = NeighbourMessage::default();
         msg.header.family = family;
         let replies = self
@@ -317,7 +325,7 @@ impl Netlink {
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == index => Some(n),
+                RouteNetlinkMessage::NewNeighbour(n) => Some(n),
                 _ => None,
             })
             .collect())

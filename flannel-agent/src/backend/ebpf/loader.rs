@@ -4,7 +4,7 @@
 //! Pin layout under `--bpf-pin-path` (default `/sys/fs/bpf/flannel`):
 //!
 //! ```text
-//! <root>/v1/maps/{ROUTES,PEERS,CONFIG,PEER_STATS,DROPS,PASSES}
+//! <root>/v1/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES}
 //! <root>/v1/links/{encap,decap}
 //! ```
 //!
@@ -27,7 +27,7 @@ use aya::{
     },
 };
 use flannel_common::{
-    Counter, DatapathConfig, Peer, PeerKey, PeerStats, Route,
+    Counter, DatapathConfig, Endpoint, EndpointKey, Peer, PeerKey, PeerStats, Route,
     names::{self, LAYOUT_VERSION},
 };
 use tracing::{debug, info, warn};
@@ -80,6 +80,8 @@ pub struct Datapath {
     pub routes: LpmTrie<MapData, [u8; 4], Route>,
     /// Peer underlay → peer.
     pub peers: HashMap<MapData, PeerKey, Peer>,
+    /// Local pod → direct delivery (fast path).
+    pub endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     /// This host's configuration.
     pub config: Array<MapData, DatapathConfig>,
     /// Per-peer counters.
@@ -115,6 +117,8 @@ pub fn open_pinned(layout: &PinLayout) -> Result<Datapath, FallbackReason> {
             .map_err(|e| map_err(names::MAP_ROUTES, e))?,
         peers: HashMap::try_from(open(names::MAP_PEERS)?)
             .map_err(|e| map_err(names::MAP_PEERS, e))?,
+        endpoints: HashMap::try_from(open(names::MAP_ENDPOINTS)?)
+            .map_err(|e| map_err(names::MAP_ENDPOINTS, e))?,
         config: Array::try_from(open(names::MAP_CONFIG)?)
             .map_err(|e| map_err(names::MAP_CONFIG, e))?,
         peer_stats: PerCpuArray::try_from(open(names::MAP_PEER_STATS)?)
@@ -198,6 +202,8 @@ pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapat
             .map_err(|e| map_err(names::MAP_ROUTES, e))?,
         peers: HashMap::try_from(take(&mut ebpf, names::MAP_PEERS)?)
             .map_err(|e| map_err(names::MAP_PEERS, e))?,
+        endpoints: HashMap::try_from(take(&mut ebpf, names::MAP_ENDPOINTS)?)
+            .map_err(|e| map_err(names::MAP_ENDPOINTS, e))?,
         config: Array::try_from(take(&mut ebpf, names::MAP_CONFIG)?)
             .map_err(|e| map_err(names::MAP_CONFIG, e))?,
         peer_stats: PerCpuArray::try_from(take(&mut ebpf, names::MAP_PEER_STATS)?)
@@ -214,9 +220,14 @@ pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapat
 /// the programs read garbage. Within one layout version this only happens after a bug.
 fn check_pinned_maps(layout: &PinLayout) -> Result<(), FallbackReason> {
     use std::mem::size_of;
-    let expected: [(&str, usize, usize); 6] = [
+    let expected: [(&str, usize, usize); 7] = [
         (names::MAP_ROUTES, 8, size_of::<Route>()),
         (names::MAP_PEERS, size_of::<PeerKey>(), size_of::<Peer>()),
+        (
+            names::MAP_ENDPOINTS,
+            size_of::<EndpointKey>(),
+            size_of::<Endpoint>(),
+        ),
         (names::MAP_CONFIG, 4, size_of::<DatapathConfig>()),
         (names::MAP_PEER_STATS, 4, size_of::<PeerStats>()),
         (names::MAP_DROPS, 4, size_of::<Counter>()),

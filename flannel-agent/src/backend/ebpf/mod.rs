@@ -12,13 +12,18 @@
 //! Order of updates, so the kernel path always backs the BPF path: a peer's kernel entries
 //! go in before its map entries, and its map entries come out before its kernel entries.
 
+mod endpoints;
 mod loader;
 mod probe;
 mod tables;
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use flannel_common::{DatapathConfig, maps::CONFIG_F_ENABLED, wire::FLANNEL_VXLAN_PORT};
+use flannel_common::{
+    DatapathConfig,
+    maps::{CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS},
+    wire::FLANNEL_VXLAN_PORT,
+};
 use tracing::{info, warn};
 
 pub use loader::{Datapath, OBJECT, PinLayout, load, open_pinned};
@@ -31,10 +36,21 @@ use crate::{
     netconf::VxlanConfig,
 };
 
+/// How the eBPF datapath is set up (from `--bpf-pin-path` and `--ebpf-fast-path`).
+#[derive(Clone, Debug)]
+pub struct EbpfOptions {
+    /// bpffs directory for this agent's pins.
+    pub pin_root: PathBuf,
+    /// Deliver decapsulated traffic for local pods straight into their namespace.
+    pub fast_path: bool,
+}
+
 /// The eBPF VXLAN backend.
 pub struct EbpfVxlan {
     kernel: KernelVxlan,
     datapath: Datapath,
+    layout: PinLayout,
+    fast_path: bool,
     ext: ExternalInterface,
     config: VxlanConfig,
     attrs: LeaseAttrs,
@@ -47,9 +63,9 @@ impl EbpfVxlan {
     pub async fn new(
         ext: ExternalInterface,
         config: VxlanConfig,
-        pin_root: PathBuf,
+        options: EbpfOptions,
     ) -> Result<Self> {
-        Self::try_new(ext, config, pin_root)
+        Self::try_new(ext, config, options)
             .await
             .map_err(|reason| Error::Other(format!("eBPF datapath unavailable: {reason}")))
     }
@@ -57,9 +73,9 @@ impl EbpfVxlan {
     async fn try_new(
         ext: ExternalInterface,
         config: VxlanConfig,
-        pin_root: PathBuf,
+        options: EbpfOptions,
     ) -> std::result::Result<Self, FallbackReason> {
-        probe::probe(&pin_root)?;
+        probe::probe(&options.pin_root)?;
         let mut kernel = KernelVxlan::new(ext.clone(), config.clone())
             .await
             .map_err(|e| FallbackReason::Device(e.to_string()))?;
@@ -69,13 +85,15 @@ impl EbpfVxlan {
             .prepare()
             .await
             .map_err(|e| FallbackReason::Device(e.to_string()))?;
-        let layout = PinLayout::new(pin_root);
+        let layout = PinLayout::new(options.pin_root);
         let device = kernel.device_name().to_owned();
         let datapath = loader::load(&layout, &device, &ext.name)?;
         info!(device, uplink = %ext.name, pins = %layout.versioned().display(), "eBPF VXLAN datapath attached");
         Ok(Self {
             kernel,
             datapath,
+            layout,
+            fast_path: options.fast_path,
             ext,
             config,
             attrs,
@@ -91,8 +109,13 @@ impl EbpfVxlan {
 
     fn datapath_config(&self) -> DatapathConfig {
         let (sport_min, sport_max) = local_port_range();
+        let fast = if self.fast_path {
+            CONFIG_F_FAST_INGRESS
+        } else {
+            0
+        };
         DatapathConfig {
-            flags: CONFIG_F_ENABLED,
+            flags: CONFIG_F_ENABLED | fast,
             vni: self.config.vni,
             port: if self.config.port == 0 {
                 FLANNEL_VXLAN_PORT
@@ -157,7 +180,23 @@ impl Backend for EbpfVxlan {
         self.datapath
             .set_config(&cfg)
             .map_err(|e| Self::map_err("CONFIG", e))?;
-        info!(vni = cfg.vni, port = cfg.port, local = %Ipv4Addr::from(cfg.local_ip), "eBPF datapath enabled");
+        info!(vni = cfg.vni, port = cfg.port, local = %Ipv4Addr::from(cfg.local_ip), fast_path = self.fast_path, "eBPF datapath enabled");
+        if self.fast_path {
+            warn!(
+                "eBPF fast path on: traffic to local pods bypasses this host's routing and netfilter (kube-proxy, NetworkPolicy)"
+            );
+            tokio::spawn(endpoints::sync_loop(
+                self.layout.clone(),
+                endpoints::BRIDGE.to_owned(),
+                own.subnet,
+            ));
+        } else {
+            // A previous run with the fast path may have left entries: they are inert
+            // without the flag, but the map should say what is in effect.
+            self.datapath
+                .set_endpoints(&Default::default())
+                .map_err(|e| Self::map_err("ENDPOINTS", e))?;
+        }
         Ok(())
     }
 

@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
 use flannel_common::{
-    Counter, DatapathConfig, DropReason, Peer, PeerKey, PeerStats, Route, names::MAX_PEERS,
-    stats::PassReason,
+    Counter, DatapathConfig, DropReason, Endpoint, EndpointKey, Peer, PeerKey, PeerStats, Route,
+    names::MAX_PEERS, stats::PassReason,
 };
 use ipnetwork::Ipv4Network;
 
@@ -146,6 +146,34 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// Make the endpoints map hold exactly `desired` (local pod → direct delivery).
+    pub fn set_endpoints(
+        &mut self,
+        desired: &BTreeMap<Ipv4Addr, Endpoint>,
+    ) -> Result<(), MapError> {
+        let current = self.current_endpoints()?;
+        for (ip, ep) in desired {
+            if current.get(ip) != Some(ep) {
+                self.endpoints
+                    .insert(EndpointKey { addr: ip.octets() }, ep, 0)?;
+            }
+        }
+        for ip in current.keys().filter(|ip| !desired.contains_key(ip)) {
+            ignore_missing(self.endpoints.remove(&EndpointKey { addr: ip.octets() }))?;
+        }
+        Ok(())
+    }
+
+    /// The endpoints map's contents.
+    pub fn current_endpoints(&self) -> Result<BTreeMap<Ipv4Addr, Endpoint>, MapError> {
+        let mut out = BTreeMap::new();
+        for entry in self.endpoints.iter() {
+            let (k, v) = entry?;
+            out.insert(Ipv4Addr::from(k.addr), v);
+        }
+        Ok(out)
     }
 
     /// Sum the per-CPU counters.
