@@ -350,7 +350,7 @@ fn opt_in_fast_path_delivers_straight_to_pods_aggregates_included() {
         let pod = c.nodes[node].host.pods[0].ip;
         let ok = wait_until(Duration::from_secs(10), || {
             open_pinned(&pins.layout(host))
-                .and_then(|d| Ok(d.current_endpoints().expect("endpoints")))
+                .map(|d| d.current_endpoints().expect("endpoints"))
                 .is_ok_and(|e| e.contains_key(&pod))
         });
         assert!(ok, "host {host} never listed its pod {pod}\n{}", c.logs());
