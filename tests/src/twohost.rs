@@ -12,7 +12,10 @@ use std::{
 };
 
 use flannel_agent::backend::ebpf::{Counters, Datapath, PeerEntry, PinLayout};
-use flannel_common::{DatapathConfig, maps::CONFIG_F_ENABLED};
+use flannel_common::{
+    DatapathConfig, Endpoint,
+    maps::{CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS},
+};
 use ipnetwork::Ipv4Network;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -241,6 +244,38 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
 
 /// Load our programs on `host` (pins under `pin_root`) and point them at `peer`.
 pub fn attach_ebpf(host: &Host, peer: &Host, pin_root: PathBuf) {
+    attach_ebpf_with(host, peer, pin_root, false);
+}
+
+/// Like [`attach_ebpf`]; with `fast_path`, also turns on the opt-in fast path and lists the
+/// host's pod in the endpoints map (what the agent learns from `cni0` on a real node).
+pub fn attach_ebpf_with(host: &Host, peer: &Host, pin_root: PathBuf, fast_path: bool) {
+    let endpoint = fast_path.then(|| {
+        let link = |ns: &str, dev: &str| -> serde_json::Value {
+            let (ok, out) = sh_out(&format!("ip -n {ns} -j link show {dev}"));
+            assert!(ok, "{out}");
+            serde_json::from_str::<serde_json::Value>(&out).expect("ip JSON")[0].clone()
+        };
+        let mac = |v: &serde_json::Value| -> [u8; 6] {
+            let bytes: Vec<u8> = v["address"]
+                .as_str()
+                .expect("address")
+                .split(':')
+                .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+                .collect();
+            bytes.try_into().expect("6 bytes")
+        };
+        let (veth, pod) = (link(&host.ns, "veth0"), link(&host.pod, "eth0"));
+        let ifindex = u32::try_from(veth["ifindex"].as_u64().expect("ifindex")).expect("u32");
+        (
+            host.pod_ip(),
+            Endpoint {
+                ifindex,
+                pod_mac: mac(&pod),
+                host_mac: mac(&veth),
+            },
+        )
+    });
     let (me, other) = (
         (host.ns.clone(), host.underlay, host.mac),
         (peer.underlay, peer.subnet, peer.mac),
@@ -254,8 +289,13 @@ pub fn attach_ebpf(host: &Host, peer: &Host, pin_root: PathBuf) {
             // SAFETY: valid C string.
             unsafe { libc::if_nametoindex(c.as_ptr()) }
         };
+        let fast = if endpoint.is_some() {
+            CONFIG_F_FAST_INGRESS
+        } else {
+            0
+        };
         dp.set_config(&DatapathConfig {
-            flags: CONFIG_F_ENABLED,
+            flags: CONFIG_F_ENABLED | fast,
             vni: 1,
             port: 8472,
             sport_min: 32768,
@@ -274,6 +314,10 @@ pub fn attach_ebpf(host: &Host, peer: &Host, pin_root: PathBuf) {
             vtep_mac: other.2,
         })
         .expect("upsert peer");
+        if let Some((ip, ep)) = endpoint {
+            dp.set_endpoints(&[(ip, ep)].into_iter().collect())
+                .expect("set endpoints");
+        }
         // `dp` drops here: the pinned links and maps keep the datapath running.
     });
 }
