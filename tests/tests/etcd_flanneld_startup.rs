@@ -8,7 +8,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -19,20 +19,7 @@ use flannel_e2e::etcd::EtcdServer;
 const PREFIX: &str = "/flannel-startup/network";
 
 fn flanneld() -> PathBuf {
-    if let Some(p) = std::env::var_os("FLANNELD_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        PathBuf::from,
-    );
-    let bin = target.join("debug/flanneld");
-    assert!(
-        bin.exists(),
-        "{} not found: run `cargo build -p flannel-agent --bin flanneld` first",
-        bin.display()
-    );
-    bin
+    flannel_e2e::cluster::flanneld_bin()
 }
 
 /// A flanneld process, killed on drop.
