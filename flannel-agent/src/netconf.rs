@@ -94,7 +94,10 @@ pub struct NetworkConfig {
     pub ipv6_subnet_min: Option<Ipv6Addr>,
     /// Last allocatable IPv6 subnet base.
     pub ipv6_subnet_max: Option<Ipv6Addr>,
-    /// Use nftables rather than iptables for masquerade/forward rules.
+    /// Use nftables rather than iptables for masquerade/forward rules. Defaults to true
+    /// when the key is absent (upstream defaults to iptables): nftables is what current
+    /// distributions run, and an explicit `"EnableNFTables": false` still selects the
+    /// iptables rules. The rules are per host, so hosts of either kind mix freely.
     pub enable_nftables: bool,
     /// The backend section.
     pub backend: BackendConfig,
@@ -293,7 +296,7 @@ impl NetworkConfig {
             ipv6_subnet_len: prefix_len(&obj, "IPv6SubnetLen")?,
             ipv6_subnet_min: obj.ipv6("IPv6SubnetMin")?.filter(|a| !a.is_unspecified()),
             ipv6_subnet_max: obj.ipv6("IPv6SubnetMax")?.filter(|a| !a.is_unspecified()),
-            enable_nftables: obj.bool("EnableNFTables", false)?,
+            enable_nftables: obj.bool("EnableNFTables", true)?,
             backend: parse_backend(obj.get("Backend"))?,
         })
     }
@@ -613,6 +616,18 @@ mod tests {
         let err = NetworkConfig::parse_and_check(&format!(r#"{{"Network":"10.0.0.0/29",{VX}}}"#))
             .unwrap_err();
         assert!(err.to_string().contains("/28"), "{err}");
+    }
+
+    #[test]
+    fn nftables_is_the_default_and_iptables_stays_selectable() {
+        let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
+            .unwrap();
+        assert!(cfg.enable_nftables);
+        let cfg = NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableNFTables":false,"Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert!(!cfg.enable_nftables);
     }
 
     #[test]

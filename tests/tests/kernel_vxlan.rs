@@ -135,16 +135,19 @@ fn kernel_vxlan_ip_masq_rewrites_only_traffic_leaving_the_cluster() {
     if !require_root() {
         return;
     }
-    let mut c = Cluster::start(
-        2,
-        &net_conf(VXLAN),
-        &["--dataplane=kernel", "--ip-masq=true"],
-    );
+    // The legacy iptables mode, chosen explicitly (nftables is the default).
+    let conf = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"EnableNFTables":false,"Backend":{"Type":"vxlan"}}"#;
+    let mut c = Cluster::start(2, conf, &["--dataplane=kernel", "--ip-masq=true"]);
     let outside_ip = Ipv4Addr::new(198, 18, 1, 1);
     let outside = c.underlay.attach("out", outside_ip, 1500);
     let envs = c.add_pods(1);
     assert!(envs.iter().all(|e| e.ipmasq), "FLANNEL_IPMASQ not true");
     c.assert_all_pods_reach_each_other();
+    let nat = c.nodes[0].host.ns.sh("iptables -t nat -S");
+    assert!(
+        nat.contains("-A FLANNEL-POSTRTG"),
+        "iptables mode installs upstream's chain: {nat}"
+    );
     let (a, b) = (&c.nodes[0].host.pods[0], &c.nodes[1].host.pods[0]);
     let out_listener = listen_in(&outside, outside_ip, 8080);
     let pod_listener = listen_in(&b.ns, b.ip, 8080);
@@ -166,8 +169,12 @@ fn kernel_vxlan_ip_masq_with_nftables() {
     if !require_root() {
         return;
     }
-    let conf = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
-    let mut c = Cluster::start(2, conf, &["--dataplane=kernel", "--ip-masq=true"]);
+    // No EnableNFTables key: nftables is the default.
+    let mut c = Cluster::start(
+        2,
+        &net_conf(VXLAN),
+        &["--dataplane=kernel", "--ip-masq=true"],
+    );
     let outside_ip = Ipv4Addr::new(198, 18, 1, 1);
     let outside = c.underlay.attach("out", outside_ip, 1500);
     c.add_pods(1);

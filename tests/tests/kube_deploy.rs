@@ -123,7 +123,10 @@ fn configmap_parses_with_our_parsers() {
     let net = NetworkConfig::parse(&data["net-conf.json"]).unwrap();
     assert_eq!(net.network.unwrap().to_string(), "10.244.0.0/16");
     assert!(matches!(net.backend, BackendConfig::Vxlan(_)));
-    assert!(!net.enable_nftables);
+    assert!(
+        net.enable_nftables,
+        "the manifest uses our default, nftables"
+    );
 
     // The conflist's flannel entry, as libcni hands it to the plugin, renders the same
     // bridge config upstream's plugin would.
