@@ -224,3 +224,47 @@ fn services_and_network_policy_keep_working_on_the_ebpf_path() {
         "{c:?}"
     );
 }
+
+#[test]
+fn detaching_the_programs_mid_flow_hands_traffic_to_the_kernel_device() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (a, b) = two_hosts(&mut t);
+    let (pa, pb) = (t.pin_root("a"), t.pin_root("b"));
+    attach_ebpf(&a, &b, pa.clone());
+    attach_ebpf(&b, &a, pb.clone());
+    let client = {
+        let (pod, server) = (a.pod.clone(), b.pod_ip());
+        let srv = std::process::Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", b.pod))
+            .args(["iperf3", "-s", "-1", "-p", "5202"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 server");
+        t.children.push(srv);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::thread::spawn(move || {
+            sh_out(&inside(
+                &pod,
+                &format!("iperf3 -c {server} -p 5202 -t 5 -J"),
+            ))
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // Unpinning drops the last reference to the tcx links: both programs detach on both
+    // hosts while the transfer runs.
+    PinLayout::new(&pa).remove_all().expect("unpin a");
+    PinLayout::new(&pb).remove_all().expect("unpin b");
+    let (ok, out) = client.join().expect("client thread");
+    assert!(ok, "the transfer must survive the detach: {out}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    assert!(report.get("error").is_none(), "{report}");
+    let bytes = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(bytes > 50 * 1024 * 1024, "only {bytes} bytes in 5 s");
+    let (ok, out) = ping(&a, b.pod_ip(), 56);
+    assert!(ok, "the kernel device carries on alone: {out}");
+    let tcx = in_netns(&a.ns.clone(), attached_ids);
+    assert_eq!(tcx, (vec![], vec![]), "no program left attached");
+}

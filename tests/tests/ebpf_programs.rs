@@ -434,6 +434,17 @@ fn decap_delivers_vxlan_from_known_peers_and_drops_the_rest() {
             1
         );
 
+        let mut arp = inner.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        let arp_packet = vxlan_packet(PEER_IP, 1, &arp);
+        let (verdict, out) = dp.run(names::PROG_DECAP, &arp_packet);
+        assert_eq!(
+            verdict, TC_ACT_OK,
+            "inner ARP is the kernel device's to answer"
+        );
+        assert_eq!(out, arp_packet, "and reaches it untouched");
+        assert_eq!(dp.counter(names::MAP_PASSES, PassReason::NotIpv4 as u32), 1);
+
         let mut other_port = vxlan_packet(PEER_IP, 1, &inner);
         other_port[36..38].copy_from_slice(&4789u16.to_be_bytes());
         let (verdict, out) = dp.run(names::PROG_DECAP, &other_port);

@@ -117,9 +117,10 @@ fn test(extra: &[String]) -> Result<()> {
         ],
     )?;
     // Binaries first: the end-to-end tests run the real flanneld and flannel CNI plugin.
-    // Every cargo call here selects the same packages (the default members), so features
-    // unify the same way and nothing is rebuilt between steps.
-    util::cargo(&["build", "--bins"])?;
+    // Every cargo call here selects the same packages and targets (default members, all
+    // targets, dev-dependencies included), so features unify the same way and nothing is
+    // rebuilt between steps.
+    util::cargo(&["build", "--all-targets"])?;
     // One test at a time: the privileged tests share two cores and the kernel, and timing
     // stays honest.
     let mut args = vec!["test", "--", "--test-threads=1"];
