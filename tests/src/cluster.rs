@@ -453,3 +453,43 @@ pub fn dump(ns: &NetNs) -> String {
     out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()
 }
+
+/// bpffs pin roots for the agents of one test (or the demo), one per host, removed on
+/// drop. The agents never unpin on exit (that is what makes restarts hitless), so whoever
+/// starts them cleans up: declare this before the [`Cluster`], so the agents stop first.
+pub struct BpfPins(Vec<PathBuf>);
+
+impl BpfPins {
+    /// Pin roots for hosts `1..=hosts` under `/sys/fs/bpf/flannel-<role>-<unique tag>-h<i>`.
+    pub fn new(role: &str, hosts: u8) -> Self {
+        let tag = crate::netns::unique_tag();
+        Self(
+            (1..=hosts)
+                .map(|i| PathBuf::from(format!("/sys/fs/bpf/flannel-{role}-{tag}-h{i}")))
+                .collect(),
+        )
+    }
+
+    /// Host `host`'s (1-based) pin root.
+    pub fn root(&self, host: u8) -> &Path {
+        &self.0[usize::from(host) - 1]
+    }
+
+    /// `--bpf-pin-path=…` for host `host`.
+    pub fn arg(&self, host: u8) -> String {
+        format!("--bpf-pin-path={}", self.root(host).display())
+    }
+
+    /// Host `host`'s pin layout, to open its maps.
+    pub fn layout(&self, host: u8) -> flannel_agent::backend::ebpf::PinLayout {
+        flannel_agent::backend::ebpf::PinLayout::new(self.root(host))
+    }
+}
+
+impl Drop for BpfPins {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}

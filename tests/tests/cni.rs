@@ -372,28 +372,11 @@ fn a_pod_added_by_the_plugin_reaches_a_pod_on_another_host() {
     if !require_root() {
         return;
     }
-    let tag = flannel_e2e::netns::unique_tag();
-    let pins: Vec<PathBuf> = (1..=2)
-        .map(|i| PathBuf::from(format!("/sys/fs/bpf/flannel-test-{tag}-h{i}")))
-        .collect();
-    struct Unpin(Vec<PathBuf>);
-    impl Drop for Unpin {
-        fn drop(&mut self) {
-            for p in &self.0 {
-                let _ = std::fs::remove_dir_all(p);
-            }
-        }
-    }
-    let _unpin = Unpin(pins.clone());
+    let pins = flannel_e2e::cluster::BpfPins::new("test", 2);
     let mut c = flannel_e2e::cluster::Cluster::start_each(
         2,
         &flannel_e2e::cluster::net_conf(r#"{"Type":"vxlan"}"#),
-        |i| {
-            vec![
-                "--dataplane=ebpf".into(),
-                format!("--bpf-pin-path={}", pins[usize::from(i) - 1].display()),
-            ]
-        },
+        |i| vec!["--dataplane=ebpf".into(), pins.arg(i)],
     );
     let env1 = c.nodes[0].wait_subnet_env(std::time::Duration::from_secs(30));
     let env2 = c.nodes[1].wait_subnet_env(std::time::Duration::from_secs(30));

@@ -5,14 +5,13 @@
 
 use std::{
     net::{Ipv4Addr, UdpSocket},
-    path::PathBuf,
     process::Command,
     time::Duration,
 };
 
-use flannel_agent::backend::ebpf::{PinLayout, open_pinned};
+use flannel_agent::backend::ebpf::open_pinned;
 use flannel_e2e::{
-    cluster::{Cluster, net_conf},
+    cluster::{BpfPins, Cluster, net_conf},
     netns::wait_until,
     require_root,
 };
@@ -20,39 +19,8 @@ use ipnetwork::Ipv4Network;
 
 const VXLAN: &str = r#"{"Type":"vxlan"}"#;
 
-/// bpffs pin roots of one test's agents, removed on drop (after the agents: declare it
-/// before the cluster).
-struct Pins(Vec<PathBuf>);
-
-impl Pins {
-    fn new(hosts: u8) -> Self {
-        let tag = flannel_e2e::netns::unique_tag();
-        Self(
-            (1..=hosts)
-                .map(|i| PathBuf::from(format!("/sys/fs/bpf/flannel-test-{tag}-h{i}")))
-                .collect(),
-        )
-    }
-
-    fn arg(&self, host: u8) -> String {
-        format!("--bpf-pin-path={}", self.0[usize::from(host) - 1].display())
-    }
-
-    fn layout(&self, host: u8) -> PinLayout {
-        PinLayout::new(&self.0[usize::from(host) - 1])
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-}
-
 /// The routes map of a host: subnet → peer underlay.
-fn routes(pins: &Pins, host: u8) -> Vec<(Ipv4Network, Ipv4Addr)> {
+fn routes(pins: &BpfPins, host: u8) -> Vec<(Ipv4Network, Ipv4Addr)> {
     let dp = open_pinned(&pins.layout(host)).expect("open pinned maps");
     dp.current_routes()
         .expect("routes")
@@ -66,7 +34,7 @@ fn mixed_cluster_of_ebpf_and_kernel_vxlan_hosts() {
     if !require_root() {
         return;
     }
-    let pins = Pins::new(3);
+    let pins = BpfPins::new("test", 3);
     let mut c = Cluster::start_each(3, &net_conf(VXLAN), |i| {
         if i < 3 {
             vec!["--dataplane=ebpf".into(), pins.arg(i)]
@@ -127,7 +95,7 @@ fn sigkilled_agent_under_load_resets_no_connection_and_reconciles_its_maps() {
     if !require_root() {
         return;
     }
-    let pins = Pins::new(3);
+    let pins = BpfPins::new("test", 3);
     let mut c = Cluster::start_each(3, &net_conf(VXLAN), |i| {
         vec!["--dataplane=ebpf".into(), pins.arg(i)]
     });
@@ -242,7 +210,7 @@ fn vxlan_from_an_address_without_a_lease_is_dropped_counted_and_logged() {
     if !require_root() {
         return;
     }
-    let pins = Pins::new(2);
+    let pins = BpfPins::new("test", 2);
     let mut c = Cluster::start_each(2, &net_conf(VXLAN), |i| {
         vec![
             "--dataplane=ebpf".into(),
@@ -299,7 +267,7 @@ fn direct_routing_peers_bypass_vxlan_on_the_ebpf_datapath() {
     if !require_root() {
         return;
     }
-    let pins = Pins::new(2);
+    let pins = BpfPins::new("test", 2);
     let mut c = Cluster::start_each(
         2,
         &net_conf(r#"{"Type":"vxlan","DirectRouting":true}"#),
@@ -335,7 +303,7 @@ fn opt_in_fast_path_delivers_straight_to_pods_aggregates_included() {
     if !require_root() {
         return;
     }
-    let pins = Pins::new(2);
+    let pins = BpfPins::new("test", 2);
     let mut c = Cluster::start_each(2, &net_conf(VXLAN), |i| {
         vec![
             "--dataplane=ebpf".into(),

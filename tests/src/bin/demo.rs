@@ -7,7 +7,6 @@
 //! processes) is removed on exit and on Ctrl-C.
 
 use std::{
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -15,24 +14,13 @@ use std::{
     time::Duration,
 };
 
-use flannel_agent::backend::ebpf::{PinLayout, open_pinned};
+use flannel_agent::backend::ebpf::open_pinned;
 use flannel_e2e::{
-    cluster::{Cluster, net_conf},
+    cluster::{BpfPins, Cluster, net_conf},
     netns::wait_until,
 };
 
 const HOSTS: u8 = 3;
-
-/// bpffs pins of the demo's agents, removed when the demo ends.
-struct Pins(Vec<PathBuf>);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-}
 
 fn main() {
     let wait = !std::env::args().any(|a| a == "--no-wait");
@@ -46,12 +34,7 @@ fn main() {
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).expect("Ctrl-C handler");
     }
 
-    let tag = flannel_e2e::netns::unique_tag();
-    let pins = Pins(
-        (1..=HOSTS)
-            .map(|i| PathBuf::from(format!("/sys/fs/bpf/flannel-demo-{tag}-h{i}")))
-            .collect(),
-    );
+    let pins = BpfPins::new("demo", HOSTS);
     let dataplane = |i: u8| if i < HOSTS { "ebpf" } else { "kernel" };
     println!(
         "starting etcd and {HOSTS} hosts (198.18.0.1-{HOSTS}); hosts 1-2 eBPF, host 3 kernel VXLAN …"
@@ -59,10 +42,7 @@ fn main() {
     let mut c = Cluster::start_each(HOSTS, &net_conf(r#"{"Type":"vxlan"}"#), |i| {
         let mut args = vec![format!("--dataplane={}", dataplane(i))];
         if dataplane(i) == "ebpf" {
-            args.push(format!(
-                "--bpf-pin-path={}",
-                pins.0[usize::from(i) - 1].display()
-            ));
+            args.push(pins.arg(i));
         }
         args
     });
@@ -139,7 +119,7 @@ fn main() {
     }
 
     for i in 1..HOSTS {
-        let layout = PinLayout::new(&pins.0[usize::from(i) - 1]);
+        let layout = pins.layout(i);
         println!("\nhost {i} eBPF peers ({}):", layout.versioned().display());
         match open_pinned(&layout).map(|d| {
             (
@@ -192,7 +172,7 @@ fn main() {
         println!(
             "\nThe cluster stays up; explore it, e.g.\n  nsenter --net={} ip route\n  bpftool map dump pinned {}\nPress Ctrl-C to tear everything down.",
             c.nodes[0].host.ns.path(),
-            PinLayout::new(&pins.0[0]).map("ROUTES").display()
+            pins.layout(1).map("ROUTES").display()
         );
         while !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
