@@ -175,7 +175,7 @@ pub struct Cli {
     #[arg(
         long,
         env = "FLANNELD_BPF_PIN_PATH",
-        default_value = "/sys/fs/bpf/flannel"
+        default_value = flannel_common::names::DEFAULT_PIN_ROOT
     )]
     pub bpf_pin_path: PathBuf,
     /// eBPF datapath only, opt-in: deliver VXLAN for local pods straight into their

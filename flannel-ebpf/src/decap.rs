@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use flannel_common::{
-    DropReason, EndpointKey, PassReason, PeerKey,
+    DatapathConfig, DropReason, Endpoint, EndpointKey, PassReason, PeerKey,
     maps::CONFIG_F_FAST_INGRESS,
     wire::{
         ETH_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_LEN, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD, in_subnet,
@@ -103,46 +103,49 @@ pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
     if !in_subnet(inner_src, peer.subnet, peer.prefix_len) {
         return Err(Outcome::Drop(DropReason::Spoofed));
     }
-    if cfg.flags & CONFIG_F_FAST_INGRESS != 0 {
-        let inner_dst: [u8; 4] = ctx
-            .load(INNER_IP + 16)
-            .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
-        // SAFETY: the map value is only read, and copied out at once.
-        if let Some(ep) = unsafe { maps::ENDPOINTS.get(EndpointKey { addr: inner_dst }) }.copied() {
-            ctx.adjust_room(
-                -(VXLAN_OVERHEAD as i32),
-                BPF_ADJ_ROOM_MAC,
-                BPF_F_ADJ_ROOM_FIXED_GSO as u64,
-            )
-            .map_err(|_| Outcome::Pass(PassReason::HelperFailed))?;
-            let mut delivered = eth;
-            delivered[0..6].copy_from_slice(&ep.pod_mac);
-            delivered[6..12].copy_from_slice(&ep.host_mac);
-            ctx.store(0, &delivered, 0)
-                .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
-            maps::count_peer(peer.slot, ctx.len(), false);
-            // SAFETY: plain helper call; the ifindex comes from the agent's endpoint sync.
-            let rc = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
-            return Ok(rc as i32);
-        }
+    if let Some(ep) = fast_path_endpoint(ctx, &cfg)? {
+        let mut delivered = eth;
+        delivered[0..6].copy_from_slice(&ep.pod_mac);
+        delivered[6..12].copy_from_slice(&ep.host_mac);
+        strip_outer(ctx, &delivered)?;
+        maps::count_peer(peer.slot, ctx.len(), false);
+        // SAFETY: plain helper call; the ifindex comes from the agent's endpoint sync.
+        return Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32);
     }
     // SAFETY: reading a field of the context the kernel handed us.
     if unsafe { (*ctx.skb.skb).gso_size } != 0 {
         return Err(Outcome::Pass(PassReason::GsoIngress));
     }
+    // flannel.<VNI> sees a frame addressed to itself from the peer's VTEP.
+    strip_outer(ctx, &eth)?;
+    maps::count_peer(peer.slot, ctx.len(), false);
+    // SAFETY: plain helper call; the ifindex comes from the agent's configuration.
+    Ok(unsafe { bpf_redirect(cfg.vxlan_ifindex, BPF_F_INGRESS as u64) } as i32)
+}
 
+/// With the fast path on, the local pod the inner packet is for, if the agent listed it.
+#[inline(always)]
+fn fast_path_endpoint(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Option<Endpoint>, Outcome> {
+    if cfg.flags & CONFIG_F_FAST_INGRESS == 0 {
+        return Ok(None);
+    }
+    let inner_dst: [u8; 4] = ctx
+        .load(INNER_IP + 16)
+        .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
+    // SAFETY: the map value is only read, and copied out at once.
+    Ok(unsafe { maps::ENDPOINTS.get(EndpointKey { addr: inner_dst }) }.copied())
+}
+
+/// Remove outer IPv4, UDP, VXLAN and the inner Ethernet header, then write `eth` where the
+/// (moved) outer Ethernet header now sits, in front of the inner IP header.
+#[inline(always)]
+fn strip_outer(ctx: &TcContext, eth: &[u8; ETH_LEN]) -> Result<(), Outcome> {
     ctx.adjust_room(
         -(VXLAN_OVERHEAD as i32),
         BPF_ADJ_ROOM_MAC,
         BPF_F_ADJ_ROOM_FIXED_GSO as u64,
     )
     .map_err(|_| Outcome::Pass(PassReason::HelperFailed))?;
-    // The outer Ethernet header now sits in front of the inner IP header: make it the
-    // inner one, so flannel.<VNI> sees a frame addressed to itself from the peer's VTEP.
-    ctx.store(0, &eth, 0)
-        .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
-    maps::count_peer(peer.slot, ctx.len(), false);
-    // SAFETY: plain helper call; the ifindex comes from the agent's configuration.
-    let rc = unsafe { bpf_redirect(cfg.vxlan_ifindex, BPF_F_INGRESS as u64) };
-    Ok(rc as i32)
+    ctx.store(0, eth, 0)
+        .map_err(|_| Outcome::Drop(DropReason::Malformed))
 }

@@ -55,7 +55,7 @@ enum Command {
     /// Dump the pinned maps with bpftool.
     Maps {
         /// The agent's --bpf-pin-path.
-        #[arg(long, default_value = "/sys/fs/bpf/flannel")]
+        #[arg(long, default_value = flannel_common::names::DEFAULT_PIN_ROOT)]
         pin_path: PathBuf,
     },
 }
@@ -129,7 +129,9 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 fn maps(pin_path: &std::path::Path) -> Result<()> {
-    let dir = pin_path.join(flannel_layout_version()).join("maps");
+    let dir = pin_path
+        .join(flannel_common::names::LAYOUT_VERSION)
+        .join("maps");
     for entry in std::fs::read_dir(&dir)
         .map_err(|e| anyhow::anyhow!("no pinned maps under {}: {e}", dir.display()))?
     {
@@ -141,8 +143,4 @@ fn maps(pin_path: &std::path::Path) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-fn flannel_layout_version() -> &'static str {
-    "v1"
 }

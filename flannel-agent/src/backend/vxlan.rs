@@ -284,6 +284,11 @@ impl KernelVxlan {
         &self.name
     }
 
+    /// The backend options the device was built with.
+    pub fn config(&self) -> &VxlanConfig {
+        &self.config
+    }
+
     /// Create the device, or adopt a compatible one (keeping its MAC), or replace an
     /// incompatible one.
     async fn ensure_device(&mut self) -> Result<(), Error> {

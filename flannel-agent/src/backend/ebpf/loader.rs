@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -102,31 +102,35 @@ pub fn open_pinned(layout: &PinLayout) -> Result<Datapath, FallbackReason> {
     let open = |name: &str| {
         let path = layout.map(name);
         MapData::from_pin(&path)
-            .map(aya::maps::Map::from_map_data)
+            .map(Map::from_map_data)
             .map_err(|e| FallbackReason::Pin {
                 path: path.display().to_string(),
                 error: e.to_string(),
             })?
             .map_err(|e| FallbackReason::Load(format!("map {name}: {e}")))
     };
-    let map_err = |name: &str, e: aya::maps::MapError| {
-        FallbackReason::Load(format!("map {name} has an unexpected type: {e}"))
-    };
+    assemble(open)
+}
+
+/// The typed map handles, each map fetched by name from `get`.
+fn assemble(
+    mut get: impl FnMut(&str) -> Result<Map, FallbackReason>,
+) -> Result<Datapath, FallbackReason> {
+    fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+        get: &mut impl FnMut(&str) -> Result<Map, FallbackReason>,
+        name: &str,
+    ) -> Result<T, FallbackReason> {
+        T::try_from(get(name)?)
+            .map_err(|e| FallbackReason::Load(format!("map {name} has an unexpected type: {e}")))
+    }
     Ok(Datapath {
-        routes: LpmTrie::try_from(open(names::MAP_ROUTES)?)
-            .map_err(|e| map_err(names::MAP_ROUTES, e))?,
-        peers: HashMap::try_from(open(names::MAP_PEERS)?)
-            .map_err(|e| map_err(names::MAP_PEERS, e))?,
-        endpoints: HashMap::try_from(open(names::MAP_ENDPOINTS)?)
-            .map_err(|e| map_err(names::MAP_ENDPOINTS, e))?,
-        config: Array::try_from(open(names::MAP_CONFIG)?)
-            .map_err(|e| map_err(names::MAP_CONFIG, e))?,
-        peer_stats: PerCpuArray::try_from(open(names::MAP_PEER_STATS)?)
-            .map_err(|e| map_err(names::MAP_PEER_STATS, e))?,
-        drops: PerCpuArray::try_from(open(names::MAP_DROPS)?)
-            .map_err(|e| map_err(names::MAP_DROPS, e))?,
-        passes: PerCpuArray::try_from(open(names::MAP_PASSES)?)
-            .map_err(|e| map_err(names::MAP_PASSES, e))?,
+        routes: typed(&mut get, names::MAP_ROUTES)?,
+        peers: typed(&mut get, names::MAP_PEERS)?,
+        endpoints: typed(&mut get, names::MAP_ENDPOINTS)?,
+        config: typed(&mut get, names::MAP_CONFIG)?,
+        peer_stats: typed(&mut get, names::MAP_PEER_STATS)?,
+        drops: typed(&mut get, names::MAP_DROPS)?,
+        passes: typed(&mut get, names::MAP_PASSES)?,
         _ebpf: None,
     })
 }
@@ -190,29 +194,13 @@ pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapat
     // to the buffer are loaded.
     start_log_forwarder(&mut ebpf);
 
-    let take = |ebpf: &mut Ebpf, name: &str| {
+    let maps = assemble(|name| {
         ebpf.take_map(name)
             .ok_or_else(|| FallbackReason::Load(format!("map {name} missing from the object")))
-    };
-    let map_err = |name: &str, e: aya::maps::MapError| {
-        FallbackReason::Load(format!("map {name} has an unexpected type: {e}"))
-    };
+    })?;
     Ok(Datapath {
-        routes: LpmTrie::try_from(take(&mut ebpf, names::MAP_ROUTES)?)
-            .map_err(|e| map_err(names::MAP_ROUTES, e))?,
-        peers: HashMap::try_from(take(&mut ebpf, names::MAP_PEERS)?)
-            .map_err(|e| map_err(names::MAP_PEERS, e))?,
-        endpoints: HashMap::try_from(take(&mut ebpf, names::MAP_ENDPOINTS)?)
-            .map_err(|e| map_err(names::MAP_ENDPOINTS, e))?,
-        config: Array::try_from(take(&mut ebpf, names::MAP_CONFIG)?)
-            .map_err(|e| map_err(names::MAP_CONFIG, e))?,
-        peer_stats: PerCpuArray::try_from(take(&mut ebpf, names::MAP_PEER_STATS)?)
-            .map_err(|e| map_err(names::MAP_PEER_STATS, e))?,
-        drops: PerCpuArray::try_from(take(&mut ebpf, names::MAP_DROPS)?)
-            .map_err(|e| map_err(names::MAP_DROPS, e))?,
-        passes: PerCpuArray::try_from(take(&mut ebpf, names::MAP_PASSES)?)
-            .map_err(|e| map_err(names::MAP_PASSES, e))?,
         _ebpf: Some(ebpf),
+        ..maps
     })
 }
 

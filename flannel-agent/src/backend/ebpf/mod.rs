@@ -22,7 +22,6 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use flannel_common::{
     DatapathConfig,
     maps::{CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS},
-    wire::FLANNEL_VXLAN_PORT,
 };
 use tracing::{info, warn};
 
@@ -51,9 +50,6 @@ pub struct EbpfVxlan {
     datapath: Datapath,
     layout: PinLayout,
     fast_path: bool,
-    ext: ExternalInterface,
-    config: VxlanConfig,
-    attrs: LeaseAttrs,
 }
 
 impl EbpfVxlan {
@@ -76,35 +72,20 @@ impl EbpfVxlan {
         options: EbpfOptions,
     ) -> std::result::Result<Self, FallbackReason> {
         probe::probe(&options.pin_root)?;
-        let mut kernel = KernelVxlan::new(ext.clone(), config.clone())
-            .await
-            .map_err(|e| FallbackReason::Device(e.to_string()))?;
-        // The programs ride on the device: create it now (prepare is idempotent, the agent
-        // calls it again through us).
-        let attrs = kernel
-            .prepare()
+        // The programs ride on the device, which `KernelVxlan::new` creates (or adopts).
+        let kernel = KernelVxlan::new(ext, config)
             .await
             .map_err(|e| FallbackReason::Device(e.to_string()))?;
         let layout = PinLayout::new(options.pin_root);
-        let device = kernel.device_name().to_owned();
-        let datapath = loader::load(&layout, &device, &ext.name)?;
-        info!(device, uplink = %ext.name, pins = %layout.versioned().display(), "eBPF VXLAN datapath attached");
+        let (device, uplink) = (kernel.device_name(), &kernel.ext().name);
+        let datapath = loader::load(&layout, device, uplink)?;
+        info!(device, %uplink, pins = %layout.versioned().display(), "eBPF VXLAN datapath attached");
         Ok(Self {
             kernel,
             datapath,
             layout,
             fast_path: options.fast_path,
-            ext,
-            config,
-            attrs,
         })
-    }
-
-    /// Counters summed over CPUs.
-    pub fn counters(&self) -> Result<Counters> {
-        self.datapath
-            .counters()
-            .map_err(|e| Error::Other(format!("reading eBPF counters: {e}")))
     }
 
     fn datapath_config(&self) -> DatapathConfig {
@@ -114,21 +95,18 @@ impl EbpfVxlan {
         } else {
             0
         };
+        let (config, ext) = (self.kernel.config(), self.kernel.ext());
         DatapathConfig {
             flags: CONFIG_F_ENABLED | fast,
-            vni: self.config.vni,
-            port: if self.config.port == 0 {
-                FLANNEL_VXLAN_PORT
-            } else {
-                self.config.port
-            },
+            vni: config.vni,
+            port: config.port,
             sport_min,
             sport_max,
             // The VXLAN local address is the interface address, as upstream's device uses
             // (`--public-ip` is only what peers are told; behind NAT it isn't local).
-            local_ip: self.ext.iface_addr.octets(),
+            local_ip: ext.iface_addr.octets(),
             vtep_mac: self.kernel.vtep_mac(),
-            uplink_ifindex: self.ext.index,
+            uplink_ifindex: ext.index,
             vxlan_ifindex: self.kernel.vxlan_ifindex(),
             ttl: 64,
             ..Default::default()
@@ -170,8 +148,7 @@ fn local_port_range() -> (u16, u16) {
 
 impl Backend for EbpfVxlan {
     async fn prepare(&mut self) -> Result<LeaseAttrs> {
-        self.attrs = self.kernel.prepare().await?;
-        Ok(self.attrs.clone())
+        self.kernel.prepare().await
     }
 
     async fn register(&mut self, own: &Lease) -> Result<()> {

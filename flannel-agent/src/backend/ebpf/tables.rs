@@ -23,6 +23,12 @@ pub struct PeerEntry {
     pub vtep_mac: [u8; 6],
 }
 
+/// The peer-keyed maps' contents at one moment.
+struct Snapshot {
+    peers: BTreeMap<Ipv4Addr, Peer>,
+    routes: BTreeMap<Ipv4Network, Route>,
+}
+
 /// Counters summed over CPUs, for logs, the demo and tests.
 #[derive(Clone, Debug, Default)]
 pub struct Counters {
@@ -62,14 +68,28 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Add or update one peer. The allow-list entry goes in before the route, so replies
-    /// to the first encapsulated packet are already accepted.
+    /// Both peer-keyed maps as they are now, read once per operation.
+    fn snapshot(&self) -> Result<Snapshot, MapError> {
+        Ok(Snapshot {
+            peers: self.current_peers()?,
+            routes: self.current_routes()?,
+        })
+    }
+
+    /// Add or update one peer.
     pub fn upsert_peer(&mut self, p: &PeerEntry) -> Result<(), MapError> {
-        let current = self.current_peers()?;
-        let slot = match current.get(&p.underlay) {
+        let mut snap = self.snapshot()?;
+        self.upsert_in(p, &mut snap)
+    }
+
+    /// Add or update `p` against `snap` (kept in step), writing only what differs. The
+    /// allow-list entry goes in before the route, so replies to the first encapsulated
+    /// packet are already accepted.
+    fn upsert_in(&mut self, p: &PeerEntry, snap: &mut Snapshot) -> Result<(), MapError> {
+        let slot = match snap.peers.get(&p.underlay) {
             Some(existing) => existing.slot,
             None => {
-                let slot = free_slot(&current).ok_or(MapError::OutOfBounds {
+                let slot = free_slot(&snap.peers).ok_or(MapError::OutOfBounds {
                     index: MAX_PEERS,
                     max_entries: MAX_PEERS,
                 })?;
@@ -82,18 +102,23 @@ impl Datapath {
             subnet: p.subnet.network().octets(),
             prefix_len: u32::from(p.subnet.prefix()),
         };
-        self.peers.insert(
-            PeerKey {
+        if snap.peers.get(&p.underlay) != Some(&peer) {
+            let key = PeerKey {
                 addr: p.underlay.octets(),
-            },
-            peer,
-            0,
-        )?;
+            };
+            self.peers.insert(key, peer, 0)?;
+            snap.peers.insert(p.underlay, peer);
+        }
         // A peer that changed subnet leaves its old route behind: drop it.
-        for (net, route) in self.current_routes()? {
-            if route.peer_ip == p.underlay.octets() && net != p.subnet {
-                self.routes.remove(&route_key(net))?;
-            }
+        let stale: Vec<Ipv4Network> = snap
+            .routes
+            .iter()
+            .filter(|(net, r)| r.peer_ip == p.underlay.octets() && **net != p.subnet)
+            .map(|(net, _)| *net)
+            .collect();
+        for net in stale {
+            ignore_missing(self.routes.remove(&route_key(net)))?;
+            snap.routes.remove(&net);
         }
         let route = Route {
             peer_ip: p.underlay.octets(),
@@ -101,45 +126,49 @@ impl Datapath {
             flags: 0,
             peer_slot: slot,
         };
-        self.routes.insert(&route_key(p.subnet), route, 0)
+        if snap.routes.get(&p.subnet) != Some(&route) {
+            self.routes.insert(&route_key(p.subnet), route, 0)?;
+            snap.routes.insert(p.subnet, route);
+        }
+        Ok(())
     }
 
     /// Remove the peer owning `subnet`: route first (stop sending), then its allow-list
     /// entry unless another of its subnets is still routed.
     pub fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), MapError> {
-        let Some(route) = self.current_routes()?.get(&subnet).copied() else {
+        let mut routes = self.current_routes()?;
+        let Some(route) = routes.remove(&subnet) else {
             return Ok(());
         };
-        let underlay = Ipv4Addr::from(route.peer_ip);
         ignore_missing(self.routes.remove(&route_key(subnet)))?;
-        let still_routed = self
-            .current_routes()?
-            .values()
-            .any(|r| r.peer_ip == underlay.octets());
-        if !still_routed {
+        if !routes.values().any(|r| r.peer_ip == route.peer_ip) {
             ignore_missing(self.peers.remove(&PeerKey {
-                addr: underlay.octets(),
+                addr: route.peer_ip,
             }))?;
         }
         Ok(())
     }
 
-    /// Make the maps hold exactly `desired`: upsert every entry, delete every route and
-    /// peer not in it.
+    /// Make the maps hold exactly `desired`: write what is missing or differs, delete
+    /// every route and peer not in it. The maps are read once, whatever the peer count.
     pub fn reconcile(&mut self, desired: &[PeerEntry]) -> Result<(), MapError> {
+        let mut snap = self.snapshot()?;
         for p in desired {
-            self.upsert_peer(p)?;
+            self.upsert_in(p, &mut snap)?;
         }
-        for (net, route) in self.current_routes()? {
-            let wanted = desired
-                .iter()
-                .any(|p| p.subnet == net && p.underlay.octets() == route.peer_ip);
-            if !wanted {
-                ignore_missing(self.routes.remove(&route_key(net)))?;
+        let wanted_routes: BTreeMap<Ipv4Network, [u8; 4]> = desired
+            .iter()
+            .map(|p| (p.subnet, p.underlay.octets()))
+            .collect();
+        for (net, route) in &snap.routes {
+            if wanted_routes.get(net) != Some(&route.peer_ip) {
+                ignore_missing(self.routes.remove(&route_key(*net)))?;
             }
         }
-        for underlay in self.current_peers()?.keys() {
-            if !desired.iter().any(|p| p.underlay == *underlay) {
+        let wanted_peers: std::collections::BTreeSet<Ipv4Addr> =
+            desired.iter().map(|p| p.underlay).collect();
+        for underlay in snap.peers.keys() {
+            if !wanted_peers.contains(underlay) {
                 ignore_missing(self.peers.remove(&PeerKey {
                     addr: underlay.octets(),
                 }))?;
