@@ -10,12 +10,13 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, TcpListener, TcpStream},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use flannel_e2e::twohost::{
-    Carrier, Host, Topology, attach_ebpf_with, counters, inside, iperf_ns, two_hosts_with,
+use flannel_e2e::{
+    cluster::BpfPins,
+    netns::NetNs,
+    twohost::{Carrier, Host, attach_ebpf_with, counters, iperf, two_hosts_with},
 };
 
 const RR_PORT: u16 = 7007;
@@ -122,9 +123,10 @@ struct Samples {
 }
 
 struct Setup {
-    t: Topology,
     a: Host,
     b: Host,
+    /// eBPF modes only: the pins of hosts a and b.
+    pins: Option<BpfPins>,
 }
 
 fn bench(args: &[String]) {
@@ -135,20 +137,20 @@ fn bench(args: &[String]) {
 
     let mut setups: Vec<(Mode, Setup)> = Vec::new();
     for mode in Mode::ALL {
-        let mut t = Topology::new();
         let carrier = if mode == Mode::HostGw {
             Carrier::HostGw
         } else {
             Carrier::Vxlan
         };
-        let (a, b) = two_hosts_with(&mut t, carrier);
-        if matches!(mode, Mode::Ebpf | Mode::EbpfFast) {
+        let (a, b) = two_hosts_with(carrier);
+        let pins = matches!(mode, Mode::Ebpf | Mode::EbpfFast).then(|| {
             let fast = mode == Mode::EbpfFast;
-            let (pa, pb) = (t.pin_root("a"), t.pin_root("b"));
-            attach_ebpf_with(&a, &b, pa, fast);
-            attach_ebpf_with(&b, &a, pb, fast);
-        }
-        setups.push((mode, Setup { t, a, b }));
+            let pins = BpfPins::new("bench", 2);
+            attach_ebpf_with(&a, &b, pins.root(1), fast);
+            attach_ebpf_with(&b, &a, pins.root(2), fast);
+            pins
+        });
+        setups.push((mode, Setup { a, b, pins }));
     }
     let exe = std::env::current_exe().expect("own path");
     let mut results: Vec<(Mode, Samples)> =
@@ -158,24 +160,22 @@ fn bench(args: &[String]) {
         // Rotate the order every round so no mode always runs first or last.
         for i in 0..setups.len() {
             let idx = (i + round) % setups.len();
-            let (mode, s) = &mut setups[idx];
+            let (mode, s) = &setups[idx];
             let (client, server, addr) = endpoints(*mode, &s.a, &s.b);
             let t_arg = secs.to_string();
-            let one = gbits(&iperf_ns(
-                &mut s.t,
-                &client,
-                &server,
+            let one = gbits(&iperf(
+                client,
+                server,
                 addr,
                 &["-t", &t_arg, "-O", "1", "-A", "0,1"],
             ));
-            let four = gbits(&iperf_ns(
-                &mut s.t,
-                &client,
-                &server,
+            let four = gbits(&iperf(
+                client,
+                server,
                 addr,
                 &["-t", &t_arg, "-O", "1", "-P", "4"],
             ));
-            let (p50, p99) = request_response(&exe, &client, &server, addr, rr);
+            let (p50, p99) = request_response(&exe, client, server, addr, rr);
             eprintln!(
                 "round {}: {:<13} 1 stream {one:6.2} Gbit/s, 4 streams {four:6.2} Gbit/s, RR p50 {p50:6.1} µs p99 {p99:6.1} µs",
                 round + 1,
@@ -189,11 +189,11 @@ fn bench(args: &[String]) {
         }
     }
 
-    for (mode, s) in setups
+    for (mode, pins) in setups
         .iter()
-        .filter(|(m, _)| matches!(m, Mode::Ebpf | Mode::EbpfFast))
+        .filter_map(|(m, s)| s.pins.as_ref().map(|p| (m, p)))
     {
-        let c = counters(&s.a, s.t.pins[0].clone());
+        let c = counters(pins.root(1));
         let passes: Vec<_> = c.passes.iter().filter(|(_, v)| v.packets > 0).collect();
         eprintln!(
             "{}: host A peer counters {:?}; passed to the kernel {passes:?}",
@@ -205,11 +205,11 @@ fn bench(args: &[String]) {
 }
 
 /// Who talks to whom in a mode: pod to pod, or host to host over the bare underlay.
-fn endpoints(mode: Mode, a: &Host, b: &Host) -> (String, String, Ipv4Addr) {
+fn endpoints<'h>(mode: Mode, a: &'h Host, b: &'h Host) -> (&'h NetNs, &'h NetNs, Ipv4Addr) {
     if mode == Mode::Underlay {
-        (a.ns.clone(), b.ns.clone(), b.underlay)
+        (&a.ns, &b.ns, b.underlay)
     } else {
-        (a.pod.clone(), b.pod.clone(), b.pod_ip())
+        (&a.pod, &b.pod, b.pod_ip())
     }
 }
 
@@ -222,29 +222,19 @@ fn gbits(report: &serde_json::Value) -> f64 {
 
 fn request_response(
     exe: &std::path::Path,
-    client: &str,
-    server: &str,
+    client: &NetNs,
+    server: &NetNs,
     addr: Ipv4Addr,
     count: usize,
 ) -> (f64, f64) {
-    let mut srv = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{server}"))
-        .arg(exe)
-        .arg("rr-server")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("rr server");
+    let exe = exe.to_string_lossy();
+    let _server = server.spawn(&exe, &["rr-server"]);
     std::thread::sleep(Duration::from_millis(200));
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(inside(
-            client,
-            &format!("{} rr-client {addr} {count}", exe.display()),
-        ))
+    let out = client
+        .command(&exe)
+        .args(["rr-client", &addr.to_string(), &count.to_string()])
         .output()
         .expect("rr client");
-    let _ = srv.kill();
-    let _ = srv.wait();
     let text = String::from_utf8_lossy(&out.stdout);
     let mut it = text
         .split_whitespace()
