@@ -389,23 +389,7 @@ async fn iptables_rule_exists(
 
 /// `iptables -t table -S`.
 async fn iptables_list(table: &str) -> Result<String> {
-    let out = tool("iptables")
-        .args(["-w", "-t", table, "-S"])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| Error::Spawn {
-            program: "iptables",
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(Error::Failed {
-            program: "iptables",
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    run_tool("iptables", &["-w", "-t", table, "-S"], None).await
 }
 
 /// The one place this agent starts a process to program the kernel: nftables and iptables
@@ -421,62 +405,49 @@ fn tool(program: &'static str) -> Command {
 
 /// Run `iptables args`.
 async fn iptables(args: &[&str]) -> Result<()> {
-    let out = tool("iptables")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| Error::Spawn {
-            program: "iptables",
-            source,
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(Error::Failed {
-            program: "iptables",
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
+    run_tool("iptables", args, None).await.map(drop)
 }
 
 async fn iptables_restore(script: &str) -> Result<()> {
-    feed("iptables-restore", &["--noflush", "--wait"], script).await
+    run_tool("iptables-restore", &["--noflush", "--wait"], Some(script))
+        .await
+        .map(drop)
 }
 
 async fn nft(script: &str) -> Result<()> {
-    feed("nft", &["-f", "-"], script).await
+    run_tool("nft", &["-f", "-"], Some(script)).await.map(drop)
 }
 
-/// Run `program args` with `script` on stdin.
-async fn feed(program: &'static str, args: &[&str], script: &str) -> Result<()> {
+/// Run `program args`, with `script` on stdin if given; its stdout on success, its stderr
+/// in the error otherwise.
+async fn run_tool(program: &'static str, args: &[&str], script: Option<&str>) -> Result<String> {
+    let spawn_err = |source| Error::Spawn { program, source };
     let mut child = tool(program)
         .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdin(if script.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| Error::Spawn { program, source })?;
-    if let Some(mut stdin) = child.stdin.take() {
+        .map_err(spawn_err)?;
+    if let (Some(script), Some(mut stdin)) = (script, child.stdin.take()) {
         stdin
             .write_all(script.as_bytes())
             .await
-            .map_err(|source| Error::Spawn { program, source })?;
+            .map_err(spawn_err)?;
     }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|source| Error::Spawn { program, source })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(Error::Failed {
+    let out = child.wait_with_output().await.map_err(spawn_err)?;
+    if !out.status.success() {
+        return Err(Error::Failed {
             program,
             status: out.status,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
+        });
     }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]
