@@ -12,7 +12,7 @@ use std::{
 
 use flannel_e2e::{
     cluster::{Cluster, net_conf},
-    netns::{connect_from, kernel_state, listen_in, seen_source, wait_until},
+    netns::{NetNs, connect_from, kernel_state, listen_in, seen_source, wait_until},
     require_root,
 };
 
@@ -148,20 +148,7 @@ fn kernel_vxlan_ip_masq_rewrites_only_traffic_leaving_the_cluster() {
         nat.contains("-A FLANNEL-POSTRTG"),
         "iptables mode installs upstream's chain: {nat}"
     );
-    let (a, b) = (&c.nodes[0].host.pods[0], &c.nodes[1].host.pods[0]);
-    let out_listener = listen_in(&outside, outside_ip, 8080);
-    let pod_listener = listen_in(&b.ns, b.ip, 8080);
-    assert_eq!(
-        seen_source(&a.ns, &out_listener, outside_ip, 8080),
-        IpAddr::V4(c.nodes[0].host.ip),
-        "pod → outside not masqueraded\n{}",
-        c.logs()
-    );
-    assert_eq!(
-        seen_source(&a.ns, &pod_listener, b.ip, 8080),
-        IpAddr::V4(a.ip),
-        "pod → pod masqueraded"
-    );
+    assert_only_traffic_leaving_the_cluster_is_masqueraded(&c, &outside, outside_ip);
 }
 
 #[test]
@@ -189,8 +176,17 @@ fn kernel_vxlan_ip_masq_with_nftables() {
         !h1.sh("iptables -t nat -S").contains("FLANNEL"),
         "iptables rules in nftables mode"
     );
+    assert_only_traffic_leaving_the_cluster_is_masqueraded(&c, &outside, outside_ip);
+}
+
+/// Host 1's pod reaches `outside` from host 1's address, and host 2's pod from its own.
+fn assert_only_traffic_leaving_the_cluster_is_masqueraded(
+    c: &Cluster,
+    outside: &NetNs,
+    outside_ip: Ipv4Addr,
+) {
     let (a, b) = (&c.nodes[0].host.pods[0], &c.nodes[1].host.pods[0]);
-    let out_listener = listen_in(&outside, outside_ip, 8080);
+    let out_listener = listen_in(outside, outside_ip, 8080);
     let pod_listener = listen_in(&b.ns, b.ip, 8080);
     assert_eq!(
         seen_source(&a.ns, &out_listener, outside_ip, 8080),
