@@ -10,11 +10,17 @@ use crate::util;
 /// bpf-linker release that links for the LLVM nightly rustc ships (see `llvm_major`).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the tests and the demo use.
+/// Debian packages the build, the tests and the demo use, each with the file that is
+/// actually used from it: present means installed. A neighbouring binary is not enough
+/// (`protoc` without `libprotobuf-dev` cannot compile etcd-client's protos).
 const PACKAGES: &[(&str, &str)] = &[
-    // (package, a file it installs: present means installed)
     ("etcd-server", "/usr/bin/etcd"),
     ("protobuf-compiler", "/usr/bin/protoc"),
+    // etcd-client's build script imports google/protobuf/descriptor.proto.
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
     ("bpftool", "/usr/sbin/bpftool"),
     ("iperf3", "/usr/bin/iperf3"),
     ("iproute2", "/usr/bin/ip"),
