@@ -414,10 +414,10 @@ impl Cluster {
     /// host indices); bytes received.
     pub fn iperf(&self, from: usize, to: usize, seconds: u32) -> u64 {
         let server = &self.nodes[to].host.pods[0];
-        let _srv = server
-            .ns
-            .spawn("iperf3", &["-s", "-1", "-B", &server.ip.to_string()]);
-        std::thread::sleep(Duration::from_millis(300));
+        let _srv =
+            server
+                .ns
+                .spawn_server("iperf3", &["-s", "-1", "-B", &server.ip.to_string()], 5201);
         let out = self.nodes[from].host.pods[0].ns.sh(&format!(
             "iperf3 -c {} -t {seconds} -J --connect-timeout 3000",
             server.ip

@@ -109,6 +109,41 @@ impl NetNs {
         ChildGuard::new(child)
     }
 
+    /// Spawn a TCP server inside the namespace and return once it listens on `port`, so
+    /// a client started next never races its start-up (no fixed sleep).
+    pub fn spawn_server(&self, program: &str, args: &[&str], port: u16) -> ChildGuard {
+        let mut child = self.spawn(program, args);
+        let listening = wait_until(Duration::from_secs(10), || {
+            assert!(
+                child.running(),
+                "{program} exited before listening on {port}"
+            );
+            self.listens_on(port)
+        });
+        assert!(
+            listening,
+            "{program} is not listening on port {port} after 10 s"
+        );
+        child
+    }
+
+    /// Whether a TCP socket (IPv4 or IPv6) listens on `port` in this namespace.
+    pub fn listens_on(&self, port: u16) -> bool {
+        // /proc/thread-self/net is the calling thread's namespace (/proc/self/net is the
+        // main thread's). Column 2 is local address:port in hex, column 4 the state
+        // (0A = LISTEN).
+        let tables = self.enter(|| {
+            ["tcp", "tcp6"].map(|t| {
+                std::fs::read_to_string(format!("/proc/thread-self/net/{t}")).unwrap_or_default()
+            })
+        });
+        let want = format!(":{port:04X}");
+        tables.iter().flat_map(|t| t.lines().skip(1)).any(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
+        })
+    }
+
     /// Run `f` on a new thread that has entered this namespace; sockets and netlink
     /// connections it opens stay bound to the namespace after it returns.
     pub fn enter<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {

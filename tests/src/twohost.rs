@@ -4,7 +4,7 @@
 //! Namespaces are [`NetNs`] guards owned by the [`Host`]s; eBPF pins belong to the caller
 //! ([`crate::cluster::BpfPins`]).
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{net::Ipv4Addr, path::Path};
 
 use flannel_agent::backend::ebpf::{Counters, Datapath, PeerEntry, PinLayout};
 use flannel_common::{
@@ -238,8 +238,7 @@ pub fn iperf_bytes(from: &Host, to: &Host) -> u64 {
 /// server's address, or a service address that reaches it), with extra client arguments;
 /// returns iperf3's JSON report.
 pub fn iperf(client: &NetNs, server: &NetNs, addr: Ipv4Addr, args: &[&str]) -> serde_json::Value {
-    let _server = server.spawn("iperf3", &["-s", "-1", "-p", "5201"]);
-    std::thread::sleep(Duration::from_millis(300));
+    let _server = server.spawn_server("iperf3", &["-s", "-1", "-p", "5201"], 5201);
     let (ok, out) = try_sh(
         client,
         &format!("iperf3 -c {addr} -p 5201 -J {}", args.join(" ")),

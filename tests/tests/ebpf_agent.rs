@@ -106,8 +106,7 @@ fn sigkilled_agent_under_load_resets_no_connection_and_reconciles_its_maps() {
     let server = &c.nodes[1].host.pods[0];
     let _srv = server
         .ns
-        .spawn("iperf3", &["-s", "-1", "-B", &server.ip.to_string()]);
-    std::thread::sleep(Duration::from_millis(300));
+        .spawn_server("iperf3", &["-s", "-1", "-B", &server.ip.to_string()], 5201);
     let client_ns = c.nodes[0].host.pods[0].ns.path();
     let client = std::thread::spawn({
         let ip = server.ip;

@@ -225,8 +225,9 @@ fn detaching_the_programs_mid_flow_hands_traffic_to_the_kernel_device() {
     }
     let pins = BpfPins::new("test", 2);
     let (a, b) = two_ebpf_hosts(&pins);
-    let _server = b.pod.spawn("iperf3", &["-s", "-1", "-p", "5202"]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _server = b
+        .pod
+        .spawn_server("iperf3", &["-s", "-1", "-p", "5202"], 5202);
     let mut iperf_client = a.pod.command("iperf3");
     iperf_client.args(["-c", &b.pod_ip().to_string(), "-p", "5202", "-t", "5", "-J"]);
     let client = std::thread::spawn(move || iperf_client.output().expect("iperf3 client"));

@@ -49,8 +49,7 @@ fn hostgw_agents_route_every_pod_and_forget_departed_hosts() {
     let server = &c.nodes[1].host.pods[1];
     let _srv = server
         .ns
-        .spawn("iperf3", &["-s", "-1", "-B", &server.ip.to_string()]);
-    std::thread::sleep(Duration::from_millis(300));
+        .spawn_server("iperf3", &["-s", "-1", "-B", &server.ip.to_string()], 5201);
     let out = c.nodes[0].host.pods[0].ns.sh(&format!(
         "iperf3 -c {} -t 2 -J --connect-timeout 3000",
         server.ip

@@ -103,8 +103,7 @@ fn hostgw_routes_pods_and_reconciles_only_its_routes() {
     let server = &hosts[2].pods[0];
     let _srv = server
         .ns
-        .spawn("iperf3", &["-s", "-1", "-B", &server.ip.to_string()]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+        .spawn_server("iperf3", &["-s", "-1", "-B", &server.ip.to_string()], 5201);
     let out = hosts[0].pods[0].ns.sh(&format!(
         "iperf3 -c {} -t 2 -J --connect-timeout 3000",
         server.ip

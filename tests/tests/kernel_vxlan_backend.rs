@@ -91,8 +91,7 @@ fn ping(from: &NetNs, to: Ipv4Addr) {
 }
 
 fn iperf_bytes(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs) -> u64 {
-    let _srv = server.spawn("iperf3", &["-s", "-1", "-B", &server_ip.to_string()]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _srv = server.spawn_server("iperf3", &["-s", "-1", "-B", &server_ip.to_string()], 5201);
     // Time-bound rather than `-n`: with `-n` the server stops counting when the control
     // channel says "done", which can overtake data still in flight.
     let out = client.sh(&format!(

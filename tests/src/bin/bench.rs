@@ -10,7 +10,7 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, TcpListener, TcpStream},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use flannel_e2e::{
@@ -228,8 +228,7 @@ fn request_response(
     count: usize,
 ) -> (f64, f64) {
     let exe = exe.to_string_lossy();
-    let _server = server.spawn(&exe, &["rr-server"]);
-    std::thread::sleep(Duration::from_millis(200));
+    let _server = server.spawn_server(&exe, &["rr-server"], RR_PORT);
     let out = client
         .command(&exe)
         .args(["rr-client", &addr.to_string(), &count.to_string()])

@@ -99,10 +99,10 @@ fn main() {
     // Some bulk traffic so the counters have something to say.
     for (a, b) in [(0usize, 1usize), (0, 2), (2, 1)] {
         let server = &c.nodes[b].host.pods[0];
-        let _srv = server
-            .ns
-            .spawn("iperf3", &["-s", "-1", "-B", &server.ip.to_string()]);
-        std::thread::sleep(Duration::from_millis(300));
+        let _srv =
+            server
+                .ns
+                .spawn_server("iperf3", &["-s", "-1", "-B", &server.ip.to_string()], 5201);
         let out = c.nodes[a].host.pods[0]
             .ns
             .run(&format!("iperf3 -c {} -t 1 -J", server.ip));
