@@ -442,16 +442,16 @@ async fn run_with<M: SubnetManager>(
     install_traffic_rules(&rules, cancel).await?;
 
     let env = SubnetEnv {
-        network: rules.network,
+        networks: rules.network.into_iter().collect(),
         subnet: rules.subnet,
-        ipv6_network: rules.ipv6_network,
+        ipv6_networks: rules.ipv6_network.into_iter().collect(),
         ipv6_subnet: rules.ipv6_subnet,
-        mtu: backend.mtu(),
-        ip_masq: cli.ip_masq,
+        mtu: Some(backend.mtu()),
+        ip_masq: Some(cli.ip_masq),
     };
     match env_file::write(&cli.subnet_file, &env) {
         Ok(()) => {
-            info!(path = %cli.subnet_file.display(), subnet = %lease.subnet, mtu = env.mtu, "wrote subnet.env");
+            info!(path = %cli.subnet_file.display(), subnet = %lease.subnet, mtu = backend.mtu(), "wrote subnet.env");
             ready.mark_ready();
             sd_notify_ready();
         }

@@ -1,69 +1,28 @@
-//! Leases: a host's claim on one subnet of the cluster network, in upstream flannel's wire
-//! format (etcd key `<prefix>/subnets/10.244.7.0-24`, value JSON below).
+//! Leases as the agent handles them: the events a subnet manager reports, the peer set
+//! derived from them, and the checks a lease must pass before any datapath sees it. The
+//! wire format (keys, JSON, backend data) lives in [`crate::wire::lease`]; its types are
+//! re-exported here.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::HashSet,
+    hash::{Hash, Hasher},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
-/// What a host publishes with its lease: where to reach it and its backend's data.
-///
-/// Serialises exactly as upstream's `lease.LeaseAttrs` (field names, order, and
-/// `"PublicIPv6":null` when absent).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LeaseAttrs {
-    /// Underlay IPv4 peers send to.
-    #[serde(rename = "PublicIP")]
-    pub public_ip: Ipv4Addr,
-    /// Underlay IPv6 peers send to, when IPv6 is enabled.
-    #[serde(rename = "PublicIPv6")]
-    pub public_ipv6: Option<Ipv6Addr>,
-    /// Backend that owns the lease ("vxlan", "host-gw"); empty for upstream's udp backend.
-    #[serde(
-        rename = "BackendType",
-        default,
-        skip_serializing_if = "String::is_empty"
-    )]
-    pub backend_type: String,
-    /// Backend-specific JSON (vxlan: `{"VNI":1,"VtepMAC":"…"}`), kept verbatim.
-    #[serde(
-        rename = "BackendData",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub backend_data: Option<Box<RawValue>>,
-    /// IPv6 counterpart of `backend_data`.
-    #[serde(
-        rename = "BackendV6Data",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub backend_v6_data: Option<Box<RawValue>>,
-}
-
-impl PartialEq for LeaseAttrs {
-    fn eq(&self, other: &Self) -> bool {
-        let raw = |r: &Option<Box<RawValue>>| r.as_ref().map(|r| r.get().to_owned());
-        self.public_ip == other.public_ip
-            && self.public_ipv6 == other.public_ipv6
-            && self.backend_type == other.backend_type
-            && raw(&self.backend_data) == raw(&other.backend_data)
-            && raw(&self.backend_v6_data) == raw(&other.backend_v6_data)
-    }
-}
-impl Eq for LeaseAttrs {}
-
-/// A host's lease: its subnet(s) and attributes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
-    /// The IPv4 pod subnet (network address, e.g. 10.244.7.0/24).
-    pub subnet: Ipv4Network,
-    /// The IPv6 pod subnet, when IPv6 is enabled.
-    pub ipv6_subnet: Option<Ipv6Network>,
-    /// Published attributes.
-    pub attrs: LeaseAttrs,
-}
+pub use crate::wire::{
+    lease::{
+        BackendAttrs, Error, Lease, LeaseAttrs, SubnetId, VxlanBackendData, make_subnet_key,
+        parse_record, parse_subnet_key,
+    },
+    mac::MacAddr,
+};
+use crate::{
+    netconf::NetworkConfig,
+    wire::cidr::{self, Cidr},
+};
 
 /// A change in the set of leases, as a subnet manager reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,187 +37,173 @@ pub enum LeaseEvent {
     Removed(Lease),
 }
 
-/// Why a lease record (etcd key or value) could not be read. Each names what was wrong so
-/// the warning for a skipped record points at it.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Error {
-    /// The key does not end in `a.b.c.d-N[&v6-M]`.
-    #[error("subnet key {key:?} is not of the form a.b.c.d-N[&ipv6-M]")]
-    BadKey {
-        /// The key as found.
-        key: String,
+/// Why a well-formed lease is still refused: it would route traffic somewhere it must
+/// not go (a subnet outside the cluster network, a non-unicast tunnel endpoint).
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Invalid {
+    /// The subnet is not inside the configured network.
+    #[error("{family} subnet {subnet} is outside the cluster network {network}")]
+    OutsideNetwork {
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+        /// The lease's subnet.
+        subnet: String,
+        /// `Network` / `IPv6Network`.
+        network: String,
     },
-    /// The value is not upstream's `LeaseAttrs` JSON.
-    #[error("lease value is not valid lease JSON: {reason}")]
-    BadValue {
-        /// serde_json's message.
-        reason: String,
+    /// The subnet is written with host bits set (`10.244.117.7-24`).
+    #[error("{family} subnet {subnet} has host bits set (not a network address)")]
+    NotAligned {
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+        /// The lease's subnet.
+        subnet: String,
     },
-    /// The vxlan `BackendData` is missing or malformed.
-    #[error("vxlan BackendData {data:?} is invalid: {reason}")]
-    BadBackendData {
-        /// The raw JSON (or `null`).
-        data: String,
-        /// What is wrong.
-        reason: String,
+    /// The prefix length is not the configured subnet length.
+    #[error("{family} subnet {subnet} is not a /{want} (the configured subnet length)")]
+    WrongLength {
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+        /// The lease's subnet.
+        subnet: String,
+        /// `SubnetLen` / `IPv6SubnetLen`.
+        want: u8,
     },
+    /// The public address is not a usable unicast address.
+    #[error("{field} {addr} is {why}, not a unicast host address")]
+    BadPublicIp {
+        /// `PublicIP` / `PublicIPv6`.
+        field: &'static str,
+        /// The address.
+        addr: IpAddr,
+        /// What kind of address it is.
+        why: &'static str,
+    },
+    /// A vxlan lease without the VTEP peers need.
+    #[error("vxlan lease has no BackendData (VtepMAC) for IPv4")]
+    MissingVtep,
 }
 
-/// The subnet(s) a lease is keyed by: the IPv4 subnet and, for dual stack, the IPv6 one.
-pub type SubnetId = (Ipv4Network, Option<Ipv6Network>);
-
-/// Upstream's `ParseSubnetKey` pattern. Unanchored at the start on purpose (upstream applies
-/// it to the full etcd key); `[0-9]` rather than `\d` because Go's RE2 `\d` is ASCII only.
-static SUBNET_KEY_RE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
-    regex::Regex::new(r"([0-9]+\.[0-9]+.[0-9]+.[0-9]+)-([0-9]+)(?:&([a-f0-9:]+)-([0-9]+))?$")
-        .expect("static subnet key regex compiles")
-});
-
-/// The etcd key suffix for a lease: `10.5.34.0-24` or `10.12.13.0-24&fd00:12:13::-56`
-/// (upstream `MakeSubnetKey`; IPv6 in RFC 5952 form, which is Go's too).
-pub fn make_subnet_key(subnet: Ipv4Network, ipv6_subnet: Option<Ipv6Network>) -> String {
-    match ipv6_subnet {
-        None => format!("{}-{}", subnet.ip(), subnet.prefix()),
-        Some(v6) => format!(
-            "{}-{}&{}-{}",
-            subnet.ip(),
-            subnet.prefix(),
-            v6.ip(),
-            v6.prefix()
-        ),
-    }
+/// What a lease must satisfy to reach a datapath, from the network configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseRules {
+    v4: Option<FamilyRules<Ipv4Network>>,
+    v6: Option<FamilyRules<Ipv6Network>>,
 }
 
-/// Parses a subnet key (or a full etcd key ending in one), as upstream's `ParseSubnetKey`:
-/// the IPv4 prefix must fit 5 bits (so at most 31) and the IPv6 one 7 bits.
-pub fn parse_subnet_key(key: &str) -> Result<SubnetId, Error> {
-    let bad = || Error::BadKey {
-        key: key.to_owned(),
-    };
-    let caps = SUBNET_KEY_RE.captures(key).ok_or_else(bad)?;
-    let ip: Ipv4Addr = caps[1].parse().map_err(|_| bad())?;
-    let len: u8 = caps[2].parse().ok().filter(|l| *l < 32).ok_or_else(bad)?;
-    let v4 = Ipv4Network::new(ip, len).map_err(|_| bad())?;
-    let v6 = match (caps.get(3), caps.get(4)) {
-        (Some(ip6), Some(len6)) => {
-            let ip6: Ipv6Addr = ip6.as_str().parse().map_err(|_| bad())?;
-            let len6: u8 = len6
-                .as_str()
-                .parse()
-                .ok()
-                .filter(|l| *l < 128)
-                .ok_or_else(bad)?;
-            Some(Ipv6Network::new(ip6, len6).map_err(|_| bad())?)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FamilyRules<N> {
+    network: Option<N>,
+    /// 0 = not configured (kube mode leaves it to the controller manager).
+    subnet_len: u8,
+}
+
+impl<N: Cidr> FamilyRules<N> {
+    fn check(&self, subnet: N) -> Result<(), Invalid> {
+        if !cidr::is_aligned(subnet) {
+            return Err(Invalid::NotAligned {
+                family: N::FAMILY,
+                subnet: subnet.to_string(),
+            });
         }
-        _ => None,
-    };
-    Ok((v4, v6))
-}
-
-impl LeaseAttrs {
-    /// The value upstream stores in etcd (Go `json.Marshal` of `LeaseAttrs`).
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("LeaseAttrs always serialises")
-    }
-
-    /// Parses an etcd lease value. A `null`/non-IPv4 `PublicIP` makes the whole value
-    /// unreadable, as upstream.
-    pub fn from_json(value: &[u8]) -> Result<Self, Error> {
-        serde_json::from_slice(value).map_err(|e| Error::BadValue {
-            reason: e.to_string(),
-        })
-    }
-}
-
-impl Lease {
-    /// The subnet(s) identifying this lease.
-    pub fn id(&self) -> SubnetId {
-        (self.subnet, self.ipv6_subnet)
-    }
-
-    /// The etcd key suffix of this lease.
-    pub fn key(&self) -> String {
-        make_subnet_key(self.subnet, self.ipv6_subnet)
-    }
-}
-
-/// A MAC address, printed as Go's `net.HardwareAddr` (lower-case, `:`-separated).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl std::fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl std::str::FromStr for MacAddr {
-    type Err = String;
-    /// Accepts `:` or `-` separators, either case (Go's `ParseMAC` for 6-byte addresses).
-    fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split([':', '-']).collect();
-        if parts.len() != 6 {
-            return Err(format!("{s:?} is not a 6-byte MAC address"));
+        if let Some(network) = self.network
+            && !cidr::contains(network, subnet)
+        {
+            return Err(Invalid::OutsideNetwork {
+                family: N::FAMILY,
+                subnet: subnet.to_string(),
+                network: network.to_string(),
+            });
         }
-        let mut mac = [0u8; 6];
-        for (b, p) in mac.iter_mut().zip(parts) {
-            if p.len() != 2 {
-                return Err(format!("{s:?} is not a 6-byte MAC address"));
+        if self.subnet_len != 0 && subnet.prefix_len() != self.subnet_len {
+            return Err(Invalid::WrongLength {
+                family: N::FAMILY,
+                subnet: subnet.to_string(),
+                want: self.subnet_len,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl LeaseRules {
+    /// The rules of `cfg` (checked or not: an unset `SubnetLen` is not enforced).
+    pub fn new(cfg: &NetworkConfig) -> Self {
+        Self {
+            v4: cfg.enable_ipv4.then_some(FamilyRules {
+                network: cfg.network,
+                subnet_len: cfg.subnet_len,
+            }),
+            v6: cfg.enable_ipv6.then_some(FamilyRules {
+                network: cfg.ipv6_network,
+                subnet_len: cfg.ipv6_subnet_len,
+            }),
+        }
+    }
+
+    /// The same rules without the subnet length: in kube mode the controller manager picks
+    /// the pod CIDR size and upstream ignores `SubnetLen`.
+    pub fn any_length(mut self) -> Self {
+        if let Some(v4) = &mut self.v4 {
+            v4.subnet_len = 0;
+        }
+        if let Some(v6) = &mut self.v6 {
+            v6.subnet_len = 0;
+        }
+        self
+    }
+
+    /// Whether `lease` may be programmed; the first rule it breaks otherwise. Upstream
+    /// checks none of this; a lease outside `Network` or pointing at 127.0.0.1 would be
+    /// routed on every host.
+    pub fn check(&self, lease: &Lease) -> Result<(), Invalid> {
+        if let Some(v4) = &self.v4 {
+            v4.check(lease.subnet)?;
+            unicast("PublicIP", lease.attrs.public_ip.into())?;
+            if matches!(lease.attrs.backend, BackendAttrs::Vxlan { v4: None, .. }) {
+                return Err(Invalid::MissingVtep);
             }
-            *b = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} has a non-hex byte"))?;
         }
-        Ok(Self(mac))
+        // An IPv6 part is checked where IPv6 is enabled; a host without one is an
+        // IPv4-only peer (upstream programs each family on its own).
+        if let (Some(v6), Some(subnet)) = (&self.v6, lease.ipv6_subnet) {
+            v6.check(subnet)?;
+        }
+        if let Some(ip) = lease.attrs.public_ipv6 {
+            unicast("PublicIPv6", ip.into())?;
+        }
+        Ok(())
     }
 }
 
-impl Serialize for MacAddr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+fn unicast(field: &'static str, addr: IpAddr) -> Result<(), Invalid> {
+    match cidr::unusable_unicast(addr) {
+        None => Ok(()),
+        Some(why) => Err(Invalid::BadPublicIp { field, addr, why }),
     }
 }
 
-impl<'de> Deserialize<'de> for MacAddr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
+/// Remembers which bad records were already logged, so a record that stays bad is warned
+/// about once, not on every resync; a changed value is new and warned about again. Clones
+/// share the memory.
+#[derive(Clone, Debug, Default)]
+pub struct SkipLog {
+    seen: Arc<Mutex<HashSet<u64>>>,
 }
 
-/// The vxlan backend's `BackendData`: `{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VxlanBackendData {
-    /// The peer's VNI.
-    #[serde(rename = "VNI", alias = "vni", alias = "Vni")]
-    pub vni: u32,
-    /// The MAC of the peer's `flannel.<VNI>` device.
-    #[serde(
-        rename = "VtepMAC",
-        alias = "vtepMAC",
-        alias = "vtepmac",
-        alias = "VtepMac"
-    )]
-    pub vtep_mac: MacAddr,
-}
-
-impl VxlanBackendData {
-    /// The raw JSON to put in [`LeaseAttrs::backend_data`].
-    pub fn to_raw(&self) -> Box<RawValue> {
-        let s = serde_json::to_string(self).expect("VxlanBackendData always serialises");
-        RawValue::from_string(s).expect("serde_json output is valid JSON")
-    }
-
-    /// Reads a peer's vxlan data; a missing or malformed value names the raw JSON.
-    pub fn from_raw(raw: Option<&RawValue>) -> Result<Self, Error> {
-        let text = raw.map_or("null", RawValue::get);
-        serde_json::from_str(text).map_err(|e| Error::BadBackendData {
-            data: text.to_owned(),
-            reason: e.to_string(),
-        })
+impl SkipLog {
+    /// Whether the record `(id, value)` is reported for the first time (then the caller
+    /// logs it).
+    pub fn first_time(&self, id: &str, value: &[u8]) -> bool {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        value.hash(&mut h);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: a flood of distinct garbage must not grow memory without limit.
+        if seen.len() >= 65_536 {
+            seen.clear();
+        }
+        seen.insert(h.finish())
     }
 }
 
@@ -377,103 +322,6 @@ impl PeerSet {
 mod tests {
     use super::*;
 
-    /// Upstream's documented canonical value (Documentation/reservations.md).
-    const UPSTREAM: &str = r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#;
-
-    #[test]
-    fn golden_upstream_value_round_trips_byte_identical() {
-        let attrs = LeaseAttrs::from_json(UPSTREAM.as_bytes()).unwrap();
-        assert_eq!(attrs.public_ip, Ipv4Addr::new(192, 168, 64, 3));
-        assert_eq!(attrs.public_ipv6, None);
-        assert_eq!(attrs.backend_type, "vxlan");
-        let data = VxlanBackendData::from_raw(attrs.backend_data.as_deref()).unwrap();
-        assert_eq!(data.vni, 1);
-        assert_eq!(data.vtep_mac.to_string(), "c6:d2:32:6f:8f:44");
-        assert_eq!(attrs.to_json(), UPSTREAM);
-
-        // Built from scratch, not parsed: still byte-identical.
-        let ours = LeaseAttrs {
-            public_ip: Ipv4Addr::new(192, 168, 64, 3),
-            public_ipv6: None,
-            backend_type: "vxlan".into(),
-            backend_data: Some(
-                VxlanBackendData {
-                    vni: 1,
-                    vtep_mac: "C6-D2-32-6F-8F-44".parse().unwrap(),
-                }
-                .to_raw(),
-            ),
-            backend_v6_data: None,
-        };
-        assert_eq!(ours.to_json(), UPSTREAM);
-    }
-
-    #[test]
-    fn dual_stack_and_host_gw_values() {
-        let v = r#"{"PublicIP":"10.0.0.1","PublicIPv6":"fd00::1","BackendType":"host-gw"}"#;
-        let attrs = LeaseAttrs::from_json(v.as_bytes()).unwrap();
-        assert_eq!(attrs.public_ipv6, Some("fd00::1".parse().unwrap()));
-        assert!(attrs.backend_data.is_none());
-        assert_eq!(attrs.to_json(), v);
-        // udp/alloc leases carry no BackendType at all.
-        let udp = LeaseAttrs::from_json(br#"{"PublicIP":"10.0.0.2","PublicIPv6":null}"#).unwrap();
-        assert_eq!(udp.backend_type, "");
-    }
-
-    #[test]
-    fn bad_values_are_errors() {
-        for v in [
-            r#"{"PublicIP":null,"PublicIPv6":null}"#,
-            r#"{"PublicIP":"fd00::1"}"#,
-            r#"{"PublicIP":"nope"}"#,
-            r#"{"PublicIPv6":null}"#,
-            r#"{"PublicIP":"10.0.0.1","PublicIPv6":"10.0.0.1"}"#,
-            r#"not json"#,
-            "",
-        ] {
-            assert!(LeaseAttrs::from_json(v.as_bytes()).is_err(), "{v}");
-        }
-        for d in [
-            r#"{"VNI":1}"#,
-            r#"{"VNI":"1","VtepMAC":"c6:d2:32:6f:8f:44"}"#,
-            r#"{"VNI":1,"VtepMAC":"zz"}"#,
-            "null",
-        ] {
-            let raw = RawValue::from_string(d.to_owned()).unwrap();
-            assert!(VxlanBackendData::from_raw(Some(&raw)).is_err(), "{d}");
-        }
-        assert!(VxlanBackendData::from_raw(None).is_err());
-    }
-
-    #[test]
-    fn subnet_keys() {
-        let v4: Ipv4Network = "10.5.34.0/24".parse().unwrap();
-        let v6: Ipv6Network = "fd00:12:13::/56".parse().unwrap();
-        assert_eq!(make_subnet_key(v4, None), "10.5.34.0-24");
-        assert_eq!(
-            make_subnet_key("10.12.13.0/24".parse().unwrap(), Some(v6)),
-            "10.12.13.0-24&fd00:12:13::-56"
-        );
-        assert_eq!(parse_subnet_key("10.5.34.0-24").unwrap(), (v4, None));
-        assert_eq!(
-            parse_subnet_key("/coreos.com/network/subnets/10.12.13.0-24&fd00:12:13::-56").unwrap(),
-            ("10.12.13.0/24".parse().unwrap(), Some(v6))
-        );
-        for bad in [
-            "10.5.34.0-32",
-            "10.5.34.0",
-            "10.5.34.0/24",
-            "300.5.34.0-24",
-            "10.5.34.0-24&fd00::-128",
-            "10.5.34.0-24&FD00::-64",
-            "10.5.34.0-24&zz::-64",
-            "",
-            "10.5.34.0-24x",
-        ] {
-            assert!(parse_subnet_key(bad).is_err(), "{bad}");
-        }
-    }
-
     fn lease(sn: &str, ip: [u8; 4]) -> Lease {
         Lease {
             subnet: sn.parse().unwrap(),
@@ -481,9 +329,7 @@ mod tests {
             attrs: LeaseAttrs {
                 public_ip: ip.into(),
                 public_ipv6: None,
-                backend_type: "vxlan".into(),
-                backend_data: None,
-                backend_v6_data: None,
+                backend: BackendAttrs::Vxlan { v4: None, v6: None },
             },
         }
     }
@@ -543,5 +389,118 @@ mod tests {
         );
         assert_eq!(set.peers(), vec![b2, c]);
         assert_eq!(set.len(), 2);
+    }
+
+    fn rules(json: &str) -> LeaseRules {
+        LeaseRules::new(&NetworkConfig::parse_and_check(json).unwrap())
+    }
+
+    fn vxlan(sn: &str, ip: [u8; 4]) -> Lease {
+        let mut l = lease(sn, ip);
+        l.attrs.backend = BackendAttrs::Vxlan {
+            v4: Some(VxlanBackendData {
+                vni: 1,
+                vtep_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            }),
+            v6: None,
+        };
+        l
+    }
+
+    #[test]
+    fn validation_refuses_what_must_not_be_routed() {
+        let r = rules(r#"{"Network":"10.244.0.0/17","Backend":{"Type":"vxlan"}}"#);
+        assert_eq!(r.check(&vxlan("10.244.7.0/24", [198, 18, 0, 2])), Ok(()));
+        let outside = r.check(&vxlan("10.244.200.0/24", [198, 18, 0, 2]));
+        assert!(
+            matches!(outside, Err(Invalid::OutsideNetwork { .. })),
+            "{outside:?}"
+        );
+        let host_bits = r.check(&vxlan("10.244.117.7/24", [198, 18, 0, 2]));
+        assert!(
+            matches!(host_bits, Err(Invalid::NotAligned { .. })),
+            "{host_bits:?}"
+        );
+        let len = r.check(&vxlan("10.244.8.0/25", [198, 18, 0, 2]));
+        assert!(
+            matches!(len, Err(Invalid::WrongLength { want: 24, .. })),
+            "{len:?}"
+        );
+        for ip in [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [224, 0, 0, 1],
+            [255, 255, 255, 255],
+        ] {
+            let e = r.check(&vxlan("10.244.7.0/24", ip)).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Invalid::BadPublicIp {
+                        field: "PublicIP",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+        }
+        let mut no_vtep = vxlan("10.244.7.0/24", [198, 18, 0, 2]);
+        no_vtep.attrs.backend = BackendAttrs::Vxlan { v4: None, v6: None };
+        assert_eq!(r.check(&no_vtep), Err(Invalid::MissingVtep));
+        // Kube mode ignores SubnetLen (the controller manager sizes pod CIDRs).
+        assert_eq!(
+            r.clone()
+                .any_length()
+                .check(&vxlan("10.244.8.0/25", [198, 18, 0, 2])),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn validation_of_the_ipv6_half() {
+        let r = rules(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56",
+                "Backend":{"Type":"vxlan"}}"#,
+        );
+        let mut l = vxlan("10.244.7.0/24", [198, 18, 0, 2]);
+        assert_eq!(r.check(&l), Ok(()), "an IPv4-only peer is fine");
+        l.ipv6_subnet = Some("fd00:10:244:7::/64".parse().unwrap());
+        l.attrs.public_ipv6 = Some("fd00:198::2".parse().unwrap());
+        assert_eq!(r.check(&l), Ok(()));
+        l.ipv6_subnet = Some("fd00:10:245:7::/64".parse().unwrap());
+        assert!(matches!(
+            r.check(&l),
+            Err(Invalid::OutsideNetwork { family: "IPv6", .. })
+        ));
+        l.ipv6_subnet = Some("fd00:10:244:7::1/64".parse().unwrap());
+        assert!(matches!(
+            r.check(&l),
+            Err(Invalid::NotAligned { family: "IPv6", .. })
+        ));
+        l.ipv6_subnet = Some("fd00:10:244:7::/64".parse().unwrap());
+        for ip in ["::", "::1", "ff02::1"] {
+            l.attrs.public_ipv6 = Some(ip.parse().unwrap());
+            assert!(
+                matches!(
+                    r.check(&l),
+                    Err(Invalid::BadPublicIp {
+                        field: "PublicIPv6",
+                        ..
+                    })
+                ),
+                "{ip}"
+            );
+        }
+    }
+
+    #[test]
+    fn skip_log_reports_each_bad_record_once() {
+        let log = SkipLog::default();
+        assert!(log.first_time("k", b"v"));
+        assert!(!log.clone().first_time("k", b"v"));
+        assert!(
+            log.first_time("k", b"v2"),
+            "a changed value is reported again"
+        );
     }
 }

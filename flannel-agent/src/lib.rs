@@ -15,3 +15,4 @@ pub mod netconf;
 pub mod server;
 pub mod subnet;
 pub mod telemetry;
+pub mod wire;

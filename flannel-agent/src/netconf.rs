@@ -10,7 +10,12 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use crate::wire::{
+    cidr::{self, Cidr},
+    gojson::{FieldError, GoObject},
+};
 
 /// Why a network configuration was refused. Every variant names the field and the value, so
 /// the operator knows what to fix.
@@ -152,110 +157,13 @@ impl Default for VxlanConfig {
     }
 }
 
-/// A JSON object looked up the way Go's `encoding/json` matches struct fields: an exact key
-/// wins, otherwise the first key equal ignoring ASCII case. `null` counts as absent.
-struct GoObject<'a> {
-    map: &'a Map<String, Value>,
-    /// Field-name prefix for error messages (`"Backend."`).
-    path: &'static str,
-}
-
-impl<'a> GoObject<'a> {
-    fn get(&self, name: &str) -> Option<&'a Value> {
-        let found = self.map.get(name).or_else(|| {
-            self.map
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-        });
-        found.filter(|v| !v.is_null())
-    }
-
-    fn field_err(&self, name: &str, value: &Value, expected: &'static str) -> Error {
-        Error::Field {
-            field: format!("{}{name}", self.path),
-            value: value.to_string(),
-            expected,
+impl From<FieldError> for Error {
+    fn from(e: FieldError) -> Self {
+        Self::Field {
+            field: e.field,
+            value: e.value,
+            expected: e.expected,
         }
-    }
-
-    fn bool(&self, name: &str, default: bool) -> Result<bool> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.field_err(name, v, "a boolean")),
-        }
-    }
-
-    /// A Go `uint`/`int` field: a JSON integer (no fraction, no exponent).
-    fn int(&self, name: &str) -> Result<Option<i64>> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(v) => v
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| self.field_err(name, v, "an integer")),
-        }
-    }
-
-    fn str(&self, name: &str) -> Result<Option<&'a str>> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.field_err(name, v, "a string")),
-        }
-    }
-
-    fn ipv4_net(&self, name: &str) -> Result<Option<Ipv4Network>> {
-        let Some(s) = self.str(name)? else {
-            return Ok(None);
-        };
-        let net: Ipv4Network = s
-            .parse()
-            .map_err(|_| self.field_err(name, &Value::from(s), "an IPv4 CIDR (a.b.c.d/n)"))?;
-        if !s.contains('/') {
-            return Err(self.field_err(name, &Value::from(s), "an IPv4 CIDR (a.b.c.d/n)"));
-        }
-        // Go's net.ParseCIDR masks host bits off: 10.244.1.0/16 is 10.244.0.0/16.
-        Ok(Some(
-            Ipv4Network::new(net.network(), net.prefix()).expect("prefix already valid"),
-        ))
-    }
-
-    fn ipv6_net(&self, name: &str) -> Result<Option<Ipv6Network>> {
-        let Some(s) = self.str(name)? else {
-            return Ok(None);
-        };
-        let net: Ipv6Network = s
-            .parse()
-            .map_err(|_| self.field_err(name, &Value::from(s), "an IPv6 CIDR (x::/n)"))?;
-        if !s.contains('/') {
-            return Err(self.field_err(name, &Value::from(s), "an IPv6 CIDR (x::/n)"));
-        }
-        Ok(Some(
-            Ipv6Network::new(net.network(), net.prefix()).expect("prefix already valid"),
-        ))
-    }
-
-    fn ipv4(&self, name: &str) -> Result<Option<Ipv4Addr>> {
-        let Some(s) = self.str(name)? else {
-            return Ok(None);
-        };
-        s.parse()
-            .map(Some)
-            .map_err(|_| self.field_err(name, &Value::from(s), "an IPv4 address"))
-    }
-
-    fn ipv6(&self, name: &str) -> Result<Option<Ipv6Addr>> {
-        let Some(s) = self.str(name)? else {
-            return Ok(None);
-        };
-        s.parse()
-            .map(Some)
-            .map_err(|_| self.field_err(name, &Value::from(s), "an IPv6 address"))
     }
 }
 
@@ -268,6 +176,7 @@ fn prefix_len(obj: &GoObject<'_>, name: &str) -> Result<u8> {
                 &Value::from(n),
                 "a prefix length (unsigned, at most 128)",
             )
+            .into()
         }),
     }
 }
@@ -284,18 +193,28 @@ impl NetworkConfig {
                 value: value.to_string(),
             });
         };
-        let obj = GoObject { map, path: "" };
+        let obj = GoObject::new(map, "");
+        const V4_CIDR: &str = "an IPv4 CIDR (a.b.c.d/n)";
+        const V6_CIDR: &str = "an IPv6 CIDR (x::/n)";
         Ok(Self {
             enable_ipv4: obj.bool("EnableIPv4", true)?,
             enable_ipv6: obj.bool("EnableIPv6", false)?,
-            network: obj.ipv4_net("Network")?,
+            network: obj.cidr("Network", V4_CIDR)?,
             subnet_len: prefix_len(&obj, "SubnetLen")?,
-            subnet_min: obj.ipv4("SubnetMin")?.unwrap_or(Ipv4Addr::UNSPECIFIED),
-            subnet_max: obj.ipv4("SubnetMax")?.unwrap_or(Ipv4Addr::UNSPECIFIED),
-            ipv6_network: obj.ipv6_net("IPv6Network")?,
+            subnet_min: obj
+                .parsed("SubnetMin", "an IPv4 address")?
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
+            subnet_max: obj
+                .parsed("SubnetMax", "an IPv4 address")?
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
+            ipv6_network: obj.cidr("IPv6Network", V6_CIDR)?,
             ipv6_subnet_len: prefix_len(&obj, "IPv6SubnetLen")?,
-            ipv6_subnet_min: obj.ipv6("IPv6SubnetMin")?.filter(|a| !a.is_unspecified()),
-            ipv6_subnet_max: obj.ipv6("IPv6SubnetMax")?.filter(|a| !a.is_unspecified()),
+            ipv6_subnet_min: obj
+                .parsed::<Ipv6Addr>("IPv6SubnetMin", "an IPv6 address")?
+                .filter(|a| !a.is_unspecified()),
+            ipv6_subnet_max: obj
+                .parsed::<Ipv6Addr>("IPv6SubnetMax", "an IPv6 address")?
+                .filter(|a| !a.is_unspecified()),
             enable_nftables: obj.bool("EnableNFTables", true)?,
             backend: parse_backend(obj.get("Backend"))?,
         })
@@ -324,146 +243,27 @@ impl NetworkConfig {
     }
 
     fn check_v4(&mut self) -> Result<()> {
-        let network = match self.network {
-            Some(n) if !(n.ip().is_unspecified() && n.prefix() == 0) => n,
-            other => {
-                return Err(Error::Invalid {
-                    field: "Network",
-                    value: other.map_or_else(|| "(missing)".into(), |n| n.to_string()),
-                    reason: "please define a correct Network parameter in the flannel config"
-                        .into(),
-                });
-            }
-        };
-        let prefix = network.prefix();
-        if self.subnet_len > 0 {
-            if self.subnet_len > 30 {
-                return Err(invalid_len(
-                    "SubnetLen",
-                    self.subnet_len,
-                    "SubnetLen must be less than /31",
-                ));
-            }
-            if self.subnet_len < prefix + 2 {
-                return Err(invalid_len(
-                    "SubnetLen",
-                    self.subnet_len,
-                    &format!("Network {network} must be able to accommodate at least four subnets"),
-                ));
-            }
-        } else if prefix > 28 {
-            return Err(Error::Invalid {
-                field: "Network",
-                value: network.to_string(),
-                reason: "Network is too small. Minimum useful network prefix is /28".into(),
-            });
-        } else if prefix <= 22 {
-            self.subnet_len = 24;
-        } else {
-            self.subnet_len = prefix + 2;
-        }
-        let size = 1u64 << (32 - self.subnet_len);
-        let base = u64::from(u32::from(network.network()));
-        if self.subnet_min.is_unspecified() {
-            self.subnet_min = Ipv4Addr::from((base + size) as u32);
-        } else if !network.contains(self.subnet_min) {
-            return Err(outside("SubnetMin", self.subnet_min, network));
-        }
-        if self.subnet_max.is_unspecified() {
-            self.subnet_max = Ipv4Addr::from((base + (1u64 << (32 - prefix)) - size) as u32);
-        } else if !network.contains(self.subnet_max) {
-            return Err(outside("SubnetMax", self.subnet_max, network));
-        }
-        let mask = !(size as u32 - 1);
-        for (field, addr) in [
-            ("SubnetMin", self.subnet_min),
-            ("SubnetMax", self.subnet_max),
-        ] {
-            if u32::from(addr) & mask != u32::from(addr) {
-                return Err(Error::Invalid {
-                    field,
-                    value: addr.to_string(),
-                    reason: format!(
-                        "{field} is not on a SubnetLen (/{}) boundary",
-                        self.subnet_len
-                    ),
-                });
-            }
-        }
+        let unset = |a: Ipv4Addr| Some(a).filter(|a| !a.is_unspecified());
+        let (len, min, max) = check_family(
+            &V4_FIELDS,
+            self.network,
+            self.subnet_len,
+            unset(self.subnet_min),
+            unset(self.subnet_max),
+        )?;
+        (self.subnet_len, self.subnet_min, self.subnet_max) = (len, min, max);
         Ok(())
     }
 
     fn check_v6(&mut self) -> Result<()> {
-        let network = match self.ipv6_network {
-            Some(n) if !(n.ip().is_unspecified() && n.prefix() == 0) => n,
-            other => {
-                return Err(Error::Invalid {
-                    field: "IPv6Network",
-                    value: other.map_or_else(|| "(missing)".into(), |n| n.to_string()),
-                    reason: "please define a correct IPv6Network parameter in the flannel config"
-                        .into(),
-                });
-            }
-        };
-        let prefix = network.prefix();
-        if self.ipv6_subnet_len > 0 {
-            if self.ipv6_subnet_len > 126 {
-                return Err(invalid_len(
-                    "IPv6SubnetLen",
-                    self.ipv6_subnet_len,
-                    "IPv6SubnetLen must be less than /127",
-                ));
-            }
-            if self.ipv6_subnet_len < prefix + 2 {
-                return Err(invalid_len(
-                    "IPv6SubnetLen",
-                    self.ipv6_subnet_len,
-                    &format!(
-                        "IPv6Network {network} must be able to accommodate at least four subnets"
-                    ),
-                ));
-            }
-        } else if prefix > 124 {
-            return Err(Error::Invalid {
-                field: "IPv6Network",
-                value: network.to_string(),
-                reason: "IPv6Network is too small. Minimum useful network prefix is /124".into(),
-            });
-        } else if prefix <= 62 {
-            self.ipv6_subnet_len = 64;
-        } else {
-            self.ipv6_subnet_len = prefix + 2;
-        }
-        let size = 1u128 << (128 - self.ipv6_subnet_len);
-        let base = u128::from(network.network());
-        let min = match self.ipv6_subnet_min {
-            None => Ipv6Addr::from(base + size),
-            Some(a) if !network.contains(a) => return Err(outside("IPv6SubnetMin", a, network)),
-            Some(a) => a,
-        };
-        let span = if prefix == 0 {
-            u128::MAX
-        } else {
-            (1u128 << (128 - prefix)) - 1
-        };
-        let max = match self.ipv6_subnet_max {
-            None => Ipv6Addr::from(base + span + 1 - size),
-            Some(a) if !network.contains(a) => return Err(outside("IPv6SubnetMax", a, network)),
-            Some(a) => a,
-        };
-        let mask = !(size - 1);
-        for (field, addr) in [("IPv6SubnetMin", min), ("IPv6SubnetMax", max)] {
-            if u128::from(addr) & mask != u128::from(addr) {
-                return Err(Error::Invalid {
-                    field,
-                    value: addr.to_string(),
-                    reason: format!(
-                        "{field} is not on a IPv6SubnetLen (/{}) boundary",
-                        self.ipv6_subnet_len
-                    ),
-                });
-            }
-        }
+        let (len, min, max) = check_family(
+            &V6_FIELDS,
+            self.ipv6_network,
+            self.ipv6_subnet_len,
+            self.ipv6_subnet_min,
+            self.ipv6_subnet_max,
+        )?;
+        self.ipv6_subnet_len = len;
         self.ipv6_subnet_min = Some(min);
         self.ipv6_subnet_max = Some(max);
         Ok(())
@@ -490,6 +290,122 @@ impl NetworkConfig {
             }
         }
     }
+}
+
+/// The field names of one family and the one rule that is not derived from the width.
+struct FamilyFields {
+    network: &'static str,
+    subnet_len: &'static str,
+    min: &'static str,
+    max: &'static str,
+    /// The subnet length used for networks of at most `default_len - 2` bits.
+    default_len: u8,
+}
+
+const V4_FIELDS: FamilyFields = FamilyFields {
+    network: "Network",
+    subnet_len: "SubnetLen",
+    min: "SubnetMin",
+    max: "SubnetMax",
+    default_len: 24,
+};
+
+const V6_FIELDS: FamilyFields = FamilyFields {
+    network: "IPv6Network",
+    subnet_len: "IPv6SubnetLen",
+    min: "IPv6SubnetMin",
+    max: "IPv6SubnetMax",
+    default_len: 64,
+};
+
+/// Upstream's `CheckNetworkConfig` for one family: defaults the subnet length and the
+/// allocatable range and validates them. Returns `(subnet_len, min, max)`.
+fn check_family<N: Cidr>(
+    f: &FamilyFields,
+    network: Option<N>,
+    subnet_len: u8,
+    min: Option<N::Addr>,
+    max: Option<N::Addr>,
+) -> Result<(u8, N::Addr, N::Addr)> {
+    let network = match network {
+        Some(n) if !(N::addr_bits(n.addr()) == 0 && n.prefix_len() == 0) => n,
+        other => {
+            return Err(Error::Invalid {
+                field: f.network,
+                value: other.map_or_else(|| "(missing)".into(), |n| n.to_string()),
+                reason: format!(
+                    "please define a correct {} parameter in the flannel config",
+                    f.network
+                ),
+            });
+        }
+    };
+    let prefix = network.prefix_len();
+    let len = if subnet_len > 0 {
+        if subnet_len > N::BITS - 2 {
+            return Err(invalid_len(
+                f.subnet_len,
+                subnet_len,
+                &format!("{} must be less than /{}", f.subnet_len, N::BITS - 1),
+            ));
+        }
+        if subnet_len < prefix + 2 {
+            return Err(invalid_len(
+                f.subnet_len,
+                subnet_len,
+                &format!(
+                    "{} {network} must be able to accommodate at least four subnets",
+                    f.network
+                ),
+            ));
+        }
+        subnet_len
+    } else if prefix > N::BITS - 4 {
+        return Err(Error::Invalid {
+            field: f.network,
+            value: network.to_string(),
+            reason: format!(
+                "{} is too small. Minimum useful network prefix is /{}",
+                f.network,
+                N::BITS - 4
+            ),
+        });
+    } else if prefix <= f.default_len - 2 {
+        f.default_len
+    } else {
+        prefix + 2
+    };
+    let size = cidr::block_size::<N>(len);
+    let base = N::addr_bits(network.addr());
+    let inside = |field: &'static str, addr: N::Addr| {
+        let host = N::build(addr, N::BITS).expect("a full-length prefix is valid");
+        if cidr::contains(network, host) {
+            Ok(addr)
+        } else {
+            Err(outside(field, addr, network))
+        }
+    };
+    let min = match min {
+        None => N::addr_from_bits(base.wrapping_add(size)),
+        Some(a) => inside(f.min, a)?,
+    };
+    let max = match max {
+        None => N::addr_from_bits(
+            base.wrapping_add(cidr::block_size::<N>(prefix))
+                .wrapping_sub(size),
+        ),
+        Some(a) => inside(f.max, a)?,
+    };
+    for (field, addr) in [(f.min, min), (f.max, max)] {
+        if !cidr::addr_aligned::<N>(addr, len) {
+            return Err(Error::Invalid {
+                field,
+                value: addr.to_string(),
+                reason: format!("{field} is not on a {} (/{len}) boundary", f.subnet_len),
+            });
+        }
+    }
+    Ok((len, min, max))
 }
 
 fn invalid_len(field: &'static str, len: u8, reason: &str) -> Error {
@@ -520,10 +436,7 @@ fn parse_backend(backend: Option<&Value>) -> Result<BackendConfig> {
             expected: "an object",
         });
     };
-    let obj = GoObject {
-        map,
-        path: "Backend.",
-    };
+    let obj = GoObject::new(map, "Backend.");
     let ty = obj.str("Type")?.unwrap_or_default();
     match ty.to_ascii_lowercase().as_str() {
         "vxlan" => parse_vxlan(&obj).map(BackendConfig::Vxlan),

@@ -222,18 +222,14 @@ impl Node {
 
     /// Parse `subnet.env`, if the agent wrote it.
     pub fn subnet_env(&self) -> Option<SubnetEnv> {
+        use flannel_agent::wire::subnet_env::{Dialect, SubnetEnv as Wire};
         let text = std::fs::read_to_string(&self.subnet_file).ok()?;
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .map(str::to_owned)
-        };
-        let gw: Ipv4Network = get("FLANNEL_SUBNET")?.parse().ok()?;
+        let env = Wire::parse(&text, Dialect::Strict).ok()?;
         Some(SubnetEnv {
-            network: get("FLANNEL_NETWORK")?.parse().ok()?,
-            subnet: Ipv4Network::new(gw.network(), gw.prefix()).ok()?,
-            mtu: get("FLANNEL_MTU")?.parse().ok()?,
-            ipmasq: get("FLANNEL_IPMASQ").as_deref() == Some("true"),
+            network: env.network()?,
+            subnet: env.subnet?,
+            mtu: env.mtu?,
+            ipmasq: env.ip_masq?,
         })
     }
 

@@ -276,3 +276,102 @@ fn etcd_outage_keeps_datapath_and_watch_resumes() {
     );
     assert!(running(&mut c.nodes[0]), "{}", c.logs());
 }
+
+/// #12 items 5 and 7: leases that must not be routed (outside `Network`, host bits set,
+/// PublicIP 0.0.0.0 / 127.0.0.1 / 224.0.0.1) and a 1 MiB garbage value are skipped and
+/// logged once each — not again when the same value is re-put, nor on the resync after an
+/// etcd restart — with the value truncated; the agent keeps running and programs the valid
+/// peers that arrive around them.
+#[test]
+fn invalid_leases_are_skipped_logged_once_truncated_and_the_rest_programmed() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::start(1, &net_conf(VXLAN), &["--dataplane=kernel"]);
+    let own = c.nodes[0].wait_subnet_env(Duration::from_secs(30)).subnet;
+    let value = |ip: &str| {
+        format!(
+            r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:2a:00:00:00:63"}}}}"#
+        )
+    };
+    // Third octets for the test's own keys, never the agent's own subnet.
+    let mut octets = (200u8..=254).filter(|o| *o != own.ip().octets()[2]);
+    let mut key = || format!("10.244.{}.0-24", octets.next().unwrap());
+    let garbage = "{".repeat(1 << 20);
+    let host_bits = format!(
+        "10.244.{}.7-24",
+        117 + u8::from(own.ip().octets()[2] == 117)
+    );
+    let bad: Vec<(String, String)> = vec![
+        ("10.245.1.0-24".into(), value("198.18.0.99")),
+        (host_bits, value("198.18.0.99")),
+        (key(), value("0.0.0.0")),
+        (key(), value("127.0.0.1")),
+        (key(), value("224.0.0.1")),
+        (key(), garbage),
+    ];
+    let prefix = Cluster::lease_key(own);
+    let prefix = &prefix[..prefix.rfind('/').unwrap() + 1];
+    for _ in 0..2 {
+        for (k, v) in &bad {
+            c.etcd_put(&format!("{prefix}{k}"), v);
+        }
+    }
+    let first_good = key();
+    c.etcd_put(&format!("{prefix}{first_good}"), &value("198.18.0.99"));
+    let routed = |node: &Node, key: &str| {
+        let subnet: Ipv4Network = key.replace('-', "/").parse().unwrap();
+        has_route(node, flannel_agent::wire::cidr::masked(subnet))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || routed(&c.nodes[0], &first_good)),
+        "valid peer not programmed next to invalid ones\n{}",
+        c.nodes[0].log()
+    );
+
+    // A resync (etcd restart) lists every bad record again: still no new warning.
+    c.etcd.stop();
+    c.etcd.restart().expect("restart etcd");
+    let second_good = key();
+    c.etcd_put(&format!("{prefix}{second_good}"), &value("198.18.0.98"));
+    assert!(
+        wait_until(Duration::from_secs(20), || routed(
+            &c.nodes[0],
+            &second_good
+        )),
+        "valid peer after the resync not programmed\n{}",
+        c.nodes[0].log()
+    );
+    assert!(running(&mut c.nodes[0]), "{}", c.nodes[0].log());
+    for (k, _) in &bad {
+        assert!(!routed(&c.nodes[0], k), "{k} was routed");
+    }
+
+    let log = c.nodes[0].log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ignoring malformed or invalid lease"))
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        bad.len(),
+        "each bad record once:\n{}",
+        warnings.join("\n")
+    );
+    for (needle, why) in [
+        ("outside the cluster network", "outside Network"),
+        ("host bits set", "host bits"),
+        ("PublicIP 0.0.0.0", "unspecified"),
+        ("PublicIP 127.0.0.1", "loopback"),
+        ("PublicIP 224.0.0.1", "multicast"),
+        ("(1048576 bytes)", "garbage, truncated"),
+    ] {
+        assert!(
+            warnings.iter().any(|w| w.contains(needle)),
+            "no warning for {why}:\n{}",
+            warnings.join("\n")
+        );
+    }
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2000, "a {longest}-byte log line");
+}

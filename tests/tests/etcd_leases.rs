@@ -55,19 +55,13 @@ async fn manager(etcd: &EtcdServer) -> Result<EtcdSubnetManager> {
 
 fn attrs(ip: Ipv4Addr) -> LeaseAttrs {
     let o = ip.octets();
-    LeaseAttrs {
-        public_ip: ip,
-        public_ipv6: None,
-        backend_type: "vxlan".into(),
-        backend_data: Some(
-            VxlanBackendData {
-                vni: 1,
-                vtep_mac: MacAddr([0x0e, 0x2a, o[0], o[1], o[2], o[3]]),
-            }
-            .to_raw(),
-        ),
-        backend_v6_data: None,
-    }
+    LeaseAttrs::vxlan(
+        ip,
+        VxlanBackendData {
+            vni: 1,
+            vtep_mac: MacAddr([0x0e, 0x2a, o[0], o[1], o[2], o[3]]),
+        },
+    )
 }
 
 fn host(i: u8) -> Ipv4Addr {
@@ -242,13 +236,12 @@ async fn restart_reuses_the_subnet() -> Result<()> {
     let first = manager(&etcd).await?.acquire_lease(&attrs(host(7))).await?;
 
     // Same public IP, new VTEP MAC: same subnet, new attrs published.
-    let mut changed = attrs(host(7));
-    changed.backend_data = Some(
+    let changed = LeaseAttrs::vxlan(
+        host(7),
         VxlanBackendData {
             vni: 1,
             vtep_mac: MacAddr([2, 0, 0, 0, 0, 9]),
-        }
-        .to_raw(),
+        },
     );
     let second = manager(&etcd).await?.acquire_lease(&changed).await?;
     assert_eq!(second.subnet, first.subnet);
@@ -474,7 +467,7 @@ fn malformed() -> Vec<(String, Vec<u8>)> {
         (s("10.244.203.0-24&FD00::-64"), good.clone()),
         (s("10.244.204.0-24&fd00::-128"), good.clone()),
     ];
-    let values: [&[u8]; 15] = [
+    let values: Vec<&[u8]> = vec![
         b"not json",
         b"",
         br#"{"PublicIP":null,"PublicIPv6":null}"#,
@@ -490,11 +483,23 @@ fn malformed() -> Vec<(String, Vec<u8>)> {
         br#"{"PublicIP":"1.2.3.4","BackendType":7}"#,
         b"\xff\xfe\x00",
         br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VNI":"1","VtepMAC":"0e:2a:00:00:00:01"}}"#,
+        // Well-formed but not routable (#12 item 5): not a unicast tunnel endpoint.
+        br#"{"PublicIP":"0.0.0.0","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:2a:00:00:00:01"}}"#,
+        br#"{"PublicIP":"127.0.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:2a:00:00:00:01"}}"#,
+        br#"{"PublicIP":"224.0.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:2a:00:00:00:01"}}"#,
+        br#"{"PublicIP":"255.255.255.255","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:2a:00:00:00:01"}}"#,
     ];
     for (i, v) in values.iter().enumerate() {
         out.push((s(&format!("10.244.{}.0-24", 210 + i)), v.to_vec()));
     }
-    assert!(out.len() >= 20);
+    // Good values under keys that must not be routed: outside Network, host bits set, a
+    // subnet length other than the configured one.
+    out.push((s("10.245.1.0-24"), good.clone()));
+    out.push((s("10.244.117.7-24"), good.clone()));
+    out.push((s("10.244.118.0-25"), good.clone()));
+    // 1 MiB of garbage.
+    out.push((s("10.244.119.0-24"), vec![b'{'; 1 << 20]));
+    assert!(out.len() >= 29);
     out
 }
 
@@ -563,26 +568,24 @@ async fn golden_upstream_lease_round_trip() -> Result<()> {
     let [upstream]: [Lease; 1] = leases.try_into().map_err(|l| anyhow::anyhow!("{l:?}"))?;
     assert_eq!(upstream.subnet, "10.244.7.0/24".parse::<Ipv4Network>()?);
     assert_eq!(upstream.attrs.public_ip, Ipv4Addr::new(192, 168, 64, 3));
-    let data = VxlanBackendData::from_raw(upstream.attrs.backend_data.as_deref())?;
+    let data = upstream
+        .attrs
+        .backend
+        .vxlan_v4()
+        .context("upstream lease has no vxlan data")?;
     assert_eq!(
         (data.vni, data.vtep_mac.to_string().as_str()),
         (1, "c6:d2:32:6f:8f:44")
     );
 
     // That node restarts as us: same public IP → same subnet, value byte-identical.
-    let ours = LeaseAttrs {
-        public_ip: Ipv4Addr::new(192, 168, 64, 3),
-        public_ipv6: None,
-        backend_type: "vxlan".into(),
-        backend_data: Some(
-            VxlanBackendData {
-                vni: 1,
-                vtep_mac: "c6:d2:32:6f:8f:44".parse().map_err(anyhow::Error::msg)?,
-            }
-            .to_raw(),
-        ),
-        backend_v6_data: None,
-    };
+    let ours = LeaseAttrs::vxlan(
+        Ipv4Addr::new(192, 168, 64, 3),
+        VxlanBackendData {
+            vni: 1,
+            vtep_mac: "c6:d2:32:6f:8f:44".parse()?,
+        },
+    );
     let lease = m.acquire_lease(&ours).await?;
     assert_eq!(lease.subnet, upstream.subnet);
     let value = stored(&etcd).await?.remove(&key).context("key vanished")?;

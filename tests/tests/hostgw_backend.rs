@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use flannel_agent::{
     backend::{Backend, ExternalInterface, hostgw::HostGw},
-    lease::{Lease, LeaseAttrs},
+    lease::{BackendAttrs, Lease, LeaseAttrs},
 };
 use flannel_e2e::{
     netns::{Host, NetNs, Underlay},
@@ -33,9 +33,7 @@ fn lease(i: u8, public_ip: Ipv4Addr, backend_type: &str) -> Lease {
         attrs: LeaseAttrs {
             public_ip,
             public_ipv6: None,
-            backend_type: backend_type.into(),
-            backend_data: None,
-            backend_v6_data: None,
+            backend: BackendAttrs::parse(backend_type, None, None).unwrap(),
         },
     }
 }
@@ -46,8 +44,8 @@ fn run(host: &Host, own: Lease, peers: Vec<Lease>) -> (Result<(), String>, u32) 
     host.ns.block_on(move || async move {
         let mut b = HostGw::new(ext).await.expect("HostGw::new");
         let attrs = b.prepare().await.expect("prepare");
-        assert_eq!(attrs.backend_type, "host-gw");
-        assert!(attrs.backend_data.is_none());
+        assert_eq!(attrs.backend_type(), "host-gw");
+        assert_eq!(attrs.backend.data_json(), None);
         b.register(&own).await.expect("register");
         (
             b.reconcile(&peers).await.map_err(|e| e.to_string()),

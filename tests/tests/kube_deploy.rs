@@ -7,7 +7,7 @@ use std::path::Path;
 
 use flannel_agent::{
     cli::Cli,
-    cni::config::{DEFAULT_SUBNET_FILE, NetConf, SubnetEnv, render_delegate},
+    cni::config::{DEFAULT_SUBNET_FILE, NetConf, parse_subnet_env, render_delegate},
     netconf::{BackendConfig, NetworkConfig},
     server::{Readiness, router},
 };
@@ -138,7 +138,7 @@ fn configmap_parses_with_our_parsers() {
     entry["name"] = list["name"].clone();
     entry["cniVersion"] = list["cniVersion"].clone();
     let conf = NetConf::parse(entry.to_string().as_bytes()).unwrap();
-    let env = SubnetEnv::parse(
+    let env = parse_subnet_env(
         "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
         Path::new("subnet.env"),
     )

@@ -5,7 +5,7 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use flannel_agent::{
-    lease::{Lease, LeaseAttrs, LeaseEvent},
+    lease::{BackendAttrs, Lease, LeaseAttrs, LeaseEvent, VxlanBackendData},
     subnet::{
         SubnetManager,
         kube::{KubeSubnetManager, Retry},
@@ -13,11 +13,29 @@ use flannel_agent::{
 };
 use flannel_e2e::kube_api::KubeApi;
 use futures::{StreamExt as _, stream::BoxStream};
-use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 const P: &str = "flannel.alpha.coreos.com/";
 const NET_CONF: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+
+/// Everything the agent logged in this test process (tests assert on warnings).
+static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture;
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logged() -> String {
+    String::from_utf8_lossy(&LOG.lock().unwrap()).into_owned()
+}
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -25,7 +43,8 @@ fn init_tracing() {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "flannel_agent=debug".into()),
         )
-        .with_test_writer()
+        .with_ansi(false)
+        .with_writer(|| Capture)
         .try_init();
 }
 
@@ -65,16 +84,15 @@ async fn manager(f: &Fixture, node: &str) -> KubeSubnetManager {
     .unwrap()
 }
 
-fn attrs(ip: [u8; 4], mac: &str) -> LeaseAttrs {
-    LeaseAttrs {
-        public_ip: Ipv4Addr::from(ip),
-        public_ipv6: None,
-        backend_type: "vxlan".into(),
-        backend_data: Some(
-            RawValue::from_string(format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#)).unwrap(),
-        ),
-        backend_v6_data: None,
+fn vtep(mac: &str) -> VxlanBackendData {
+    VxlanBackendData {
+        vni: 1,
+        vtep_mac: mac.parse().unwrap(),
     }
+}
+
+fn attrs(ip: [u8; 4], mac: &str) -> LeaseAttrs {
+    LeaseAttrs::vxlan(Ipv4Addr::from(ip), vtep(mac))
 }
 
 async fn next(
@@ -132,7 +150,7 @@ async fn two_nodes_see_each_other_and_removal() {
     };
     assert_eq!(subnets(&snap), ["10.244.1.0/24"]);
     assert_eq!(
-        snap[0].attrs.backend_data.as_ref().unwrap().get(),
+        snap[0].attrs.backend.data_json().unwrap(),
         r#"{"VNI":1,"VtepMAC":"0a:00:00:00:00:01"}"#
     );
     assert_eq!(snap[0].attrs.public_ip, Ipv4Addr::new(198, 18, 0, 1));
@@ -369,6 +387,105 @@ async fn malformed_and_unmanaged_nodes_are_skipped() {
     );
 }
 
+/// #12 items 5 and 7 in kube mode: nodes whose leases must not be routed (pod CIDR
+/// outside `Network`, public IP 0.0.0.0 / 127.0.0.1 / 224.0.0.1) and one with 1 MiB of
+/// garbage backend data are skipped and warned about once each — not again on a relist —
+/// with the value truncated, while a valid node next to them still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_leases_are_skipped_logged_once_truncated() {
+    let f = fixture().await;
+    f.api.add_node("node-a", &["10.244.1.0/24"]);
+    let peer = |name: &str, cidr: &str, ip: &str, data: &str| {
+        f.api.add_node(name, &[cidr]);
+        f.api.annotate(
+            name,
+            &[
+                (&format!("{P}kube-subnet-manager"), Some("true")),
+                (&format!("{P}backend-type"), Some("vxlan")),
+                (&format!("{P}backend-data"), Some(data)),
+                (&format!("{P}public-ip"), Some(ip)),
+            ],
+        );
+    };
+    let data = r#"{"VNI":1,"VtepMAC":"0a:00:00:00:00:09"}"#;
+    let garbage = "{".repeat(1 << 20);
+    let bad = [
+        ("inv-outside", "10.245.7.0/24", "198.18.0.7", data),
+        ("inv-zero", "10.244.8.0/24", "0.0.0.0", data),
+        ("inv-loopback", "10.244.9.0/24", "127.0.0.1", data),
+        ("inv-multicast", "10.244.10.0/24", "224.0.0.1", data),
+        (
+            "inv-garbage",
+            "10.244.11.0/24",
+            "198.18.0.11",
+            garbage.as_str(),
+        ),
+    ];
+    for (name, cidr, ip, data) in bad {
+        peer(name, cidr, ip, data);
+    }
+    let a = manager(&f, "node-a").await;
+    a.acquire_lease(&attrs([198, 18, 0, 1], "0a:00:00:00:00:01"))
+        .await
+        .unwrap();
+    let mut watch = a.watch_leases();
+    let LeaseEvent::Snapshot(snap) = next(&mut watch).await else {
+        panic!("snapshot first");
+    };
+    assert_eq!(subnets(&snap), ["10.244.1.0/24"]);
+
+    // A relist converts every node again; a valid node joining meanwhile still arrives.
+    // (Let the watch get established first, or there is nothing to expire.)
+    let quiet = tokio::time::timeout(Duration::from_millis(1200), watch.next()).await;
+    assert!(quiet.is_err(), "no lease events while idle: {quiet:?}");
+    let lists_before = f.api.list_count();
+    f.api.expire_watches(|_| {});
+    wait_for(&mut watch, "snapshot after relist", |e| {
+        matches!(e, LeaseEvent::Snapshot(_))
+    })
+    .await;
+    assert!(f.api.list_count() > lists_before, "the watcher relisted");
+    peer("inv-good", "10.244.12.0/24", "198.18.0.12", data);
+    let ev = wait_for(
+        &mut watch,
+        "the valid node",
+        |e| matches!(e, LeaseEvent::Added(l) if l.subnet.to_string() == "10.244.12.0/24"),
+    )
+    .await;
+    assert!(matches!(ev, LeaseEvent::Added(_)));
+
+    let log = logged();
+    for (name, _, _, _) in bad {
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("skipping node") && l.contains(&format!("node {name}:")))
+            .collect();
+        assert_eq!(lines.len(), 1, "{name} warned once:\n{}", lines.join("\n"));
+        assert!(
+            lines[0].len() < 2000,
+            "{name}: a {}-byte line",
+            lines[0].len()
+        );
+    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("node inv-garbage:") && l.contains("(1048576 bytes)")),
+        "garbage not quoted truncated"
+    );
+    for (name, why) in [
+        ("inv-outside", "outside the cluster network"),
+        ("inv-zero", "PublicIP 0.0.0.0"),
+        ("inv-loopback", "PublicIP 127.0.0.1"),
+        ("inv-multicast", "PublicIP 224.0.0.1"),
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("node {name}:")) && l.contains(why)),
+            "{name}: no warning naming {why:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_mid_watch_relists_without_losing_a_change() {
     let f = fixture().await;
@@ -441,7 +558,7 @@ async fn gone_mid_watch_relists_without_losing_a_change() {
         .find(|l| l.subnet.to_string() == "10.244.2.0/24")
         .unwrap();
     assert_eq!(
-        b_lease.attrs.backend_data.as_ref().unwrap().get(),
+        b_lease.attrs.backend.data_json().unwrap(),
         r#"{"VNI":1,"VtepMAC":"0a:00:00:00:00:22"}"#
     );
 
@@ -571,8 +688,10 @@ async fn dual_stack_publishes_and_sees_ipv6() {
     let dual = |ip4: [u8; 4], ip6: &str, mac4: &str, mac6: &str| {
         let mut at = attrs(ip4, mac4);
         at.public_ipv6 = Some(ip6.parse().unwrap());
-        at.backend_v6_data =
-            Some(RawValue::from_string(format!(r#"{{"VNI":1,"VtepMAC":"{mac6}"}}"#)).unwrap());
+        at.backend = BackendAttrs::Vxlan {
+            v4: Some(vtep(mac4)),
+            v6: Some(vtep(mac6)),
+        };
         at
     };
     let lease = a

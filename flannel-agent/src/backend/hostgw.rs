@@ -16,12 +16,9 @@ use tracing::{debug, info, warn};
 
 use super::{Backend, ExternalInterface, Result};
 use crate::{
-    lease::{Lease, LeaseAttrs},
+    lease::{BackendAttrs, Lease, LeaseAttrs},
     net::netlink::{self, Netlink, RTPROT_FLANNEL},
 };
-
-/// Upstream's name of this backend, as published in leases.
-pub const BACKEND_TYPE: &str = "host-gw";
 
 /// Errors of the host-gw backend.
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +76,8 @@ impl HostGw {
         if Some(lease.subnet) == self.own {
             return Ok(None);
         }
-        if lease.attrs.backend_type != BACKEND_TYPE {
-            warn!(subnet = %lease.subnet, backend_type = %lease.attrs.backend_type,
+        if lease.attrs.backend != BackendAttrs::HostGw {
+            warn!(subnet = %lease.subnet, backend_type = %lease.attrs.backend_type(),
                   "skipping peer: BackendType is not host-gw");
             return Ok(None);
         }
@@ -136,11 +133,8 @@ impl HostGw {
 impl Backend for HostGw {
     async fn prepare(&mut self) -> Result<LeaseAttrs> {
         Ok(LeaseAttrs {
-            public_ip: self.ext.public_ip,
-            public_ipv6: None,
-            backend_type: BACKEND_TYPE.into(),
-            backend_data: None,
-            backend_v6_data: None,
+            public_ipv6: self.ext.public_ipv6,
+            ..LeaseAttrs::host_gw(self.ext.public_ip)
         })
     }
 

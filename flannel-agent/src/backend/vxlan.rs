@@ -48,13 +48,12 @@ use netlink_packet_route::{
     },
     route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType},
 };
-use serde_json::value::RawValue;
 use tracing::{debug, info, warn};
 
 use super::{Backend, ExternalInterface, Result};
 use crate::{
-    lease::{Lease, LeaseAttrs},
-    net::netlink::{self, Netlink, format_mac},
+    lease::{BackendAttrs, Lease, LeaseAttrs, MacAddr, VxlanBackendData},
+    net::netlink::{self, Netlink},
     netconf::VxlanConfig,
 };
 
@@ -62,7 +61,7 @@ pub use crate::net::netlink::RTPROT_FLANNEL;
 
 /// VXLAN encapsulation overhead over IPv4 (outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet
 /// 14), subtracted from the uplink MTU for the device and the pods.
-pub const VXLAN_OVERHEAD: u32 = 50;
+pub const VXLAN_OVERHEAD: u32 = flannel_common::wire::VXLAN_OVERHEAD as u32;
 
 /// Errors of the kernel VXLAN backend.
 #[derive(Debug, thiserror::Error)]
@@ -111,14 +110,6 @@ pub enum PeerError {
         /// The peer's subnet.
         subnet: Ipv4Network,
     },
-    /// `BackendData.VtepMAC` is absent or not a MAC.
-    #[error("lease {subnet}: BackendData.VtepMAC {value} is not a MAC address")]
-    BadMac {
-        /// The peer's subnet.
-        subnet: Ipv4Network,
-        /// The JSON found (or `missing`).
-        value: String,
-    },
 }
 
 /// What a VXLAN peer's lease says, parsed.
@@ -132,28 +123,23 @@ pub struct VxlanPeer {
     pub vtep_mac: [u8; 6],
 }
 
-/// Parse a peer's lease as a VXLAN peer: `BackendType` must be `vxlan` and `BackendData`
-/// must carry a `VtepMAC` (keys matched case-insensitively, as Go's JSON decoder does; the
-/// `VNI` is informational upstream and ignored here too).
+/// A peer's lease as a VXLAN peer: `BackendType` must be `vxlan` with an IPv4 VTEP (the
+/// lease was parsed and validated by the subnet manager; the `VNI` is informational
+/// upstream and ignored here too).
 pub fn parse_peer(lease: &Lease) -> Result<VxlanPeer, PeerError> {
     let subnet = lease.subnet;
-    if lease.attrs.backend_type != "vxlan" {
-        return Err(PeerError::WrongBackend {
+    match &lease.attrs.backend {
+        BackendAttrs::Vxlan { v4: Some(data), .. } => Ok(VxlanPeer {
             subnet,
-            found: lease.attrs.backend_type.clone(),
-        });
+            public_ip: lease.attrs.public_ip,
+            vtep_mac: data.vtep_mac.octets(),
+        }),
+        BackendAttrs::Vxlan { v4: None, .. } => Err(PeerError::MissingData { subnet }),
+        other => Err(PeerError::WrongBackend {
+            subnet,
+            found: other.type_name().to_owned(),
+        }),
     }
-    let data = lease
-        .attrs
-        .backend_data
-        .as_deref()
-        .ok_or(PeerError::MissingData { subnet })?;
-    let vtep_mac = vtep_mac_from_data(data).map_err(|value| PeerError::BadMac { subnet, value })?;
-    Ok(VxlanPeer {
-        subnet,
-        public_ip: lease.attrs.public_ip,
-        vtep_mac,
-    })
 }
 
 /// The peer's VTEP MAC, or `None` with a warning naming the lease and field.
@@ -167,52 +153,9 @@ pub fn peer_vtep_mac(peer: &Lease) -> Option<[u8; 6]> {
     }
 }
 
-/// `VtepMAC` from a `BackendData` JSON object; on failure the offending JSON as text.
-fn vtep_mac_from_data(data: &RawValue) -> Result<[u8; 6], String> {
-    let value: serde_json::Value =
-        serde_json::from_str(data.get()).map_err(|_| data.get().to_owned())?;
-    let obj = value.as_object().ok_or_else(|| data.get().to_owned())?;
-    let mac = obj
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("VtepMAC"))
-        .map(|(_, v)| v)
-        .ok_or_else(|| "missing".to_owned())?;
-    mac.as_str()
-        .and_then(parse_mac)
-        .ok_or_else(|| mac.to_string())
-}
-
-/// Parse a 6-byte MAC written with `:` or `-` separators (what Go's `net.ParseMAC` accepts
-/// for EUI-48, minus the dotted form nobody writes into leases).
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let sep = if s.contains('-') { '-' } else { ':' };
-    let mut out = [0u8; 6];
-    let mut parts = s.split(sep);
-    for b in &mut out {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
-}
-
-/// Upstream's `BackendData` for a vxlan lease: `{"VNI":1,"VtepMAC":"0e:2a:…"}` (Go's
-/// compact `json.Marshal` of `vxlanLeaseAttrs`, field order included).
-pub fn backend_data(vni: u32, mac: &[u8; 6]) -> Box<RawValue> {
-    RawValue::from_string(format!(
-        r#"{{"VNI":{vni},"VtepMAC":"{}"}}"#,
-        format_mac(mac)
-    ))
-    .expect("static JSON shape is valid")
-}
-
 /// A random locally-administered unicast MAC (upstream `pkg/mac`).
 fn random_mac() -> [u8; 6] {
-    let mut mac: [u8; 6] = rand::random();
-    mac[0] = (mac[0] & 0xfe) | 0x02;
-    mac
+    MacAddr::random_local().octets()
 }
 
 /// How one peer subnet is reached.
@@ -324,7 +267,7 @@ impl KernelVxlan {
             })?;
         info!(device = %self.name, vni = self.config.vni, port = self.config.port,
               local = %self.ext.iface_addr, uplink = %self.ext.name, mtu = self.mtu,
-              mac = %format_mac(&mac), "created VXLAN device");
+              mac = %MacAddr(mac), "created VXLAN device");
         self.adopt(&link).await
     }
 
@@ -416,7 +359,7 @@ impl KernelVxlan {
             self.nl.link_set(msg).await?;
             info!(device = %self.name, mtu = self.mtu, "set device MTU");
         }
-        debug!(device = %self.name, ifindex = self.ifindex, mac = %format_mac(&self.mac), "using VXLAN device");
+        debug!(device = %self.name, ifindex = self.ifindex, mac = %MacAddr(self.mac), "using VXLAN device");
         Ok(())
     }
 
@@ -449,7 +392,7 @@ impl KernelVxlan {
         if netlink::link_mac(&link) != Some(self.mac) {
             // Something (udev's MACAddressPolicy, NetworkManager) rewrote it; peers hold the
             // advertised one, so put it back.
-            warn!(device = %self.name, mac = %format_mac(&self.mac), "device MAC differs from the advertised one; restoring it");
+            warn!(device = %self.name, mac = %MacAddr(self.mac), "device MAC differs from the advertised one; restoring it");
             self.set_mac(self.mac).await?;
         }
         if !link.header.flags.contains(LinkFlags::Up) {
@@ -666,7 +609,7 @@ impl KernelVxlan {
                 continue;
             };
             if !want_fdb.contains(&(mac, dst)) {
-                info!(device = %self.name, mac = %format_mac(&mac), dst = %dst, "removing stale FDB entry");
+                info!(device = %self.name, mac = %MacAddr(mac), dst = %dst, "removing stale FDB entry");
                 self.nl.neigh_del(fdb_entry(self.ifindex, mac, dst)).await?;
             }
         }
@@ -750,12 +693,13 @@ impl KernelVxlan {
 impl Backend for KernelVxlan {
     async fn prepare(&mut self) -> Result<LeaseAttrs> {
         self.ensure_device().await?;
+        let vtep = VxlanBackendData {
+            vni: self.config.vni,
+            vtep_mac: MacAddr(self.mac),
+        };
         Ok(LeaseAttrs {
-            public_ip: self.ext.public_ip,
-            public_ipv6: None,
-            backend_type: "vxlan".into(),
-            backend_data: Some(backend_data(self.config.vni, &self.mac)),
-            backend_v6_data: None,
+            public_ipv6: self.ext.public_ipv6,
+            ..LeaseAttrs::vxlan(self.ext.public_ip, vtep)
         })
     }
 
@@ -895,21 +839,13 @@ mod tests {
             attrs: LeaseAttrs {
                 public_ip: "198.18.0.2".parse().unwrap(),
                 public_ipv6: None,
-                backend_type: backend_type.into(),
-                backend_data: data.map(|d| RawValue::from_string(d.into()).unwrap()),
-                backend_v6_data: None,
+                backend: BackendAttrs::parse(backend_type, data, None).unwrap(),
             },
         }
     }
 
     #[test]
-    fn backend_data_is_upstreams_compact_json() {
-        let d = backend_data(1, &[0x0e, 0x2a, 0xbc, 0x01, 0x02, 0xff]);
-        assert_eq!(d.get(), r#"{"VNI":1,"VtepMAC":"0e:2a:bc:01:02:ff"}"#);
-    }
-
-    #[test]
-    fn peer_data_parses_case_insensitively() {
+    fn peer_is_read_from_typed_lease_data() {
         let p = parse_peer(&lease(
             "vxlan",
             Some(r#"{"vni":1,"vtepmac":"0E:2A:BC:01:02:FF"}"#),
@@ -920,32 +856,12 @@ mod tests {
     }
 
     #[test]
-    fn malformed_peers_are_errors_naming_the_field() {
+    fn unusable_peers_are_errors_naming_the_lease() {
         let e = parse_peer(&lease("host-gw", None)).unwrap_err();
         assert!(matches!(e, PeerError::WrongBackend { .. }));
         let e = parse_peer(&lease("vxlan", None)).unwrap_err();
         assert!(matches!(e, PeerError::MissingData { .. }));
-        let e = parse_peer(&lease("vxlan", Some(r#"{"VNI":1,"VtepMAC":"zz"}"#))).unwrap_err();
-        assert!(e.to_string().contains("VtepMAC \"zz\""), "{e}");
-        let e = parse_peer(&lease("vxlan", Some(r#"{"VNI":1}"#))).unwrap_err();
-        assert!(e.to_string().contains("missing"), "{e}");
-        let e = parse_peer(&lease("vxlan", Some(r#"[1]"#))).unwrap_err();
-        assert!(matches!(e, PeerError::BadMac { .. }));
-        assert_eq!(
-            peer_vtep_mac(&lease("vxlan", Some(r#"{"VtepMAC":7}"#))),
-            None
-        );
-    }
-
-    #[test]
-    fn mac_parsing() {
-        assert_eq!(
-            parse_mac("0e-2a-00-00-00-01"),
-            Some([0x0e, 0x2a, 0, 0, 0, 1])
-        );
-        assert_eq!(parse_mac("0e:2a:00:00:00"), None);
-        assert_eq!(parse_mac("0e:2a:00:00:00:01:02"), None);
-        assert_eq!(parse_mac("0e:2a:00:00:00:1"), None);
+        assert_eq!(peer_vtep_mac(&lease("vxlan", Some("null"))), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use ipnetwork::IpNetwork;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -123,117 +123,38 @@ impl NetConf {
     }
 }
 
-/// What `subnet.env` says about this node.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SubnetEnv {
-    /// `FLANNEL_NETWORK` (comma list, deduplicated, in order).
-    pub networks: Vec<Ipv4Network>,
-    /// `FLANNEL_SUBNET`, host bits cleared (`10.244.1.1/24` → `10.244.1.0/24`).
-    pub subnet: Option<Ipv4Network>,
-    /// `FLANNEL_IPV6_NETWORK`.
-    pub ipv6_networks: Vec<Ipv6Network>,
-    /// `FLANNEL_IPV6_SUBNET`, host bits cleared.
-    pub ipv6_subnet: Option<Ipv6Network>,
-    /// `FLANNEL_MTU`.
-    pub mtu: Option<u32>,
-    /// `FLANNEL_IPMASQ == "true"`.
-    pub ipmasq: Option<bool>,
+pub use crate::wire::subnet_env::SubnetEnv;
+use crate::wire::subnet_env::{self, Dialect};
+
+/// Reads flanneld's `subnet.env` with the plugin's strict parser; errors name the file.
+pub fn read_subnet_env(path: &std::path::Path) -> Result<SubnetEnv, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadSubnetEnv {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_subnet_env(&text, path)
 }
 
-fn masked(net: IpNetwork) -> IpNetwork {
-    IpNetwork::new(net.network(), net.prefix()).expect("prefix of a parsed network is valid")
-}
-
-impl SubnetEnv {
-    /// Reads `path` with [`SubnetEnv::parse`].
-    pub fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadSubnetEnv {
+/// [`SubnetEnv::parse`] in the strict dialect; `path` only labels errors.
+pub fn parse_subnet_env(text: &str, path: &std::path::Path) -> Result<SubnetEnv, ConfigError> {
+    SubnetEnv::parse(text, Dialect::Strict).map_err(|e| match e {
+        subnet_env::Error::BadLine {
+            line,
+            key,
+            value,
+            reason,
+        } => ConfigError::BadSubnetEnvLine {
             path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
-    }
-
-    /// Strict line parser, like upstream's: split at the first `=`, no trimming, no quotes;
-    /// unknown keys are ignored; a recognised key with a bad value is an error naming the
-    /// line. `path` only labels errors.
-    pub fn parse(text: &str, path: &std::path::Path) -> Result<Self, ConfigError> {
-        let mut env = Self::default();
-        for (idx, line) in text.lines().enumerate() {
-            let Some((key, value)) = line.split_once('=') else {
-                continue;
-            };
-            let bad = |reason: String| ConfigError::BadSubnetEnvLine {
-                path: path.to_owned(),
-                line: idx + 1,
-                key: key.to_owned(),
-                value: value.to_owned(),
-                reason,
-            };
-            let cidr = |s: &str| -> Result<IpNetwork, ConfigError> {
-                s.parse::<IpNetwork>()
-                    .map(masked)
-                    .map_err(|e| bad(format!("{s:?} is not a CIDR: {e}")))
-            };
-            let v4 = |n: IpNetwork| match n {
-                IpNetwork::V4(n) => Ok(n),
-                IpNetwork::V6(_) => Err(bad("expected an IPv4 network".into())),
-            };
-            let v6 = |n: IpNetwork| match n {
-                IpNetwork::V6(n) => Ok(n),
-                IpNetwork::V4(_) => Err(bad("expected an IPv6 network".into())),
-            };
-            match key {
-                "FLANNEL_NETWORK" => {
-                    for part in value.split(',') {
-                        let n = v4(cidr(part)?)?;
-                        if !env.networks.contains(&n) {
-                            env.networks.push(n);
-                        }
-                    }
-                }
-                "FLANNEL_SUBNET" => env.subnet = Some(v4(cidr(value)?)?),
-                "FLANNEL_IPV6_NETWORK" => {
-                    for part in value.split(',') {
-                        let n = v6(cidr(part)?)?;
-                        if !env.ipv6_networks.contains(&n) {
-                            env.ipv6_networks.push(n);
-                        }
-                    }
-                }
-                "FLANNEL_IPV6_SUBNET" => env.ipv6_subnet = Some(v6(cidr(value)?)?),
-                "FLANNEL_MTU" => {
-                    env.mtu = Some(
-                        value
-                            .parse()
-                            .map_err(|e| bad(format!("not an unsigned integer: {e}")))?,
-                    );
-                }
-                "FLANNEL_IPMASQ" => env.ipmasq = Some(value == "true"),
-                _ => {}
-            }
-        }
-        let mut missing = Vec::new();
-        if env.networks.is_empty() && env.ipv6_networks.is_empty() {
-            missing.push("FLANNEL_NETWORK, FLANNEL_IPV6_NETWORK");
-        }
-        if env.subnet.is_none() && env.ipv6_subnet.is_none() {
-            missing.push("FLANNEL_SUBNET, FLANNEL_IPV6_SUBNET");
-        }
-        if env.mtu.is_none() {
-            missing.push("FLANNEL_MTU");
-        }
-        if env.ipmasq.is_none() {
-            missing.push("FLANNEL_IPMASQ");
-        }
-        if !missing.is_empty() {
-            return Err(ConfigError::SubnetEnvIncomplete {
-                path: path.to_owned(),
-                missing: missing.join(", "),
-            });
-        }
-        Ok(env)
-    }
+            line,
+            key,
+            value,
+            reason,
+        },
+        subnet_env::Error::Incomplete { missing } => ConfigError::SubnetEnvIncomplete {
+            path: path.to_owned(),
+            missing,
+        },
+    })
 }
 
 /// Renders the delegate netconf (upstream `doCmdAdd` + `getDelegateIPAM`): the user's
@@ -245,7 +166,7 @@ pub fn render_delegate(conf: &NetConf, env: &SubnetEnv) -> Map<String, Value> {
     let mut d = conf.delegate.clone().unwrap_or_default();
     d.insert("name".into(), json!(conf.name));
     d.entry("type").or_insert_with(|| json!("bridge"));
-    if let Some(ipmasq) = env.ipmasq {
+    if let Some(ipmasq) = env.ip_masq {
         d.entry("ipMasq").or_insert_with(|| json!(!ipmasq));
     }
     if let Some(mtu) = env.mtu {
@@ -296,7 +217,7 @@ mod tests {
                                     FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
 
     fn env(text: &str) -> Result<SubnetEnv, ConfigError> {
-        SubnetEnv::parse(text, Path::new("/run/flannel/subnet.env"))
+        parse_subnet_env(text, Path::new("/run/flannel/subnet.env"))
     }
 
     /// The flannel entry of upstream's `kube-flannel.yml` conflist, as libcni hands it to
@@ -408,7 +329,7 @@ mod tests {
         .unwrap();
         assert_eq!(e.networks.len(), 2);
         assert_eq!(e.subnet, Some("10.244.1.0/24".parse().unwrap()));
-        assert_eq!(e.ipmasq, Some(false));
+        assert_eq!(e.ip_masq, Some(false));
         // No trimming: a space makes the value invalid, and the error names the line.
         let err = env("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_MTU= 1450\n").unwrap_err();
         assert!(

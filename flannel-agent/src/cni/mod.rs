@@ -11,7 +11,7 @@ use std::io::{Read as _, Write as _};
 use serde_json::{Value, json};
 
 use self::{
-    config::{ConfigError, NetConf, SubnetEnv, render_delegate},
+    config::{ConfigError, NetConf, read_subnet_env, render_delegate},
     delegate::DelegateError,
 };
 
@@ -230,7 +230,7 @@ fn cmd_add(env: &CniEnv, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
     env.require(true)?;
     let conf = NetConf::parse(stdin)?;
     check_version(&conf.cni_version)?;
-    let subnet_env = SubnetEnv::read(&conf.subnet_file)?;
+    let subnet_env = read_subnet_env(&conf.subnet_file)?;
     let rendered = render_delegate(&conf, &subnet_env);
     let plugin = rendered
         .get("type")

@@ -22,7 +22,7 @@ use crate::net::netlink::{self, Netlink, RTPROT_FLANNEL};
 /// Make sure `blackhole <subnet>` exists. `Ok(true)` when it was added now, `Ok(false)` when
 /// it (or another route for the subnet with the same key) was already there.
 pub async fn ensure(nl: &Netlink, subnet: Ipv4Network) -> Result<bool, netlink::Error> {
-    let subnet = Ipv4Network::new(subnet.network(), subnet.prefix()).unwrap_or(subnet);
+    let subnet = crate::wire::cidr::masked(subnet);
     let present =
         nl.routes_v4().await?.iter().any(|r| {
             r.header.kind == RouteType::BlackHole && netlink::route_dst_v4(r) == Some(subnet)

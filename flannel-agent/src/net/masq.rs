@@ -98,12 +98,10 @@ pub struct MasqConfig {
 impl MasqConfig {
     fn c(&self) -> String {
         // Normalise to the network address: "10.244.0.0/16", never "10.244.3.7/16".
-        Ipv4Network::new(self.network.network(), self.network.prefix())
-            .map_or_else(|_| self.network.to_string(), |n| n.to_string())
+        crate::wire::cidr::masked(self.network).to_string()
     }
     fn p(&self) -> String {
-        Ipv4Network::new(self.subnet.network(), self.subnet.prefix())
-            .map_or_else(|_| self.subnet.to_string(), |n| n.to_string())
+        crate::wire::cidr::masked(self.subnet).to_string()
     }
 }
 

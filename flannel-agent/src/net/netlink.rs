@@ -581,17 +581,11 @@ pub fn neigh_lladdr(n: &NeighbourMessage) -> Option<[u8; 6]> {
     })
 }
 
-/// Format a MAC as upstream does (`net.HardwareAddr.String()`: lower-case, colons).
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 fn describe_neigh(n: &NeighbourMessage) -> String {
     let dst = neigh_dst(n).map(|d| d.to_string()).unwrap_or_default();
-    let mac = neigh_lladdr(n).map(|m| format_mac(&m)).unwrap_or_default();
+    let mac = neigh_lladdr(n)
+        .map(|m| crate::wire::mac::MacAddr(m).to_string())
+        .unwrap_or_default();
     format!("{dst} lladdr {mac} on #{}", n.header.ifindex)
 }
 
@@ -610,14 +604,6 @@ fn describe_route(r: &RouteMessage) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mac_is_formatted_like_go() {
-        assert_eq!(
-            format_mac(&[0x0e, 0x2a, 0x00, 0xff, 0x10, 0x01]),
-            "0e:2a:00:ff:10:01"
-        );
-    }
 
     #[test]
     fn not_found_covers_every_absent_errno() {

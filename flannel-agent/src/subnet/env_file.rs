@@ -1,16 +1,17 @@
-//! `subnet.env`: the file the CNI plugin (and `mk-docker-opts.sh`) read to learn this host's
-//! subnet and MTU. Wire format: the CNI plugin is a strict line parser, so the variable
-//! names, order and `KEY=VALUE\n` shape are exactly upstream's `WriteSubnetFile`.
+//! `subnet.env` on disk: written atomically by the agent, and its previous contents read
+//! back at start. The format itself is [`crate::wire::subnet_env`].
 
 use std::{
     fs,
     io::Write,
-    net::{Ipv4Addr, Ipv6Addr},
     os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
+
+use crate::wire::subnet_env::Dialect;
+pub use crate::wire::subnet_env::SubnetEnv;
 
 /// Why `subnet.env` could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -25,47 +26,6 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
-}
-
-/// What goes into `subnet.env`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SubnetEnv {
-    /// `FLANNEL_NETWORK` (IPv4 enabled).
-    pub network: Option<Ipv4Network>,
-    /// Own IPv4 subnet; written as base+1 (`10.244.1.1/24`).
-    pub subnet: Option<Ipv4Network>,
-    /// `FLANNEL_IPV6_NETWORK` (IPv6 enabled).
-    pub ipv6_network: Option<Ipv6Network>,
-    /// Own IPv6 subnet; written as base+1.
-    pub ipv6_subnet: Option<Ipv6Network>,
-    /// `FLANNEL_MTU`.
-    pub mtu: u32,
-    /// `FLANNEL_IPMASQ` (`--ip-masq`).
-    pub ip_masq: bool,
-}
-
-impl SubnetEnv {
-    /// The file's exact contents.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        if let Some(n) = self.network {
-            out += &format!("FLANNEL_NETWORK={n}\n");
-        }
-        if let Some(s) = self.subnet {
-            let first = Ipv4Addr::from(u32::from(s.network()).wrapping_add(1));
-            out += &format!("FLANNEL_SUBNET={first}/{}\n", s.prefix());
-        }
-        if let Some(n) = self.ipv6_network {
-            out += &format!("FLANNEL_IPV6_NETWORK={n}\n");
-        }
-        if let Some(s) = self.ipv6_subnet {
-            let first = Ipv6Addr::from(u128::from(s.network()).wrapping_add(1));
-            out += &format!("FLANNEL_IPV6_SUBNET={first}/{}\n", s.prefix());
-        }
-        out += &format!("FLANNEL_MTU={}\n", self.mtu);
-        out += &format!("FLANNEL_IPMASQ={}\n", self.ip_masq);
-        out
-    }
 }
 
 /// Writes `subnet.env` atomically: a temp file in the same directory, fsync, mode 0644
@@ -133,36 +93,13 @@ pub fn read_previous(path: &Path) -> PreviousSubnets {
     let Ok(text) = fs::read_to_string(path) else {
         return PreviousSubnets::default();
     };
-    let mut prev = PreviousSubnets::default();
-    for line in text.lines() {
-        let line = line.trim();
-        let line = line.strip_prefix("export ").unwrap_or(line);
-        let Some((key, value)) = line.split_once('=') else {
-            continue;
-        };
-        let value = value.trim().trim_matches(|c| c == '"' || c == '\'');
-        if value.contains(',') {
-            continue;
-        }
-        match key.trim() {
-            "FLANNEL_SUBNET" => prev.subnet = parse_v4(value),
-            "FLANNEL_IPV6_SUBNET" => prev.ipv6_subnet = parse_v6(value),
-            "FLANNEL_NETWORK" => prev.network = parse_v4(value),
-            "FLANNEL_IPV6_NETWORK" => prev.ipv6_network = parse_v6(value),
-            _ => {}
-        }
+    let env = SubnetEnv::parse(&text, Dialect::Dotenv).unwrap_or_default();
+    PreviousSubnets {
+        subnet: env.subnet,
+        ipv6_subnet: env.ipv6_subnet,
+        network: env.network(),
+        ipv6_network: env.ipv6_network(),
     }
-    prev
-}
-
-fn parse_v4(s: &str) -> Option<Ipv4Network> {
-    let n: Ipv4Network = s.parse().ok()?;
-    Ipv4Network::new(n.network(), n.prefix()).ok()
-}
-
-fn parse_v6(s: &str) -> Option<Ipv6Network> {
-    let n: Ipv6Network = s.parse().ok()?;
-    Ipv6Network::new(n.network(), n.prefix()).ok()
 }
 
 #[cfg(test)]
@@ -172,44 +109,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn upstream_format_v4_and_dual_stack() {
-        let env = SubnetEnv {
-            network: Some("10.244.0.0/16".parse().unwrap()),
-            subnet: Some("10.244.1.0/24".parse().unwrap()),
-            ipv6_network: None,
-            ipv6_subnet: None,
-            mtu: 1450,
-            ip_masq: true,
-        };
-        assert_eq!(
-            env.render(),
-            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
-        );
-        let dual = SubnetEnv {
-            ipv6_network: Some("2001:cafe:42::/56".parse().unwrap()),
-            ipv6_subnet: Some("2001:cafe:42::/64".parse().unwrap()),
-            ip_masq: false,
-            ..env
-        };
-        assert_eq!(
-            dual.render(),
-            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n\
-             FLANNEL_IPV6_NETWORK=2001:cafe:42::/56\nFLANNEL_IPV6_SUBNET=2001:cafe:42::1/64\n\
-             FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
-        );
-    }
-
-    #[test]
     fn atomic_write_mode_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/flannel/subnet.env");
         let env = SubnetEnv {
-            network: Some("10.5.0.0/16".parse().unwrap()),
+            networks: vec!["10.5.0.0/16".parse().unwrap()],
             subnet: Some("10.5.72.0/24".parse().unwrap()),
-            ipv6_network: Some("fd00::/48".parse().unwrap()),
+            ipv6_networks: vec!["fd00::/48".parse().unwrap()],
             ipv6_subnet: Some("fd00:0:0:3::/64".parse().unwrap()),
-            mtu: 1400,
-            ip_masq: false,
+            mtu: Some(1400),
+            ip_masq: Some(false),
         };
         // A restrictive umask must not leak into the file mode.
         let old = unsafe { libc::umask(0o077) };

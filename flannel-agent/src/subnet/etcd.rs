@@ -8,6 +8,7 @@
 
 use std::{
     path::PathBuf,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -24,10 +25,11 @@ use tracing::{debug, info, warn};
 use super::{SubnetManager, env_file::PreviousSubnets};
 use crate::{
     lease::{
-        Lease, LeaseAttrs, LeaseEvent, SubnetId, VxlanBackendData, make_subnet_key,
-        parse_subnet_key,
+        Lease, LeaseAttrs, LeaseEvent, LeaseRules, SkipLog, SubnetId, make_subnet_key,
+        parse_record, parse_subnet_key,
     },
     netconf::{self, NetworkConfig},
+    wire::{cidr::overlaps, truncated},
 };
 
 mod alloc;
@@ -206,6 +208,10 @@ pub struct EtcdSubnetManager {
     ttl: Duration,
     renew_margin: Duration,
     previous: PreviousSubnets,
+    /// What peers' leases must satisfy, from the last network config read.
+    rules: Arc<RwLock<Option<LeaseRules>>>,
+    /// Bad records already warned about.
+    skipped: SkipLog,
 }
 
 impl EtcdSubnetManager {
@@ -260,6 +266,8 @@ impl EtcdSubnetManager {
             ttl: opts.ttl.max(Duration::from_secs(1)),
             renew_margin: opts.renew_margin,
             previous: opts.previous,
+            rules: Arc::default(),
+            skipped: SkipLog::default(),
         })
     }
 
@@ -291,12 +299,50 @@ impl EtcdSubnetManager {
             .first()
             .ok_or_else(|| Error::ConfigNotFound { key: key.clone() })?;
         let text = String::from_utf8_lossy(kv.value());
-        NetworkConfig::parse_and_check(&text).map_err(|source| Error::Config { key, source })
+        let cfg = NetworkConfig::parse_and_check(&text)
+            .map_err(|source| Error::Config { key, source })?;
+        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Some(LeaseRules::new(&cfg));
+        Ok(cfg)
+    }
+
+    /// The lease rules of the network config, reading it if it was not read yet.
+    pub(super) async fn lease_rules(&self) -> Result<LeaseRules> {
+        let cached = self.rules.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match cached {
+            Some(rules) => Ok(rules),
+            None => Ok(LeaseRules::new(&self.read_config().await?)),
+        }
+    }
+
+    /// Reads one lease record; a malformed one, or with `rules` an invalid one, is skipped
+    /// and warned about once (its value truncated), however often a resync lists it again.
+    pub(super) fn read_record(&self, rules: Option<&LeaseRules>, kv: &KeyValue) -> Option<Lease> {
+        let key = String::from_utf8_lossy(kv.key());
+        let result = parse_record(&key, kv.value())
+            .map_err(|e| e.to_string())
+            .and_then(|lease| match rules.map(|r| r.check(&lease)) {
+                Some(Err(invalid)) => Err(invalid.to_string()),
+                _ => Ok(lease),
+            });
+        match result {
+            Ok(lease) => Some(lease),
+            Err(error) => {
+                if self.skipped.first_time(&key, kv.value()) {
+                    warn!(key = %truncated(kv.key()), %error, value = %truncated(kv.value()),
+                          "ignoring malformed or invalid lease");
+                }
+                None
+            }
+        }
     }
 
     /// Every readable lease record, every subnet whose key parses (readable or not: a key
     /// with a bad value still occupies its subnet), and the store revision.
-    async fn list(&self) -> Result<(Vec<Record>, Vec<SubnetId>, i64)> {
+    ///
+    /// `rules` (what the watch uses) also drops leases no datapath may see; acquisition
+    /// lists without them, so an own lease made incompatible by a config change is still
+    /// found and replaced.
+    async fn list(&self, rules: Option<&LeaseRules>) -> Result<(Vec<Record>, Vec<SubnetId>, i64)> {
         let prefix = self.subnets_prefix();
         let resp = self
             .client
@@ -313,7 +359,7 @@ impl EtcdSubnetManager {
             {
                 used.push(id);
             }
-            if let Some(lease) = record_lease(kv) {
+            if let Some(lease) = self.read_record(rules, kv) {
                 records.push(Record {
                     key: String::from_utf8_lossy(kv.key()).into_owned(),
                     lease,
@@ -367,7 +413,7 @@ impl EtcdSubnetManager {
 
     /// One acquisition attempt; `None` when another host changed the chosen key first.
     async fn try_acquire(&self, cfg: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Option<Lease>> {
-        let (records, mut used, _) = self.list().await?;
+        let (records, mut used, _) = self.list(None).await?;
         let value = attrs.to_json();
 
         // 1. Reuse the lease already published for our public IP.
@@ -429,12 +475,13 @@ impl EtcdSubnetManager {
     ) -> Result<(Ipv4Network, Option<Ipv6Network>)> {
         let used4: Vec<Ipv4Network> = used.iter().map(|(v4, _)| *v4).collect();
         let used6: Vec<Ipv6Network> = used.iter().filter_map(|(_, v6)| *v6).collect();
-        let v4_free = |sn: Ipv4Network| cfg.v4_compatible(sn) && !overlaps4(sn, &used4);
+        let v4_free =
+            |sn: Ipv4Network| cfg.v4_compatible(sn) && !used4.iter().any(|u| overlaps(*u, sn));
         let prev4 = self.previous.subnet.filter(|sn| v4_free(*sn));
         let prev6 = self
             .previous
             .ipv6_subnet
-            .filter(|sn| cfg.v6_compatible(Some(*sn)) && !overlaps6(*sn, &used6));
+            .filter(|sn| cfg.v6_compatible(Some(*sn)) && !used6.iter().any(|u| overlaps(*u, *sn)));
         let mut rng = rand::rng();
         let subnet = match prev4 {
             Some(sn) => {
@@ -557,63 +604,13 @@ impl EtcdSubnetManager {
     }
 }
 
-fn overlaps4(sn: Ipv4Network, used: &[Ipv4Network]) -> bool {
-    used.iter()
-        .any(|u| u.contains(sn.network()) || sn.contains(u.network()))
-}
-
-fn overlaps6(sn: Ipv6Network, used: &[Ipv6Network]) -> bool {
-    used.iter()
-        .any(|u| u.contains(sn.network()) || sn.contains(u.network()))
-}
-
-/// Reads one lease record; malformed ones are logged with their key and skipped.
-fn record_lease(kv: &KeyValue) -> Option<Lease> {
-    let key = String::from_utf8_lossy(kv.key());
-    let (subnet, ipv6_subnet) = match parse_subnet_key(&key) {
-        Ok(id) => id,
-        Err(error) => {
-            warn!(%key, %error, "ignoring bad subnet key");
-            return None;
-        }
-    };
-    let attrs = match LeaseAttrs::from_json(kv.value()) {
-        Ok(a) => a,
-        Err(error) => {
-            warn!(%key, %error, value = %String::from_utf8_lossy(kv.value()), "ignoring malformed lease");
-            return None;
-        }
-    };
-    if attrs.backend_type == "vxlan"
-        && let Err(error) = VxlanBackendData::from_raw(attrs.backend_data.as_deref())
-    {
-        warn!(%key, %error, "ignoring vxlan lease with unusable BackendData");
-        return None;
-    }
-    Some(Lease {
-        subnet,
-        ipv6_subnet,
-        attrs,
-    })
-}
-
 /// The lease a delete event stands for: only the subnet is known.
 fn removed_lease(kv: &KeyValue) -> Option<Lease> {
     let key = String::from_utf8_lossy(kv.key());
     match parse_subnet_key(&key) {
-        Ok((subnet, ipv6_subnet)) => Some(Lease {
-            subnet,
-            ipv6_subnet,
-            attrs: LeaseAttrs {
-                public_ip: std::net::Ipv4Addr::UNSPECIFIED,
-                public_ipv6: None,
-                backend_type: String::new(),
-                backend_data: None,
-                backend_v6_data: None,
-            },
-        }),
+        Ok((subnet, ipv6_subnet)) => Some(Lease::bare(subnet, ipv6_subnet)),
         Err(error) => {
-            warn!(%key, %error, "ignoring delete of a bad subnet key");
+            debug!(%error, "ignoring delete of a bad subnet key");
             None
         }
     }

@@ -120,7 +120,7 @@ impl EbpfVxlan {
 
 /// What the maps need from a lease, or `None` (logged) for leases the datapath can't use.
 fn peer_entry(peer: &Lease) -> Option<PeerEntry> {
-    if peer.attrs.backend_type != "vxlan" {
+    if !matches!(peer.attrs.backend, crate::lease::BackendAttrs::Vxlan { .. }) {
         return None;
     }
     let mac = crate::backend::vxlan::peer_vtep_mac(peer)?;

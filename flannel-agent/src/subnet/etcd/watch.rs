@@ -12,8 +12,8 @@ use futures::{StreamExt, stream::BoxStream};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::{EtcdSubnetManager, is_delete, prefix_watch, record_lease, removed_lease};
-use crate::lease::LeaseEvent;
+use super::{EtcdSubnetManager, is_delete, prefix_watch, removed_lease};
+use crate::lease::{LeaseEvent, LeaseRules};
 
 /// Exponential backoff 100 ms → ×2 → 5 s, as upstream's watch reconnect.
 #[derive(Debug)]
@@ -64,9 +64,12 @@ async fn run(mgr: EtcdSubnetManager, tx: Tx) {
     loop {
         let listed = tokio::select! {
             () = tx.closed() => return,
-            r = mgr.list() => r,
+            r = async {
+                let rules = mgr.lease_rules().await?;
+                mgr.list(Some(&rules)).await.map(|l| (l, rules))
+            } => r,
         };
-        let (records, _, revision) = match listed {
+        let ((records, _, revision), rules) = match listed {
             Ok(l) => l,
             Err(error) => {
                 warn!(%error, "listing leases failed; retrying");
@@ -88,7 +91,7 @@ async fn run(mgr: EtcdSubnetManager, tx: Tx) {
         };
         match watched {
             Ok(mut ws) => {
-                if forward(&mut ws, &tx, &mut backoff).await {
+                if forward(&mgr, &rules, &mut ws, &tx, &mut backoff).await {
                     return;
                 }
             }
@@ -101,7 +104,13 @@ async fn run(mgr: EtcdSubnetManager, tx: Tx) {
 }
 
 /// Forwards watch events until the watch ends; `true` if the receiver went away.
-async fn forward(ws: &mut WatchStream, tx: &Tx, backoff: &mut Backoff) -> bool {
+async fn forward(
+    mgr: &EtcdSubnetManager,
+    rules: &LeaseRules,
+    ws: &mut WatchStream,
+    tx: &Tx,
+    backoff: &mut Backoff,
+) -> bool {
     loop {
         let msg = tokio::select! {
             () = tx.closed() => return true,
@@ -132,7 +141,7 @@ async fn forward(ws: &mut WatchStream, tx: &Tx, backoff: &mut Backoff) -> bool {
             let event = if is_delete(ev) {
                 removed_lease(kv).map(LeaseEvent::Removed)
             } else {
-                record_lease(kv).map(LeaseEvent::Added)
+                mgr.read_record(Some(rules), kv).map(LeaseEvent::Added)
             };
             if let Some(event) = event
                 && tx.send(Ok(event)).await.is_err()

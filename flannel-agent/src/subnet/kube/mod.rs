@@ -7,7 +7,7 @@
 //! watch on all nodes, fed through a reflector store so every (re)list becomes one
 //! [`LeaseEvent::Snapshot`].
 
-pub mod annotations;
+pub use crate::wire::annotations;
 pub mod client;
 pub mod node;
 pub mod watch;
@@ -36,7 +36,7 @@ use self::{
     node::{Families, NodeError, annotations_to_patch, pod_cidrs},
 };
 use crate::{
-    lease::{Lease, LeaseAttrs, LeaseEvent},
+    lease::{Lease, LeaseAttrs, LeaseEvent, LeaseRules},
     netconf::NetworkConfig,
     subnet::SubnetManager,
 };
@@ -520,8 +520,12 @@ impl SubnetManager for KubeSubnetManager {
     }
 
     fn watch_leases(&self) -> BoxStream<'static, super::Result<LeaseEvent>> {
-        let (stream, store) =
-            watch::lease_events(self.nodes.clone(), Arc::clone(&self.names), self.families);
+        let (stream, store) = watch::lease_events(
+            self.nodes.clone(),
+            Arc::clone(&self.names),
+            self.families,
+            LeaseRules::new(&self.config).any_length(),
+        );
         if let Ok(mut s) = self.store.lock() {
             *s = Some(store);
         }

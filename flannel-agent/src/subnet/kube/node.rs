@@ -4,26 +4,20 @@
 //! Kept free of I/O so the rules (upstream `nodeToLease` and `AcquireLease`) are unit-tested
 //! without an API server.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use k8s_openapi::api::core::v1::Node;
-use serde_json::value::RawValue;
 
-use super::annotations::AnnotationNames;
-use crate::lease::{Lease, LeaseAttrs};
-
-/// Which address families the cluster network enables.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Families {
-    /// `EnableIPv4`.
-    pub ipv4: bool,
-    /// `EnableIPv6`.
-    pub ipv6: bool,
-}
+pub use crate::wire::annotations::Families;
+use crate::{
+    lease::{Lease, LeaseAttrs},
+    wire::{
+        annotations::{self, AnnotationError, AnnotationNames},
+        cidr::masked,
+        truncated,
+    },
+};
 
 /// Why a node cannot be turned into a lease. Every variant names the node and the field, so
 /// the warning tells an operator exactly what to fix.
@@ -88,6 +82,15 @@ pub enum NodeError {
         /// Parser message.
         reason: String,
     },
+    /// The lease the node publishes breaks a rule (outside `Network`, a non-unicast
+    /// public IP…).
+    #[error("node {node}: {reason}")]
+    InvalidLease {
+        /// Node name.
+        node: String,
+        /// The rule broken.
+        reason: crate::lease::Invalid,
+    },
     /// The node has no pod CIDR of an enabled family.
     #[error("node {node}: spec.podCIDRs has no {family} entry")]
     MissingFamily {
@@ -108,7 +111,8 @@ impl NodeError {
             | Self::PodCidrNotAssigned { node }
             | Self::TooManyPodCidrs { node, .. }
             | Self::InvalidPodCidr { node, .. }
-            | Self::MissingFamily { node, .. } => node,
+            | Self::MissingFamily { node, .. }
+            | Self::InvalidLease { node, .. } => node,
         }
     }
 }
@@ -161,74 +165,39 @@ pub fn pod_cidrs(node: &Node) -> Result<PodCidrs, NodeError> {
                 .map_err(|e: ipnetwork::IpNetworkError| NodeError::InvalidPodCidr {
                     node: name.clone(),
                     field,
-                    value: value.clone(),
+                    value: truncated(value.as_bytes()),
                     reason: e.to_string(),
                 })?;
         match net {
             IpNetwork::V4(n) => {
-                out.v4.get_or_insert(
-                    Ipv4Network::new(n.network(), n.prefix()).expect("prefix already validated"),
-                );
+                out.v4.get_or_insert(masked(n));
             }
             IpNetwork::V6(n) => {
-                out.v6.get_or_insert(
-                    Ipv6Network::new(n.network(), n.prefix()).expect("prefix already validated"),
-                );
+                out.v6.get_or_insert(masked(n));
             }
         }
     }
     Ok(out)
 }
 
-fn required<'a>(node: &'a Node, key: &str) -> Result<&'a str, NodeError> {
-    annotation(node, key).ok_or_else(|| NodeError::MissingAnnotation {
-        node: node_name(node),
-        annotation: key.to_owned(),
-    })
-}
-
-fn invalid(node: &Node, key: &str, value: &str, reason: impl ToString) -> NodeError {
-    NodeError::InvalidAnnotation {
-        node: node_name(node),
-        annotation: key.to_owned(),
-        value: value.to_owned(),
-        reason: reason.to_string(),
+/// Names the node in an annotation error.
+fn on_node(node: &Node) -> impl Fn(AnnotationError) -> NodeError + '_ {
+    move |e| match e {
+        AnnotationError::Missing { annotation } => NodeError::MissingAnnotation {
+            node: node_name(node),
+            annotation,
+        },
+        AnnotationError::Invalid {
+            annotation,
+            value,
+            reason,
+        } => NodeError::InvalidAnnotation {
+            node: node_name(node),
+            annotation,
+            value,
+            reason,
+        },
     }
-}
-
-/// Parses backend data. `null` (host-gw and friends) becomes `None`; a vxlan node must have
-/// real data, since peers need its VTEP MAC.
-fn backend_data(
-    node: &Node,
-    key: &str,
-    backend_type: &str,
-) -> Result<Option<Box<RawValue>>, NodeError> {
-    let Some(value) = annotation(node, key) else {
-        if backend_type == "vxlan" {
-            return Err(NodeError::MissingAnnotation {
-                node: node_name(node),
-                annotation: key.to_owned(),
-            });
-        }
-        return Ok(None);
-    };
-    let raw: Box<RawValue> =
-        serde_json::from_str(value).map_err(|e| invalid(node, key, value, e))?;
-    if raw.get() == "null" {
-        if backend_type == "vxlan" {
-            return Err(invalid(
-                node,
-                key,
-                value,
-                "vxlan nodes must publish backend data",
-            ));
-        }
-        return Ok(None);
-    }
-    if !raw.get().starts_with('{') {
-        return Err(invalid(node, key, value, "expected a JSON object"));
-    }
-    Ok(Some(raw))
 }
 
 /// Builds a peer's lease from its annotations and pod CIDRs (upstream `nodeToLease`).
@@ -242,42 +211,22 @@ pub fn node_to_lease(
         return Err(NodeError::NotManaged {
             node: node_name(node),
             annotation: names.subnet_kube_managed.clone(),
-            value: managed.map(str::to_owned),
+            value: managed.map(|v| truncated(v.as_bytes())),
         });
     }
-    let backend_type = required(node, &names.backend_type)?.to_owned();
     let cidrs = pod_cidrs(node)?;
-    let subnet = cidrs.v4.ok_or_else(|| NodeError::MissingFamily {
+    let attrs = annotations::parse_lease_attrs(|k| annotation(node, k), names, families)
+        .map_err(on_node(node))?;
+    let missing = |family| NodeError::MissingFamily {
         node: node_name(node),
-        family: "IPv4",
-    })?;
-    let mut attrs = LeaseAttrs {
-        public_ip: Ipv4Addr::UNSPECIFIED,
-        public_ipv6: None,
-        backend_type,
-        backend_data: None,
-        backend_v6_data: None,
+        family,
     };
-    if families.ipv4 {
-        let value = required(node, &names.backend_public_ip)?;
-        attrs.public_ip = value
-            .parse()
-            .map_err(|e| invalid(node, &names.backend_public_ip, value, e))?;
-        attrs.backend_data = backend_data(node, &names.backend_data, &attrs.backend_type)?;
-    }
-    let mut ipv6_subnet = None;
-    if families.ipv6 {
-        let value = required(node, &names.backend_public_ipv6)?;
-        let ip: Ipv6Addr = value
-            .parse()
-            .map_err(|e| invalid(node, &names.backend_public_ipv6, value, e))?;
-        attrs.public_ipv6 = Some(ip);
-        attrs.backend_v6_data = backend_data(node, &names.backend_v6_data, &attrs.backend_type)?;
-        ipv6_subnet = Some(cidrs.v6.ok_or_else(|| NodeError::MissingFamily {
-            node: node_name(node),
-            family: "IPv6",
-        })?);
-    }
+    let subnet = cidrs.v4.ok_or_else(|| missing("IPv4"))?;
+    let ipv6_subnet = if families.ipv6 {
+        Some(cidrs.v6.ok_or_else(|| missing("IPv6"))?)
+    } else {
+        None
+    };
     Ok(Lease {
         subnet,
         ipv6_subnet,
@@ -288,20 +237,10 @@ pub fn node_to_lease(
 /// The user's `public-ip-overwrite` / `public-ipv6-overwrite`, if set and valid. An invalid
 /// one is reported, not published (upstream would publish it verbatim and break peers).
 pub fn overwrite_ip(node: &Node, key: &str, want_v4: bool) -> Result<Option<IpAddr>, NodeError> {
-    let Some(value) = annotation(node, key) else {
-        return Ok(None);
-    };
-    let ip: IpAddr = value.parse().map_err(|e| invalid(node, key, value, e))?;
-    if ip.is_ipv4() != want_v4 {
-        let family = if want_v4 { "an IPv4" } else { "an IPv6" };
-        return Err(invalid(
-            node,
-            key,
-            value,
-            format!("expected {family} address"),
-        ));
-    }
-    Ok(Some(ip))
+    annotation(node, key)
+        .map(|value| annotations::parse_family_ip(key, value, want_v4))
+        .transpose()
+        .map_err(on_node(node))
 }
 
 /// The annotations our own node must carry to publish `attrs`, minus those it already has
@@ -317,43 +256,17 @@ pub fn annotations_to_patch(
     families: Families,
     attrs: &LeaseAttrs,
 ) -> BTreeMap<String, String> {
-    let raw = |r: &Option<Box<RawValue>>| r.as_ref().map_or("null", |r| r.get()).to_owned();
-    let is_vxlan = attrs.backend_type == "vxlan";
-    let mut want = BTreeMap::new();
-    want.insert(names.subnet_kube_managed.clone(), "true".to_owned());
-    want.insert(names.backend_type.clone(), attrs.backend_type.clone());
-    if families.ipv4 && (!is_vxlan || attrs.backend_data.is_some()) {
-        want.insert(names.backend_data.clone(), raw(&attrs.backend_data));
-        let public = match overwrite_ip(node, &names.backend_public_ip_overwrite, true) {
-            Ok(Some(ip)) => ip.to_string(),
-            Ok(None) => attrs.public_ip.to_string(),
-            Err(error) => {
-                tracing::warn!(%error, "ignoring the public IP overwrite");
-                attrs.public_ip.to_string()
-            }
-        };
-        want.insert(names.backend_public_ip.clone(), public);
-    }
-    let has_v6 = if is_vxlan {
-        attrs.backend_v6_data.is_some()
-    } else {
-        attrs.public_ipv6.is_some()
+    let overwrite = |key: &str, v4: bool| {
+        overwrite_ip(node, key, v4).unwrap_or_else(|error| {
+            tracing::warn!(%error, "ignoring the public IP overwrite");
+            None
+        })
     };
-    if families.ipv6 && has_v6 {
-        let detected = attrs.public_ipv6.map(|ip| ip.to_string());
-        let public = match overwrite_ip(node, &names.backend_public_ipv6_overwrite, false) {
-            Ok(Some(ip)) => Some(ip.to_string()),
-            Ok(None) => detected,
-            Err(error) => {
-                tracing::warn!(%error, "ignoring the public IPv6 overwrite");
-                detected
-            }
-        };
-        want.insert(names.backend_v6_data.clone(), raw(&attrs.backend_v6_data));
-        if let Some(public) = public {
-            want.insert(names.backend_public_ipv6.clone(), public);
-        }
-    }
+    let overwrites = (
+        overwrite(&names.backend_public_ip_overwrite, true),
+        overwrite(&names.backend_public_ipv6_overwrite, false),
+    );
+    let mut want = annotations::lease_annotations(names, families, attrs, overwrites);
     want.retain(|k, v| annotation(node, k) != Some(v.as_str()));
     want
 }
@@ -362,8 +275,10 @@ pub fn annotations_to_patch(
 mod tests {
     use k8s_openapi::{api::core::v1::NodeSpec, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
+    use std::net::Ipv4Addr;
+
     use super::*;
-    use crate::subnet::kube::annotations::DEFAULT_PREFIX;
+    use crate::wire::{annotations::DEFAULT_PREFIX, lease::BackendAttrs};
 
     const V4: Families = Families {
         ipv4: true,
@@ -419,8 +334,8 @@ mod tests {
         let lease = node_to_lease(&good("a"), &names(), V4).unwrap();
         assert_eq!(lease.subnet, "10.244.1.0/24".parse().unwrap());
         assert_eq!(lease.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 2));
-        assert_eq!(lease.attrs.backend_type, "vxlan");
-        assert_eq!(lease.attrs.backend_data.unwrap().get(), VXLAN_DATA);
+        assert_eq!(lease.attrs.backend_type(), "vxlan");
+        assert_eq!(lease.attrs.backend.data_json().unwrap(), VXLAN_DATA);
         assert_eq!(lease.ipv6_subnet, None);
     }
 
@@ -511,7 +426,7 @@ mod tests {
             ],
         );
         let lease = node_to_lease(&n, &names(), V4).unwrap();
-        assert!(lease.attrs.backend_data.is_none());
+        assert_eq!(lease.attrs.backend, BackendAttrs::HostGw);
     }
 
     #[test]
@@ -540,9 +455,7 @@ mod tests {
         LeaseAttrs {
             public_ip: Ipv4Addr::new(198, 18, 0, 9),
             public_ipv6: None,
-            backend_type: "vxlan".into(),
-            backend_data: Some(RawValue::from_string(VXLAN_DATA.into()).unwrap()),
-            backend_v6_data: None,
+            backend: BackendAttrs::parse("vxlan", Some(VXLAN_DATA), None).unwrap(),
         }
     }
 
@@ -589,10 +502,31 @@ mod tests {
     fn host_gw_publishes_null_data() {
         let n = node("me", &["10.244.9.0/24"], &[]);
         let mut a = attrs();
-        a.backend_type = "host-gw".into();
-        a.backend_data = None;
+        a.backend = BackendAttrs::HostGw;
         let patch = annotations_to_patch(&n, &names(), V4, &a);
         assert_eq!(patch["flannel.alpha.coreos.com/backend-data"], "null");
         assert_eq!(patch["flannel.alpha.coreos.com/public-ip"], "198.18.0.9");
+    }
+
+    #[test]
+    fn ipv6_host_publishes_public_ipv6() {
+        let n = node("me", &["10.244.9.0/24", "fd00:0:0:9::/64"], &[]);
+        let mut a = attrs();
+        a.public_ipv6 = Some("fd18::9".parse().unwrap());
+        let patch = annotations_to_patch(&n, &names(), DUAL, &a);
+        assert_eq!(patch["flannel.alpha.coreos.com/public-ipv6"], "fd18::9");
+        // A vxlan host without an IPv6 VTEP publishes no v6 data (none to give)…
+        assert!(!patch.contains_key("flannel.alpha.coreos.com/backend-v6-data"));
+        // …and such a node is still a readable dual-stack peer.
+        let mut n = good("peer");
+        n.spec.as_mut().unwrap().pod_cidrs =
+            Some(vec!["10.244.1.0/24".into(), "fd00:0:0:1::/64".into()]);
+        n.metadata.annotations.as_mut().unwrap().extend(
+            patch
+                .into_iter()
+                .filter(|(k, _)| k.ends_with("/public-ipv6")),
+        );
+        let lease = node_to_lease(&n, &names(), DUAL).unwrap();
+        assert_eq!(lease.attrs.public_ipv6, Some("fd18::9".parse().unwrap()));
     }
 }

@@ -20,13 +20,14 @@ use super::{
     annotations::AnnotationNames,
     node::{Families, NodeError, node_to_lease},
 };
-use crate::lease::{Lease, LeaseEvent};
+use crate::lease::{Lease, LeaseEvent, LeaseRules};
 
 /// Watches all nodes; returns the lease event stream and the reflector's store.
 pub fn lease_events(
     nodes: Api<Node>,
     names: Arc<AnnotationNames>,
     families: Families,
+    rules: LeaseRules,
 ) -> (
     BoxStream<'static, crate::subnet::Result<LeaseEvent>>,
     Store<Node>,
@@ -36,6 +37,7 @@ pub fn lease_events(
     let mut tracker = LeaseTracker {
         names,
         families,
+        rules,
         reader: reader.clone(),
         known: HashMap::new(),
         warned: HashMap::new(),
@@ -66,6 +68,7 @@ pub fn lease_events(
 struct LeaseTracker {
     names: Arc<AnnotationNames>,
     families: Families,
+    rules: LeaseRules,
     reader: Store<Node>,
     known: HashMap<String, Lease>,
     warned: HashMap<String, String>,
@@ -75,7 +78,15 @@ impl LeaseTracker {
     /// The node's lease, or why not (logged, once per distinct reason).
     fn convert(&mut self, node: &Node) -> Result<Lease, NodeError> {
         let name = node.metadata.name.clone().unwrap_or_default();
-        let result = node_to_lease(node, &self.names, self.families);
+        let result = node_to_lease(node, &self.names, self.families).and_then(|lease| {
+            match self.rules.check(&lease) {
+                Ok(()) => Ok(lease),
+                Err(reason) => Err(NodeError::InvalidLease {
+                    node: name.clone(),
+                    reason,
+                }),
+            }
+        });
         match &result {
             Ok(_) => {
                 self.warned.remove(&name);
@@ -191,6 +202,7 @@ mod tests {
                 ipv4: true,
                 ipv6: false,
             },
+            rules: LeaseRules::default(),
             reader: writer.as_reader(),
             known: HashMap::new(),
             warned: HashMap::new(),
