@@ -298,6 +298,15 @@ async fn build_backend(plan: Plan, ext: &ExternalInterface, cli: &Cli) -> Result
     let pins = backend::ebpf::EbpfOptions {
         pin_root: cli.bpf_pin_path.clone(),
         fast_path: cli.ebpf_fast_path,
+        peer_check: cli.vxlan_peer_check != Some(false),
+    };
+    // The kernel datapath keeps upstream's behaviour (VXLAN from anyone) unless asked.
+    let kernel_vxlan = |vx| async move {
+        let mut b = backend::vxlan::KernelVxlan::new(ext.clone(), vx).await?;
+        if cli.vxlan_peer_check == Some(true) {
+            b.enable_peer_guard();
+        }
+        Ok::<_, backend::Error>(b)
     };
     match plan {
         Plan::HostGw => Ok(AnyBackend::HostGw(
@@ -306,9 +315,7 @@ async fn build_backend(plan: Plan, ext: &ExternalInterface, cli: &Cli) -> Result
                 .map_err(err("host-gw"))?,
         )),
         Plan::Kernel(vx) => Ok(AnyBackend::Vxlan(
-            backend::vxlan::KernelVxlan::new(ext.clone(), vx)
-                .await
-                .map_err(err("vxlan"))?,
+            kernel_vxlan(vx).await.map_err(err("vxlan"))?,
         )),
         Plan::Ebpf(vx) => Ok(AnyBackend::Ebpf(Box::new(
             backend::ebpf::EbpfVxlan::new(ext.clone(), vx, pins)
@@ -324,9 +331,7 @@ async fn build_backend(plan: Plan, ext: &ExternalInterface, cli: &Cli) -> Result
                 Err(reason) => {
                     warn!(%reason, "eBPF VXLAN datapath unavailable; falling back to the kernel VXLAN datapath");
                     Ok(AnyBackend::Vxlan(
-                        backend::vxlan::KernelVxlan::new(ext.clone(), vx)
-                            .await
-                            .map_err(err("vxlan"))?,
+                        kernel_vxlan(vx).await.map_err(err("vxlan"))?,
                     ))
                 }
             }

@@ -184,6 +184,13 @@ pub struct Cli {
     #[arg(long, env = "FLANNELD_EBPF_FAST_PATH", value_parser = go_bool, action = ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
     pub ebpf_fast_path: bool,
+    /// Accept VXLAN only from known peers (the addresses their leases and nodes publish):
+    /// in the eBPF programs and, with an nftables rule, on the kernel device path. Default:
+    /// on with the eBPF datapath, off with the kernel one (upstream accepts anyone). Turn it
+    /// off where a peer's sending address cannot be known (NAT between nodes).
+    #[arg(long, env = "FLANNELD_VXLAN_PEER_CHECK", value_parser = go_bool, action = ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub vxlan_peer_check: Option<bool>,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "flannel_agent=debug").
     #[arg(long, env = "FLANNELD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,

@@ -73,6 +73,16 @@ pub const CONFIG_F_ENABLED: u32 = 1;
 /// default: kube-proxy Services and netfilter-based NetworkPolicy need the default path.
 pub const CONFIG_F_FAST_INGRESS: u32 = 2;
 
+/// Turns the known-peer check off (`--vxlan-peer-check=false`): VXLAN from an address
+/// that is not in the peers map is handed to the kernel device, which accepts anyone, as
+/// upstream's does. Off by default, so a zeroed flag word never opens the check.
+pub const CONFIG_F_ANY_PEER: u32 = 4;
+
+/// The network uses VXLAN Group Based Policy (`"GBP": true`): the G bit and the policy id
+/// are accepted on ingress and written into `skb->mark`, and egress writes the policy id
+/// from `skb->mark`, exactly as the kernel device configured with `gbp` does.
+pub const CONFIG_F_GBP: u32 = 8;
+
 /// Value of [`crate::names::MAP_CONFIG`] (one element): this host's VXLAN parameters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -35,21 +35,18 @@ pub enum DropReason {
     BadVni = 1,
     /// VXLAN header flags other than the I bit.
     BadFlags = 2,
-    /// Inner source address outside the sending peer's lease subnet.
-    Spoofed = 3,
     /// A header claimed to be there but was cut short.
-    Malformed = 4,
+    Malformed = 3,
 }
 
 impl DropReason {
     /// Number of reasons: the size of the drops map.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 4;
     /// Every reason, in index order.
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::UnknownPeer,
         Self::BadVni,
         Self::BadFlags,
-        Self::Spoofed,
         Self::Malformed,
     ];
 
@@ -59,7 +56,6 @@ impl DropReason {
             Self::UnknownPeer => "unknown_peer",
             Self::BadVni => "bad_vni",
             Self::BadFlags => "bad_flags",
-            Self::Spoofed => "spoofed_source",
             Self::Malformed => "malformed",
         }
     }
@@ -78,7 +74,8 @@ pub enum PassReason {
     NotIpv4 = 2,
     /// Too big for the uplink once encapsulated: the kernel sends frag-needed or fragments.
     TooBig = 3,
-    /// An outer fragment or outer IP options: the kernel reassembles.
+    /// An outer fragment or outer IP options from a known peer: the kernel reassembles (the
+    /// peer check has already run on the first fragment).
     Fragment = 4,
     /// A GSO aggregate on ingress: the kernel VXLAN device decapsulates it (6.18 cannot clear
     /// the tunnel GSO state from BPF).
@@ -87,11 +84,17 @@ pub enum PassReason {
     HelperFailed = 6,
     /// The inner frame is not addressed to our VTEP MAC or is not IPv4.
     NotForUs = 7,
+    /// VXLAN from an address that is not a known peer, with the peer check off
+    /// (`--vxlan-peer-check=false`): the kernel device takes it, as upstream's does.
+    UnknownPeer = 8,
+    /// The inner source lies outside the sending peer's subnet (e.g. the peer's host
+    /// traffic that is not masqueraded): the kernel device carries it, as upstream's does.
+    ForeignSource = 9,
 }
 
 impl PassReason {
     /// Number of reasons: the size of the passes map.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
     /// Every reason, in index order.
     pub const ALL: [PassReason; Self::COUNT as usize] = [
         Self::Disabled,
@@ -102,6 +105,8 @@ impl PassReason {
         Self::GsoIngress,
         Self::HelperFailed,
         Self::NotForUs,
+        Self::UnknownPeer,
+        Self::ForeignSource,
     ];
 
     /// Stable name for logs, metrics and `flanneld` output.
@@ -115,6 +120,8 @@ impl PassReason {
             Self::GsoIngress => "gso_ingress",
             Self::HelperFailed => "helper_failed",
             Self::NotForUs => "not_for_us",
+            Self::UnknownPeer => "unknown_peer",
+            Self::ForeignSource => "foreign_source",
         }
     }
 }

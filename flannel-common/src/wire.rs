@@ -49,14 +49,79 @@ pub const fn vxlan_header(vni: u32) -> [u8; VXLAN_LEN] {
     ]
 }
 
-/// The VNI of a VXLAN header, or `None` when its flags are not exactly the I bit (the kernel
-/// drops such frames too).
+/// G bit of the VXLAN flags byte: a Group Based Policy id follows (draft-smith-vxlan-
+/// group-policy, the kernel's `gbp` option).
+pub const VXLAN_FLAGS_G: u8 = 0x80;
+/// GBP "don't learn" bit, in the second header byte.
+pub const VXLAN_GBP_D: u8 = 0x40;
+/// GBP "policy applied" bit, in the second header byte.
+pub const VXLAN_GBP_A: u8 = 0x08;
+/// Where the kernel's VXLAN driver puts the D bit in `skb->mark` (`VXLAN_GBP_DONT_LEARN`).
+pub const GBP_MARK_DONT_LEARN: u32 = 1 << 22;
+/// Where it puts the A bit (`VXLAN_GBP_POLICY_APPLIED`).
+pub const GBP_MARK_POLICY_APPLIED: u32 = 1 << 19;
+
+/// What a VXLAN header says, once accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VxlanHeader {
+    /// The 24-bit VNI.
+    pub vni: u32,
+    /// With GBP and the G bit set: the `skb->mark` the kernel device gives the inner packet
+    /// (policy id, plus the D and A bits at the kernel's positions).
+    pub gbp_mark: Option<u32>,
+}
+
+/// Parse a VXLAN header the way the kernel device does: the I bit must be set and every
+/// other flag and reserved bit clear — except, when the device uses GBP (`gbp`), the G, D
+/// and A bits and the 16-bit policy id. `None` means the kernel would drop the frame.
 #[inline(always)]
-pub const fn parse_vxlan_header(h: &[u8; VXLAN_LEN]) -> Option<u32> {
-    if h[0] != VXLAN_FLAGS_I || h[1] != 0 || h[2] != 0 || h[3] != 0 || h[7] != 0 {
+pub const fn parse_vxlan_header(h: &[u8; VXLAN_LEN], gbp: bool) -> Option<VxlanHeader> {
+    let (flags, second) = if gbp {
+        (h[0] & !VXLAN_FLAGS_G, h[1] & !(VXLAN_GBP_D | VXLAN_GBP_A))
+    } else {
+        (h[0], h[1])
+    };
+    if flags != VXLAN_FLAGS_I || second != 0 || h[7] != 0 {
         return None;
     }
-    Some(((h[4] as u32) << 16) | ((h[5] as u32) << 8) | h[6] as u32)
+    if !gbp && (h[2] != 0 || h[3] != 0) {
+        return None;
+    }
+    let vni = ((h[4] as u32) << 16) | ((h[5] as u32) << 8) | h[6] as u32;
+    let gbp_mark = if gbp && h[0] & VXLAN_FLAGS_G != 0 {
+        let mut mark = ((h[2] as u32) << 8) | h[3] as u32;
+        if h[1] & VXLAN_GBP_D != 0 {
+            mark |= GBP_MARK_DONT_LEARN;
+        }
+        if h[1] & VXLAN_GBP_A != 0 {
+            mark |= GBP_MARK_POLICY_APPLIED;
+        }
+        Some(mark)
+    } else {
+        None
+    };
+    Some(VxlanHeader { vni, gbp_mark })
+}
+
+/// The VXLAN-GBP header the kernel device (with `gbp`) writes for a packet carrying
+/// `mark`: the plain header when the mark is zero, else the G bit, the policy id from the
+/// low 16 bits, and the D and A bits from theirs.
+#[inline(always)]
+pub const fn vxlan_gbp_header(vni: u32, mark: u32) -> [u8; VXLAN_LEN] {
+    let mut h = vxlan_header(vni);
+    if mark == 0 {
+        return h;
+    }
+    h[0] |= VXLAN_FLAGS_G;
+    if mark & GBP_MARK_DONT_LEARN != 0 {
+        h[1] |= VXLAN_GBP_D;
+    }
+    if mark & GBP_MARK_POLICY_APPLIED != 0 {
+        h[1] |= VXLAN_GBP_A;
+    }
+    h[2] = (mark >> 8) as u8;
+    h[3] = mark as u8;
+    h
 }
 
 /// One's-complement checksum of an IPv4 header without options (the checksum field must be
@@ -165,11 +230,33 @@ mod tests {
     fn vxlan_header_round_trips() {
         let h = vxlan_header(1);
         assert_eq!(h, [0x08, 0, 0, 0, 0, 0, 1, 0]);
-        assert_eq!(parse_vxlan_header(&h), Some(1));
-        assert_eq!(parse_vxlan_header(&vxlan_header(0xabcdef)), Some(0xabcdef));
+        let vni = |h: &[u8; 8], gbp| parse_vxlan_header(h, gbp).map(|v| v.vni);
+        assert_eq!(vni(&h, false), Some(1));
+        assert_eq!(vni(&vxlan_header(0xabcdef), false), Some(0xabcdef));
         let mut bad = h;
         bad[0] = 0x0c;
-        assert_eq!(parse_vxlan_header(&bad), None);
+        assert_eq!(vni(&bad, false), None);
+        assert_eq!(vni(&bad, true), None);
+    }
+
+    #[test]
+    fn gbp_headers_round_trip_and_need_gbp() {
+        let mark = 0x1234 | GBP_MARK_DONT_LEARN | GBP_MARK_POLICY_APPLIED;
+        let h = vxlan_gbp_header(7, mark);
+        assert_eq!(h, [0x88, 0x48, 0x12, 0x34, 0, 0, 7, 0]);
+        assert_eq!(parse_vxlan_header(&h, false), None, "GBP bits without gbp");
+        let parsed = parse_vxlan_header(&h, true).unwrap();
+        assert_eq!((parsed.vni, parsed.gbp_mark), (7, Some(mark)));
+        // A plain header on a GBP network: no mark.
+        assert_eq!(
+            parse_vxlan_header(&vxlan_header(7), true).unwrap().gbp_mark,
+            None
+        );
+        assert_eq!(vxlan_gbp_header(7, 0), vxlan_header(7));
+        // Other reserved bits stay forbidden with GBP.
+        let mut bad = h;
+        bad[1] |= 0x01;
+        assert_eq!(parse_vxlan_header(&bad, true), None);
     }
 
     #[test]

@@ -1,10 +1,20 @@
 //! Ingress: decapsulate VXLAN from known peers on the uplink.
 //!
-//! Accepted: outer IPv4 without options or fragmentation, to our underlay address, UDP to
-//! our VXLAN port, from an underlay address that holds a lease (anything else on our port
-//! is dropped and counted: upstream's kernel device would accept VXLAN from anyone), VXLAN
-//! flags exactly the I bit and our VNI, inner frame to our VTEP MAC carrying IPv4 whose
-//! source lies in the sending peer's subnet.
+//! First, for anything addressed to our VXLAN port, [`known_peer`]: the outer source must
+//! be an underlay address that holds a lease (the peers map), whatever else the packet
+//! is — options and first fragments included, since the kernel device would accept VXLAN
+//! from anyone once we hand it over. A stranger's VXLAN is dropped and counted; with the
+//! check off (`CONFIG_F_ANY_PEER`) it goes to the kernel device, as upstream's does.
+//! Non-first fragments carry no UDP header, so they cannot be told apart from other UDP:
+//! they go to the kernel, which can never complete a stranger's datagram because its first
+//! fragment was dropped here (and the agent's nftables guard drops what reassembles from
+//! a non-peer anyway).
+//!
+//! Then, for a known peer's plain packet (no options, not fragmented): VXLAN flags as the
+//! kernel device accepts them (the I bit; with GBP also G, D, A and the policy id, which
+//! becomes `skb->mark` as the kernel sets it), our VNI, inner frame to our VTEP MAC
+//! carrying IPv4. An inner source outside the sending peer's subnet (e.g. its host traffic
+//! that is not masqueraded) goes to the kernel device, which carries it as upstream does.
 //!
 //! Delivery: the inner frame is redirected into `flannel.<VNI>`'s ingress, so it meets the
 //! same routing, conntrack and netfilter as a kernel-decapsulated packet (kube-proxy
@@ -13,7 +23,8 @@
 //!
 //! GSO aggregates go to the kernel device untouched: on 6.18 `bpf_skb_adjust_room` cannot
 //! clear the tunnel GSO state of a decapsulated aggregate, which the next transmit would
-//! then segment in software. Outer fragments go to the kernel too (it reassembles them).
+//! then segment in software. A known peer's outer fragments and packets with IP options go
+//! to the kernel too (it reassembles and parses them).
 //!
 //! Opt-in fast path (`CONFIG_F_FAST_INGRESS`): packets for a local pod in the endpoints map,
 //! aggregates included, are decapsulated and put straight into the pod's namespace with
@@ -27,8 +38,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use flannel_common::{
-    DatapathConfig, DropReason, Endpoint, EndpointKey, PassReason, PeerKey,
-    maps::CONFIG_F_FAST_INGRESS,
+    DatapathConfig, DropReason, Endpoint, EndpointKey, PassReason, Peer, PeerKey,
+    maps::{CONFIG_F_ANY_PEER, CONFIG_F_FAST_INGRESS, CONFIG_F_GBP},
     wire::{
         ETH_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_LEN, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD, in_subnet,
         parse_vxlan_header,
@@ -45,46 +56,16 @@ const INNER_IP: usize = INNER_ETH + ETH_LEN;
 
 #[inline(always)]
 pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
-    let ethertype: u16 = ctx.load(12).map_err(|_| Outcome::Ignore)?;
-    if u16::from_be(ethertype) != ETH_P_IP {
-        return Err(Outcome::Ignore);
-    }
-    let ip: [u8; IPV4_LEN] = ctx.load(OUTER_IP).map_err(|_| Outcome::Ignore)?;
-    if ip[9] != IPPROTO_UDP {
-        return Err(Outcome::Ignore);
-    }
-    let Some(cfg) = maps::config() else {
-        return Err(Outcome::Ignore);
-    };
-    let dst = [ip[16], ip[17], ip[18], ip[19]];
-    if dst != cfg.local_ip {
-        return Err(Outcome::Ignore);
-    }
-    // Fragments (MF set or an offset) and options: the kernel reassembles / parses them.
-    // Non-first fragments carry no UDP header, so this test comes before the port check.
-    if ip[0] != 0x45 || (u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff) != 0 {
-        return Err(Outcome::Pass(PassReason::Fragment));
-    }
-    let dport: u16 = ctx.load(OUTER_UDP + 2).map_err(|_| Outcome::Ignore)?;
-    if u16::from_be(dport) != cfg.port {
-        return Err(Outcome::Ignore);
-    }
+    let cfg = maps::config().ok_or(Outcome::Ignore)?;
+    let peer = known_peer(ctx, &cfg)?;
 
-    // From here on the packet is VXLAN for us.
-    let src = [ip[12], ip[13], ip[14], ip[15]];
-    let Some(peer) = (unsafe { maps::PEERS.get(PeerKey { addr: src }) }).copied() else {
-        debug!(
-            ctx,
-            "dropped VXLAN from unknown peer {:i}",
-            u32::from_be_bytes(src)
-        );
-        return Err(Outcome::Drop(DropReason::UnknownPeer));
-    };
+    // From here on: a plain (unfragmented, option-less) VXLAN packet from a known peer.
     let vx: [u8; VXLAN_LEN] = ctx
         .load(VXLAN)
         .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
-    let vni = parse_vxlan_header(&vx).ok_or(Outcome::Drop(DropReason::BadFlags))?;
-    if vni != cfg.vni {
+    let header = parse_vxlan_header(&vx, cfg.flags & CONFIG_F_GBP != 0)
+        .ok_or(Outcome::Drop(DropReason::BadFlags))?;
+    if header.vni != cfg.vni {
         return Err(Outcome::Drop(DropReason::BadVni));
     }
     let eth: [u8; ETH_LEN] = ctx
@@ -101,7 +82,11 @@ pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
         .load(INNER_IP + 12)
         .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
     if !in_subnet(inner_src, peer.subnet, peer.prefix_len) {
-        return Err(Outcome::Drop(DropReason::Spoofed));
+        return Err(Outcome::Pass(PassReason::ForeignSource));
+    }
+    if let Some(mark) = header.gbp_mark {
+        // SAFETY: `mark` is a writable field of the context for TC programs.
+        unsafe { (*ctx.skb.skb).mark = mark };
     }
     if let Some(ep) = fast_path_endpoint(ctx, &cfg)? {
         let mut delivered = eth;
@@ -121,6 +106,62 @@ pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
     maps::count_peer(peer.slot, ctx.len(), false);
     // SAFETY: plain helper call; the ifindex comes from the agent's configuration.
     Ok(unsafe { bpf_redirect(cfg.vxlan_ifindex, BPF_F_INGRESS as u64) } as i32)
+}
+
+/// The known-peer check, before anything else happens to a packet for our VXLAN port:
+/// `Ok(peer)` for a plain VXLAN packet from a known peer, ready to decapsulate; otherwise
+/// the outcome — not ours (`Ignore`), a stranger's VXLAN (dropped, or handed to the kernel
+/// with the check off), or a known peer's fragment or packet with options (to the kernel).
+#[inline(always)]
+fn known_peer(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Peer, Outcome> {
+    let ethertype: u16 = ctx.load(12).map_err(|_| Outcome::Ignore)?;
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return Err(Outcome::Ignore);
+    }
+    let ip: [u8; IPV4_LEN] = ctx.load(OUTER_IP).map_err(|_| Outcome::Ignore)?;
+    if ip[9] != IPPROTO_UDP || ip[16..20] != cfg.local_ip {
+        return Err(Outcome::Ignore);
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ihl < IPV4_LEN {
+        // Not a valid IPv4 header: the kernel drops it.
+        return Err(Outcome::Ignore);
+    }
+    let src = [ip[12], ip[13], ip[14], ip[15]];
+    // A reference (one nullable register), copied out only once the packet is ours: an
+    // `Option<Peer>` held across the branches below leaves LLVM free to read an
+    // uninitialised register on the `None` path, which the verifier rejects.
+    // SAFETY: the map value is only read, during this run (RCU keeps it alive).
+    let peer = unsafe { maps::PEERS.get(PeerKey { addr: src }) };
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    if frag & 0x1fff != 0 {
+        // A non-first fragment: no UDP header to say whether it is VXLAN.
+        return Err(match peer {
+            Some(_) => Outcome::Pass(PassReason::Fragment),
+            None => Outcome::Ignore,
+        });
+    }
+    // The UDP header follows the options, if any; a first fragment always holds all of it.
+    let dport: u16 = ctx.load(OUTER_IP + ihl + 2).map_err(|_| Outcome::Ignore)?;
+    if u16::from_be(dport) != cfg.port {
+        return Err(Outcome::Ignore);
+    }
+    let Some(peer) = peer else {
+        if cfg.flags & CONFIG_F_ANY_PEER != 0 {
+            return Err(Outcome::Pass(PassReason::UnknownPeer));
+        }
+        debug!(
+            ctx,
+            "dropped VXLAN from unknown peer {:i}",
+            u32::from_be_bytes(src)
+        );
+        return Err(Outcome::Drop(DropReason::UnknownPeer));
+    };
+    if ihl != IPV4_LEN || frag & 0x3fff != 0 {
+        // Options, or the first fragment (MF): the kernel parses or reassembles them.
+        return Err(Outcome::Pass(PassReason::Fragment));
+    }
+    Ok(*peer)
 }
 
 /// With the fast path on, the local pod the inner packet is for, if the agent listed it.

@@ -11,6 +11,9 @@
 //! inner Ethernet header, exactly as the kernel driver does, so TSO super-packets are
 //! segmented (or offloaded) correctly. `FIXED_GSO` keeps the MSS: pods already use MTU − 50.
 //! The outer UDP checksum is zero because GSO copies it verbatim into every segment.
+//!
+//! GBP (`CONFIG_F_GBP`): the header carries the policy id from `skb->mark`, as the kernel
+//! device configured with `gbp` writes it.
 
 use aya_ebpf::{
     bindings::{
@@ -23,10 +26,10 @@ use aya_ebpf::{
 };
 use flannel_common::{
     DropReason, PassReason,
-    maps::ROUTE_F_DIRECT,
+    maps::{CONFIG_F_GBP, ROUTE_F_DIRECT},
     wire::{
         ETH_LEN, ETH_P_IP, IPV4_LEN, UDP_LEN, VXLAN_OVERHEAD, outer_ipv4_header, outer_tos,
-        vxlan_header, vxlan_source_port,
+        vxlan_gbp_header, vxlan_header, vxlan_source_port,
     },
 };
 
@@ -106,7 +109,14 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, Outcome> {
     h[OUTER_UDP + 2..OUTER_UDP + 4].copy_from_slice(&cfg.port.to_be_bytes());
     h[OUTER_UDP + 4..OUTER_UDP + 6].copy_from_slice(&udp_len.to_be_bytes());
     // Outer UDP checksum stays 0 (bytes 6..8).
-    h[VXLAN..INNER_ETH].copy_from_slice(&vxlan_header(cfg.vni));
+    let vxlan = if cfg.flags & CONFIG_F_GBP != 0 {
+        // As the kernel device with `gbp`: the policy comes from the packet's mark.
+        // SAFETY: reading a field of the context the kernel handed us.
+        vxlan_gbp_header(cfg.vni, unsafe { (*ctx.skb.skb).mark })
+    } else {
+        vxlan_header(cfg.vni)
+    };
+    h[VXLAN..INNER_ETH].copy_from_slice(&vxlan);
     h[INNER_ETH..INNER_ETH + 6].copy_from_slice(&route.vtep_mac);
     h[INNER_ETH + 6..INNER_ETH + 12].copy_from_slice(&cfg.vtep_mac);
     h[INNER_ETH + 12] = (ETH_P_IP >> 8) as u8;

@@ -2,6 +2,7 @@
 //! Every resource a test creates is owned by a guard whose `Drop` removes it.
 
 pub mod cluster;
+pub mod craft;
 pub mod etcd;
 pub mod kube_api;
 pub mod netns;

@@ -413,13 +413,20 @@ fn decap_delivers_vxlan_from_known_peers_and_drops_the_rest() {
         assert_eq!(verdict, TC_ACT_SHOT, "another VNI is dropped");
         assert_eq!(dp.counter(names::MAP_DROPS, DropReason::BadVni as u32), 1);
 
-        let spoofed = inner_frame(OUR_MAC, PEER_MAC, [10, 244, 3, 7], [10, 244, 1, 5]);
-        let (verdict, _) = dp.run(names::PROG_DECAP, &vxlan_packet(PEER_IP, 1, &spoofed));
+        // The peer's host traffic (not masqueraded) has an inner source outside its subnet:
+        // the kernel device carries that, as upstream's does.
+        let foreign = inner_frame(OUR_MAC, PEER_MAC, PEER_IP, [10, 244, 1, 5]);
+        let foreign_packet = vxlan_packet(PEER_IP, 1, &foreign);
+        let (verdict, out) = dp.run(names::PROG_DECAP, &foreign_packet);
         assert_eq!(
-            verdict, TC_ACT_SHOT,
-            "inner source outside the peer's subnet"
+            (verdict, out),
+            (TC_ACT_OK, foreign_packet),
+            "inner source outside the peer's subnet goes to the kernel device untouched"
         );
-        assert_eq!(dp.counter(names::MAP_DROPS, DropReason::Spoofed as u32), 1);
+        assert_eq!(
+            dp.counter(names::MAP_PASSES, PassReason::ForeignSource as u32),
+            1
+        );
 
         let mut fragment = vxlan_packet(PEER_IP, 1, &inner);
         fragment[20] |= 0x20; // MF
@@ -453,6 +460,126 @@ fn decap_delivers_vxlan_from_known_peers_and_drops_the_rest() {
             (TC_ACT_OK, other_port),
             "not our port: untouched"
         );
+    });
+}
+
+/// `packet` (from [`vxlan_packet`]) with `options` inserted after the outer IPv4 header
+/// (a multiple of 4 bytes) and the fragment field set to `frag` (flags and offset).
+fn with_outer(packet: &[u8], options: &[u8], frag: u16) -> Vec<u8> {
+    let mut ip: [u8; 20] = packet[14..34].try_into().unwrap();
+    ip[0] = 0x45 + (options.len() / 4) as u8;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) + options.len() as u16;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6..8].copy_from_slice(&frag.to_be_bytes());
+    let mut p = packet[..14].to_vec();
+    p.extend_from_slice(&ip);
+    p.extend_from_slice(options);
+    p.extend_from_slice(&packet[34..]);
+    p
+}
+
+const MF: u16 = 0x2000;
+const NOP_OPTIONS: [u8; 4] = [1, 1, 1, 0];
+
+#[test]
+fn the_peer_check_comes_before_any_hand_off_to_the_kernel() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = PinDir::new("peercheck");
+    let pin_path = pins.0.clone();
+    in_fresh_netns(move || {
+        let mut dp = Loaded::new(&pin_path);
+        let inner = inner_frame(OUR_MAC, PEER_MAC, [10, 244, 2, 7], [10, 244, 1, 5]);
+        let stranger = vxlan_packet([198, 18, 0, 99], 1, &inner);
+        let peer = vxlan_packet(PEER_IP, 1, &inner);
+        let drops = |dp: &Loaded| dp.counter(names::MAP_DROPS, DropReason::UnknownPeer as u32);
+
+        // A stranger's first fragment (it holds the UDP header): dropped, so the kernel can
+        // never reassemble the datagram.
+        let (verdict, _) = dp.run(names::PROG_DECAP, &with_outer(&stranger, &[], MF));
+        assert_eq!(verdict, TC_ACT_SHOT, "stranger's first fragment");
+        assert_eq!(drops(&dp), 1);
+        // With IP options (the UDP header moves): dropped as well.
+        let (verdict, _) = dp.run(names::PROG_DECAP, &with_outer(&stranger, &NOP_OPTIONS, 0));
+        assert_eq!(verdict, TC_ACT_SHOT, "stranger's VXLAN with IP options");
+        assert_eq!(drops(&dp), 2);
+        // Options and a first fragment at once.
+        let (verdict, _) = dp.run(names::PROG_DECAP, &with_outer(&stranger, &NOP_OPTIONS, MF));
+        assert_eq!(verdict, TC_ACT_SHOT);
+        assert_eq!(drops(&dp), 3);
+        // A non-first fragment has no UDP header: not identifiable as VXLAN, left alone.
+        let later = with_outer(&stranger, &[], MF | 6);
+        let (verdict, out) = dp.run(names::PROG_DECAP, &later);
+        assert_eq!((verdict, out), (TC_ACT_OK, later));
+        assert_eq!(drops(&dp), 3, "uncounted: maybe not VXLAN at all");
+
+        // The known peer's fragments and options go to the kernel, which reassembles them.
+        for (options, frag) in [(&[][..], MF), (&[][..], MF | 6), (&NOP_OPTIONS[..], 0)] {
+            let p = with_outer(&peer, options, frag);
+            let (verdict, out) = dp.run(names::PROG_DECAP, &p);
+            assert_eq!(
+                (verdict, out),
+                (TC_ACT_OK, p),
+                "options {options:?} frag {frag:#x}"
+            );
+        }
+        assert_eq!(
+            dp.counter(names::MAP_PASSES, PassReason::Fragment as u32),
+            3
+        );
+        // Another port with options from a stranger is not ours.
+        let mut other = with_outer(&stranger, &NOP_OPTIONS, 0);
+        other[40..42].copy_from_slice(&4789u16.to_be_bytes());
+        let (verdict, out) = dp.run(names::PROG_DECAP, &other);
+        assert_eq!((verdict, out), (TC_ACT_OK, other));
+        assert_eq!(drops(&dp), 3);
+
+        // With the check off, a stranger's VXLAN goes to the kernel device, as upstream.
+        let mut config: Array<&mut MapData, DatapathConfig> =
+            Array::try_from(dp.ebpf.map_mut(names::MAP_CONFIG).unwrap()).unwrap();
+        let mut cfg = config.get(&0, 0).unwrap();
+        cfg.flags |= flannel_common::maps::CONFIG_F_ANY_PEER;
+        config.set(0, cfg, 0).unwrap();
+        let (verdict, out) = dp.run(names::PROG_DECAP, &stranger);
+        assert_eq!((verdict, out), (TC_ACT_OK, stranger));
+        assert_eq!(
+            dp.counter(names::MAP_PASSES, PassReason::UnknownPeer as u32),
+            1
+        );
+        assert_eq!(drops(&dp), 3);
+    });
+}
+
+#[test]
+fn gbp_flags_are_accepted_only_when_the_network_uses_gbp() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = PinDir::new("gbp");
+    let pin_path = pins.0.clone();
+    in_fresh_netns(move || {
+        let mut dp = Loaded::new(&pin_path);
+        let inner = inner_frame(OUR_MAC, PEER_MAC, [10, 244, 2, 7], [10, 244, 1, 5]);
+        let mut gbp = vxlan_packet(PEER_IP, 1, &inner);
+        gbp[42..50].copy_from_slice(&wire::vxlan_gbp_header(1, 0x0042));
+        let (verdict, _) = dp.run(names::PROG_DECAP, &gbp);
+        assert_eq!(verdict, TC_ACT_SHOT, "G bit on a network without GBP");
+        assert_eq!(dp.counter(names::MAP_DROPS, DropReason::BadFlags as u32), 1);
+
+        let mut config: Array<&mut MapData, DatapathConfig> =
+            Array::try_from(dp.ebpf.map_mut(names::MAP_CONFIG).unwrap()).unwrap();
+        let mut cfg = config.get(&0, 0).unwrap();
+        cfg.flags |= flannel_common::maps::CONFIG_F_GBP;
+        config.set(0, cfg, 0).unwrap();
+        let (verdict, out) = dp.run(names::PROG_DECAP, &gbp);
+        assert_eq!(
+            (verdict, out),
+            (TC_ACT_REDIRECT, inner.clone()),
+            "GBP network"
+        );
+        let (verdict, _) = dp.run(names::PROG_DECAP, &vxlan_packet(PEER_IP, 1, &inner));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "no G bit on a GBP network");
     });
 }
 

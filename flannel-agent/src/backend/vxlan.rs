@@ -53,7 +53,10 @@ use tracing::{debug, info, warn};
 use super::{Backend, ExternalInterface, Result};
 use crate::{
     lease::{BackendAttrs, Lease, LeaseAttrs, MacAddr, VxlanBackendData},
-    net::netlink::{self, Netlink},
+    net::{
+        netlink::{self, Netlink},
+        vxlan_guard::PeerGuard,
+    },
     netconf::VxlanConfig,
 };
 
@@ -83,6 +86,9 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The nftables peer guard could not be written.
+    #[error("VXLAN peer guard: {0}")]
+    Guard(#[from] crate::net::masq::Error),
     /// `register` was called with a lease that has no usable subnet.
     #[error("own lease {subnet}: {reason}")]
     OwnLease {
@@ -180,6 +186,13 @@ pub struct KernelVxlan {
     mac: [u8; 6],
     mtu: u32,
     own: Option<Ipv4Network>,
+    /// The nftables peer guard, when VXLAN is accepted only from known peers.
+    guard: Option<PeerGuard>,
+}
+
+/// The underlay addresses a VXLAN peer may send from: where its packets to us come from.
+pub fn sender_addresses(lease: &Lease) -> Vec<Ipv4Addr> {
+    vec![lease.attrs.public_ip]
 }
 
 impl KernelVxlan {
@@ -202,9 +215,16 @@ impl KernelVxlan {
             mac: [0; 6],
             mtu,
             own: None,
+            guard: None,
         };
         this.ensure_device().await?;
         Ok(this)
+    }
+
+    /// Accept VXLAN only from known peers on the kernel path too: keep the nftables guard
+    /// ([`crate::net::vxlan_guard`]) equal to the peer set from now on.
+    pub fn enable_peer_guard(&mut self) {
+        self.guard = Some(PeerGuard::new(self.config.port));
     }
 
     /// Index of `flannel.<VNI>`.
@@ -721,6 +741,13 @@ impl Backend for KernelVxlan {
         let Some(target) = self.target(peer).await? else {
             return Ok(());
         };
+        // Accepted before we send to it, so its first replies get through.
+        if let Some(guard) = &mut self.guard {
+            guard
+                .set_peer(peer.subnet, sender_addresses(peer))
+                .await
+                .map_err(Error::from)?;
+        }
         let base = peer.subnet.network();
         // A changed lease may give the subnet a new VTEP MAC (the peer recreated its
         // device): the neighbour entry is replaced in place, the old MAC's FDB entry must go.
@@ -752,6 +779,9 @@ impl Backend for KernelVxlan {
             return Ok(());
         }
         self.unprogram(peer.subnet).await?;
+        if let Some(guard) = &mut self.guard {
+            guard.remove_peer(peer.subnet).await.map_err(Error::from)?;
+        }
         info!(subnet = %peer.subnet, "peer removed");
         Ok(())
     }
@@ -769,6 +799,14 @@ impl Backend for KernelVxlan {
         }
         if let Some(own) = self.own {
             self.ensure_registered(own).await?;
+        }
+        if let Some(guard) = &mut self.guard {
+            let own = self.own;
+            let senders = peers
+                .iter()
+                .filter(|l| Some(l.subnet) != own && parse_peer(l).is_ok())
+                .map(|l| (l.subnet, sender_addresses(l)));
+            guard.replace_all(senders).await.map_err(Error::from)?;
         }
         let desired = self.desired(peers).await?;
         self.converge(&desired).await?;

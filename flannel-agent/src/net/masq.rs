@@ -35,7 +35,8 @@
 //! Rules are written as `nft -f -` / `iptables-restore --noflush` scripts: each call is one
 //! kernel transaction (no window with a half-filled chain), and the script text is the
 //! golden listing. Spawning those tools is confined to this module (the agent otherwise
-//! uses netlink only).
+//! uses netlink only); the VXLAN peer guard ([`crate::net::vxlan_guard`]) goes through
+//! [`nft`] here too.
 
 use std::{process::Stdio, time::Duration};
 
@@ -412,7 +413,8 @@ async fn iptables_restore(script: &str) -> Result<()> {
         .map(drop)
 }
 
-async fn nft(script: &str) -> Result<()> {
+/// Apply an `nft -f -` script (one transaction); also used by [`crate::net::vxlan_guard`].
+pub(crate) async fn nft(script: &str) -> Result<()> {
     run_tool("nft", &["-f", "-"], Some(script)).await.map(drop)
 }
 

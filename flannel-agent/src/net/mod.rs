@@ -3,3 +3,4 @@ pub mod blackhole;
 pub mod iface;
 pub mod masq;
 pub mod netlink;
+pub mod vxlan_guard;

@@ -4,11 +4,11 @@
 //! Pin layout under `--bpf-pin-path` (default `/sys/fs/bpf/flannel`):
 //!
 //! ```text
-//! <root>/v1/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES}
-//! <root>/v1/links/{encap,decap}
+//! <root>/v2/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES}
+//! <root>/v2/links/{encap,decap}
 //! ```
 //!
-//! `v1` is `flannel_common::names::LAYOUT_VERSION`: a release that changes a map type uses
+//! `v2` is `flannel_common::names::LAYOUT_VERSION`: a release that changes a map type uses
 //! a new directory instead of reusing maps of the wrong shape (aya reuses a pinned map
 //! without checking it). Maps are pinned, so their contents outlive the agent. Programs are
 //! attached with tcx links, which are pinned too: on restart the new program replaces the
@@ -62,6 +62,25 @@ impl PinLayout {
     /// Pin path of a program's link.
     pub fn link(&self, which: &str) -> PathBuf {
         self.versioned().join("links").join(which)
+    }
+
+    /// Pin directories of other layout versions (`v<N>` next to ours), left by an upgrade.
+    pub fn other_versions(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name != LAYOUT_VERSION
+                    && name
+                        .strip_prefix('v')
+                        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .map(|e| e.path())
+            .collect()
     }
 
     /// Remove every pin: the links go (detaching the programs) and the maps with them.
@@ -188,6 +207,19 @@ pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapat
         },
     ] {
         attach(&mut ebpf, layout, &a)?;
+    }
+    // An upgrade across a layout change leaves the previous version's links attached, with
+    // programs reading maps nobody updates any more: now that ours run, unpin them (which
+    // detaches them) and their maps.
+    for old in layout.other_versions() {
+        match std::fs::remove_dir_all(&old) {
+            Ok(()) => {
+                info!(pins = %old.display(), "removed the previous layout version's programs and maps")
+            }
+            Err(error) => {
+                warn!(pins = %old.display(), %error, "cannot remove the previous layout version's pins")
+            }
+        }
     }
     // Only now: the logger takes the log ring buffer out of `ebpf`, and without a runtime
     // to forward from it is dropped, which must not happen before the programs that write
@@ -350,4 +382,19 @@ fn start_log_forwarder(ebpf: &mut Ebpf) {
             guard.clear_ready();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_versions_are_the_old_layout_directories_only() {
+        let root = tempfile::tempdir().unwrap();
+        for d in ["v1", LAYOUT_VERSION, "v", "vx", "maps"] {
+            std::fs::create_dir_all(root.path().join(d)).unwrap();
+        }
+        let layout = PinLayout::new(root.path());
+        assert_eq!(layout.other_versions(), vec![root.path().join("v1")]);
+    }
 }

@@ -21,7 +21,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use flannel_common::{
     DatapathConfig,
-    maps::{CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS},
+    maps::{CONFIG_F_ANY_PEER, CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS, CONFIG_F_GBP},
 };
 use tracing::{info, warn};
 
@@ -42,6 +42,8 @@ pub struct EbpfOptions {
     pub pin_root: PathBuf,
     /// Deliver decapsulated traffic for local pods straight into their namespace.
     pub fast_path: bool,
+    /// Accept VXLAN only from known peers (`--vxlan-peer-check`, on unless set false).
+    pub peer_check: bool,
 }
 
 /// The eBPF VXLAN backend.
@@ -50,6 +52,7 @@ pub struct EbpfVxlan {
     datapath: Datapath,
     layout: PinLayout,
     fast_path: bool,
+    peer_check: bool,
 }
 
 impl EbpfVxlan {
@@ -73,9 +76,14 @@ impl EbpfVxlan {
     ) -> std::result::Result<Self, FallbackReason> {
         probe::probe(&options.pin_root)?;
         // The programs ride on the device, which `KernelVxlan::new` creates (or adopts).
-        let kernel = KernelVxlan::new(ext, config)
+        let mut kernel = KernelVxlan::new(ext, config)
             .await
             .map_err(|e| FallbackReason::Device(e.to_string()))?;
+        if options.peer_check {
+            // The kernel device takes whatever the programs hand it, and everything when
+            // they are detached: it must not accept what the programs would drop.
+            kernel.enable_peer_guard();
+        }
         let layout = PinLayout::new(options.pin_root);
         let (device, uplink) = (kernel.device_name(), &kernel.ext().name);
         let datapath = loader::load(&layout, device, uplink)?;
@@ -85,19 +93,25 @@ impl EbpfVxlan {
             datapath,
             layout,
             fast_path: options.fast_path,
+            peer_check: options.peer_check,
         })
     }
 
     fn datapath_config(&self) -> DatapathConfig {
         let (sport_min, sport_max) = local_port_range();
-        let fast = if self.fast_path {
-            CONFIG_F_FAST_INGRESS
-        } else {
-            0
-        };
         let (config, ext) = (self.kernel.config(), self.kernel.ext());
+        let mut flags = CONFIG_F_ENABLED;
+        for (on, flag) in [
+            (self.fast_path, CONFIG_F_FAST_INGRESS),
+            (!self.peer_check, CONFIG_F_ANY_PEER),
+            (config.gbp, CONFIG_F_GBP),
+        ] {
+            if on {
+                flags |= flag;
+            }
+        }
         DatapathConfig {
-            flags: CONFIG_F_ENABLED | fast,
+            flags,
             vni: config.vni,
             port: config.port,
             sport_min,
@@ -157,7 +171,12 @@ impl Backend for EbpfVxlan {
         self.datapath
             .set_config(&cfg)
             .map_err(|e| Self::map_err("CONFIG", e))?;
-        info!(vni = cfg.vni, port = cfg.port, local = %Ipv4Addr::from(cfg.local_ip), fast_path = self.fast_path, "eBPF datapath enabled");
+        info!(vni = cfg.vni, port = cfg.port, local = %Ipv4Addr::from(cfg.local_ip), fast_path = self.fast_path, peer_check = self.peer_check, "eBPF datapath enabled");
+        if !self.peer_check {
+            warn!(
+                "--vxlan-peer-check=false: VXLAN from any address reaches the kernel VXLAN device, as with upstream flannel"
+            );
+        }
         if self.fast_path {
             warn!(
                 "eBPF fast path on: traffic to local pods bypasses this host's routing and netfilter (kube-proxy, NetworkPolicy)"

@@ -1,0 +1,213 @@
+//! The VXLAN peer guard: an nftables table that drops UDP to the VXLAN port from every
+//! address that is not a known peer's, so the kernel VXLAN device — which accepts VXLAN
+//! from anyone — only ever sees what the eBPF known-peer check would let through.
+//!
+//! Why a second check next to the program's: the kernel path is reachable without it
+//! (programs detached or not yet attached, the agent stopped), and the input hook runs
+//! after IP reassembly, so it judges a fragmented datagram as a whole. On by default on the
+//! eBPF datapath, off on `--dataplane=kernel` (upstream accepts anyone) unless
+//! `--vxlan-peer-check=true`.
+//!
+//! ```text
+//! table inet flannel-vxlan-guard {
+//!     counter dropped { … }
+//!     set peers { type ipv4_addr; elements = { <every peer's sending addresses> } }
+//!     chain input {
+//!         type filter hook input priority filter; policy accept;
+//!         udp dport 8472 ip saddr != @peers counter name "dropped" drop
+//!     }
+//! }
+//! ```
+//!
+//! Every change rewrites the set and the rule in one `nft -f` transaction (no window with
+//! an empty set); the named counter survives rewrites. The script runs through
+//! [`crate::net::masq`]'s tool runner, the one place the agent starts `nft`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use ipnetwork::Ipv4Network;
+use tracing::{info, warn};
+
+use super::masq;
+
+/// The table (family `inet`).
+pub const TABLE: &str = "flannel-vxlan-guard";
+
+/// Which addresses may send VXLAN to this host, kept in the nftables set.
+#[derive(Debug)]
+pub struct PeerGuard {
+    port: u16,
+    /// Sending addresses per peer subnet (a delete event names only the subnet).
+    senders: BTreeMap<Ipv4Network, BTreeSet<Ipv4Addr>>,
+    /// What the kernel holds, as far as we know; `None` forces the next write.
+    applied: Option<BTreeSet<Ipv4Addr>>,
+    /// No `nft` binary: warned once, nothing to maintain.
+    unavailable: bool,
+}
+
+impl PeerGuard {
+    /// A guard for VXLAN on `port`; nothing is written until the first peer update.
+    pub fn new(port: u16) -> Self {
+        Self {
+            port,
+            senders: BTreeMap::new(),
+            applied: None,
+            unavailable: false,
+        }
+    }
+
+    /// The peer owning `subnet` sends from `addrs` (added or changed).
+    pub async fn set_peer(
+        &mut self,
+        subnet: Ipv4Network,
+        addrs: impl IntoIterator<Item = Ipv4Addr>,
+    ) -> masq::Result<()> {
+        self.senders.insert(subnet, addrs.into_iter().collect());
+        self.apply().await
+    }
+
+    /// The peer owning `subnet` is gone.
+    pub async fn remove_peer(&mut self, subnet: Ipv4Network) -> masq::Result<()> {
+        self.senders.remove(&subnet);
+        self.apply().await
+    }
+
+    /// The peer set is exactly `peers`; rewrites the table even if nothing changed, so a
+    /// flushed ruleset comes back with the next reconcile.
+    pub async fn replace_all(
+        &mut self,
+        peers: impl IntoIterator<Item = (Ipv4Network, Vec<Ipv4Addr>)>,
+    ) -> masq::Result<()> {
+        self.senders = peers
+            .into_iter()
+            .map(|(net, addrs)| (net, addrs.into_iter().collect()))
+            .collect();
+        self.applied = None;
+        self.apply().await
+    }
+
+    /// Every address allowed to send.
+    pub fn allowed(&self) -> BTreeSet<Ipv4Addr> {
+        self.senders.values().flatten().copied().collect()
+    }
+
+    async fn apply(&mut self) -> masq::Result<()> {
+        if self.unavailable {
+            return Ok(());
+        }
+        let want = self.allowed();
+        if self.applied.as_ref() == Some(&want) {
+            return Ok(());
+        }
+        match masq::nft(&script(self.port, &want)).await {
+            Ok(()) => {}
+            Err(masq::Error::Spawn { source, .. }) => {
+                warn!(error = %source, "cannot run nft: VXLAN from non-peers is not filtered on the kernel device path");
+                self.unavailable = true;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        if self.applied.is_none() {
+            info!(
+                table = TABLE,
+                port = self.port,
+                peers = want.len(),
+                "VXLAN peer guard in place"
+            );
+        }
+        self.applied = Some(want);
+        Ok(())
+    }
+}
+
+/// The `nft -f` script that makes the table hold exactly `allowed` for `port`.
+pub fn script(port: u16, allowed: &BTreeSet<Ipv4Addr>) -> String {
+    let t = format!("inet {TABLE}");
+    let mut s = format!(
+        "add table {t} {{ comment \"flanneld: VXLAN only from known peers\" ; }}\n\
+         add set {t} peers {{ type ipv4_addr ; comment \"addresses peers send VXLAN from\" ; }}\n\
+         add counter {t} dropped\n\
+         add chain {t} input {{ type filter hook input priority filter ; policy accept ; }}\n\
+         flush chain {t} input\n\
+         flush set {t} peers\n"
+    );
+    if !allowed.is_empty() {
+        let list: Vec<String> = allowed.iter().map(Ipv4Addr::to_string).collect();
+        s.push_str(&format!(
+            "add element {t} peers {{ {} }}\n",
+            list.join(", ")
+        ));
+    }
+    s.push_str(&format!(
+        "add rule {t} input meta nfproto ipv4 udp dport {port} ip saddr != @peers counter name dropped drop comment \"VXLAN from an address that is no peer's\"\n"
+    ));
+    s
+}
+
+/// Remove the table (absent is fine): for an explicit uninstall and for tests.
+pub async fn teardown() -> masq::Result<()> {
+    match masq::nft(&format!(
+        "add table inet {TABLE}\ndelete table inet {TABLE}\n"
+    ))
+    .await
+    {
+        Err(masq::Error::Spawn { .. }) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_lists_every_sender_once_and_drops_the_rest() {
+        let allowed: BTreeSet<Ipv4Addr> = ["198.18.0.3", "198.18.0.2"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let s = script(8472, &allowed);
+        assert!(
+            s.contains("add element inet flannel-vxlan-guard peers { 198.18.0.2, 198.18.0.3 }"),
+            "{s}"
+        );
+        assert!(
+            s.contains("udp dport 8472 ip saddr != @peers counter name dropped drop"),
+            "{s}"
+        );
+        // The set is flushed before it is refilled, in the same transaction.
+        assert!(s.find("flush set").unwrap() < s.find("add element").unwrap());
+        // No peers: no (invalid) empty element list, and everything is dropped.
+        let empty = script(4789, &BTreeSet::new());
+        assert!(!empty.contains("add element"), "{empty}");
+        assert!(empty.contains("udp dport 4789"), "{empty}");
+    }
+
+    #[tokio::test]
+    async fn a_delete_by_subnet_removes_that_peers_addresses() {
+        let mut g = PeerGuard::new(8472);
+        // Without nft writes: pretend nft is unavailable so only the bookkeeping runs.
+        g.unavailable = true;
+        let a: Ipv4Network = "10.244.1.0/24".parse().unwrap();
+        let b: Ipv4Network = "10.244.2.0/24".parse().unwrap();
+        g.set_peer(
+            a,
+            ["198.18.0.1".parse().unwrap(), "192.0.2.1".parse().unwrap()],
+        )
+        .await
+        .unwrap();
+        g.set_peer(b, ["198.18.0.2".parse().unwrap()])
+            .await
+            .unwrap();
+        assert_eq!(g.allowed().len(), 3);
+        g.remove_peer(a).await.unwrap();
+        assert_eq!(
+            g.allowed().into_iter().collect::<Vec<_>>(),
+            vec!["198.18.0.2".parse::<Ipv4Addr>().unwrap()]
+        );
+    }
+}
