@@ -3,6 +3,7 @@
 //! Building is cargo's job (flannel-agent's build.rs builds the eBPF object); this only
 //! orchestrates.
 
+mod clean_room;
 mod setup;
 mod util;
 
@@ -52,6 +53,15 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The README's two commands (`demo --no-wait`, then `test`) in a fresh minimal Debian
+    /// root of this release, from a clone of HEAD with an empty cargo home: proves setup
+    /// installs everything. Needs root and Debian's archive; removes all it made on exit.
+    CleanRoom {
+        /// Stop after the build and the unit tests (`cargo xtask build`, `cargo test
+        /// --lib --bins`).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Dump the pinned maps with bpftool.
     Maps {
         /// The agent's --bpf-pin-path.
@@ -90,6 +100,7 @@ fn main() -> Result<()> {
             util::cargo(&["build", "--bins"])?;
             util::exec(&root.join("target/debug/bench"), &args)
         }
+        Command::CleanRoom { quick } => clean_room::run(quick),
         Command::Maps { pin_path } => maps(&pin_path),
     }
 }
