@@ -65,10 +65,11 @@ pub fn run(quick: bool) -> Result<()> {
         let root = room.root.clone();
         let root = root.as_path();
         steps.run("debootstrap", || debootstrap(&release, root, &cache))?;
-        steps.run("clone HEAD, toolchains, mounts", || {
+        steps.run("clone HEAD, toolchains, trust store, mounts", || {
             clone_head(&workspace, root)?;
             toolchains(root)?;
-            mounts(root)
+            mounts(root)?;
+            trust_store(root)
         })?;
         let commands: &[&[&str]] = if quick {
             &[
@@ -389,6 +390,21 @@ fn toolchains(root: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// This machine's TLS trust store, which may hold a CA its network needs (an intercepting
+/// proxy's) that no package brings: added the Debian way, so a ca-certificates trigger run
+/// by setup's apt keeps it.
+fn trust_store(root: &Path) -> Result<()> {
+    let host = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    let local = inside(
+        root,
+        "/usr/local/share/ca-certificates/host-trust-store.crt",
+    );
+    std::fs::copy(host, &local).with_context(|| format!("copying {}", host.display()))?;
+    let mut update = Command::new("chroot");
+    update.arg(root).args(["update-ca-certificates", "--fresh"]);
+    run_cmd(update)
 }
 
 fn rustup_home() -> Result<PathBuf> {
