@@ -123,7 +123,7 @@ impl Steps {
         eprintln!("\nclean-room steps:");
         for (name, took, ok) in &self.0 {
             let verdict = if *ok { "ok" } else { "FAILED" };
-            eprintln!("  {name:<40} {:>8.1} s  {verdict}", took.as_secs_f64());
+            eprintln!("  {name:<46} {:>8.1} s  {verdict}", took.as_secs_f64());
         }
     }
 }
@@ -392,19 +392,43 @@ fn toolchains(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// This machine's TLS trust store, which may hold a CA its network needs (an intercepting
-/// proxy's) that no package brings: added the Debian way, so a ca-certificates trigger run
-/// by setup's apt keeps it.
+/// The CAs this machine trusts beyond Debian's (an intercepting proxy's, say: its network
+/// needs them and no package brings them), added the Debian way, one file each, so a
+/// ca-certificates trigger during setup's apt run keeps them.
 fn trust_store(root: &Path) -> Result<()> {
-    let host = Path::new("/etc/ssl/certs/ca-certificates.crt");
-    let local = inside(
-        root,
-        "/usr/local/share/ca-certificates/host-trust-store.crt",
+    const BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+    let read =
+        |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let ours = read(&inside(root, BUNDLE))?;
+    let known: Vec<&str> = pem_certificates(&ours).collect();
+    let host = read(Path::new(BUNDLE))?;
+    let extra: Vec<&str> = pem_certificates(&host)
+        .filter(|c| !known.contains(c))
+        .collect();
+    if extra.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "clean-room: adding this machine's {} extra CA(s) to the root",
+        extra.len()
     );
-    std::fs::copy(host, &local).with_context(|| format!("copying {}", host.display()))?;
+    let dir = inside(root, "/usr/local/share/ca-certificates");
+    for (i, cert) in extra.iter().enumerate() {
+        std::fs::write(dir.join(format!("host-{i}.crt")), format!("{cert}\n"))?;
+    }
     let mut update = Command::new("chroot");
-    update.arg(root).args(["update-ca-certificates", "--fresh"]);
+    update.arg(root).arg("update-ca-certificates");
     run_cmd(update)
+}
+
+/// The PEM certificate blocks in a bundle, each from BEGIN to END line.
+fn pem_certificates(bundle: &str) -> impl Iterator<Item = &str> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    bundle.match_indices(BEGIN).filter_map(|(start, _)| {
+        let len = bundle[start..].find(END)? + END.len();
+        Some(&bundle[start..start + len])
+    })
 }
 
 fn rustup_home() -> Result<PathBuf> {
@@ -501,6 +525,21 @@ fn run_cmd(mut cmd: Command) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pem_blocks() {
+        let bundle = "x\n-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n\
+                      -----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n\
+                      -----BEGIN CERTIFICATE-----\ntruncated";
+        let certs: Vec<_> = pem_certificates(bundle).collect();
+        assert_eq!(
+            certs,
+            [
+                "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----",
+                "-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----",
+            ]
+        );
+    }
 
     #[test]
     fn mountinfo_escapes() {
