@@ -2,13 +2,15 @@
 //! subnet manager → network config → external interface → backend → lease → rules →
 //! `subnet.env` → ready → watch peers and keep the lease alive until a signal.
 //!
-//! Errors before the lease is taken are configuration problems and end the process with a
-//! message naming the flag or field; nothing has been changed on the host by then except
-//! the backend's devices. On SIGINT/SIGTERM nothing is torn down (upstream semantics: a
+//! The command line becomes a checked [`Config`] before anything happens, and the network
+//! configuration is checked against it ([`Config::plan`]) before the interface is chosen
+//! or any device, pin or file is created: a refused configuration exits naming the flag or
+//! field and leaves the host as it was. Later errors before the lease is taken end the
+//! process too. On SIGINT/SIGTERM nothing is torn down (upstream semantics: a
 //! restart is hitless because routes, neighbours and FDB entries stay).
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr},
     path::Path,
     time::Duration,
 };
@@ -19,11 +21,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     backend::{self, AnyBackend, Backend, ExternalInterface},
-    cli::{Cli, Dataplane},
+    cli::Cli,
+    config::{self, Config, ManagerConfig, Plan},
     lease::{Lease, LeaseEvent, PeerChange, PeerSet},
     net::{iface, masq},
-    netconf::{BackendConfig, NetworkConfig},
-    server::{self, Readiness},
+    netconf::NetworkConfig,
+    server::{self, DatapathStatus, Readiness},
     subnet::{
         self, SubnetManager,
         env_file::{self, SubnetEnv},
@@ -37,17 +40,9 @@ pub enum Error {
     /// The subnet manager could not be built or failed fatally.
     #[error("subnet manager: {0}")]
     Subnet(#[from] subnet::Error),
-    /// The network configuration enables neither family.
-    #[error("network config enables neither IPv4 nor IPv6")]
-    NoFamily,
-    /// Flags that contradict the network configuration.
-    #[error("{flag}: {reason}")]
-    Conflict {
-        /// The flag.
-        flag: &'static str,
-        /// Why it cannot be honoured.
-        reason: String,
-    },
+    /// The configuration (flags, or flags and net-conf together) is refused.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::Error),
     /// No external interface.
     #[error("choosing the external interface: {0}")]
     Iface(#[from] iface::Error),
@@ -146,27 +141,26 @@ async fn install_traffic_rules(rules: &TrafficRules, cancel: &CancellationToken)
     Ok(())
 }
 
-/// Runs flanneld until a signal (Ok) or a fatal error.
+/// Runs flanneld until a signal (Ok) or a fatal error. The command line is checked into a
+/// [`Config`] first, before anything else happens.
 pub async fn run(cli: Cli) -> Result<()> {
+    let config = Config::from_cli(&cli, env_file::read_previous(&cli.subnet_file))?;
     info!(
         version = env!("CARGO_PKG_VERSION"),
-        subnet_manager = if cli.kube_subnet_mgr { "kube" } else { "etcd" },
-        dataplane = ?cli.dataplane,
+        subnet_manager = config.manager_name(),
+        dataplane = ?config.dataplane,
         "starting flanneld"
     );
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone())?;
     let ready = Readiness::default();
-    let server = if cli.healthz_port > 0 {
-        let addr = SocketAddr::new(cli.healthz_ip, cli.healthz_port);
-        Some(server::start(addr, ready.clone(), cancel.child_token()).await?)
-    } else {
-        None
+    let server = match config.healthz {
+        Some(addr) => Some(server::start(addr, ready.clone(), cancel.child_token()).await?),
+        None => None,
     };
-    let result = if cli.kube_subnet_mgr {
-        run_kube(&cli, &ready, &cancel).await
-    } else {
-        run_etcd(&cli, &ready, &cancel).await
+    let result = match &config.manager {
+        ManagerConfig::Kube(kube) => run_kube(&config, kube, &ready, &cancel).await,
+        ManagerConfig::Etcd(etcd) => run_etcd(&config, etcd, &ready, &cancel).await,
     };
     cancel.cancel();
     if let Some((_, task)) = server {
@@ -179,20 +173,12 @@ pub async fn run(cli: Cli) -> Result<()> {
     result
 }
 
-async fn run_etcd(cli: &Cli, ready: &Readiness, cancel: &CancellationToken) -> Result<()> {
-    let previous = env_file::read_previous(&cli.subnet_file);
-    let opts = EtcdOptions {
-        endpoints: cli.etcd_endpoint_list(),
-        prefix: cli.etcd_prefix.clone(),
-        keyfile: Cli::path_flag(&cli.etcd_keyfile),
-        certfile: Cli::path_flag(&cli.etcd_certfile),
-        cafile: Cli::path_flag(&cli.etcd_cafile),
-        username: Some(cli.etcd_username.clone()).filter(|s| !s.is_empty()),
-        password: Some(cli.etcd_password.clone()).filter(|s| !s.is_empty()),
-        ttl: cli.lease_ttl(),
-        renew_margin: cli.renew_margin(),
-        previous,
-    };
+async fn run_etcd(
+    config: &Config,
+    opts: &EtcdOptions,
+    ready: &Readiness,
+    cancel: &CancellationToken,
+) -> Result<()> {
     // Upstream's client blocks while etcd is unreachable; retry likewise (with auth, the
     // client authenticates while connecting, so an outage shows up here).
     let mgr = loop {
@@ -212,28 +198,30 @@ async fn run_etcd(cli: &Cli, ready: &Readiness, cancel: &CancellationToken) -> R
             Err(e) => return Err(subnet::Error::from(e).into()),
         }
     };
-    run_with(&mgr, cli, (cli.public_ip, cli.public_ipv6), ready, cancel).await
+    let public = (config.interface.public_ip, config.interface.public_ipv6);
+    run_with(&mgr, config, public, ready, cancel).await
 }
 
-async fn run_kube(cli: &Cli, ready: &Readiness, cancel: &CancellationToken) -> Result<()> {
-    use crate::subnet::kube::{ClientOptions, KubeSubnetManager};
-    let client = ClientOptions {
-        api_url: Some(cli.kube_api_url.clone()).filter(|s| !s.is_empty()),
-        kubeconfig: Cli::path_flag(&cli.kubeconfig_file),
-    };
+async fn run_kube(
+    config: &Config,
+    kube: &config::KubeConfig,
+    ready: &Readiness,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    use crate::subnet::kube::KubeSubnetManager;
     let mgr = tokio::select! {
         () = cancel.cancelled() => return Ok(()),
-        m = KubeSubnetManager::from_flags(&client, &cli.net_config_path, &cli.kube_annotation_prefix) => {
+        m = KubeSubnetManager::from_flags(&kube.client, &kube.net_config_path, &kube.annotation_prefix) => {
             m.map_err(subnet::Error::from)?
         }
     }
-    .set_node_network_unavailable(cli.set_node_network_unavailable);
+    .set_node_network_unavailable(kube.set_node_network_unavailable);
     // The node-public-ip(v6) annotations replace the flags (upstream).
     let public = (
-        mgr.node_public_ip().or(cli.public_ip),
-        mgr.node_public_ipv6().or(cli.public_ipv6),
+        mgr.node_public_ip().or(config.interface.public_ip),
+        mgr.node_public_ipv6().or(config.interface.public_ipv6),
     );
-    run_with(&mgr, cli, public, ready, cancel).await
+    run_with(&mgr, config, public, ready, cancel).await
 }
 
 /// Fetches the network config, retrying every second while the store is unreachable or the
@@ -261,82 +249,65 @@ async fn fetch_config<M: SubnetManager>(
     }
 }
 
-/// Which backend to build, decided from the config and `--dataplane` before any side
-/// effect, so a contradiction fails at start.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Plan {
-    /// host-gw routes.
-    HostGw,
-    /// The kernel VXLAN device alone.
-    Kernel(crate::netconf::VxlanConfig),
-    /// eBPF VXLAN, failing if it cannot load.
-    Ebpf(crate::netconf::VxlanConfig),
-    /// eBPF VXLAN, else the kernel VXLAN device.
-    EbpfOrKernel(crate::netconf::VxlanConfig),
-}
-
-fn plan(backend: &BackendConfig, dataplane: Dataplane) -> Result<Plan> {
-    Ok(match (backend, dataplane) {
-        (BackendConfig::HostGw, Dataplane::Ebpf) => {
-            return Err(Error::Conflict {
-                flag: "--dataplane=ebpf",
-                reason: "the eBPF datapath is a VXLAN datapath but the network config selects \
-                         the host-gw backend (use --dataplane=auto or kernel)"
-                    .into(),
-            });
-        }
-        (BackendConfig::HostGw, _) => Plan::HostGw,
-        (BackendConfig::Vxlan(vx), Dataplane::Kernel) => Plan::Kernel(vx.clone()),
-        (BackendConfig::Vxlan(vx), Dataplane::Ebpf) => Plan::Ebpf(vx.clone()),
-        (BackendConfig::Vxlan(vx), Dataplane::Auto) => Plan::EbpfOrKernel(vx.clone()),
-    })
-}
-
 /// Builds the planned backend.
-async fn build_backend(plan: Plan, ext: &ExternalInterface, cli: &Cli) -> Result<AnyBackend> {
+async fn build_backend(
+    plan: Plan,
+    ext: &ExternalInterface,
+    config: &Config,
+    ready: &Readiness,
+) -> Result<AnyBackend> {
     let err = |backend| move |source| Error::Backend { backend, source };
-    let pins = backend::ebpf::EbpfOptions {
-        pin_root: cli.bpf_pin_path.clone(),
-        fast_path: cli.ebpf_fast_path,
-        peer_check: cli.vxlan_peer_check != Some(false),
-    };
+    let pins = config.ebpf.clone();
     // The kernel datapath keeps upstream's behaviour (VXLAN from anyone) unless asked.
     let kernel_vxlan = |vx| async move {
         let mut b = backend::vxlan::KernelVxlan::new(ext.clone(), vx).await?;
-        if cli.vxlan_peer_check == Some(true) {
+        if config.vxlan_peer_check == Some(true) {
             b.enable_peer_guard();
         }
         Ok::<_, backend::Error>(b)
     };
-    match plan {
-        Plan::HostGw => Ok(AnyBackend::HostGw(
-            backend::hostgw::HostGw::new(ext.clone())
-                .await
-                .map_err(err("host-gw"))?,
-        )),
-        Plan::Kernel(vx) => Ok(AnyBackend::Vxlan(
-            kernel_vxlan(vx).await.map_err(err("vxlan"))?,
-        )),
-        Plan::Ebpf(vx) => Ok(AnyBackend::Ebpf(Box::new(
-            backend::ebpf::EbpfVxlan::new(ext.clone(), vx, pins)
-                .await
-                .map_err(err("ebpf-vxlan"))?,
-        ))),
+    let (backend, status) = match plan {
+        Plan::HostGw => (
+            AnyBackend::HostGw(
+                backend::hostgw::HostGw::new(ext.clone())
+                    .await
+                    .map_err(err("host-gw"))?,
+            ),
+            DatapathStatus::HostGw,
+        ),
+        Plan::Kernel(vx) => (
+            AnyBackend::Vxlan(kernel_vxlan(vx).await.map_err(err("vxlan"))?),
+            DatapathStatus::Kernel,
+        ),
+        Plan::Ebpf(vx) => (
+            AnyBackend::Ebpf(Box::new(
+                backend::ebpf::EbpfVxlan::new(ext.clone(), vx, pins)
+                    .await
+                    .map_err(err("ebpf-vxlan"))?,
+            )),
+            DatapathStatus::Ebpf,
+        ),
         Plan::EbpfOrKernel(vx) => {
             match backend::ebpf::EbpfVxlan::new(ext.clone(), vx.clone(), pins).await {
                 Ok(b) => {
                     info!("using the eBPF VXLAN datapath");
-                    Ok(AnyBackend::Ebpf(Box::new(b)))
+                    (AnyBackend::Ebpf(Box::new(b)), DatapathStatus::Ebpf)
                 }
-                Err(reason) => {
-                    warn!(%reason, "eBPF VXLAN datapath unavailable; falling back to the kernel VXLAN datapath");
-                    Ok(AnyBackend::Vxlan(
-                        kernel_vxlan(vx).await.map_err(err("vxlan"))?,
-                    ))
+                Err(backend::Error::Ebpf(reason)) => {
+                    warn!(%reason, fallback = reason.kind(),
+                          "eBPF VXLAN datapath unavailable; falling back to the kernel VXLAN datapath");
+                    let kernel = kernel_vxlan(vx).await.map_err(err("vxlan"))?;
+                    (
+                        AnyBackend::Vxlan(kernel),
+                        DatapathStatus::KernelFallback(reason),
+                    )
                 }
+                Err(other) => return Err(err("ebpf-vxlan")(other)),
             }
         }
-    }
+    };
+    ready.set_datapath(status);
+    Ok(backend)
 }
 
 /// Acquires the lease, retrying transient store errors every second.
@@ -388,7 +359,7 @@ fn warn_without_br_netfilter(cfg: &NetworkConfig) {
 /// Everything after the subnet manager exists.
 async fn run_with<M: SubnetManager>(
     mgr: &M,
-    cli: &Cli,
+    config: &Config,
     public: (Option<Ipv4Addr>, Option<Ipv6Addr>),
     ready: &Readiness,
     cancel: &CancellationToken,
@@ -396,24 +367,23 @@ async fn run_with<M: SubnetManager>(
     let Some(cfg) = fetch_config(mgr, cancel).await? else {
         return Ok(());
     };
-    if !cfg.enable_ipv4 && !cfg.enable_ipv6 {
-        return Err(Error::NoFamily);
-    }
-    let plan = plan(&cfg.backend, cli.dataplane)?;
+    // Everything is checked before the first side effect (interface lookup is read-only;
+    // the backend creates devices and pins).
+    let plan = config.plan(&cfg)?;
     info!(network = ?cfg.network, ipv6_network = ?cfg.ipv6_network, backend = cfg.backend.type_name(), "network config");
     warn_without_br_netfilter(&cfg);
 
     let selector = iface::Selector {
-        iface: cli.iface.clone(),
-        iface_regex: cli.iface_regex.clone(),
-        iface_can_reach: cli.iface_can_reach,
+        iface: config.interface.iface.clone(),
+        iface_regex: config.interface.iface_regex.clone(),
+        iface_can_reach: config.interface.iface_can_reach,
         public_ip: public.0,
         public_ipv6: public.1,
         ipv4: cfg.enable_ipv4,
         ipv6: cfg.enable_ipv6,
     };
     let ext = iface::lookup(&selector).await?;
-    let mut backend = build_backend(plan, &ext, cli).await?;
+    let mut backend = build_backend(plan, &ext, config, ready).await?;
     let backend_name = cfg.backend.type_name();
     let attrs = backend.prepare().await.map_err(|source| Error::Backend {
         backend: backend_name,
@@ -430,18 +400,18 @@ async fn run_with<M: SubnetManager>(
             source,
         })?;
 
-    let previous = env_file::read_previous(&cli.subnet_file);
+    let previous = env_file::read_previous(&config.subnet_file);
     let rules = TrafficRules {
         network: cfg.network.filter(|_| cfg.enable_ipv4),
         subnet: Some(lease.subnet).filter(|_| cfg.enable_ipv4),
         ipv6_network: cfg.ipv6_network.filter(|_| cfg.enable_ipv6),
         ipv6_subnet: lease.ipv6_subnet.filter(|_| cfg.enable_ipv6),
-        ip_masq: cli.ip_masq,
-        fully_random_disable: cli.ip_masq_fully_random_disable,
-        forward_rules: cli.iptables_forward_rules,
+        ip_masq: config.traffic.ip_masq,
+        fully_random_disable: config.traffic.fully_random_disable,
+        forward_rules: config.traffic.forward_rules,
         nftables: cfg.enable_nftables,
-        resync: Duration::from_secs(cli.iptables_resync),
-        blackhole_route: cli.ip_blackhole_route,
+        resync: config.traffic.resync,
+        blackhole_route: config.traffic.blackhole_route,
         previous_network: previous.network,
     };
     install_traffic_rules(&rules, cancel).await?;
@@ -452,11 +422,11 @@ async fn run_with<M: SubnetManager>(
         ipv6_networks: rules.ipv6_network.into_iter().collect(),
         ipv6_subnet: rules.ipv6_subnet,
         mtu: Some(backend.mtu()),
-        ip_masq: Some(cli.ip_masq),
+        ip_masq: Some(config.traffic.ip_masq),
     };
-    match env_file::write(&cli.subnet_file, &env) {
+    match env_file::write(&config.subnet_file, &env) {
         Ok(()) => {
-            info!(path = %cli.subnet_file.display(), subnet = %lease.subnet, mtu = backend.mtu(), "wrote subnet.env");
+            info!(path = %config.subnet_file.display(), subnet = %lease.subnet, mtu = backend.mtu(), "wrote subnet.env");
             ready.mark_ready();
             sd_notify_ready();
         }
@@ -612,39 +582,6 @@ fn sd_notify_to(path: &std::path::Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netconf::VxlanConfig;
-
-    #[test]
-    fn backend_plans() {
-        let vx = BackendConfig::Vxlan(VxlanConfig::default());
-        assert_eq!(
-            plan(&vx, Dataplane::Auto).unwrap(),
-            Plan::EbpfOrKernel(VxlanConfig::default())
-        );
-        assert_eq!(
-            plan(&vx, Dataplane::Kernel).unwrap(),
-            Plan::Kernel(VxlanConfig::default())
-        );
-        assert_eq!(
-            plan(&vx, Dataplane::Ebpf).unwrap(),
-            Plan::Ebpf(VxlanConfig::default())
-        );
-        assert_eq!(
-            plan(&BackendConfig::HostGw, Dataplane::Auto).unwrap(),
-            Plan::HostGw
-        );
-        assert_eq!(
-            plan(&BackendConfig::HostGw, Dataplane::Kernel).unwrap(),
-            Plan::HostGw
-        );
-        let err = plan(&BackendConfig::HostGw, Dataplane::Ebpf)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("--dataplane=ebpf") && err.contains("host-gw"),
-            "{err}"
-        );
-    }
 
     #[test]
     fn sd_notify_sends_ready() {

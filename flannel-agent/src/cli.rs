@@ -296,11 +296,6 @@ impl Cli {
             _ => self.log_level.clone(),
         }
     }
-
-    /// Turns an empty string flag into `None`, a path otherwise.
-    pub fn path_flag(s: &str) -> Option<PathBuf> {
-        (!s.is_empty()).then(|| PathBuf::from(s))
-    }
 }
 
 /// Rewrites Go-style single-dash long flags (`-iface=eth0`, `-ip-masq`) to `--iface=eth0`,

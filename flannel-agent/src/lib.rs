@@ -9,6 +9,7 @@ pub mod agent;
 pub mod backend;
 pub mod cli;
 pub mod cni;
+pub mod config;
 pub mod lease;
 pub mod net;
 pub mod netconf;

@@ -1,16 +1,20 @@
 //! Health endpoints (upstream `mustRunHealthz`): `/healthz` is liveness (always 200 once the
 //! process serves), `/readyz` is 503 until the rules are installed and `subnet.env` is
-//! written, then 200. Kubelets and load balancers probe these, so bodies match upstream.
+//! written, then 200. Kubelets and load balancers probe these, so bodies match upstream;
+//! which datapath runs (and why eBPF fell back, if it did) is the `X-Flannel-Datapath`
+//! header of `/readyz`.
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
 };
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
+
+use crate::backend::ebpf::FallbackReason;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -28,19 +32,61 @@ pub enum Error {
     },
 }
 
-/// Shared readiness flag: set once, never cleared.
+/// Which datapath carries pod traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatapathStatus {
+    /// Our eBPF VXLAN programs.
+    Ebpf,
+    /// The kernel VXLAN device, as configured (`--dataplane=kernel`).
+    Kernel,
+    /// The kernel VXLAN device because eBPF could not run (`--dataplane=auto`).
+    KernelFallback(FallbackReason),
+    /// host-gw routes.
+    HostGw,
+}
+
+impl DatapathStatus {
+    /// A stable label: `ebpf`, `kernel`, `host-gw`, or `kernel-fallback:<reason kind>`
+    /// (a metric label value too).
+    pub fn label(&self) -> String {
+        match self {
+            Self::Ebpf => "ebpf".into(),
+            Self::Kernel => "kernel".into(),
+            Self::KernelFallback(reason) => format!("kernel-fallback:{}", reason.kind()),
+            Self::HostGw => "host-gw".into(),
+        }
+    }
+}
+
+/// Shared readiness: a flag set once, never cleared, and the datapath chosen at start.
 #[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    ready: Arc<AtomicBool>,
+    datapath: Arc<Mutex<Option<DatapathStatus>>>,
+}
 
 impl Readiness {
     /// Marks the agent ready.
     pub fn mark_ready(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.ready.store(true, Ordering::SeqCst);
     }
 
     /// Whether the agent is ready.
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Records the datapath the backend runs.
+    pub fn set_datapath(&self, status: DatapathStatus) {
+        *self.datapath.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+    }
+
+    /// The datapath, once the backend is built.
+    pub fn datapath(&self) -> Option<DatapathStatus> {
+        self.datapath
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -48,11 +94,21 @@ async fn healthz() -> &'static str {
     "flanneld is running"
 }
 
-async fn readyz(State(ready): State<Readiness>) -> (StatusCode, &'static str) {
+async fn readyz(
+    State(ready): State<Readiness>,
+) -> (StatusCode, [(&'static str, String); 1], &'static str) {
+    let datapath = ready
+        .datapath()
+        .map_or_else(|| "none".into(), |d| d.label());
+    let header = [("x-flannel-datapath", datapath)];
     if ready.is_ready() {
-        (StatusCode::OK, "flanneld is ready")
+        (StatusCode::OK, header, "flanneld is ready")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "flanneld is not ready yet")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            header,
+            "flanneld is not ready yet",
+        )
     }
 }
 
@@ -127,10 +183,16 @@ mod tests {
             r.starts_with("HTTP/1.1 503") && r.ends_with("flanneld is not ready yet"),
             "{r}"
         );
+        assert!(r.contains("x-flannel-datapath: none"), "{r}");
+        ready.set_datapath(DatapathStatus::KernelFallback(FallbackReason::NoBtf));
         ready.mark_ready();
         let r = fetch(addr, "/readyz").await;
         assert!(
             r.starts_with("HTTP/1.1 200") && r.ends_with("flanneld is ready"),
+            "{r}"
+        );
+        assert!(
+            r.contains("x-flannel-datapath: kernel-fallback:no_btf"),
             "{r}"
         );
         cancel.cancel();

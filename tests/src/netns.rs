@@ -230,6 +230,13 @@ impl ChildGuard {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Its exit status, once it has exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// Send `signal` and wait up to `grace` for exit, then SIGKILL. Idempotent.
     pub fn stop(&mut self, signal: i32, grace: Duration) {
         let Some(mut child) = self.child.take() else {

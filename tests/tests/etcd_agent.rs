@@ -13,7 +13,7 @@ use std::{
 };
 
 use flannel_e2e::{
-    cluster::{Cluster, Node, net_conf},
+    cluster::{BpfPins, Cluster, Node, net_conf},
     netns::{NetNs, host_ip, wait_until},
     require_root,
 };
@@ -374,4 +374,63 @@ fn invalid_leases_are_skipped_logged_once_truncated_and_the_rest_programmed() {
     }
     let longest = log.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 2000, "a {longest}-byte log line");
+}
+
+/// #10: a configuration that is refused (here `EnableIPv4: false` in etcd mode with
+/// `--dataplane=ebpf`, `--dataplane=ebpf` or `--ebpf-fast-path` with host-gw, and the fast
+/// path with `--dataplane=kernel`) exits non-zero naming the field or flag, and creates
+/// nothing on the host first: no `flannel.1`, no pins under `--bpf-pin-path`, no
+/// `subnet.env`.
+#[test]
+fn refused_configs_exit_naming_the_field_and_leave_the_host_untouched() {
+    if !require_root() {
+        return;
+    }
+    let v6_only = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+    let host_gw = net_conf(r#"{"Type":"host-gw"}"#);
+    let cases: [(String, &[&str], &str); 4] = [
+        (v6_only.to_owned(), &["--dataplane=ebpf"], "EnableIPv4"),
+        (host_gw.clone(), &["--dataplane=ebpf"], "--dataplane=ebpf"),
+        (host_gw, &["--ebpf-fast-path"], "--ebpf-fast-path"),
+        (
+            net_conf(VXLAN),
+            &["--ebpf-fast-path", "--dataplane=kernel"],
+            "--ebpf-fast-path",
+        ),
+    ];
+    for (conf, args, needle) in cases {
+        // Declared before the cluster, so the agent is gone before the pins are removed.
+        let pins = BpfPins::new("refused", 1);
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        all.push(pins.arg(1));
+        let mut c = Cluster::start_each(1, &conf, |_| all.clone());
+        let node = &mut c.nodes[0];
+        assert!(
+            wait_until(Duration::from_secs(20), || !running(node)),
+            "{args:?}: agent kept running\n{}",
+            node.log()
+        );
+        let status = node.agent.as_mut().and_then(|a| a.exit_status());
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{args:?}: exit status {status:?}\n{}",
+            node.log()
+        );
+        let log = node.log();
+        assert!(log.contains(needle), "{args:?}: {needle} not named:\n{log}");
+        let link = node.host.ns.run("ip link show flannel.1");
+        assert!(
+            !link.status.success(),
+            "{args:?}: flannel.1 was created:\n{}",
+            String::from_utf8_lossy(&link.stdout)
+        );
+        let pinned: Vec<_> = std::fs::read_dir(pins.root(1))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(pinned.is_empty(), "{args:?}: pins left: {pinned:?}");
+        assert!(
+            !node.subnet_file.exists(),
+            "{args:?}: subnet.env was written"
+        );
+    }
 }

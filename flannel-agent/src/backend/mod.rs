@@ -44,6 +44,9 @@ pub enum Error {
     /// The host-gw backend failed.
     #[error(transparent)]
     HostGw(#[from] hostgw::Error),
+    /// The eBPF datapath cannot run here (the agent falls back or exits on it).
+    #[error("eBPF datapath unavailable: {0}")]
+    Ebpf(ebpf::FallbackReason),
 }
 
 /// Result of backend operations.

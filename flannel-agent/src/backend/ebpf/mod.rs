@@ -66,7 +66,7 @@ impl EbpfVxlan {
     ) -> Result<Self> {
         Self::try_new(ext, config, options)
             .await
-            .map_err(|reason| Error::Other(format!("eBPF datapath unavailable: {reason}")))
+            .map_err(Error::Ebpf)
     }
 
     async fn try_new(

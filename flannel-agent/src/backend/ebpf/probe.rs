@@ -4,7 +4,7 @@
 use std::path::Path;
 
 /// Why this host runs the kernel VXLAN fallback instead of the eBPF datapath.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FallbackReason {
     /// No bpffs where the maps and links must be pinned.
     #[error("no bpffs mounted at {path} (mount -t bpf bpf /sys/fs/bpf)")]
@@ -39,6 +39,21 @@ pub enum FallbackReason {
     /// The kernel VXLAN device the programs ride on could not be set up.
     #[error("kernel VXLAN device: {0}")]
     Device(String),
+}
+
+impl FallbackReason {
+    /// A stable, low-cardinality name of the reason (for logs, readiness and metrics
+    /// labels): `no_bpffs`, `no_btf`, `load`, `attach`, `pin`, `device`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NoBpffs { .. } => "no_bpffs",
+            Self::NoBtf => "no_btf",
+            Self::Load(_) => "load",
+            Self::Attach { .. } => "attach",
+            Self::Pin { .. } => "pin",
+            Self::Device(_) => "device",
+        }
+    }
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
