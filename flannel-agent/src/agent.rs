@@ -254,10 +254,18 @@ async fn build_backend(
     plan: Plan,
     ext: &ExternalInterface,
     config: &Config,
+    net: &NetworkConfig,
     ready: &Readiness,
+    cancel: &CancellationToken,
 ) -> Result<AnyBackend> {
     let err = |backend| move |source| Error::Backend { backend, source };
-    let pins = config.ebpf.clone();
+    let mut pins = config.ebpf.clone();
+    // The maps hold every subnet the network has room for, unless the flag says otherwise.
+    pins.max_peers = Some(backend::ebpf::peer_capacity(
+        config.ebpf.max_peers,
+        net.network.map_or(0, |n| n.prefix()),
+        net.subnet_len,
+    ));
     // The kernel datapath keeps upstream's behaviour (VXLAN from anyone) unless asked.
     let kernel_vxlan = |vx| async move {
         let mut b = backend::vxlan::KernelVxlan::new(ext.clone(), vx).await?;
@@ -281,14 +289,16 @@ async fn build_backend(
         ),
         Plan::Ebpf(vx) => (
             AnyBackend::Ebpf(Box::new(
-                backend::ebpf::EbpfVxlan::new(ext.clone(), vx, pins)
+                backend::ebpf::EbpfVxlan::new(ext.clone(), vx, pins, cancel.child_token())
                     .await
                     .map_err(err("ebpf-vxlan"))?,
             )),
             DatapathStatus::Ebpf,
         ),
         Plan::EbpfOrKernel(vx) => {
-            match backend::ebpf::EbpfVxlan::new(ext.clone(), vx.clone(), pins).await {
+            match backend::ebpf::EbpfVxlan::new(ext.clone(), vx.clone(), pins, cancel.child_token())
+                .await
+            {
                 Ok(b) => {
                     info!("using the eBPF VXLAN datapath");
                     (AnyBackend::Ebpf(Box::new(b)), DatapathStatus::Ebpf)
@@ -383,7 +393,7 @@ async fn run_with<M: SubnetManager>(
         ipv6: cfg.enable_ipv6,
     };
     let ext = iface::lookup(&selector).await?;
-    let mut backend = build_backend(plan, &ext, config, ready).await?;
+    let mut backend = build_backend(plan, &ext, config, &cfg, ready, cancel).await?;
     let backend_name = cfg.backend.type_name();
     let attrs = backend.prepare().await.map_err(|source| Error::Backend {
         backend: backend_name,
@@ -434,6 +444,8 @@ async fn run_with<M: SubnetManager>(
         Err(error) => error!(%error, "failed to write subnet.env; staying not ready"),
     }
 
+    // What the control plane spends on the datapath (reconciles, per-event latency).
+    let stats = backend::Stats::default();
     tokio::select! {
         () = cancel.cancelled() => Ok(()),
         r = mgr.complete_lease(&lease, cancel.child_token()) => match r {
@@ -445,7 +457,7 @@ async fn run_with<M: SubnetManager>(
                 Ok(())
             }
         },
-        r = watch_peers(mgr, &mut backend, lease.subnet) => r,
+        r = watch_peers(mgr, &mut backend, lease.subnet, &stats) => r,
     }
 }
 
@@ -460,6 +472,7 @@ async fn watch_peers<M: SubnetManager>(
     mgr: &M,
     backend: &mut AnyBackend,
     own: ipnetwork::Ipv4Network,
+    stats: &backend::Stats,
 ) -> Result<()> {
     let mut peers = PeerSet::new(own);
     let mut events = mgr.watch_leases();
@@ -477,14 +490,18 @@ async fn watch_peers<M: SubnetManager>(
             () = sleep_until_opt(repair_at) => {
                 repair_at = None;
                 info!(peers = peers.len(), "retrying a full reconcile after a backend error");
-                if let Err(error) = backend.reconcile(&peers.peers()).await {
+                let started = std::time::Instant::now();
+                let result = backend.reconcile(&peers.peers()).await;
+                stats.reconciled(started.elapsed(), result.is_ok());
+                if let Err(error) = result {
                     warn!(%error, retry_in = ?REPAIR_DELAY, "reconciling peers failed");
                     repair_at = Some(tokio::time::Instant::now() + REPAIR_DELAY);
                 }
                 continue;
             }
         };
-        let failed = apply_event(&mut peers, backend, event).await;
+        let failed = apply_event(&mut peers, backend, event, stats).await;
+        stats.set_peers(peers.len());
         if failed && repair_at.is_none() {
             repair_at = Some(tokio::time::Instant::now() + REPAIR_DELAY);
         }
@@ -501,7 +518,14 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 }
 
 /// Applies one lease event to the peer set and the backend; `true` if the backend failed.
-async fn apply_event(peers: &mut PeerSet, backend: &mut AnyBackend, event: LeaseEvent) -> bool {
+/// A snapshot reconciles the whole set; every other event is applied as its difference.
+async fn apply_event(
+    peers: &mut PeerSet,
+    backend: &mut AnyBackend,
+    event: LeaseEvent,
+    stats: &backend::Stats,
+) -> bool {
+    let started = std::time::Instant::now();
     let snapshot = matches!(event, LeaseEvent::Snapshot(_));
     let changes = peers.apply(event);
     if snapshot {
@@ -510,7 +534,10 @@ async fn apply_event(peers: &mut PeerSet, backend: &mut AnyBackend, event: Lease
             changed = changes.len(),
             "lease snapshot; reconciling"
         );
-        return match backend.reconcile(&peers.peers()).await {
+        let result = backend.reconcile(&peers.peers()).await;
+        stats.reconciled(started.elapsed(), result.is_ok());
+        info!(peers = peers.len(), took = ?started.elapsed(), ok = result.is_ok(), "peers reconciled");
+        return match result {
             Ok(()) => false,
             Err(error) => {
                 warn!(%error, "reconciling peers failed");
@@ -518,6 +545,16 @@ async fn apply_event(peers: &mut PeerSet, backend: &mut AnyBackend, event: Lease
             }
         };
     }
+    if changes.is_empty() {
+        return false;
+    }
+    let failed = apply_changes(backend, changes).await;
+    stats.event(started.elapsed(), !failed);
+    failed
+}
+
+/// Applies single peer changes; `true` if any failed.
+async fn apply_changes(backend: &mut AnyBackend, changes: Vec<PeerChange>) -> bool {
     let mut failed = false;
     for change in changes {
         match change {

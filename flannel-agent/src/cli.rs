@@ -191,6 +191,11 @@ pub struct Cli {
     #[arg(long, env = "FLANNELD_VXLAN_PEER_CHECK", value_parser = go_bool, action = ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub vxlan_peer_check: Option<bool>,
+    /// eBPF datapath only: how many peers the BPF maps hold. Default: every subnet the
+    /// network can hold (at least 4096, at most 262144). Peers beyond it are carried by
+    /// the kernel VXLAN device, with an error logged.
+    #[arg(long, env = "FLANNELD_EBPF_MAX_PEERS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ebpf_max_peers: Option<u32>,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "flannel_agent=debug").
     #[arg(long, env = "FLANNELD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -369,6 +374,7 @@ mod tests {
         assert_eq!(c.dataplane, Dataplane::Auto);
         assert_eq!(c.bpf_pin_path, PathBuf::from("/sys/fs/bpf/flannel"));
         assert!(!c.ebpf_fast_path);
+        assert_eq!(c.ebpf_max_peers, None);
         assert_eq!(c.lease_ttl(), Duration::from_secs(86400));
     }
 

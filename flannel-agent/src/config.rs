@@ -108,7 +108,8 @@ pub struct Config {
     pub healthz: Option<SocketAddr>,
     /// `--dataplane`.
     pub dataplane: Dataplane,
-    /// `--bpf-pin-path`, `--ebpf-fast-path`, `--vxlan-peer-check` for the eBPF datapath.
+    /// `--bpf-pin-path`, `--ebpf-fast-path`, `--vxlan-peer-check`, `--ebpf-max-peers` for
+    /// the eBPF datapath.
     pub ebpf: EbpfOptions,
     /// `--vxlan-peer-check` as given (`None`: on with eBPF, off with the kernel device).
     pub vxlan_peer_check: Option<bool>,
@@ -205,6 +206,7 @@ impl Config {
                 pin_root: cli.bpf_pin_path.clone(),
                 fast_path: cli.ebpf_fast_path,
                 peer_check: cli.vxlan_peer_check != Some(false),
+                max_peers: cli.ebpf_max_peers,
             },
             vxlan_peer_check: cli.vxlan_peer_check,
         })

@@ -45,9 +45,14 @@ pub const ALL_MAPS: [&str; 7] = [
 /// Maximum number of local pods the fast path delivers to directly.
 pub const MAX_ENDPOINTS: u32 = 1024;
 
-/// Maximum number of peers (slots in [`MAP_PEER_STATS`], entries in [`MAP_PEERS`] and
-/// [`MAP_ROUTES`]).
-pub const MAX_PEERS: u32 = 4096;
+/// Peer capacity compiled into the object (slots in [`MAP_PEER_STATS`], entries in
+/// [`MAP_PEERS`] and [`MAP_ROUTES`]). Only a default: the agent sizes these three maps for
+/// the cluster at load time (the network's subnet count, or `--ebpf-max-peers`), and
+/// resizes pinned ones of another size on restart.
+pub const DEFAULT_PEER_CAPACITY: u32 = 4096;
+
+/// The maps whose size is the peer capacity.
+pub const PEER_MAPS: [&str; 3] = [MAP_ROUTES, MAP_PEERS, MAP_PEER_STATS];
 
 const _: () = {
     let mut i = 0;

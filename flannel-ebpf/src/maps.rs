@@ -10,10 +10,11 @@ use aya_ebpf::{
 use flannel_common::{
     Counter, DatapathConfig, DropReason, Endpoint, EndpointKey, PassReason, Peer, PeerKey,
     PeerStats, Route,
-    names::{MAX_ENDPOINTS, MAX_PEERS},
+    names::{DEFAULT_PEER_CAPACITY, MAX_ENDPOINTS},
 };
 
-const PEERS_MAX: usize = MAX_PEERS as usize;
+/// The compiled size of the peer-keyed maps; the agent overrides it at load time.
+const PEERS_MAX: usize = DEFAULT_PEER_CAPACITY as usize;
 
 /// Remote pod subnet → peer. LPM so subnets of any length can coexist.
 #[btf_map]

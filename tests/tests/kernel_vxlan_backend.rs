@@ -544,3 +544,79 @@ fn vxlan_changed_peer_mac_replaces_its_entries() {
     );
     ping(&hosts[0].pods[0].ns, hosts[1].pods[0].ip);
 }
+
+/// A VXLAN peer lease for subnet `10.244.<i>.0/24` on `198.18.1.<i>` with MAC `0e:00:00:00:<m>:<i>`.
+fn vxlan_peer(i: u8, m: u8) -> Lease {
+    Lease {
+        subnet: subnet(i),
+        ipv6_subnet: None,
+        attrs: LeaseAttrs::vxlan(
+            Ipv4Addr::new(198, 18, 1, i),
+            flannel_agent::lease::VxlanBackendData {
+                vni: 1,
+                vtep_mac: MacAddr([0x0e, 0, 0, 0, m, i]),
+            },
+        ),
+    }
+}
+
+#[test]
+fn peer_events_after_a_reconcile_read_no_table() {
+    if !require_root() {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let host = underlay.add_host(1);
+    let ext = ext_for(&host.ns, host.ip);
+    let own = Lease {
+        subnet: subnet(1),
+        ipv6_subnet: None,
+        attrs: vxlan_peer(1, 0).attrs,
+    };
+    host.ns.block_on(move || async move {
+        let mut b = KernelVxlan::new(ext, VxlanConfig::default())
+            .await
+            .expect("KernelVxlan::new");
+        b.prepare().await.expect("prepare");
+        b.register(&own).await.expect("register");
+        // 200 peers in one reconcile: batched requests, one dump per table (the device's
+        // addresses, neighbours, FDB, routes).
+        let peers: Vec<Lease> = (2..=201).map(|i| vxlan_peer(i, 0)).collect();
+        let before = b.netlink().dump_count();
+        b.reconcile(&peers).await.expect("reconcile");
+        assert_eq!(b.programmed_peers(), 200);
+        assert_eq!(b.netlink().dump_count() - before, 4, "one dump per table");
+
+        // Events: a new peer, a new MAC, a new address, a removal — no dump at all.
+        let dumps = b.netlink().dump_count();
+        b.add_peer(&vxlan_peer(202, 0)).await.expect("add");
+        b.add_peer(&vxlan_peer(2, 1)).await.expect("new MAC");
+        let mut moved = vxlan_peer(3, 0);
+        moved.attrs.public_ip = Ipv4Addr::new(198, 18, 2, 3);
+        b.add_peer(&moved).await.expect("new address");
+        b.remove_peer(&vxlan_peer(4, 0)).await.expect("remove");
+        assert_eq!(
+            b.netlink().dump_count(),
+            dumps,
+            "a peer event dumped a table"
+        );
+        assert_eq!(b.programmed_peers(), 200);
+    });
+    let neigh = host.ns.sh("ip neigh show dev flannel.1");
+    let fdb = host.ns.sh("bridge fdb show dev flannel.1");
+    let routes = host.ns.sh("ip route show dev flannel.1");
+    assert_eq!(neigh.lines().count(), 200, "{neigh}");
+    assert_eq!(fdb.lines().filter(|l| l.contains(" dst ")).count(), 200);
+    assert_eq!(routes.lines().count(), 200);
+    assert!(neigh.contains("10.244.202.0 lladdr 0e:00:00:00:00:ca PERMANENT"));
+    assert!(neigh.contains("10.244.2.0 lladdr 0e:00:00:00:01:02 PERMANENT"));
+    assert!(fdb.contains("0e:00:00:00:01:02 dst 198.18.1.2 self permanent"));
+    assert!(
+        !fdb.contains("0e:00:00:00:00:02 "),
+        "old MAC's FDB entry left:\n{fdb}"
+    );
+    assert!(fdb.contains("0e:00:00:00:00:03 dst 198.18.2.3 self permanent"));
+    assert!(!fdb.contains("dst 198.18.1.3 "), "old address left:\n{fdb}");
+    assert!(!neigh.contains("10.244.4.0 "), "{neigh}");
+    assert!(!routes.contains("10.244.4.0/24"), "{routes}");
+}

@@ -11,7 +11,10 @@ use crate::lease::{Lease, LeaseAttrs};
 
 pub mod ebpf;
 pub mod hostgw;
+pub mod stats;
 pub mod vxlan;
+
+pub use stats::Stats;
 
 /// The interface pod traffic leaves the host through, and the addresses peers use.
 #[derive(Clone, Debug, PartialEq, Eq)]

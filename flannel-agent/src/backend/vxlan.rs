@@ -188,12 +188,21 @@ pub struct KernelVxlan {
     own: Option<Ipv4Network>,
     /// The nftables peer guard, when VXLAN is accepted only from known peers.
     guard: Option<PeerGuard>,
+    /// What is programmed per peer subnet, as far as this backend knows: read from the
+    /// kernel by the first peer event or reconcile, rebuilt by every reconcile, kept in
+    /// step by every peer event, so an event is turned into the difference without
+    /// reading any table.
+    programmed: Option<BTreeMap<Ipv4Network, Target>>,
 }
 
 /// The underlay addresses a VXLAN peer may send from: where its packets to us come from.
 pub fn sender_addresses(lease: &Lease) -> Vec<Ipv4Addr> {
     vec![lease.attrs.public_ip]
 }
+
+/// Netlink requests in flight at once while reconciling (pipelined on one socket; the
+/// bound keeps the socket's receive buffer from overflowing with acknowledgements).
+const NETLINK_BATCH: usize = 64;
 
 impl KernelVxlan {
     /// Build the backend for this host: opens netlink and creates (or adopts) the device,
@@ -216,6 +225,7 @@ impl KernelVxlan {
             mtu,
             own: None,
             guard: None,
+            programmed: None,
         };
         this.ensure_device().await?;
         Ok(this)
@@ -250,6 +260,80 @@ impl KernelVxlan {
     /// The backend options the device was built with.
     pub fn config(&self) -> &VxlanConfig {
         &self.config
+    }
+
+    /// The netlink connection (its request counters show what steady state costs).
+    pub fn netlink(&self) -> &Netlink {
+        &self.nl
+    }
+
+    /// Peer subnets this backend has programmed.
+    pub fn programmed_peers(&self) -> usize {
+        self.programmed.as_ref().map_or(0, BTreeMap::len)
+    }
+
+    /// The record of what is programmed, read from the kernel if there is none yet.
+    async fn record(&mut self) -> Result<&mut BTreeMap<Ipv4Network, Target>, Error> {
+        if self.programmed.is_none() {
+            self.programmed = Some(self.read_programmed().await?);
+        }
+        Ok(self.programmed.get_or_insert_default())
+    }
+
+    /// What the kernel holds of ours, per peer subnet: VXLAN peers (route via the subnet
+    /// base on the device, its neighbour's MAC, that MAC's FDB destination) and direct
+    /// routes. Three dumps; used when there is no record yet.
+    async fn read_programmed(&self) -> Result<BTreeMap<Ipv4Network, Target>, Error> {
+        let mac_of: BTreeMap<Ipv4Addr, [u8; 6]> = self
+            .nl
+            .neighbours(AddressFamily::Inet, self.ifindex)
+            .await?
+            .iter()
+            .filter(|n| n.header.state == NeighbourState::Permanent)
+            .filter_map(|n| match netlink::neigh_dst(n)? {
+                IpAddr::V4(ip) => Some((ip, netlink::neigh_lladdr(n)?)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let dst_of: BTreeMap<[u8; 6], Ipv4Addr> = self
+            .nl
+            .neighbours(AddressFamily::Bridge, self.ifindex)
+            .await?
+            .iter()
+            .filter_map(|n| match netlink::neigh_dst(n)? {
+                IpAddr::V4(ip) => Some((netlink::neigh_lladdr(n)?, ip)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let mut out = BTreeMap::new();
+        for r in self.nl.routes_v4().await? {
+            if !self.owns_route(&r) {
+                continue;
+            }
+            let (Some(dst), Some(gw), Some(oif)) = (
+                netlink::route_dst_v4(&r),
+                netlink::route_gateway_v4(&r),
+                netlink::route_oif(&r),
+            ) else {
+                continue;
+            };
+            if oif == self.ifindex {
+                if let Some(&vtep_mac) = mac_of.get(&gw)
+                    && let Some(&public_ip) = dst_of.get(&vtep_mac)
+                {
+                    out.insert(
+                        dst,
+                        Target::Vxlan {
+                            vtep_mac,
+                            public_ip,
+                        },
+                    );
+                }
+            } else {
+                out.insert(dst, Target::Direct { gateway: gw, oif });
+            }
+        }
+        Ok(out)
     }
 
     /// Create the device, or adopt a compatible one (keeping its MAC), or replace an
@@ -531,25 +615,22 @@ impl KernelVxlan {
 
     /// Whether a dumped route is exactly what `target` wants for `subnet`.
     fn route_matches(&self, r: &RouteMessage, subnet: Ipv4Network, target: Target) -> bool {
-        let (gw, oif) = match target {
-            Target::Vxlan { .. } => (subnet.network(), self.ifindex),
-            Target::Direct { gateway, oif } => (gateway, oif),
-        };
+        let (gw, oif) = self.route_target(subnet, target);
         netlink::route_dst_v4(r) == Some(subnet)
             && netlink::route_gateway_v4(r) == Some(gw)
             && netlink::route_oif(r) == Some(oif)
-            && u8::from(r.header.protocol) == RTPROT_FLANNEL
-            && r.header.tos == 0
-            && !r
-                .attributes
-                .iter()
-                .any(|a| matches!(a, RouteAttribute::Priority(p) if *p != 0))
+            && self.is_exact_flannel_route(r)
     }
 
-    /// Make the kernel equal `desired` for every entry this backend owns.
-    async fn converge(&self, desired: &BTreeMap<Ipv4Network, Target>) -> Result<(), Error> {
-        let mut failed = None;
-        // 1. Add or fix what differs (entries already right are not rewritten).
+    /// Make the kernel equal `desired` for every entry this backend owns: read the
+    /// neighbour, FDB and route tables once, program what is missing or differs and
+    /// remove what is stale, many requests in flight at once. Returns the subnets that are
+    /// now programmed as desired.
+    async fn converge(
+        &self,
+        desired: &BTreeMap<Ipv4Network, Target>,
+    ) -> Result<(BTreeMap<Ipv4Network, Target>, Option<Error>), Error> {
+        use futures::{StreamExt, stream};
         let neighs = self
             .nl
             .neighbours(AddressFamily::Inet, self.ifindex)
@@ -559,32 +640,73 @@ impl KernelVxlan {
             .neighbours(AddressFamily::Bridge, self.ifindex)
             .await?;
         let routes = self.nl.routes_v4().await?;
-        for (subnet, target) in desired {
-            let ok = match *target {
-                Target::Vxlan {
-                    vtep_mac,
-                    public_ip,
-                } => {
-                    has_neigh(&neighs, subnet.network(), vtep_mac)
-                        && has_fdb(&fdb, vtep_mac, public_ip)
-                        && routes
-                            .iter()
-                            .any(|r| self.route_matches(r, *subnet, *target))
+        let mut failed = None;
+
+        // 1. Add or fix what differs (entries already right are not rewritten).
+        let routed: BTreeSet<(Ipv4Network, Ipv4Addr, u32)> = routes
+            .iter()
+            .filter(|r| self.is_exact_flannel_route(r))
+            .filter_map(|r| {
+                Some((
+                    netlink::route_dst_v4(r)?,
+                    netlink::route_gateway_v4(r)?,
+                    netlink::route_oif(r)?,
+                ))
+            })
+            .collect();
+        let neigh_set: BTreeSet<(Ipv4Addr, [u8; 6])> = neighs
+            .iter()
+            .filter(|n| n.header.state == NeighbourState::Permanent)
+            .filter_map(|n| match netlink::neigh_dst(n)? {
+                IpAddr::V4(ip) => Some((ip, netlink::neigh_lladdr(n)?)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let fdb_set: BTreeSet<([u8; 6], Ipv4Addr)> = fdb
+            .iter()
+            .filter_map(|n| match netlink::neigh_dst(n)? {
+                IpAddr::V4(ip) => Some((netlink::neigh_lladdr(n)?, ip)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let to_program: Vec<(Ipv4Network, Target)> = desired
+            .iter()
+            .filter(|(subnet, target)| {
+                let (gw, oif) = self.route_target(**subnet, **target);
+                let route_ok = routed.contains(&(**subnet, gw, oif));
+                match **target {
+                    Target::Vxlan {
+                        vtep_mac,
+                        public_ip,
+                    } => {
+                        !(route_ok
+                            && neigh_set.contains(&(subnet.network(), vtep_mac))
+                            && fdb_set.contains(&(vtep_mac, public_ip)))
+                    }
+                    Target::Direct { .. } => !route_ok,
                 }
-                Target::Direct { .. } => routes
-                    .iter()
-                    .any(|r| self.route_matches(r, *subnet, *target)),
-            };
-            if ok {
-                continue;
-            }
-            debug!(%subnet, ?target, "programming peer");
-            if let Err(e) = self.program(*subnet, *target).await {
+            })
+            .map(|(s, t)| (*s, *t))
+            .collect();
+        let mut done: BTreeMap<Ipv4Network, Target> = desired.clone();
+        let results: Vec<(Ipv4Network, Result<(), Error>)> = stream::iter(to_program)
+            .map(|(subnet, target)| async move {
+                debug!(%subnet, ?target, "programming peer");
+                (subnet, self.program(subnet, target).await)
+            })
+            .buffer_unordered(NETLINK_BATCH)
+            .collect()
+            .await;
+        for (subnet, r) in results {
+            if let Err(e) = r {
                 warn!(%subnet, error = %e, "programming peer failed");
+                done.remove(&subnet);
                 failed = Some(e);
             }
         }
-        // 2. Remove what is ours and not desired.
+
+        // 2. Remove what is ours and not desired (from the same dumps: what step 1 wrote
+        // is desired by definition).
         let want_neigh: BTreeSet<(Ipv4Addr, [u8; 6])> = desired
             .iter()
             .filter_map(|(s, t)| match t {
@@ -602,55 +724,81 @@ impl KernelVxlan {
                 Target::Direct { .. } => None,
             })
             .collect();
-        for n in self
-            .nl
-            .neighbours(AddressFamily::Inet, self.ifindex)
-            .await?
-        {
-            let Some(IpAddr::V4(ip)) = netlink::neigh_dst(&n) else {
+        let mut deletions: Vec<Deletion> = Vec::new();
+        let mut kept = BTreeSet::new();
+        for r in &routes {
+            if !self.owns_route(r) {
+                continue;
+            }
+            let Some(dst) = netlink::route_dst_v4(r) else {
                 continue;
             };
-            let keep = netlink::neigh_lladdr(&n).is_some_and(|mac| want_neigh.contains(&(ip, mac)))
+            let wanted = desired
+                .get(&dst)
+                .is_some_and(|t| self.route_matches(r, dst, *t));
+            if wanted && kept.insert(dst) {
+                continue;
+            }
+            info!(route = %dst, "removing stale route");
+            deletions.push(Deletion::Route(netlink::route_del_from(r)));
+        }
+        for n in &neighs {
+            let Some(IpAddr::V4(ip)) = netlink::neigh_dst(n) else {
+                continue;
+            };
+            let keep = netlink::neigh_lladdr(n).is_some_and(|mac| want_neigh.contains(&(ip, mac)))
                 && n.header.state == NeighbourState::Permanent;
             if !keep {
                 info!(device = %self.name, neighbour = %ip, "removing stale neighbour entry");
-                self.nl.neigh_del(arp_del(self.ifindex, ip)).await?;
+                deletions.push(Deletion::Neigh(arp_del(self.ifindex, ip)));
             }
         }
-        for n in self
-            .nl
-            .neighbours(AddressFamily::Bridge, self.ifindex)
-            .await?
-        {
+        for n in &fdb {
             // Only VXLAN remote entries (they have a destination); others are the kernel's.
             let (Some(IpAddr::V4(dst)), Some(mac)) =
-                (netlink::neigh_dst(&n), netlink::neigh_lladdr(&n))
+                (netlink::neigh_dst(n), netlink::neigh_lladdr(n))
             else {
                 continue;
             };
             if !want_fdb.contains(&(mac, dst)) {
                 info!(device = %self.name, mac = %MacAddr(mac), dst = %dst, "removing stale FDB entry");
-                self.nl.neigh_del(fdb_entry(self.ifindex, mac, dst)).await?;
+                deletions.push(Deletion::Neigh(fdb_entry(self.ifindex, mac, dst)));
             }
         }
-        let mut kept = BTreeSet::new();
-        for r in self.nl.routes_v4().await? {
-            if !self.owns_route(&r) {
-                continue;
-            }
-            let Some(dst) = netlink::route_dst_v4(&r) else {
-                continue;
-            };
-            let wanted = desired
-                .get(&dst)
-                .is_some_and(|t| self.route_matches(&r, dst, *t));
-            if wanted && kept.insert(dst) {
-                continue;
-            }
-            info!(route = %dst, "removing stale route");
-            self.nl.route_del(netlink::route_del_from(&r)).await?;
+        // Routes first (the order above), so nothing is sent to a half-removed peer; the
+        // batches keep that order between kinds because routes are queued first.
+        let results: Vec<Result<bool, netlink::Error>> = stream::iter(deletions)
+            .map(|d| async move {
+                match d {
+                    Deletion::Route(r) => self.nl.route_del(r).await,
+                    Deletion::Neigh(n) => self.nl.neigh_del(n).await,
+                }
+            })
+            .buffered(NETLINK_BATCH)
+            .collect()
+            .await;
+        for r in results {
+            r?;
         }
-        failed.map_or(Ok(()), Err)
+        Ok((done, failed))
+    }
+
+    /// The gateway and output interface of the route `target` wants for `subnet`.
+    fn route_target(&self, subnet: Ipv4Network, target: Target) -> (Ipv4Addr, u32) {
+        match target {
+            Target::Vxlan { .. } => (subnet.network(), self.ifindex),
+            Target::Direct { gateway, oif } => (gateway, oif),
+        }
+    }
+
+    /// Whether a dumped route has exactly the shape this backend writes (any target).
+    fn is_exact_flannel_route(&self, r: &RouteMessage) -> bool {
+        u8::from(r.header.protocol) == RTPROT_FLANNEL
+            && r.header.tos == 0
+            && !r
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Priority(p) if *p != 0))
     }
 
     /// The desired state for `peers`, skipping (with a warning) leases we can't program.
@@ -664,50 +812,36 @@ impl KernelVxlan {
         Ok(desired)
     }
 
-    /// MACs of the neighbour entries for `ip` on the device.
-    async fn neigh_macs(&self, ip: Ipv4Addr) -> Result<Vec<[u8; 6]>, Error> {
-        Ok(self
-            .nl
-            .neighbours(AddressFamily::Inet, self.ifindex)
-            .await?
-            .iter()
-            .filter(|n| netlink::neigh_dst(n) == Some(IpAddr::V4(ip)))
-            .filter_map(netlink::neigh_lladdr)
-            .collect())
-    }
-
-    /// Delete every FDB entry for `macs`.
-    async fn drop_fdb_of(&self, macs: &[[u8; 6]]) -> Result<(), Error> {
-        for n in self
-            .nl
-            .neighbours(AddressFamily::Bridge, self.ifindex)
-            .await?
-        {
-            if let (Some(IpAddr::V4(dst)), Some(mac)) =
-                (netlink::neigh_dst(&n), netlink::neigh_lladdr(&n))
-                && macs.contains(&mac)
-            {
-                self.nl.neigh_del(fdb_entry(self.ifindex, mac, dst)).await?;
+    /// Remove what was programmed for `subnet` as `target`, routes first, so nothing is
+    /// sent to a half-removed peer. Entries already gone are fine.
+    async fn unprogram(&self, subnet: Ipv4Network, target: Target) -> Result<(), Error> {
+        match target {
+            Target::Vxlan {
+                vtep_mac,
+                public_ip,
+            } => {
+                self.nl.route_del(self.vxlan_route(subnet)).await?;
+                self.nl
+                    .neigh_del(fdb_entry(self.ifindex, vtep_mac, public_ip))
+                    .await?;
+                self.nl
+                    .neigh_del(arp_del(self.ifindex, subnet.network()))
+                    .await?;
+            }
+            Target::Direct { gateway, oif } => {
+                self.nl
+                    .route_del(netlink::gateway_route(subnet, gateway, oif))
+                    .await?;
             }
         }
         Ok(())
     }
+}
 
-    /// Remove everything programmed for `subnet`, whatever it was (a removal event carries
-    /// only the subnet).
-    async fn unprogram(&self, subnet: Ipv4Network) -> Result<(), Error> {
-        let base = subnet.network();
-        let macs = self.neigh_macs(base).await?;
-        // Routes first, so nothing is sent to a half-removed peer.
-        for r in self.nl.routes_v4().await? {
-            if self.owns_route(&r) && netlink::route_dst_v4(&r) == Some(subnet) {
-                self.nl.route_del(netlink::route_del_from(&r)).await?;
-            }
-        }
-        self.drop_fdb_of(&macs).await?;
-        self.nl.neigh_del(arp_del(self.ifindex, base)).await?;
-        Ok(())
-    }
+/// A stale entry to delete.
+enum Deletion {
+    Route(RouteMessage),
+    Neigh(NeighbourMessage),
 }
 
 impl Backend for KernelVxlan {
@@ -748,28 +882,37 @@ impl Backend for KernelVxlan {
                 .await
                 .map_err(Error::from)?;
         }
-        let base = peer.subnet.network();
-        // A changed lease may give the subnet a new VTEP MAC (the peer recreated its
-        // device): the neighbour entry is replaced in place, the old MAC's FDB entry must go.
-        let old_macs: Vec<[u8; 6]> = self
-            .neigh_macs(base)
-            .await?
-            .into_iter()
-            .filter(|m| !matches!(target, Target::Vxlan { vtep_mac, .. } if vtep_mac == *m))
-            .collect();
-        // ... or move it between VXLAN and direct routing: then the old route has another
-        // gateway or device, and everything of the subnet is dropped first.
-        let routes = self.nl.routes_v4().await.map_err(Error::from)?;
-        if !routes
-            .iter()
-            .any(|r| self.route_matches(r, peer.subnet, target))
-        {
-            self.unprogram(peer.subnet).await?;
+        let old = self.record().await?.remove(&peer.subnet);
+        match old {
+            // Same kind: the neighbour and route are replaced in place; only an FDB entry
+            // for a MAC or address the lease no longer has must go (after, so the subnet is
+            // never without a route).
+            Some(Target::Vxlan { .. }) | None if matches!(target, Target::Vxlan { .. }) => {}
+            Some(Target::Direct { .. }) if matches!(target, Target::Direct { .. }) => {}
+            // Between VXLAN and direct routing the old route has another gateway or
+            // device: everything of the subnet goes first.
+            Some(old) => self.unprogram(peer.subnet, old).await?,
+            None => {}
         }
         self.program(peer.subnet, target).await?;
-        if !old_macs.is_empty() {
-            self.drop_fdb_of(&old_macs).await?;
+        if let (
+            Some(Target::Vxlan {
+                vtep_mac: old_mac,
+                public_ip: old_ip,
+            }),
+            Target::Vxlan {
+                vtep_mac,
+                public_ip,
+            },
+        ) = (old, target)
+            && (old_mac, old_ip) != (vtep_mac, public_ip)
+        {
+            self.nl
+                .neigh_del(fdb_entry(self.ifindex, old_mac, old_ip))
+                .await
+                .map_err(Error::from)?;
         }
+        self.record().await?.insert(peer.subnet, target);
         info!(subnet = %peer.subnet, public_ip = %peer.attrs.public_ip, ?target, "peer programmed");
         Ok(())
     }
@@ -778,11 +921,20 @@ impl Backend for KernelVxlan {
         if Some(peer.subnet) == self.own {
             return Ok(());
         }
-        self.unprogram(peer.subnet).await?;
+        // Only what the record says was programmed: entries nobody recorded are stale
+        // state, which the next reconcile removes.
+        match self.record().await?.get(&peer.subnet).copied() {
+            Some(target) => {
+                self.unprogram(peer.subnet, target).await?;
+                self.record().await?.remove(&peer.subnet);
+                info!(subnet = %peer.subnet, "peer removed");
+            }
+            None => debug!(subnet = %peer.subnet, "peer was not programmed; nothing to remove"),
+        }
+        // Stop accepting its VXLAN only once nothing routes to it any more.
         if let Some(guard) = &mut self.guard {
             guard.remove_peer(peer.subnet).await.map_err(Error::from)?;
         }
-        info!(subnet = %peer.subnet, "peer removed");
         Ok(())
     }
 
@@ -809,9 +961,10 @@ impl Backend for KernelVxlan {
             guard.replace_all(senders).await.map_err(Error::from)?;
         }
         let desired = self.desired(peers).await?;
-        self.converge(&desired).await?;
+        let (done, failed) = self.converge(&desired).await?;
+        self.programmed = Some(done);
         debug!(peers = desired.len(), "VXLAN state reconciled");
-        Ok(())
+        failed.map_or(Ok(()), |e| Err(e.into()))
     }
 
     fn mtu(&self) -> u32 {
@@ -850,20 +1003,6 @@ fn fdb_entry(ifindex: u32, mac: [u8; 6], remote: Ipv4Addr) -> NeighbourMessage {
             remote,
         )));
     n
-}
-
-fn has_neigh(neighs: &[NeighbourMessage], ip: Ipv4Addr, mac: [u8; 6]) -> bool {
-    neighs.iter().any(|n| {
-        netlink::neigh_dst(n) == Some(IpAddr::V4(ip))
-            && netlink::neigh_lladdr(n) == Some(mac)
-            && n.header.state == NeighbourState::Permanent
-    })
-}
-
-fn has_fdb(fdb: &[NeighbourMessage], mac: [u8; 6], remote: Ipv4Addr) -> bool {
-    fdb.iter().any(|n| {
-        netlink::neigh_dst(n) == Some(IpAddr::V4(remote)) && netlink::neigh_lladdr(n) == Some(mac)
-    })
 }
 
 #[cfg(test)]

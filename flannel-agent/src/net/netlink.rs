@@ -100,16 +100,28 @@ pub const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 #[derive(Clone, Debug)]
 pub struct Netlink {
     handle: rtnetlink::Handle,
+    /// Dump requests sent on this connection (all clones), so tests and metrics can see
+    /// that steady-state work never re-reads whole tables.
+    dumps: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Netlink {
     /// Open a connection in the calling thread's network namespace. The connection task is
-    /// spawned on the current tokio runtime and ends when the last clone is dropped.
+    /// spawned on the current tokio runtime and ends when the last clone is dropped (its
+    /// owner's lifetime: a backend, a resync task).
     pub fn connect() -> Result<Self> {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|source| Error::Connect { source })?;
         tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            dumps: Default::default(),
+        })
+    }
+
+    /// How many dump requests (whole-table reads) this connection has sent.
+    pub fn dump_count(&self) -> u64 {
+        self.dumps.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The raw rtnetlink handle, for requests this module does not wrap.
@@ -144,6 +156,10 @@ impl Netlink {
         flags: u16,
     ) -> Result<Vec<RouteNetlinkMessage>> {
         let op = op.into();
+        if flags & NLM_F_DUMP != 0 {
+            self.dumps
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut req = NetlinkMessage::from(msg);
         req.header.flags = NLM_F_REQUEST | flags;
         let mut handle = self.handle.clone();

@@ -15,6 +15,7 @@ use netlink_packet_route::{
     AddressFamily,
     neighbour::{NeighbourAttribute, NeighbourFlags, NeighbourState},
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{PinLayout, loader::open_pinned};
@@ -23,8 +24,13 @@ use crate::net::netlink::{Netlink, link_mac, neigh_dst, neigh_lladdr};
 /// The bridge pods hang off (the CNI bridge plugin's default, as in upstream's conflist).
 pub const BRIDGE: &str = "cni0";
 
-/// Keep the endpoints map equal to the pods behind `bridge` in `subnet`, forever.
-pub async fn sync_loop(layout: PinLayout, bridge: String, subnet: Ipv4Network) {
+/// Keep the endpoints map equal to the pods behind `bridge` in `subnet` until `cancel`.
+pub async fn sync_loop(
+    layout: PinLayout,
+    bridge: String,
+    subnet: Ipv4Network,
+    cancel: CancellationToken,
+) {
     let nl = match Netlink::connect() {
         Ok(nl) => nl,
         Err(error) => {
@@ -52,7 +58,10 @@ pub async fn sync_loop(layout: PinLayout, bridge: String, subnet: Ipv4Network) {
             Ok(_) => {}
             Err(error) => debug!(%error, "fast path: listing pods failed"),
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

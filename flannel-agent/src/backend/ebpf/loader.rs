@@ -10,7 +10,9 @@
 //!
 //! `v2` is `flannel_common::names::LAYOUT_VERSION`: a release that changes a map type uses
 //! a new directory instead of reusing maps of the wrong shape (aya reuses a pinned map
-//! without checking it). Maps are pinned, so their contents outlive the agent. Programs are
+//! without checking it). A map's *size* is not part of the layout: the peer-keyed maps are
+//! sized for the cluster at load time, and pinned maps of another size are replaced with
+//! their contents carried over (see [`load_sized`]). Maps are pinned, so their contents outlive the agent. Programs are
 //! attached with tcx links, which are pinned too: on restart the new program replaces the
 //! old one inside the same link (`BPF_LINK_UPDATE`), atomically, and the maps the new
 //! program opens are the pinned ones, already filled.
@@ -27,12 +29,14 @@ use aya::{
     },
 };
 use flannel_common::{
-    Counter, DatapathConfig, Endpoint, EndpointKey, Peer, PeerKey, PeerStats, Route,
-    names::{self, LAYOUT_VERSION},
+    Counter, DatapathConfig, DropReason, Endpoint, EndpointKey, PassReason, Peer, PeerKey,
+    PeerStats, Route,
+    names::{self, DEFAULT_PEER_CAPACITY, LAYOUT_VERSION},
 };
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
-use super::probe::FallbackReason;
+use super::{probe::FallbackReason, tables::TableState};
 
 /// The compiled programs, embedded at build time by `build.rs` (aya-build).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flannel"));
@@ -109,15 +113,20 @@ pub struct Datapath {
     pub drops: PerCpuArray<MapData, Counter>,
     /// Pass-to-kernel counters.
     pub passes: PerCpuArray<MapData, Counter>,
+    /// What was written into the peer-keyed maps, and their capacity.
+    pub(super) state: TableState,
     /// Keeps the programs (and their log buffer) loaded while the agent runs; `None` when
     /// only the pinned maps were opened for inspection.
     _ebpf: Option<Ebpf>,
+    /// Stops the log forwarder when the datapath goes.
+    _tasks: Option<DropGuard>,
 }
 
 /// Open the pinned maps of a running datapath without loading or attaching anything:
 /// for inspection (counters, contents) from another process.
 pub fn open_pinned(layout: &PinLayout) -> Result<Datapath, FallbackReason> {
-    check_pinned_maps(layout)?;
+    let pinned = check_pinned_maps(layout)?;
+    let capacity = pinned_capacity(&pinned).unwrap_or(DEFAULT_PEER_CAPACITY);
     let open = |name: &str| {
         let path = layout.map(name);
         MapData::from_pin(&path)
@@ -128,12 +137,13 @@ pub fn open_pinned(layout: &PinLayout) -> Result<Datapath, FallbackReason> {
             })?
             .map_err(|e| FallbackReason::Load(format!("map {name}: {e}")))
     };
-    assemble(open)
+    assemble(open, capacity)
 }
 
 /// The typed map handles, each map fetched by name from `get`.
 fn assemble(
     mut get: impl FnMut(&str) -> Result<Map, FallbackReason>,
+    capacity: u32,
 ) -> Result<Datapath, FallbackReason> {
     fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
         get: &mut impl FnMut(&str) -> Result<Map, FallbackReason>,
@@ -150,7 +160,9 @@ fn assemble(
         peer_stats: typed(&mut get, names::MAP_PEER_STATS)?,
         drops: typed(&mut get, names::MAP_DROPS)?,
         passes: typed(&mut get, names::MAP_PASSES)?,
+        state: TableState::new(capacity),
         _ebpf: None,
+        _tasks: None,
     })
 }
 
@@ -163,8 +175,27 @@ struct Attachment<'a> {
 }
 
 /// Load the programs, reuse or create the pinned maps, and attach (or atomically replace)
-/// the encap program on `vxlan_dev` egress and the decap program on `uplink` ingress.
+/// the encap program on `vxlan_dev` egress and the decap program on `uplink` ingress. The
+/// peer-keyed maps keep the size they are pinned with (or the compiled default).
 pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapath, FallbackReason> {
+    load_sized(layout, vxlan_dev, uplink, None, &CancellationToken::new())
+}
+
+/// [`load`] with the peer-keyed maps sized for `capacity` peers. Pinned maps of another
+/// size (an earlier run for a smaller cluster, or another build's fixed-size maps) are
+/// replaced: new maps are created and pinned, the old contents copied in, and only then
+/// do the new programs replace the old ones inside the pinned links, so traffic never
+/// meets an empty map. Peers whose slot no longer fits are left to the next reconcile.
+///
+/// The background task forwarding the programs' log records ends with `cancel` or when
+/// the returned datapath is dropped, whichever comes first.
+pub fn load_sized(
+    layout: &PinLayout,
+    vxlan_dev: &str,
+    uplink: &str,
+    capacity: Option<u32>,
+    cancel: &CancellationToken,
+) -> Result<Datapath, FallbackReason> {
     let pin_err = |path: &Path, error: String| FallbackReason::Pin {
         path: path.display().to_string(),
         error,
@@ -175,7 +206,34 @@ pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapat
     ] {
         std::fs::create_dir_all(&dir).map_err(|e| pin_err(&dir, e.to_string()))?;
     }
-    check_pinned_maps(layout)?;
+    let pinned = check_pinned_maps(layout)?;
+    let capacity = capacity
+        .or_else(|| pinned_capacity(&pinned))
+        .unwrap_or(DEFAULT_PEER_CAPACITY)
+        .max(1);
+
+    // Pinned maps of the wrong size: keep them open (the running programs still use them)
+    // and move their pins aside, so the loader creates maps of the right size.
+    let mut resized: Vec<(&'static str, MapData)> = Vec::new();
+    for &(name, entries) in &pinned {
+        let Some(want) = expected_entries(name, capacity).filter(|w| *w != entries) else {
+            continue;
+        };
+        let path = layout.map(name);
+        let old = MapData::from_pin(&path).map_err(|e| pin_err(&path, e.to_string()))?;
+        std::fs::remove_file(&path).map_err(|e| pin_err(&path, e.to_string()))?;
+        info!(map = name, from = entries, to = want, "resizing pinned map");
+        resized.push((name, old));
+    }
+    let restore_pins = |resized: &[(&'static str, MapData)]| {
+        for (name, old) in resized {
+            let path = layout.map(name);
+            let _ = std::fs::remove_file(&path);
+            if let Err(e) = old.pin(&path) {
+                warn!(map = name, error = %e, "could not put the old map's pin back");
+            }
+        }
+    };
 
     // Log statements below the agent's level cost the programs one branch, nothing more.
     let log_level = ebpf_log_level();
@@ -188,9 +246,21 @@ pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapat
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader
-        .load(OBJECT)
-        .map_err(|e| FallbackReason::Load(format!("{e:#}")))?;
+    for name in names::PEER_MAPS {
+        loader.map_max_entries(name, capacity);
+    }
+    let mut ebpf = match loader.load(OBJECT) {
+        Ok(ebpf) => ebpf,
+        Err(e) => {
+            restore_pins(&resized);
+            return Err(FallbackReason::Load(format!("{e:#}")));
+        }
+    };
+    if let Err(e) = carry_over(&mut ebpf, resized, capacity) {
+        // The new maps are pinned already and the old programs still run on the old
+        // ones; the next reconcile fills the new maps when the programs switch.
+        warn!(error = %e, "copying the resized maps' contents failed; the reconcile refills them");
+    }
 
     for a in [
         Attachment {
@@ -224,23 +294,118 @@ pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapat
     // Only now: the logger takes the log ring buffer out of `ebpf`, and without a runtime
     // to forward from it is dropped, which must not happen before the programs that write
     // to the buffer are loaded.
-    start_log_forwarder(&mut ebpf);
+    let tasks = cancel.child_token();
+    start_log_forwarder(&mut ebpf, tasks.clone());
 
-    let maps = assemble(|name| {
-        ebpf.take_map(name)
-            .ok_or_else(|| FallbackReason::Load(format!("map {name} missing from the object")))
-    })?;
+    let maps = assemble(
+        |name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| FallbackReason::Load(format!("map {name} missing from the object")))
+        },
+        capacity,
+    )?;
     Ok(Datapath {
         _ebpf: Some(ebpf),
+        _tasks: Some(tasks.drop_guard()),
         ..maps
     })
 }
 
+/// The number of entries this build wants in map `name` for `capacity` peers; `None` for a
+/// map whose size this build does not check.
+fn expected_entries(name: &str, capacity: u32) -> Option<u32> {
+    if names::PEER_MAPS.contains(&name) {
+        return Some(capacity);
+    }
+    match name {
+        names::MAP_ENDPOINTS => Some(names::MAX_ENDPOINTS),
+        names::MAP_CONFIG => Some(1),
+        names::MAP_DROPS => Some(DropReason::COUNT),
+        names::MAP_PASSES => Some(PassReason::COUNT),
+        _ => None,
+    }
+}
+
+/// The peer capacity the pinned maps were made with (the peers map's size).
+fn pinned_capacity(pinned: &[(&'static str, u32)]) -> Option<u32> {
+    pinned
+        .iter()
+        .find(|(name, _)| *name == names::MAP_PEERS)
+        .map(|(_, n)| *n)
+}
+
+/// Copy what the replaced maps held into the new ones (still unused by any program):
+/// routes and peers whose slot fits, counters, configuration and endpoints.
+fn carry_over(
+    ebpf: &mut Ebpf,
+    old: Vec<(&'static str, MapData)>,
+    capacity: u32,
+) -> Result<(), aya::maps::MapError> {
+    use aya::maps::MapError;
+    fn new_map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map, MapError> {
+        ebpf.map_mut(name).ok_or(MapError::InvalidName {
+            name: name.to_owned(),
+        })
+    }
+    fn per_cpu<T: aya::Pod>(old: Map, new: &mut Map, slots: u32) -> Result<(), MapError> {
+        let old = PerCpuArray::<MapData, T>::try_from(old)?;
+        let mut new = PerCpuArray::<&mut MapData, T>::try_from(new)?;
+        for i in 0..old.len().min(new.len()).min(slots) {
+            new.set(i, old.get(&i, 0)?, 0)?;
+        }
+        Ok(())
+    }
+    for (name, data) in old {
+        let old = Map::from_map_data(data)?;
+        let new = new_map(ebpf, name)?;
+        match name {
+            names::MAP_ROUTES => {
+                let old = LpmTrie::<MapData, [u8; 4], Route>::try_from(old)?;
+                let mut new = LpmTrie::<&mut MapData, [u8; 4], Route>::try_from(new)?;
+                for entry in old.iter() {
+                    let (k, v) = entry?;
+                    if v.peer_slot < capacity {
+                        new.insert(&k, v, 0)?;
+                    }
+                }
+            }
+            names::MAP_PEERS => {
+                let old = HashMap::<MapData, PeerKey, Peer>::try_from(old)?;
+                let mut new = HashMap::<&mut MapData, PeerKey, Peer>::try_from(new)?;
+                for entry in old.iter() {
+                    let (k, v) = entry?;
+                    if v.slot < capacity {
+                        new.insert(k, v, 0)?;
+                    }
+                }
+            }
+            names::MAP_ENDPOINTS => {
+                let old = HashMap::<MapData, EndpointKey, Endpoint>::try_from(old)?;
+                let mut new = HashMap::<&mut MapData, EndpointKey, Endpoint>::try_from(new)?;
+                for entry in old.iter() {
+                    let (k, v) = entry?;
+                    new.insert(k, v, 0)?;
+                }
+            }
+            names::MAP_CONFIG => {
+                let old = Array::<MapData, DatapathConfig>::try_from(old)?;
+                let mut new = Array::<&mut MapData, DatapathConfig>::try_from(new)?;
+                new.set(0, old.get(&0, 0)?, 0)?;
+            }
+            names::MAP_PEER_STATS => per_cpu::<PeerStats>(old, new, capacity)?,
+            names::MAP_DROPS | names::MAP_PASSES => per_cpu::<Counter>(old, new, u32::MAX)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Refuse pinned maps whose shape differs from what this build expects, instead of letting
 /// the programs read garbage. Within one layout version this only happens after a bug.
-fn check_pinned_maps(layout: &PinLayout) -> Result<(), FallbackReason> {
+/// Returns the pinned maps with their sizes (entries), which may legitimately differ.
+fn check_pinned_maps(layout: &PinLayout) -> Result<Vec<(&'static str, u32)>, FallbackReason> {
     use std::mem::size_of;
-    let expected: [(&str, usize, usize); 7] = [
+    let expected: [(&'static str, usize, usize); 7] = [
         (names::MAP_ROUTES, 8, size_of::<Route>()),
         (names::MAP_PEERS, size_of::<PeerKey>(), size_of::<Peer>()),
         (
@@ -253,6 +418,7 @@ fn check_pinned_maps(layout: &PinLayout) -> Result<(), FallbackReason> {
         (names::MAP_DROPS, 4, size_of::<Counter>()),
         (names::MAP_PASSES, 4, size_of::<Counter>()),
     ];
+    let mut pinned = Vec::new();
     for (name, key, value) in expected {
         let path = layout.map(name);
         if !path.exists() {
@@ -272,8 +438,9 @@ fn check_pinned_maps(layout: &PinLayout) -> Result<(), FallbackReason> {
                 ),
             });
         }
+        pinned.push((name, info.max_entries()));
     }
-    Ok(())
+    Ok(pinned)
 }
 
 /// Attach one program: replace the program inside the pinned link if there is a live one,
@@ -354,7 +521,7 @@ fn ebpf_log_level() -> u8 {
 }
 
 /// Forward the programs' aya-log records into our tracing logs (via the `log` bridge).
-fn start_log_forwarder(ebpf: &mut Ebpf) {
+fn start_log_forwarder(ebpf: &mut Ebpf, cancel: CancellationToken) {
     let logger = match aya_log::EbpfLogger::init(ebpf) {
         Ok(logger) => logger,
         Err(e) => {
@@ -375,7 +542,11 @@ fn start_log_forwarder(ebpf: &mut Ebpf) {
             return;
         };
         loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
+            let ready = tokio::select! {
+                () = cancel.cancelled() => return,
+                r = fd.readable_mut() => r,
+            };
+            let Ok(mut guard) = ready else {
                 return;
             };
             guard.get_inner_mut().flush();

@@ -15,6 +15,7 @@
 mod endpoints;
 mod loader;
 mod probe;
+mod slots;
 mod tables;
 
 use std::{net::Ipv4Addr, path::PathBuf};
@@ -23,11 +24,12 @@ use flannel_common::{
     DatapathConfig,
     maps::{CONFIG_F_ANY_PEER, CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS, CONFIG_F_GBP},
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use loader::{Datapath, OBJECT, PinLayout, load, open_pinned};
+pub use loader::{Datapath, OBJECT, PinLayout, load, load_sized, open_pinned};
 pub use probe::FallbackReason;
-pub use tables::{Counters, PeerEntry};
+pub use tables::{Counters, PeerEntry, Placement};
 
 use crate::{
     backend::{Backend, Error, ExternalInterface, Result, vxlan::KernelVxlan},
@@ -35,7 +37,8 @@ use crate::{
     netconf::VxlanConfig,
 };
 
-/// How the eBPF datapath is set up (from `--bpf-pin-path` and `--ebpf-fast-path`).
+/// How the eBPF datapath is set up (from `--bpf-pin-path`, `--ebpf-fast-path`,
+/// `--ebpf-max-peers` and the network config).
 #[derive(Clone, Debug)]
 pub struct EbpfOptions {
     /// bpffs directory for this agent's pins.
@@ -44,6 +47,26 @@ pub struct EbpfOptions {
     pub fast_path: bool,
     /// Accept VXLAN only from known peers (`--vxlan-peer-check`, on unless set false).
     pub peer_check: bool,
+    /// Peers the maps hold: `--ebpf-max-peers`, which the agent resolves with
+    /// [`peer_capacity`] before building the backend; `None` keeps the pinned size (or the
+    /// compiled default).
+    pub max_peers: Option<u32>,
+}
+
+/// The most peers sized for automatically: 262,144 slots of per-CPU counters already cost
+/// 8 MiB of kernel memory per CPU; beyond that `--ebpf-max-peers` says so explicitly.
+pub const AUTO_MAX_PEERS: u32 = 1 << 18;
+
+/// The peer capacity for a cluster network: `--ebpf-max-peers` when given, else the
+/// number of subnets the network holds (every peer has one), at least the compiled
+/// default and at most [`AUTO_MAX_PEERS`]. Leases beyond it (leases outside the network,
+/// a smaller flag) are carried by the kernel device.
+pub fn peer_capacity(flag: Option<u32>, network_prefix: u8, subnet_len: u8) -> u32 {
+    if let Some(n) = flag {
+        return n.max(1);
+    }
+    let bits = u32::from(subnet_len.saturating_sub(network_prefix)).min(31);
+    (1u32 << bits).clamp(flannel_common::names::DEFAULT_PEER_CAPACITY, AUTO_MAX_PEERS)
 }
 
 /// The eBPF VXLAN backend.
@@ -53,18 +76,21 @@ pub struct EbpfVxlan {
     layout: PinLayout,
     fast_path: bool,
     peer_check: bool,
+    cancel: CancellationToken,
 }
 
 impl EbpfVxlan {
     /// Set up the kernel device, load and attach the programs. Any failure is a
     /// [`FallbackReason`] inside the error, for the agent to log before it falls back to
     /// the kernel backend (`--dataplane=auto`) or exits (`--dataplane=ebpf`).
+    /// Its background tasks (log forwarder, endpoint sync) end with `cancel`.
     pub async fn new(
         ext: ExternalInterface,
         config: VxlanConfig,
         options: EbpfOptions,
+        cancel: CancellationToken,
     ) -> Result<Self> {
-        Self::try_new(ext, config, options)
+        Self::try_new(ext, config, options, cancel)
             .await
             .map_err(Error::Ebpf)
     }
@@ -73,6 +99,7 @@ impl EbpfVxlan {
         ext: ExternalInterface,
         config: VxlanConfig,
         options: EbpfOptions,
+        cancel: CancellationToken,
     ) -> std::result::Result<Self, FallbackReason> {
         probe::probe(&options.pin_root)?;
         // The programs ride on the device, which `KernelVxlan::new` creates (or adopts).
@@ -86,14 +113,15 @@ impl EbpfVxlan {
         }
         let layout = PinLayout::new(options.pin_root);
         let (device, uplink) = (kernel.device_name(), &kernel.ext().name);
-        let datapath = loader::load(&layout, device, uplink)?;
-        info!(device, %uplink, pins = %layout.versioned().display(), "eBPF VXLAN datapath attached");
+        let datapath = loader::load_sized(&layout, device, uplink, options.max_peers, &cancel)?;
+        info!(device, %uplink, pins = %layout.versioned().display(), max_peers = datapath.capacity(), "eBPF VXLAN datapath attached");
         Ok(Self {
             kernel,
             datapath,
             layout,
             fast_path: options.fast_path,
             peer_check: options.peer_check,
+            cancel,
         })
     }
 
@@ -145,6 +173,16 @@ fn peer_entry(peer: &Lease) -> Option<PeerEntry> {
     })
 }
 
+/// Run a burst of synchronous work without stalling other tasks on this worker thread
+/// (multi-threaded runtime; a current-thread runtime, as in tests, just runs it).
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// The kernel's ephemeral port range, which its VXLAN driver uses for outer source ports.
 fn local_port_range() -> (u16, u16) {
     let parsed = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -185,6 +223,7 @@ impl Backend for EbpfVxlan {
                 self.layout.clone(),
                 endpoints::BRIDGE.to_owned(),
                 own.subnet,
+                self.cancel.child_token(),
             ));
         } else {
             // A previous run with the fast path may have left entries: they are inert
@@ -204,6 +243,7 @@ impl Backend for EbpfVxlan {
         };
         self.datapath
             .upsert_peer(&entry)
+            .map(drop)
             .map_err(|e| Self::map_err("upsert peer", e))
     }
 
@@ -218,14 +258,32 @@ impl Backend for EbpfVxlan {
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<()> {
         self.kernel.reconcile(peers).await?;
         let desired: Vec<PeerEntry> = peers.iter().filter_map(peer_entry).collect();
-        self.datapath
-            .reconcile(&desired)
-            .map_err(|e| Self::map_err("reconcile", e))
+        // Reading and rewriting maps of many thousand entries is a burst of syscalls:
+        // keep it off the reactor thread.
+        let datapath = &mut self.datapath;
+        blocking(|| datapath.reconcile(&desired)).map_err(|e| Self::map_err("reconcile", e))
     }
 
     fn mtu(&self) -> u32 {
         // Same as the kernel device: pods keep MTU − 50 so encapsulated TSO segments fit
         // the uplink (the programs use FIXED_GSO).
         self.kernel.mtu()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_capacity_covers_every_subnet_of_the_network() {
+        // 10.0.0.0/8 in /24s: 65,536 subnets.
+        assert_eq!(peer_capacity(None, 8, 24), 65_536);
+        // 10.244.0.0/16 in /24s has 256: the compiled default is the floor.
+        assert_eq!(peer_capacity(None, 16, 24), 4096);
+        // 10.0.0.0/8 in /28s would be a million: capped, the flag can go further.
+        assert_eq!(peer_capacity(None, 8, 28), AUTO_MAX_PEERS);
+        assert_eq!(peer_capacity(Some(1_000_000), 8, 28), 1_000_000);
+        assert_eq!(peer_capacity(Some(10), 8, 24), 10);
     }
 }

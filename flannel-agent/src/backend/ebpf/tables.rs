@@ -1,16 +1,24 @@
 //! Domain verbs over the maps: "this peer exists", "this peer is gone", "the peer set is
 //! exactly this". The only code that knows the map encodings.
+//!
+//! The maps are read whole only when the record of what was written is (re)built: at the
+//! first update after load and on every reconcile. A lease event is applied as the
+//! difference to the record: O(1) map operations, O(1) slot allocation.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
 use flannel_common::{
     Counter, DatapathConfig, DropReason, Endpoint, EndpointKey, Peer, PeerKey, PeerStats, Route,
-    names::MAX_PEERS, stats::PassReason,
+    maps::CONFIG_F_ANY_PEER, stats::PassReason,
 };
 use ipnetwork::Ipv4Network;
+use tracing::{error, info, warn};
 
-use super::loader::Datapath;
+use super::{loader::Datapath, slots::Slots};
 
 /// A peer as the datapath needs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,12 +29,6 @@ pub struct PeerEntry {
     pub subnet: Ipv4Network,
     /// The peer's VTEP MAC.
     pub vtep_mac: [u8; 6],
-}
-
-/// The peer-keyed maps' contents at one moment.
-struct Snapshot {
-    peers: BTreeMap<Ipv4Addr, Peer>,
-    routes: BTreeMap<Ipv4Network, Route>,
 }
 
 /// Counters summed over CPUs, for logs, the demo and tests.
@@ -40,10 +42,109 @@ pub struct Counters {
     pub passes: BTreeMap<&'static str, Counter>,
 }
 
+/// What this agent wrote into the peer-keyed maps: the maps' contents as far as it knows.
+/// Built by reading the maps once (at the first update after load, and on every
+/// reconcile); each lease event is then applied as the difference to it, so a peer event
+/// costs a handful of map writes whatever the peer count.
+#[derive(Debug)]
+pub(super) struct Record {
+    peers: HashMap<Ipv4Addr, Peer>,
+    routes: HashMap<Ipv4Network, Route>,
+    /// Peer underlay → the subnets routed to it (to know when its allow-list entry goes).
+    routes_of: HashMap<Ipv4Addr, BTreeSet<Ipv4Network>>,
+    slots: Slots,
+    /// Peers that did not fit: carried by the kernel device alone until a slot frees up.
+    overflow: BTreeMap<Ipv4Network, PeerEntry>,
+}
+
+/// The peer-keyed maps as read at one moment.
+struct MapContents {
+    peers: BTreeMap<Ipv4Addr, Peer>,
+    routes: BTreeMap<Ipv4Network, Route>,
+}
+
+/// The datapath's bookkeeping next to the map handles.
+#[derive(Debug)]
+pub struct TableState {
+    /// Entries the peer-keyed maps hold (their `max_entries`).
+    pub capacity: u32,
+    record: Option<Record>,
+    /// The configuration the agent asked for (without the overflow flag).
+    config: Option<DatapathConfig>,
+    /// The flags last written, so the overflow flag is rewritten only when it changes.
+    written_flags: Option<u32>,
+    /// How often the peer-keyed maps were read whole.
+    full_reads: u64,
+}
+
+impl TableState {
+    /// Bookkeeping for maps of `capacity` entries, not read yet.
+    pub fn new(capacity: u32) -> Self {
+        Self {
+            capacity,
+            record: None,
+            config: None,
+            written_flags: None,
+            full_reads: 0,
+        }
+    }
+}
+
+/// Where an upserted peer ended up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// In the maps: the programs carry it.
+    Maps,
+    /// The maps are full: the kernel device carries it (it always holds every peer).
+    KernelOnly,
+}
+
 impl Datapath {
-    /// Write this host's configuration (enables or disables both programs at once).
+    /// Write this host's configuration (enables or disables both programs at once). While
+    /// some peers did not fit the maps, `CONFIG_F_ANY_PEER` is added: the peers left out
+    /// are the kernel device's (whose nftables guard still knows every peer).
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), MapError> {
-        self.config.set(0, cfg, 0)
+        self.state.config = Some(*cfg);
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), MapError> {
+        let Some(mut cfg) = self.state.config else {
+            return Ok(());
+        };
+        if self.overflowing() {
+            cfg.flags |= CONFIG_F_ANY_PEER;
+        }
+        self.config.set(0, cfg, 0)?;
+        self.state.written_flags = Some(cfg.flags);
+        Ok(())
+    }
+
+    fn overflowing(&self) -> bool {
+        self.state
+            .record
+            .as_ref()
+            .is_some_and(|r| !r.overflow.is_empty())
+    }
+
+    /// Entries the peer-keyed maps hold.
+    pub fn capacity(&self) -> u32 {
+        self.state.capacity
+    }
+
+    /// Peers left to the kernel device because the maps were full.
+    pub fn overflowed(&self) -> Vec<PeerEntry> {
+        self.state
+            .record
+            .as_ref()
+            .map(|r| r.overflow.values().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many times the peer-keyed maps were read whole (at start and on reconcile only;
+    /// tests check that peer events never do).
+    pub fn full_reads(&self) -> u64 {
+        self.state.full_reads
     }
 
     /// The peers currently in the maps, with their slots.
@@ -68,57 +169,217 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Both peer-keyed maps as they are now, read once per operation.
-    fn snapshot(&self) -> Result<Snapshot, MapError> {
-        Ok(Snapshot {
-            peers: self.current_peers()?,
-            routes: self.current_routes()?,
-        })
-    }
-
-    /// Add or update one peer.
-    pub fn upsert_peer(&mut self, p: &PeerEntry) -> Result<(), MapError> {
-        let mut snap = self.snapshot()?;
-        self.upsert_in(p, &mut snap)
-    }
-
-    /// Add or update `p` against `snap` (kept in step), writing only what differs. The
-    /// allow-list entry goes in before the route, so replies to the first encapsulated
-    /// packet are already accepted.
-    fn upsert_in(&mut self, p: &PeerEntry, snap: &mut Snapshot) -> Result<(), MapError> {
-        let slot = match snap.peers.get(&p.underlay) {
-            Some(existing) => existing.slot,
-            None => {
-                let slot = free_slot(&snap.peers).ok_or(MapError::OutOfBounds {
-                    index: MAX_PEERS,
-                    max_entries: MAX_PEERS,
-                })?;
-                self.reset_slot(slot)?;
-                slot
+    /// Read both peer-keyed maps and rebuild the record from them. Peers whose slot is out
+    /// of range or shared are left out of the record, so the next upsert gives them a new
+    /// slot (overwriting their entries).
+    fn read_record(&mut self) -> Result<(Record, MapContents), MapError> {
+        self.state.full_reads += 1;
+        let (peers, routes) = (self.current_peers()?, self.current_routes()?);
+        let capacity = self.state.capacity;
+        let mut seen = BTreeSet::new();
+        let valid: HashMap<Ipv4Addr, Peer> = peers
+            .iter()
+            .filter(|(_, p)| p.slot < capacity && seen.insert(p.slot))
+            .map(|(a, p)| (*a, *p))
+            .collect();
+        let mut record = Record {
+            slots: Slots::with_used(capacity, valid.values().map(|p| p.slot)),
+            peers: valid,
+            routes: HashMap::new(),
+            routes_of: HashMap::new(),
+            overflow: self
+                .state
+                .record
+                .take()
+                .map(|r| r.overflow)
+                .unwrap_or_default(),
+        };
+        for (net, route) in &routes {
+            let underlay = Ipv4Addr::from(route.peer_ip);
+            if record.peers.get(&underlay).map(|p| p.slot) == Some(route.peer_slot) {
+                record.routes.insert(*net, *route);
+                record.routes_of.entry(underlay).or_default().insert(*net);
             }
+        }
+        Ok((record, MapContents { peers, routes }))
+    }
+
+    /// The record, read from the maps the first time it is needed.
+    fn take_record(&mut self) -> Result<Record, MapError> {
+        match self.state.record.take() {
+            Some(r) => Ok(r),
+            None => Ok(self.read_record()?.0),
+        }
+    }
+
+    /// Add or update one peer, writing only what differs from the record.
+    pub fn upsert_peer(&mut self, p: &PeerEntry) -> Result<Placement, MapError> {
+        let mut rec = self.take_record()?;
+        let r = self.upsert_in(p, &mut rec);
+        self.finish(rec)?;
+        r
+    }
+
+    /// Remove the peer owning `subnet`: route first (stop sending), then its allow-list
+    /// entry unless another of its subnets is still routed. A freed slot goes to a peer
+    /// that did not fit before.
+    pub fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), MapError> {
+        let mut rec = self.take_record()?;
+        let mut r = self.remove_in(subnet, &mut rec);
+        if r.is_ok() {
+            r = self.place_overflow(&mut rec);
+        }
+        self.finish(rec)?;
+        r
+    }
+
+    /// Make the maps hold exactly `desired`: read them once, write what is missing or
+    /// differs, delete every route and peer not in it, and start the record afresh from
+    /// the result. Callable at any time (start, resync, a repair after tampering).
+    pub fn reconcile(&mut self, desired: &[PeerEntry]) -> Result<(), MapError> {
+        let (mut rec, read) = self.read_record()?;
+        rec.overflow.clear();
+        let r = self.reconcile_in(desired, &mut rec, &read);
+        self.finish(rec)?;
+        r
+    }
+
+    fn reconcile_in(
+        &mut self,
+        desired: &[PeerEntry],
+        rec: &mut Record,
+        read: &MapContents,
+    ) -> Result<(), MapError> {
+        let (peers, routes) = (&read.peers, &read.routes);
+        let wanted_routes: HashMap<Ipv4Network, Ipv4Addr> =
+            desired.iter().map(|p| (p.subnet, p.underlay)).collect();
+        let wanted_peers: HashSet<Ipv4Addr> = desired.iter().map(|p| p.underlay).collect();
+        // Removals first, so their slots are free for the additions.
+        for (net, route) in routes {
+            if wanted_routes.get(net) != Some(&Ipv4Addr::from(route.peer_ip)) {
+                ignore_missing(self.routes.remove(&route_key(*net)))?;
+                if let Some(r) = rec.routes.remove(net) {
+                    forget_route(rec, Ipv4Addr::from(r.peer_ip), *net);
+                }
+            }
+        }
+        for (underlay, peer) in peers {
+            if !wanted_peers.contains(underlay) {
+                ignore_missing(self.peers.remove(&PeerKey {
+                    addr: underlay.octets(),
+                }))?;
+                if rec.peers.get(underlay) == Some(peer) {
+                    rec.peers.remove(underlay);
+                    rec.slots.release(peer.slot);
+                }
+            }
+        }
+        for p in desired {
+            self.upsert_in(p, rec)?;
+        }
+        Ok(())
+    }
+
+    /// Put the record back and bring the overflow flag in step with it.
+    fn finish(&mut self, rec: Record) -> Result<(), MapError> {
+        let (capacity, left_out) = (self.state.capacity, rec.overflow.len());
+        self.state.record = Some(rec);
+        let (Some(cfg), Some(written)) = (self.state.config, self.state.written_flags) else {
+            return Ok(());
+        };
+        let overflowing = left_out > 0;
+        let want = cfg.flags | if overflowing { CONFIG_F_ANY_PEER } else { 0 };
+        if want == written {
+            return Ok(());
+        }
+        if overflowing {
+            error!(
+                capacity,
+                peers_left_out = left_out,
+                "eBPF peer maps are full: the peers left out are carried by the kernel VXLAN \
+                 device, and VXLAN from addresses not in the maps goes to it (its peer guard \
+                 still applies); raise --ebpf-max-peers"
+            );
+        } else {
+            info!(capacity, "every peer fits the eBPF maps again");
+        }
+        self.write_config()
+    }
+
+    /// Give slots freed by removals to peers that did not fit before.
+    fn place_overflow(&mut self, rec: &mut Record) -> Result<(), MapError> {
+        while rec.slots.available() > 0 {
+            let Some((_, p)) = rec.overflow.pop_first() else {
+                break;
+            };
+            if self.upsert_in(&p, rec)? == Placement::KernelOnly {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Add or update `p` against the record (kept in step), writing only what differs.
+    /// The allow-list entry goes in before the route, so replies to the first encapsulated
+    /// packet are already accepted.
+    fn upsert_in(&mut self, p: &PeerEntry, rec: &mut Record) -> Result<Placement, MapError> {
+        // The subnet moved to another host (or the host to another address): the old
+        // owner's route goes first, and with it the old owner if that was its last route,
+        // which may free the slot the new one needs. Meanwhile the subnet takes the
+        // kernel device, which already has the new address.
+        if rec
+            .routes
+            .get(&p.subnet)
+            .is_some_and(|r| r.peer_ip != p.underlay.octets())
+        {
+            self.remove_route(p.subnet, rec)?;
+        }
+        let existing = rec.peers.get(&p.underlay).copied();
+        let slot = match existing {
+            Some(e) => e.slot,
+            None => match rec.slots.take() {
+                Some(slot) => {
+                    if let Err(e) = self.reset_slot(slot) {
+                        rec.slots.release(slot);
+                        return Err(e);
+                    }
+                    slot
+                }
+                None => return self.leave_out(p, rec),
+            },
         };
         let peer = Peer {
             slot,
             subnet: p.subnet.network().octets(),
             prefix_len: u32::from(p.subnet.prefix()),
         };
-        if snap.peers.get(&p.underlay) != Some(&peer) {
+        if existing != Some(peer) {
             let key = PeerKey {
                 addr: p.underlay.octets(),
             };
-            self.peers.insert(key, peer, 0)?;
-            snap.peers.insert(p.underlay, peer);
+            match self.peers.insert(key, peer, 0) {
+                Ok(()) => {}
+                Err(e) if existing.is_none() && is_full(&e) => {
+                    rec.slots.release(slot);
+                    return self.leave_out(p, rec);
+                }
+                Err(e) => {
+                    if existing.is_none() {
+                        rec.slots.release(slot);
+                    }
+                    return Err(e);
+                }
+            }
+            rec.peers.insert(p.underlay, peer);
         }
         // A peer that changed subnet leaves its old route behind: drop it.
-        let stale: Vec<Ipv4Network> = snap
-            .routes
-            .iter()
-            .filter(|(net, r)| r.peer_ip == p.underlay.octets() && **net != p.subnet)
-            .map(|(net, _)| *net)
-            .collect();
+        let stale: Vec<Ipv4Network> = rec
+            .routes_of
+            .get(&p.underlay)
+            .map(|nets| nets.iter().filter(|n| **n != p.subnet).copied().collect())
+            .unwrap_or_default();
         for net in stale {
-            ignore_missing(self.routes.remove(&route_key(net)))?;
-            snap.routes.remove(&net);
+            self.remove_route(net, rec)?;
         }
         let route = Route {
             peer_ip: p.underlay.octets(),
@@ -126,53 +387,76 @@ impl Datapath {
             flags: 0,
             peer_slot: slot,
         };
-        if snap.routes.get(&p.subnet) != Some(&route) {
-            self.routes.insert(&route_key(p.subnet), route, 0)?;
-            snap.routes.insert(p.subnet, route);
+        let old = rec.routes.get(&p.subnet).copied();
+        if old != Some(route) {
+            match self.routes.insert(&route_key(p.subnet), route, 0) {
+                Ok(()) => {}
+                // The trie is full (only when it is smaller than the peers map): the peer
+                // is accepted on ingress, its egress takes the kernel device.
+                Err(e) if old.is_none() && is_full(&e) => {
+                    rec.overflow.insert(p.subnet, *p);
+                    return Ok(Placement::KernelOnly);
+                }
+                Err(e) => return Err(e),
+            }
+            rec.routes.insert(p.subnet, route);
+            rec.routes_of
+                .entry(p.underlay)
+                .or_default()
+                .insert(p.subnet);
         }
-        Ok(())
+        rec.overflow.remove(&p.subnet);
+        Ok(Placement::Maps)
     }
 
-    /// Remove the peer owning `subnet`: route first (stop sending), then its allow-list
-    /// entry unless another of its subnets is still routed.
-    pub fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), MapError> {
-        let mut routes = self.current_routes()?;
-        let Some(route) = routes.remove(&subnet) else {
+    /// The maps are full: `p` stays with the kernel device. Whatever the maps still say for
+    /// its subnet (an earlier owner) must not outlive the change.
+    fn leave_out(&mut self, p: &PeerEntry, rec: &mut Record) -> Result<Placement, MapError> {
+        if rec.routes.contains_key(&p.subnet) {
+            self.remove_route(p.subnet, rec)?;
+        }
+        if rec.overflow.is_empty() {
+            warn!(subnet = %p.subnet, underlay = %p.underlay, capacity = self.state.capacity,
+                  "eBPF peer maps full; this peer is carried by the kernel VXLAN device");
+        }
+        rec.overflow.insert(p.subnet, *p);
+        Ok(Placement::KernelOnly)
+    }
+
+    fn remove_in(&mut self, subnet: Ipv4Network, rec: &mut Record) -> Result<(), MapError> {
+        if rec.overflow.remove(&subnet).is_some() || !rec.routes.contains_key(&subnet) {
+            return Ok(());
+        }
+        self.remove_route(subnet, rec)
+    }
+
+    /// Delete the route for `subnet`, and its peer's allow-list entry if that was the
+    /// peer's last route.
+    fn remove_route(&mut self, subnet: Ipv4Network, rec: &mut Record) -> Result<(), MapError> {
+        let Some(route) = rec.routes.get(&subnet).copied() else {
             return Ok(());
         };
         ignore_missing(self.routes.remove(&route_key(subnet)))?;
-        if !routes.values().any(|r| r.peer_ip == route.peer_ip) {
-            ignore_missing(self.peers.remove(&PeerKey {
-                addr: route.peer_ip,
-            }))?;
-        }
-        Ok(())
+        rec.routes.remove(&subnet);
+        self.forget_route_of(Ipv4Addr::from(route.peer_ip), subnet, rec)
     }
 
-    /// Make the maps hold exactly `desired`: write what is missing or differs, delete
-    /// every route and peer not in it. The maps are read once, whatever the peer count.
-    pub fn reconcile(&mut self, desired: &[PeerEntry]) -> Result<(), MapError> {
-        let mut snap = self.snapshot()?;
-        for p in desired {
-            self.upsert_in(p, &mut snap)?;
+    /// `subnet` is no longer routed to `underlay`: drop the peer when nothing else is.
+    fn forget_route_of(
+        &mut self,
+        underlay: Ipv4Addr,
+        subnet: Ipv4Network,
+        rec: &mut Record,
+    ) -> Result<(), MapError> {
+        if !forget_route(rec, underlay, subnet) {
+            return Ok(());
         }
-        let wanted_routes: BTreeMap<Ipv4Network, [u8; 4]> = desired
-            .iter()
-            .map(|p| (p.subnet, p.underlay.octets()))
-            .collect();
-        for (net, route) in &snap.routes {
-            if wanted_routes.get(net) != Some(&route.peer_ip) {
-                ignore_missing(self.routes.remove(&route_key(*net)))?;
-            }
-        }
-        let wanted_peers: std::collections::BTreeSet<Ipv4Addr> =
-            desired.iter().map(|p| p.underlay).collect();
-        for underlay in snap.peers.keys() {
-            if !wanted_peers.contains(underlay) {
-                ignore_missing(self.peers.remove(&PeerKey {
-                    addr: underlay.octets(),
-                }))?;
-            }
+        if let Some(peer) = rec.peers.get(&underlay).copied() {
+            ignore_missing(self.peers.remove(&PeerKey {
+                addr: underlay.octets(),
+            }))?;
+            rec.peers.remove(&underlay);
+            rec.slots.release(peer.slot);
         }
         Ok(())
     }
@@ -263,32 +547,28 @@ fn route_key(net: Ipv4Network) -> Key<[u8; 4]> {
     Key::new(u32::from(net.prefix()), net.network().octets())
 }
 
-fn free_slot(current: &BTreeMap<Ipv4Addr, Peer>) -> Option<u32> {
-    (0..MAX_PEERS).find(|s| !current.values().any(|p| p.slot == *s))
+/// Drop `subnet` from `underlay`'s routed subnets; `true` when none are left.
+fn forget_route(rec: &mut Record, underlay: Ipv4Addr, subnet: Ipv4Network) -> bool {
+    let Some(nets) = rec.routes_of.get_mut(&underlay) else {
+        return true;
+    };
+    nets.remove(&subnet);
+    if nets.is_empty() {
+        rec.routes_of.remove(&underlay);
+        return true;
+    }
+    false
+}
+
+/// Whether a map update failed because the map is full (hash: E2BIG, LPM trie: ENOSPC).
+fn is_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s)
+        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)))
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
         other => other,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn free_slot_fills_holes_first() {
-        let mut m = BTreeMap::new();
-        let peer = |slot| Peer {
-            slot,
-            subnet: [0; 4],
-            prefix_len: 24,
-        };
-        assert_eq!(free_slot(&m), Some(0));
-        m.insert(Ipv4Addr::new(1, 0, 0, 1), peer(0));
-        m.insert(Ipv4Addr::new(1, 0, 0, 2), peer(2));
-        assert_eq!(free_slot(&m), Some(1));
     }
 }

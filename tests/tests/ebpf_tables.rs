@@ -1,0 +1,235 @@
+//! The agent's map bookkeeping against the real kernel maps: peer events are applied as
+//! differences without reading the maps, the maps are sized from configuration, a full
+//! map leaves the excess to the kernel device (and says so in the config flag), and
+//! pinned maps of another size are replaced on restart with their contents carried over.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::maps::MapInfo;
+use flannel_agent::backend::ebpf::{Datapath, PeerEntry, PinLayout, Placement, load_sized};
+use flannel_common::{
+    DatapathConfig,
+    maps::{CONFIG_F_ANY_PEER, CONFIG_F_ENABLED},
+    names,
+};
+use ipnetwork::Ipv4Network;
+use tokio_util::sync::CancellationToken;
+
+/// A pin root under /sys/fs/bpf for one test, removed on drop.
+struct Pins(PathBuf);
+
+impl Pins {
+    fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        Self(PathBuf::from(format!(
+            "/sys/fs/bpf/flannel-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )))
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Run `f` on a thread in a fresh network namespace with a veth pair `fl0`/`fl1` to attach
+/// to; namespace and links vanish with the thread.
+fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: unshare affects only this thread, which owns nothing else.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+        let ok = Command::new("sh")
+            .args([
+                "-c",
+                "ip link add fl0 type veth peer name fl1 && ip link set fl0 up && ip link set fl1 up",
+            ])
+            .status()
+            .expect("sh")
+            .success();
+        assert!(ok, "veth pair");
+        f()
+    })
+    .join()
+    .expect("test thread panicked")
+}
+
+fn load(pins: &PathBuf, capacity: u32) -> Datapath {
+    let dp = load_sized(
+        &PinLayout::new(pins),
+        "fl0",
+        "fl1",
+        Some(capacity),
+        &CancellationToken::new(),
+    )
+    .unwrap_or_else(|e| panic!("load: {e}"));
+    assert_eq!(dp.capacity(), capacity);
+    dp
+}
+
+fn peer(i: u8) -> PeerEntry {
+    PeerEntry {
+        underlay: Ipv4Addr::new(198, 18, 0, 10 + i),
+        subnet: Ipv4Network::new(Ipv4Addr::new(10, 244, i, 0), 24).unwrap(),
+        vtep_mac: [0x02, 0xbb, 0, 0, 0, i],
+    }
+}
+
+fn config() -> DatapathConfig {
+    DatapathConfig {
+        flags: CONFIG_F_ENABLED,
+        vni: 1,
+        port: 8472,
+        local_ip: [198, 18, 0, 1],
+        ..Default::default()
+    }
+}
+
+fn flags(dp: &Datapath) -> u32 {
+    dp.config.get(&0, 0).expect("config").flags
+}
+
+fn max_entries(pins: &PathBuf, map: &str) -> u32 {
+    MapInfo::from_pin(PinLayout::new(pins).map(map))
+        .expect("map info")
+        .max_entries()
+}
+
+#[test]
+fn peer_events_are_differences_and_full_maps_leave_the_excess_to_the_kernel() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = Pins::new("tables");
+    let root = pins.0.clone();
+    in_fresh_netns(move || {
+        let mut dp = load(&root, 4);
+        for map in names::PEER_MAPS {
+            assert_eq!(max_entries(&root, map), 4, "{map} sized from the capacity");
+        }
+        dp.set_config(&config()).expect("config");
+
+        // Six peers for four slots: four in the maps, two left to the kernel device, and
+        // the decap program told to hand unknown peers to it.
+        let six: Vec<PeerEntry> = (1..=6).map(peer).collect();
+        dp.reconcile(&six).expect("reconcile");
+        assert_eq!(dp.full_reads(), 1);
+        let peers = dp.current_peers().expect("peers");
+        assert_eq!(peers.len(), 4, "{peers:?}");
+        let mut slots: Vec<u32> = peers.values().map(|p| p.slot).collect();
+        slots.sort_unstable();
+        assert_eq!(slots, vec![0, 1, 2, 3], "every slot used once");
+        assert_eq!(dp.current_routes().expect("routes").len(), 4);
+        assert_eq!(dp.overflowed(), vec![peer(5), peer(6)]);
+        assert_ne!(flags(&dp) & CONFIG_F_ANY_PEER, 0);
+        assert_ne!(flags(&dp) & CONFIG_F_ENABLED, 0);
+
+        // Events touch only what differs, and never read the maps whole.
+        let mut moved = peer(2);
+        moved.vtep_mac = [0x02, 0xcc, 0, 0, 0, 2];
+        assert_eq!(dp.upsert_peer(&moved).expect("upsert"), Placement::Maps);
+        let route = dp.current_routes().expect("routes")[&moved.subnet];
+        assert_eq!(route.vtep_mac, moved.vtep_mac);
+        assert_eq!(
+            dp.upsert_peer(&peer(7)).expect("upsert"),
+            Placement::KernelOnly
+        );
+        // A freed slot goes to a peer that did not fit.
+        dp.remove_peer(peer(1).subnet).expect("remove");
+        let peers = dp.current_peers().expect("peers");
+        assert!(!peers.contains_key(&peer(1).underlay));
+        assert!(peers.contains_key(&peer(5).underlay), "{peers:?}");
+        assert_eq!(peers[&peer(5).underlay].slot, 0, "the freed slot, reused");
+        assert_eq!(dp.overflowed(), vec![peer(6), peer(7)]);
+        // A peer that changed its underlay address: old allow-list entry and route go.
+        let mut readdressed = peer(3);
+        readdressed.underlay = Ipv4Addr::new(198, 18, 1, 3);
+        dp.upsert_peer(&readdressed).expect("upsert");
+        let peers = dp.current_peers().expect("peers");
+        assert!(!peers.contains_key(&peer(3).underlay), "{peers:?}");
+        assert!(peers.contains_key(&readdressed.underlay));
+        assert_eq!(
+            dp.current_routes().expect("routes")[&readdressed.subnet].peer_ip,
+            readdressed.underlay.octets()
+        );
+        // Removing everything left in the maps places the rest, then the flag clears.
+        for i in [2, 3, 4, 5, 6] {
+            dp.remove_peer(peer(i).subnet).expect("remove");
+        }
+        assert_eq!(dp.overflowed(), Vec::new());
+        assert_eq!(dp.current_peers().expect("peers").len(), 1, "peer 7 only");
+        assert_eq!(flags(&dp) & CONFIG_F_ANY_PEER, 0);
+        assert_eq!(dp.full_reads(), 1, "no event read the maps whole");
+
+        // Someone deletes an entry behind our back: reconcile reads the maps and repairs.
+        dp.peers
+            .remove(&flannel_common::PeerKey {
+                addr: peer(7).underlay.octets(),
+            })
+            .expect("tamper");
+        dp.reconcile(&[peer(7)]).expect("reconcile");
+        assert_eq!(dp.full_reads(), 2);
+        assert!(
+            dp.current_peers()
+                .expect("peers")
+                .contains_key(&peer(7).underlay)
+        );
+    });
+}
+
+#[test]
+fn pinned_maps_of_another_size_are_replaced_with_their_contents() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = Pins::new("resize");
+    let root = pins.0.clone();
+    in_fresh_netns(move || {
+        let mut small = load(&root, 4);
+        small.set_config(&config()).expect("config");
+        let three: Vec<PeerEntry> = (1..=3).map(peer).collect();
+        small.reconcile(&three).expect("reconcile");
+        let before = small.current_peers().expect("peers");
+        drop(small);
+
+        // A restart sized for a bigger cluster: new maps, same contents, programs swapped.
+        let big = load(&root, 64);
+        for map in names::PEER_MAPS {
+            assert_eq!(max_entries(&root, map), 64, "{map} resized");
+        }
+        assert_eq!(big.current_peers().expect("peers"), before);
+        assert_eq!(big.current_routes().expect("routes").len(), 3);
+        assert_eq!(
+            flags(&big) & CONFIG_F_ENABLED,
+            CONFIG_F_ENABLED,
+            "config kept"
+        );
+        drop(big);
+
+        // Shrinking below the slots in use keeps what fits; the reconcile places the rest.
+        let mut tiny = load(&root, 2);
+        assert_eq!(tiny.current_peers().expect("peers").len(), 2);
+        tiny.reconcile(&three).expect("reconcile");
+        assert_eq!(tiny.current_peers().expect("peers").len(), 2);
+        assert_eq!(tiny.overflowed(), vec![peer(3)]);
+        // Loading without a size keeps whatever is pinned.
+        drop(tiny);
+        let dp = load_sized(
+            &PinLayout::new(&root),
+            "fl0",
+            "fl1",
+            None,
+            &CancellationToken::new(),
+        )
+        .expect("load");
+        assert_eq!(dp.capacity(), 2);
+    });
+}
