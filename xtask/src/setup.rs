@@ -32,6 +32,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     // The etcd TLS tests make their CA and certificates with it.
     ("openssl", "/usr/bin/openssl"),
+    // The test namespaces turn on forwarding with it.
+    ("procps", "/usr/sbin/sysctl"),
     // `bpffs()` mounts with it.
     ("mount", "/usr/bin/mount"),
 ];
