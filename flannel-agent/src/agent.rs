@@ -384,13 +384,11 @@ async fn run_with<M: SubnetManager>(
     warn_without_br_netfilter(&cfg);
 
     let selector = iface::Selector {
-        iface: config.interface.iface.clone(),
-        iface_regex: config.interface.iface_regex.clone(),
-        iface_can_reach: config.interface.iface_can_reach,
         public_ip: public.0,
         public_ipv6: public.1,
         ipv4: cfg.enable_ipv4,
         ipv6: cfg.enable_ipv6,
+        ..config.interface.clone()
     };
     let ext = iface::lookup(&selector).await?;
     let mut backend = build_backend(plan, &ext, config, &cfg, ready, cancel).await?;

@@ -4,15 +4,12 @@
 //! refused is refused with the flag or field named, and leaves no device, pin or file
 //! behind. "Unset" is `None` here, never an empty string.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
     backend::ebpf::EbpfOptions,
     cli::{Cli, Dataplane},
+    net::iface,
     netconf::{BackendConfig, NetworkConfig, VxlanConfig},
     subnet::{env_file::PreviousSubnets, etcd::EtcdOptions, kube::ClientOptions},
     wire::annotations::AnnotationNames,
@@ -63,21 +60,6 @@ pub struct KubeConfig {
     pub set_node_network_unavailable: bool,
 }
 
-/// How the external interface is chosen and what is published (`--iface*`, `--public-ip*`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InterfaceConfig {
-    /// `--iface`.
-    pub iface: Vec<String>,
-    /// `--iface-regex`.
-    pub iface_regex: Vec<String>,
-    /// `--iface-can-reach`.
-    pub iface_can_reach: Option<IpAddr>,
-    /// `--public-ip`.
-    pub public_ip: Option<Ipv4Addr>,
-    /// `--public-ipv6`.
-    pub public_ipv6: Option<Ipv6Addr>,
-}
-
 /// Masquerade, forward and blackhole rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrafficConfig {
@@ -98,8 +80,9 @@ pub struct TrafficConfig {
 pub struct Config {
     /// The subnet manager.
     pub manager: ManagerConfig,
-    /// The external interface.
-    pub interface: InterfaceConfig,
+    /// How the external interface is chosen (`--iface*`, `--public-ip*`); the families
+    /// are filled in from the network configuration.
+    pub interface: iface::Selector,
     /// `--subnet-file`.
     pub subnet_file: PathBuf,
     /// Traffic rules.
@@ -184,12 +167,14 @@ impl Config {
         };
         Ok(Self {
             manager,
-            interface: InterfaceConfig {
+            interface: iface::Selector {
                 iface: cli.iface.clone(),
                 iface_regex: cli.iface_regex.clone(),
                 iface_can_reach: cli.iface_can_reach,
                 public_ip: cli.public_ip,
                 public_ipv6: cli.public_ipv6,
+                ipv4: true,
+                ipv6: false,
             },
             subnet_file: cli.subnet_file.clone(),
             traffic: TrafficConfig {

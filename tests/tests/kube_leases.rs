@@ -124,6 +124,26 @@ async fn wait_for(
     }
 }
 
+/// `node-a` takes its lease and watches; the first snapshot holds only its own lease
+/// (every other node in the fixture is broken or not a flannel node).
+async fn node_a_watching_alone(
+    f: &Fixture,
+) -> (
+    KubeSubnetManager,
+    BoxStream<'static, flannel_agent::subnet::Result<LeaseEvent>>,
+) {
+    let a = manager(f, "node-a").await;
+    a.acquire_lease(&attrs([198, 18, 0, 1], "0a:00:00:00:00:01"))
+        .await
+        .unwrap();
+    let mut watch = a.watch_leases();
+    let LeaseEvent::Snapshot(snap) = next(&mut watch).await else {
+        panic!("snapshot first");
+    };
+    assert_eq!(subnets(&snap), ["10.244.1.0/24"]);
+    (a, watch)
+}
+
 fn subnets(leases: &[Lease]) -> Vec<String> {
     leases.iter().map(|l| l.subnet.to_string()).collect()
 }
@@ -343,15 +363,7 @@ async fn malformed_and_unmanaged_nodes_are_skipped() {
         &[(&format!("{P}public-ip"), Some("198.18.0.6"))],
     );
 
-    let a = manager(&f, "node-a").await;
-    a.acquire_lease(&attrs([198, 18, 0, 1], "0a:00:00:00:00:01"))
-        .await
-        .unwrap();
-    let mut watch = a.watch_leases();
-    let LeaseEvent::Snapshot(snap) = next(&mut watch).await else {
-        panic!("snapshot first");
-    };
-    assert_eq!(subnets(&snap), ["10.244.1.0/24"]);
+    let (_a, mut watch) = node_a_watching_alone(&f).await;
 
     // A broken update to a new node is skipped; fixing it makes it appear.
     f.api
@@ -424,15 +436,7 @@ async fn invalid_leases_are_skipped_logged_once_truncated() {
     for (name, cidr, ip, data) in bad {
         peer(name, cidr, ip, data);
     }
-    let a = manager(&f, "node-a").await;
-    a.acquire_lease(&attrs([198, 18, 0, 1], "0a:00:00:00:00:01"))
-        .await
-        .unwrap();
-    let mut watch = a.watch_leases();
-    let LeaseEvent::Snapshot(snap) = next(&mut watch).await else {
-        panic!("snapshot first");
-    };
-    assert_eq!(subnets(&snap), ["10.244.1.0/24"]);
+    let (_a, mut watch) = node_a_watching_alone(&f).await;
 
     // A relist converts every node again; a valid node joining meanwhile still arrives.
     // (Let the watch get established first, or there is nothing to expire.)
