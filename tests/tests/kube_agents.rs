@@ -380,3 +380,90 @@ fn kube_agent_restart_keeps_lease_and_traffic() {
     );
     drop((a1, a2));
 }
+
+/// #12 items 5 and 7 with the real agent in kube mode: nodes whose leases must not be
+/// routed (pod CIDR outside `Network`, public-ip 0.0.0.0 / 127.0.0.1 / 224.0.0.1) and one
+/// with 1 MiB of garbage backend data are skipped with one warning each — not repeated on
+/// a relist — quoting the value truncated; the agent keeps running and programs the valid
+/// nodes that come before and after them.
+#[test]
+fn kube_agent_skips_invalid_nodes_once_and_programs_the_rest() {
+    if !require_root() {
+        return;
+    }
+    let mut bench = bench();
+    let api = &bench.api;
+    let peer = |name: &str, cidr: &str, ip: &str, data: &str| {
+        api.add_node(name, &[cidr]);
+        api.annotate(
+            name,
+            &[
+                (&format!("{P}kube-subnet-manager"), Some("true")),
+                (&format!("{P}backend-type"), Some("vxlan")),
+                (&format!("{P}backend-data"), Some(data)),
+                (&format!("{P}public-ip"), Some(ip)),
+            ],
+        );
+    };
+    let data = r#"{"VNI":1,"VtepMAC":"0e:2a:00:00:00:63"}"#;
+    let garbage = "{".repeat(1 << 20);
+    let bad = [
+        ("bad-outside", "10.245.7.0/24", "198.18.0.97", data),
+        ("bad-zero", "10.244.8.0/24", "0.0.0.0", data),
+        ("bad-loopback", "10.244.9.0/24", "127.0.0.1", data),
+        ("bad-multicast", "10.244.10.0/24", "224.0.0.1", data),
+        (
+            "bad-garbage",
+            "10.244.11.0/24",
+            "198.18.0.96",
+            garbage.as_str(),
+        ),
+    ];
+    api.add_node("h1", &["10.244.1.0/24"]);
+    peer("good-1", "10.244.20.0/24", "198.18.0.99", data);
+    for (name, cidr, ip, data) in bad {
+        peer(name, cidr, ip, data);
+    }
+    let h1: Host = bench.underlay.add_host(1);
+    let mut a1 = start_agent(&h1.ns, "h1", api, "kernel");
+    let routed = |subnet: &str| {
+        h1.ns
+            .sh(&format!("ip route show {subnet}"))
+            .contains("flannel.1")
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || routed("10.244.20.0/24")),
+        "valid node not programmed\n{}",
+        a1.log()
+    );
+
+    // A relist (410 Gone) converts every node again: no new warnings, and a valid node
+    // that joins afterwards is still programmed.
+    api.expire_watches(|_| {});
+    peer("good-2", "10.244.21.0/24", "198.18.0.98", data);
+    assert!(
+        wait_until(Duration::from_secs(30), || routed("10.244.21.0/24")),
+        "valid node after the relist not programmed\n{}",
+        a1.log()
+    );
+    assert!(a1._child.running(), "agent died\n{}", a1.log());
+    for (name, cidr, _, _) in bad {
+        assert!(!routed(cidr), "{name} ({cidr}) was routed");
+    }
+    let log = a1.log();
+    for (name, _, _, _) in bad {
+        let lines = log
+            .lines()
+            .filter(|l| l.contains("skipping node") && l.contains(&format!("node {name}:")))
+            .count();
+        assert_eq!(lines, 1, "{name} warned {lines} times\n{log:.4000}");
+    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("node bad-garbage:") && l.contains("(1048576 bytes)")),
+        "garbage not quoted truncated"
+    );
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2000, "a {longest}-byte log line");
+    drop(a1);
+}
