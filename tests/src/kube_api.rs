@@ -518,6 +518,23 @@ impl KubeApi {
         self.put_node(&node);
     }
 
+    /// A node as a running vxlan flannel would publish it under the default prefix:
+    /// `pod_cidr`, `kube-subnet-manager: "true"`, `backend-type: vxlan`, `backend-data`
+    /// and `public-ip` as given (so tests can give bad ones).
+    pub fn add_flannel_node(&self, name: &str, pod_cidr: &str, public_ip: &str, data: &str) {
+        const P: &str = "flannel.alpha.coreos.com/";
+        self.add_node(name, &[pod_cidr]);
+        self.annotate(
+            name,
+            &[
+                (&format!("{P}kube-subnet-manager"), Some("true")),
+                (&format!("{P}backend-type"), Some("vxlan")),
+                (&format!("{P}backend-data"), Some(data)),
+                (&format!("{P}public-ip"), Some(public_ip)),
+            ],
+        );
+    }
+
     /// Sets (or with `None` removes) annotations server-side, as another client would.
     pub fn annotate(&self, name: &str, annotations: &[(&str, Option<&str>)]) {
         let mut inner = self.lock();

@@ -393,18 +393,8 @@ fn kube_agent_skips_invalid_nodes_once_and_programs_the_rest() {
     }
     let mut bench = bench();
     let api = &bench.api;
-    let peer = |name: &str, cidr: &str, ip: &str, data: &str| {
-        api.add_node(name, &[cidr]);
-        api.annotate(
-            name,
-            &[
-                (&format!("{P}kube-subnet-manager"), Some("true")),
-                (&format!("{P}backend-type"), Some("vxlan")),
-                (&format!("{P}backend-data"), Some(data)),
-                (&format!("{P}public-ip"), Some(ip)),
-            ],
-        );
-    };
+    let peer =
+        |name: &str, cidr: &str, ip: &str, data: &str| api.add_flannel_node(name, cidr, ip, data);
     let data = r#"{"VNI":1,"VtepMAC":"0e:2a:00:00:00:63"}"#;
     let garbage = "{".repeat(1 << 20);
     let bad = [

@@ -407,18 +407,8 @@ async fn malformed_and_unmanaged_nodes_are_skipped() {
 async fn invalid_leases_are_skipped_logged_once_truncated() {
     let f = fixture().await;
     f.api.add_node("node-a", &["10.244.1.0/24"]);
-    let peer = |name: &str, cidr: &str, ip: &str, data: &str| {
-        f.api.add_node(name, &[cidr]);
-        f.api.annotate(
-            name,
-            &[
-                (&format!("{P}kube-subnet-manager"), Some("true")),
-                (&format!("{P}backend-type"), Some("vxlan")),
-                (&format!("{P}backend-data"), Some(data)),
-                (&format!("{P}public-ip"), Some(ip)),
-            ],
-        );
-    };
+    let peer =
+        |name: &str, cidr: &str, ip: &str, data: &str| f.api.add_flannel_node(name, cidr, ip, data);
     let data = r#"{"VNI":1,"VtepMAC":"0a:00:00:00:00:09"}"#;
     let garbage = "{".repeat(1 << 20);
     let bad = [
