@@ -24,8 +24,9 @@ use crate::{
     cli::Cli,
     config::{self, Config, ManagerConfig, Plan},
     lease::{Lease, LeaseEvent, PeerChange, PeerSet},
-    net::{iface, masq},
+    net::{iface, masq, monitor, netlink::Netlink},
     netconf::NetworkConfig,
+    repair::{self, RepairKind},
     server::{self, DatapathStatus, Readiness},
     subnet::{
         self, SubnetManager,
@@ -101,17 +102,8 @@ pub struct TrafficRules {
 /// Installs the masquerade/forward rules (`crate::net::masq`) and keeps them in place in
 /// the background. Upstream exits when the first installation fails, and so do we.
 async fn install_traffic_rules(rules: &TrafficRules, cancel: &CancellationToken) -> Result<()> {
-    if rules.blackhole_route {
-        match rules.subnet {
-            Some(subnet) => {
-                tokio::spawn(crate::net::blackhole::run(
-                    subnet,
-                    rules.resync,
-                    cancel.child_token(),
-                ));
-            }
-            None => warn!("--ip-blackhole-route covers IPv4 subnets only; ignoring it"),
-        }
+    if rules.blackhole_route && rules.subnet.is_none() {
+        warn!("--ip-blackhole-route covers IPv4 subnets only; ignoring it");
     }
     if (rules.ip_masq || rules.forward_rules) && rules.ipv6_network.is_some() {
         warn!(
@@ -423,6 +415,7 @@ async fn run_with<M: SubnetManager>(
         previous_network: previous.network,
     };
     install_traffic_rules(&rules, cancel).await?;
+    let blackhole = rules.subnet.filter(|_| rules.blackhole_route);
 
     let env = SubnetEnv {
         networks: rules.network.into_iter().collect(),
@@ -455,26 +448,69 @@ async fn run_with<M: SubnetManager>(
                 Ok(())
             }
         },
-        r = watch_peers(mgr, &mut backend, lease.subnet, &stats) => r,
+        r = watch_peers(mgr, &mut backend, &lease, &ext, blackhole, &stats, cancel) => r,
     }
 }
 
-/// How long after a failed backend operation the full peer set is reconciled again.
+/// How long after a failed backend operation the full peer set is resynced again.
 const REPAIR_DELAY: Duration = Duration::from_secs(5);
 
-/// Feeds lease events through a [`PeerSet`] into the backend. A backend error for one peer
-/// is logged and does not stop the loop; a full reconcile (the backend is idempotent) is
-/// retried [`REPAIR_DELAY`] later until it succeeds, so a transient netlink failure does
-/// not leave a peer unprogrammed until the next snapshot.
+/// How often everything the agent owns is compared with the kernel even without a
+/// netlink event (upstream re-checks host-gw routes and re-creates the vxlan device on
+/// this period too). Catches what the monitor does not report: replaced (not deleted)
+/// entries, removed eBPF pins and links, a missed burst of events.
+const RESYNC_PERIOD: Duration = Duration::from_secs(10);
+
+/// How long a netlink event waits for the rest of its burst (`ip link del flannel.1`
+/// reports the link, its address, routes and neighbours at once): one resync for all.
+const RESYNC_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Feeds lease events through a [`PeerSet`] into the backend, and keeps what the agent
+/// owns in place: a resync of the backend (and the blackhole route) runs when the netlink
+/// monitor reports a change to owned state, every [`RESYNC_PERIOD`], and
+/// [`REPAIR_DELAY`] after a failed backend operation, until it succeeds. A backend error
+/// for one peer is logged and does not stop the loop.
 async fn watch_peers<M: SubnetManager>(
     mgr: &M,
     backend: &mut AnyBackend,
-    own: ipnetwork::Ipv4Network,
+    own: &Lease,
+    ext: &ExternalInterface,
+    blackhole: Option<ipnetwork::Ipv4Network>,
     stats: &backend::Stats,
+    cancel: &CancellationToken,
 ) -> Result<()> {
-    let mut peers = PeerSet::new(own);
+    let mut peers = PeerSet::new(own.subnet);
     let mut events = mgr.watch_leases();
-    let mut repair_at: Option<tokio::time::Instant> = None;
+    let (trigger_tx, mut triggers) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(monitor::run(
+        monitor::Watched {
+            device: backend.device_name().map(str::to_owned),
+            uplink: ext.index,
+        },
+        trigger_tx,
+        cancel.child_token(),
+    ));
+    let blackhole = match blackhole.map(|s| Netlink::connect().map(|nl| (nl, s))) {
+        Some(Ok((nl, subnet))) => {
+            if let Err(error) = crate::net::blackhole::ensure(&nl, subnet).await {
+                warn!(%subnet, %error, "adding the blackhole route failed; retrying on resync");
+            }
+            Some((nl, subnet))
+        }
+        Some(Err(error)) => {
+            warn!(%error, "blackhole route: no netlink");
+            None
+        }
+        None => None,
+    };
+    let start = tokio::time::Instant::now();
+    let mut periodic = tokio::time::interval_at(start + RESYNC_PERIOD, RESYNC_PERIOD);
+    periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resync_at: Option<tokio::time::Instant> = None;
+    let schedule = |at: &mut Option<tokio::time::Instant>, delay: Duration| {
+        let when = tokio::time::Instant::now() + delay;
+        *at = Some(at.map_or(when, |t| t.min(when)));
+    };
     loop {
         let event = tokio::select! {
             ev = events.next() => match ev {
@@ -485,26 +521,58 @@ async fn watch_peers<M: SubnetManager>(
                 }
                 Some(Ok(e)) => e,
             },
-            () = sleep_until_opt(repair_at) => {
-                repair_at = None;
-                info!(peers = peers.len(), "retrying a full reconcile after a backend error");
-                let started = std::time::Instant::now();
-                let result = backend.reconcile(&peers.peers()).await;
-                stats.reconciled(started.elapsed(), result.is_ok());
-                if let Err(error) = result {
-                    warn!(%error, retry_in = ?REPAIR_DELAY, "reconciling peers failed");
-                    repair_at = Some(tokio::time::Instant::now() + REPAIR_DELAY);
+            Some(trigger) = triggers.recv() => {
+                match trigger {
+                    monitor::Trigger::Kernel(why) => debug!(%why, "owned kernel state changed; resyncing"),
+                    monitor::Trigger::UplinkAddress => debug!(uplink = %ext.name, "uplink addresses changed"),
+                }
+                schedule(&mut resync_at, RESYNC_DEBOUNCE);
+                continue;
+            }
+            _ = periodic.tick() => {
+                schedule(&mut resync_at, Duration::ZERO);
+                continue;
+            }
+            () = sleep_until_opt(resync_at) => {
+                resync_at = None;
+                if let Err(error) = resync(backend, &peers, blackhole.as_ref(), stats).await {
+                    warn!(%error, retry_in = ?REPAIR_DELAY, "resync failed");
+                    schedule(&mut resync_at, REPAIR_DELAY);
                 }
                 continue;
             }
         };
         let failed = apply_event(&mut peers, backend, event, stats).await;
         stats.set_peers(peers.len());
-        if failed && repair_at.is_none() {
-            repair_at = Some(tokio::time::Instant::now() + REPAIR_DELAY);
+        if failed {
+            schedule(&mut resync_at, REPAIR_DELAY);
         }
         debug!(peers = peers.len(), "peer set updated");
     }
+}
+
+/// One resync: the backend checks and repairs everything it owns, then the blackhole route.
+async fn resync(
+    backend: &mut AnyBackend,
+    peers: &PeerSet,
+    blackhole: Option<&(Netlink, ipnetwork::Ipv4Network)>,
+    stats: &backend::Stats,
+) -> std::result::Result<(), String> {
+    let started = std::time::Instant::now();
+    let result = backend
+        .resync(&peers.peers())
+        .await
+        .map_err(|e| e.to_string());
+    stats.reconciled(started.elapsed(), result.is_ok());
+    if let Some((nl, subnet)) = blackhole {
+        match crate::net::blackhole::ensure(nl, *subnet).await {
+            Ok(true) => repair::record(RepairKind::BlackholeRoute, format!("blackhole {subnet}")),
+            Ok(false) => {}
+            Err(error) => warn!(%subnet, %error, "ensuring the blackhole route failed"),
+        }
+    }
+    debug!(peers = peers.len(), took = ?started.elapsed(), "resync done");
+    result
 }
 
 /// Sleeps until `at`, or forever when there is nothing scheduled.

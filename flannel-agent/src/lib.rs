@@ -13,6 +13,7 @@ pub mod config;
 pub mod lease;
 pub mod net;
 pub mod netconf;
+pub mod repair;
 pub mod server;
 pub mod subnet;
 pub mod telemetry;

@@ -11,13 +11,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
-use netlink_packet_route::route::RouteMessage;
+use netlink_packet_route::route::{RouteMessage, RouteType};
 use tracing::{debug, info, warn};
 
 use super::{Backend, ExternalInterface, Result};
 use crate::{
     lease::{BackendAttrs, Lease, LeaseAttrs},
     net::netlink::{self, Netlink, RTPROT_FLANNEL},
+    repair::{self, RepairKind},
 };
 
 /// Errors of the host-gw backend.
@@ -109,7 +110,9 @@ impl HostGw {
     }
 
     fn is_ours(r: &RouteMessage) -> bool {
-        u8::from(r.header.protocol) == RTPROT_FLANNEL
+        // The blackhole route for our own subnet carries our protocol too, but belongs to
+        // `net::blackhole`, not to the peer set.
+        u8::from(r.header.protocol) == RTPROT_FLANNEL && r.header.kind != RouteType::BlackHole
     }
 
     fn same(a: &RouteMessage, b: &RouteMessage) -> bool {
@@ -163,6 +166,32 @@ impl Backend for HostGw {
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<()> {
+        let written = self.check(peers).await?;
+        debug!(
+            peers = peers.len(),
+            written = written.len(),
+            "host-gw routes reconciled"
+        );
+        Ok(())
+    }
+
+    async fn resync(&mut self, peers: &[Lease]) -> Result<()> {
+        for detail in self.check(peers).await? {
+            repair::record(RepairKind::Route, detail);
+        }
+        Ok(())
+    }
+
+    fn mtu(&self) -> u32 {
+        self.ext.mtu
+    }
+}
+
+impl HostGw {
+    /// Make our routes equal the peer set; returns the routes that were missing or wrong
+    /// and had to be written.
+    async fn check(&mut self, peers: &[Lease]) -> Result<Vec<String>> {
+        let mut written = Vec::new();
         let mut desired = BTreeMap::new();
         let mut failed = None;
         for lease in peers {
@@ -185,6 +214,9 @@ impl Backend for HostGw {
                     .route_replace(want.clone())
                     .await
                     .map_err(Error::from)?;
+                let via =
+                    netlink::route_gateway_v4(want).map_or_else(String::new, |g| g.to_string());
+                written.push(format!("route {subnet} via {via} dev {}", self.ext.name));
             }
         }
         let mut kept = BTreeSet::new();
@@ -204,10 +236,6 @@ impl Backend for HostGw {
                 .await
                 .map_err(Error::from)?;
         }
-        failed.map_or(Ok(()), |e| Err(e.into()))
-    }
-
-    fn mtu(&self) -> u32 {
-        self.ext.mtu
+        failed.map_or(Ok(written), |e| Err(e.into()))
     }
 }

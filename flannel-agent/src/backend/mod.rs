@@ -77,6 +77,12 @@ pub trait Backend: Send {
     /// touch nothing else.
     fn reconcile(&mut self, peers: &[Lease]) -> impl Future<Output = Result<()>> + Send;
 
+    /// Check everything this backend owns against the kernel and put back what someone
+    /// deleted or changed (devices and their settings, per-peer entries, eBPF links, pins
+    /// and configuration), recording each fix with [`crate::repair::record`]. Called when
+    /// the netlink monitor reports a change to owned state, and periodically.
+    fn resync(&mut self, peers: &[Lease]) -> impl Future<Output = Result<()>> + Send;
+
     /// The MTU pods must use (written to `subnet.env`).
     fn mtu(&self) -> u32;
 }
@@ -101,6 +107,18 @@ macro_rules! dispatch {
     };
 }
 
+impl AnyBackend {
+    /// The VXLAN device this backend owns (`flannel.<VNI>`), if any: what the netlink
+    /// monitor watches besides the agent's routes.
+    pub fn device_name(&self) -> Option<&str> {
+        match self {
+            Self::Ebpf(b) => Some(b.device_name()),
+            Self::Vxlan(b) => Some(b.device_name()),
+            Self::HostGw(_) => None,
+        }
+    }
+}
+
 impl Backend for AnyBackend {
     async fn prepare(&mut self) -> Result<LeaseAttrs> {
         dispatch!(self, b => b.prepare().await)
@@ -116,6 +134,9 @@ impl Backend for AnyBackend {
     }
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<()> {
         dispatch!(self, b => b.reconcile(peers).await)
+    }
+    async fn resync(&mut self, peers: &[Lease]) -> Result<()> {
+        dispatch!(self, b => b.resync(peers).await)
     }
     fn mtu(&self) -> u32 {
         dispatch!(self, b => b.mtu())

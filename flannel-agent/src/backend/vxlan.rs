@@ -58,6 +58,7 @@ use crate::{
         vxlan_guard::PeerGuard,
     },
     netconf::VxlanConfig,
+    repair::{self, RepairKind},
 };
 
 pub use crate::net::netlink::RTPROT_FLANNEL;
@@ -175,6 +176,19 @@ enum Target {
     /// A plain route via the peer's public IP on the uplink (DirectRouting).
     Direct { gateway: Ipv4Addr, oif: u32 },
 }
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Vxlan { public_ip, .. } => write!(f, "VXLAN to {public_ip}"),
+            Self::Direct { gateway, oif } => write!(f, "direct via {gateway} dev #{oif}"),
+        }
+    }
+}
+
+/// What a check found wrong and put right: the kind and a description, for
+/// [`crate::repair::record`] when the check was a resync.
+pub type Fixes = Vec<(RepairKind, String)>;
 
 /// The kernel VXLAN backend.
 pub struct KernelVxlan {
@@ -337,8 +351,8 @@ impl KernelVxlan {
     }
 
     /// Create the device, or adopt a compatible one (keeping its MAC), or replace an
-    /// incompatible one.
-    async fn ensure_device(&mut self) -> Result<(), Error> {
+    /// incompatible one. Returns what had to be fixed on an adopted device.
+    async fn ensure_device(&mut self) -> Result<Fixes, Error> {
         if let Some(link) = self.nl.link_by_name(&self.name).await? {
             match self.incompatibility(&link) {
                 None => return self.adopt(&link).await,
@@ -446,25 +460,41 @@ impl KernelVxlan {
     }
 
     /// Take over an existing compatible device: its index and MAC, our MTU.
-    async fn adopt(&mut self, link: &LinkMessage) -> Result<(), Error> {
+    /// Take `link` as our device. Once a MAC has been advertised (or preferred from the
+    /// previous lease), the device is made to carry it; before that, the device's own MAC
+    /// is kept (a restart reuses what peers already hold). Returns what had to be fixed.
+    async fn adopt(&mut self, link: &LinkMessage) -> Result<Fixes, Error> {
+        let mut fixes = Fixes::new();
         self.ifindex = link.header.index;
-        self.mac = match netlink::link_mac(link) {
-            Some(mac) if mac != [0; 6] => mac,
-            _ => {
-                let mac = random_mac();
-                self.set_mac(mac).await?;
-                mac
-            }
-        };
-        if netlink::link_mtu(link) != Some(self.mtu) {
+        let found = netlink::link_mac(link).filter(|m| *m != [0; 6]);
+        if self.mac == [0; 6] {
+            self.mac = found.unwrap_or_else(random_mac);
+        }
+        if found != Some(self.mac) {
+            self.set_mac(self.mac).await?;
+            fixes.push((
+                RepairKind::DeviceSettings,
+                format!(
+                    "{} MAC {} -> {}",
+                    self.name,
+                    found.map_or_else(|| "none".into(), |m| MacAddr(m).to_string()),
+                    MacAddr(self.mac)
+                ),
+            ));
+        }
+        if let Some(found) = netlink::link_mtu(link).filter(|m| *m != self.mtu) {
             let mut msg = LinkMessage::default();
             msg.header.index = self.ifindex;
             msg.attributes.push(LinkAttribute::Mtu(self.mtu));
             self.nl.link_set(msg).await?;
             info!(device = %self.name, mtu = self.mtu, "set device MTU");
+            fixes.push((
+                RepairKind::DeviceSettings,
+                format!("{} MTU {found} -> {}", self.name, self.mtu),
+            ));
         }
         debug!(device = %self.name, ifindex = self.ifindex, mac = %MacAddr(self.mac), "using VXLAN device");
-        Ok(())
+        Ok(fixes)
     }
 
     async fn set_mac(&self, mac: [u8; 6]) -> Result<(), Error> {
@@ -475,16 +505,27 @@ impl KernelVxlan {
         Ok(())
     }
 
-    /// Put back our address and MAC and bring the device up (idempotent).
-    async fn ensure_registered(&mut self, own: Ipv4Network) -> Result<(), Error> {
+    /// Put back our address and MAC and bring the device up (idempotent). Returns what had
+    /// to be fixed.
+    async fn ensure_registered(&mut self, own: Ipv4Network) -> Result<Fixes, Error> {
+        let mut fixes = Fixes::new();
         let want = own.network();
+        let mut present = false;
         for (addr, len) in self.nl.addresses_v4(self.ifindex).await? {
-            if (addr, len) != (want, 32) {
+            if (addr, len) == (want, 32) {
+                present = true;
+            } else {
                 info!(device = %self.name, address = %format!("{addr}/{len}"), "removing stale address");
                 self.nl.addr_del_v4(self.ifindex, addr, len).await?;
             }
         }
-        self.nl.addr_replace_v4(self.ifindex, want, 32).await?;
+        if !present {
+            self.nl.addr_replace_v4(self.ifindex, want, 32).await?;
+            fixes.push((
+                RepairKind::DeviceSettings,
+                format!("{} address {want}/32", self.name),
+            ));
+        }
         let link = self
             .nl
             .link_by_index(self.ifindex)
@@ -496,8 +537,11 @@ impl KernelVxlan {
         if netlink::link_mac(&link) != Some(self.mac) {
             // Something (udev's MACAddressPolicy, NetworkManager) rewrote it; peers hold the
             // advertised one, so put it back.
-            warn!(device = %self.name, mac = %MacAddr(self.mac), "device MAC differs from the advertised one; restoring it");
             self.set_mac(self.mac).await?;
+            fixes.push((
+                RepairKind::DeviceSettings,
+                format!("{} MAC -> advertised {}", self.name, MacAddr(self.mac)),
+            ));
         }
         if !link.header.flags.contains(LinkFlags::Up) {
             let mut msg = LinkMessage::default();
@@ -505,8 +549,9 @@ impl KernelVxlan {
             msg.header.flags = LinkFlags::Up;
             msg.header.change_mask = LinkFlags::Up;
             self.nl.link_set(msg).await?;
+            fixes.push((RepairKind::DeviceSettings, format!("{} up", self.name)));
         }
-        Ok(())
+        Ok(fixes)
     }
 
     /// The desired target of one lease, or `None` (logged) when it can't be programmed.
@@ -608,9 +653,12 @@ impl KernelVxlan {
     /// Whether a dumped route is one this backend owns.
     fn owns_route(&self, r: &RouteMessage) -> bool {
         let proto = u8::from(r.header.protocol);
-        proto == RTPROT_FLANNEL
-            || (netlink::route_oif(r) == Some(self.ifindex)
-                && r.header.protocol != RouteProtocol::Kernel)
+        // The blackhole route for our own subnet carries our protocol too, but belongs to
+        // `net::blackhole`, not to the peer set.
+        r.header.kind != RouteType::BlackHole
+            && (proto == RTPROT_FLANNEL
+                || (netlink::route_oif(r) == Some(self.ifindex)
+                    && r.header.protocol != RouteProtocol::Kernel))
     }
 
     /// Whether a dumped route is exactly what `target` wants for `subnet`.
@@ -625,11 +673,8 @@ impl KernelVxlan {
     /// Make the kernel equal `desired` for every entry this backend owns: read the
     /// neighbour, FDB and route tables once, program what is missing or differs and
     /// remove what is stale, many requests in flight at once. Returns the subnets that are
-    /// now programmed as desired.
-    async fn converge(
-        &self,
-        desired: &BTreeMap<Ipv4Network, Target>,
-    ) -> Result<(BTreeMap<Ipv4Network, Target>, Option<Error>), Error> {
+    /// now programmed as desired, and what was missing or wrong and had to be written.
+    async fn converge(&self, desired: &BTreeMap<Ipv4Network, Target>) -> Result<Converged, Error> {
         use futures::{StreamExt, stream};
         let neighs = self
             .nl
@@ -669,26 +714,48 @@ impl KernelVxlan {
                 IpAddr::V6(_) => None,
             })
             .collect();
-        let to_program: Vec<(Ipv4Network, Target)> = desired
-            .iter()
-            .filter(|(subnet, target)| {
-                let (gw, oif) = self.route_target(**subnet, **target);
-                let route_ok = routed.contains(&(**subnet, gw, oif));
-                match **target {
-                    Target::Vxlan {
-                        vtep_mac,
-                        public_ip,
-                    } => {
-                        !(route_ok
-                            && neigh_set.contains(&(subnet.network(), vtep_mac))
-                            && fdb_set.contains(&(vtep_mac, public_ip)))
-                    }
-                    Target::Direct { .. } => !route_ok,
+        let mut to_program: Vec<(Ipv4Network, Target)> = Vec::new();
+        let mut missing: BTreeMap<Ipv4Network, Fixes> = BTreeMap::new();
+        for (subnet, target) in desired {
+            let (gw, oif) = self.route_target(*subnet, *target);
+            let mut wrong = Fixes::new();
+            if !routed.contains(&(*subnet, gw, oif)) {
+                wrong.push((RepairKind::Route, format!("route {subnet} ({target})")));
+            }
+            if let Target::Vxlan {
+                vtep_mac,
+                public_ip,
+            } = *target
+            {
+                if !neigh_set.contains(&(subnet.network(), vtep_mac)) {
+                    wrong.push((
+                        RepairKind::Neighbour,
+                        format!(
+                            "neighbour {} lladdr {} dev {}",
+                            subnet.network(),
+                            MacAddr(vtep_mac),
+                            self.name
+                        ),
+                    ));
                 }
-            })
-            .map(|(s, t)| (*s, *t))
-            .collect();
+                if !fdb_set.contains(&(vtep_mac, public_ip)) {
+                    wrong.push((
+                        RepairKind::Fdb,
+                        format!(
+                            "FDB {} dst {public_ip} dev {}",
+                            MacAddr(vtep_mac),
+                            self.name
+                        ),
+                    ));
+                }
+            }
+            if !wrong.is_empty() {
+                to_program.push((*subnet, *target));
+                missing.insert(*subnet, wrong);
+            }
+        }
         let mut done: BTreeMap<Ipv4Network, Target> = desired.clone();
+        let mut fixes = Fixes::new();
         let results: Vec<(Ipv4Network, Result<(), Error>)> = stream::iter(to_program)
             .map(|(subnet, target)| async move {
                 debug!(%subnet, ?target, "programming peer");
@@ -698,6 +765,9 @@ impl KernelVxlan {
             .collect()
             .await;
         for (subnet, r) in results {
+            if r.is_ok() {
+                fixes.extend(missing.remove(&subnet).unwrap_or_default());
+            }
             if let Err(e) = r {
                 warn!(%subnet, error = %e, "programming peer failed");
                 done.remove(&subnet);
@@ -780,7 +850,11 @@ impl KernelVxlan {
         for r in results {
             r?;
         }
-        Ok((done, failed))
+        Ok(Converged {
+            done,
+            failed,
+            fixes,
+        })
     }
 
     /// The gateway and output interface of the route `target` wants for `subnet`.
@@ -842,6 +916,74 @@ impl KernelVxlan {
 enum Deletion {
     Route(RouteMessage),
     Neigh(NeighbourMessage),
+}
+
+/// What [`KernelVxlan::converge`] achieved.
+struct Converged {
+    /// The subnets now programmed as desired.
+    done: BTreeMap<Ipv4Network, Target>,
+    /// The last programming error, if any peer failed.
+    failed: Option<Error>,
+    /// What was missing or wrong and was written.
+    fixes: Fixes,
+}
+
+impl KernelVxlan {
+    /// Compare everything this backend owns with the kernel and put back what differs:
+    /// the device (re-created with the advertised MAC when gone, taken over again when
+    /// replaced), its MTU, MAC, address and up flag, and every peer's neighbour, FDB entry
+    /// and route. Returns what had to be written.
+    pub async fn check(&mut self, peers: &[Lease]) -> Result<Fixes, Error> {
+        let mut fixes = self.check_device().await?;
+        if let Some(own) = self.own {
+            fixes.extend(self.ensure_registered(own).await?);
+        }
+        if let Some(guard) = &mut self.guard {
+            let own = self.own;
+            let senders = peers
+                .iter()
+                .filter(|l| Some(l.subnet) != own && parse_peer(l).is_ok())
+                .map(|l| (l.subnet, sender_addresses(l)));
+            guard.replace_all(senders).await.map_err(Error::from)?;
+        }
+        let desired = self.desired(peers).await?;
+        let converged = self.converge(&desired).await?;
+        self.programmed = Some(converged.done);
+        fixes.extend(converged.fixes);
+        converged.failed.map_or(Ok(fixes), Err)
+    }
+
+    /// The device itself: still there under the same index and compatible (then only its
+    /// MTU and MAC are checked), or re-created / re-adopted.
+    async fn check_device(&mut self) -> Result<Fixes, Error> {
+        let old = self.ifindex;
+        let found = self.nl.link_by_name(&self.name).await?;
+        if let Some(link) = &found
+            && link.header.index == old
+            && self.incompatibility(link).is_none()
+        {
+            return self.adopt(link).await;
+        }
+        let what = if found.is_some() {
+            "replaced by another device"
+        } else {
+            "missing"
+        };
+        let mut fixes = self.ensure_device().await?;
+        fixes.insert(
+            0,
+            (
+                RepairKind::Device,
+                format!(
+                    "{} was {what}; now #{} (was #{old}) with the advertised MAC {}",
+                    self.name,
+                    self.ifindex,
+                    MacAddr(self.mac)
+                ),
+            ),
+        );
+        Ok(fixes)
+    }
 }
 
 impl Backend for KernelVxlan {
@@ -939,32 +1081,20 @@ impl Backend for KernelVxlan {
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<()> {
-        if self
-            .nl
-            .link_by_index(self.ifindex)
-            .await
-            .map_err(Error::from)?
-            .is_none()
-        {
-            warn!(device = %self.name, "VXLAN device is gone; recreating it with the advertised MAC");
-            self.ensure_device().await?;
+        let fixes = self.check(peers).await?;
+        debug!(
+            peers = peers.len(),
+            written = fixes.len(),
+            "VXLAN state reconciled"
+        );
+        Ok(())
+    }
+
+    async fn resync(&mut self, peers: &[Lease]) -> Result<()> {
+        for (kind, detail) in self.check(peers).await? {
+            repair::record(kind, detail);
         }
-        if let Some(own) = self.own {
-            self.ensure_registered(own).await?;
-        }
-        if let Some(guard) = &mut self.guard {
-            let own = self.own;
-            let senders = peers
-                .iter()
-                .filter(|l| Some(l.subnet) != own && parse_peer(l).is_ok())
-                .map(|l| (l.subnet, sender_addresses(l)));
-            guard.replace_all(senders).await.map_err(Error::from)?;
-        }
-        let desired = self.desired(peers).await?;
-        let (done, failed) = self.converge(&desired).await?;
-        self.programmed = Some(done);
-        debug!(peers = desired.len(), "VXLAN state reconciled");
-        failed.map_or(Ok(()), |e| Err(e.into()))
+        Ok(())
     }
 
     fn mtu(&self) -> u32 {

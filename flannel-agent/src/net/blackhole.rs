@@ -1,21 +1,16 @@
 //! `--ip-blackhole-route`: keep a blackhole route for this host's own subnet, so traffic to
 //! unassigned pod addresses is dropped here instead of following the default route out of
 //! the host. Meant for setups without the bridge plugin (Canal), where nothing else routes
-//! the subnet. As upstream: first check after one period, then every period.
+//! the subnet. The agent adds it at start and puts it back on every resync (a netlink
+//! event about one of its routes, or the periodic check).
 //!
 //! The route is only ever added, never replaced: if another route already has the same key
 //! (the `cni0` connected route of a bridge setup), it wins and the blackhole is not needed.
 //! It carries [`RTPROT_FLANNEL`] like every route this agent creates.
-//!
-//! Agent usage: `tokio::spawn(net::blackhole::run(lease.subnet,
-//! Duration::from_secs(cli.iptables_resync), cancel.child_token()))`.
-
-use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
 use netlink_packet_route::route::RouteType;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::net::netlink::{self, Netlink, RTPROT_FLANNEL};
 
@@ -42,27 +37,5 @@ pub async fn ensure(nl: &Netlink, subnet: Ipv4Network) -> Result<bool, netlink::
             Ok(false)
         }
         Err(e) => Err(e),
-    }
-}
-
-/// Ensure the blackhole route every `period` until `cancel` fires (first check after one
-/// period, as upstream). Errors are logged and retried next period.
-pub async fn run(subnet: Ipv4Network, period: Duration, cancel: CancellationToken) {
-    let nl = match Netlink::connect() {
-        Ok(nl) => nl,
-        Err(error) => {
-            warn!(%error, "blackhole route: no netlink; giving up");
-            return;
-        }
-    };
-    let period = period.max(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(period) => {}
-        }
-        if let Err(error) = ensure(&nl, subnet).await {
-            warn!(%subnet, %error, "ensuring the blackhole route failed");
-        }
     }
 }

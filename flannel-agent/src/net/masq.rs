@@ -14,8 +14,8 @@
 //! };
 //! // Once, before subnet.env (logs and returns the error; upstream exits on it):
 //! net::masq::install(&masq, cli.ip_masq, cli.iptables_forward_rules).await?;
-//! // Then, in the background (iptables mode re-checks every --iptables-resync seconds and
-//! // rewrites a chain only when it differs; in nftables mode it returns at once):
+//! // Then, in the background (re-checks every --iptables-resync seconds and rewrites
+//! // only what differs, in both modes):
 //! tokio::spawn(net::masq::resync_loop(masq, cli.ip_masq, cli.iptables_forward_rules,
 //!     Duration::from_secs(cli.iptables_resync), cancel.child_token()));
 //! ```
@@ -44,6 +44,8 @@ use ipnetwork::Ipv4Network;
 use tokio::{io::AsyncWriteExt, process::Command};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+use crate::repair::{self, RepairKind};
 
 /// Comment on every masquerade rule (iptables mode).
 pub const MASQ_COMMENT: &str = "flanneld masq";
@@ -147,10 +149,14 @@ pub async fn install(cfg: &MasqConfig, ip_masq: bool, forward: bool) -> Result<(
     Ok(())
 }
 
-/// Keep the iptables rules in place until `cancel` fires: every `period`, rewrite a chain
-/// whose rules (or jump) differ from what [`install`] wrote — a firewall reload or an
-/// `iptables -F` is repaired within one period. nftables mode returns at once (our own
-/// table, which other tools do not flush; upstream does not resync it either).
+/// Keep the rules in place until `cancel` fires: every `period`, compare them with what
+/// [`install`] wrote and reinstall what differs — a firewall reload, an `iptables -F`, an
+/// `nft flush ruleset` is repaired within one period.
+///
+/// iptables mode compares each chain (and its jump) with the script's rules. nftables
+/// mode compares the table's listing with the one the kernel printed right after
+/// [`install`] (so nft's own formatting never reads as a difference); upstream does not
+/// resync its nftables table at all, but `nft flush ruleset` is a common firewall reload.
 pub async fn resync_loop(
     cfg: MasqConfig,
     ip_masq: bool,
@@ -158,13 +164,22 @@ pub async fn resync_loop(
     period: Duration,
     cancel: CancellationToken,
 ) {
-    if cfg.nftables || period.is_zero() {
+    if period.is_zero() {
         return;
     }
+    let mut golden = if cfg.nftables {
+        nft_list_table().await.ok()
+    } else {
+        None
+    };
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(period) => {}
+        }
+        if cfg.nftables {
+            resync_nft(&cfg, ip_masq, forward, &mut golden).await;
+            continue;
         }
         if ip_masq {
             resync_one(&cfg, "nat", iptables_masq_script(&cfg, true), "masquerade").await;
@@ -192,18 +207,44 @@ async fn resync_one(cfg: &MasqConfig, table: &str, want: String, what: &str) {
     if rules_in_place(&want, &listing) {
         return;
     }
-    warn!(
-        rules = what,
-        "iptables rules missing or changed; reinstalling"
-    );
     let r = if what == "masquerade" {
         ensure_masq(cfg).await
     } else {
         ensure_forward(cfg).await
     };
-    if let Err(error) = r {
-        warn!(%error, rules = what, "reinstalling iptables rules failed");
+    match r {
+        Ok(()) => repair::record(
+            RepairKind::Rules,
+            format!("iptables {what} rules ({table} table) were missing or changed; reinstalled"),
+        ),
+        Err(error) => warn!(%error, rules = what, "reinstalling iptables rules failed"),
     }
+}
+
+/// nftables mode: reinstall when our table's listing is not the one after the last install.
+async fn resync_nft(cfg: &MasqConfig, ip_masq: bool, forward: bool, golden: &mut Option<String>) {
+    let now = nft_list_table().await;
+    if let (Some(g), Ok(l)) = (golden.as_ref(), now.as_ref())
+        && g == l
+    {
+        return;
+    }
+    let why = if now.is_err() { "missing" } else { "changed" };
+    match install(cfg, ip_masq, forward).await {
+        Ok(()) => {
+            *golden = nft_list_table().await.ok();
+            repair::record(
+                RepairKind::Rules,
+                format!("nftables table ip {NFT_TABLE} was {why}; reinstalled"),
+            );
+        }
+        Err(error) => warn!(%error, "reinstalling the nftables rules failed"),
+    }
+}
+
+/// `nft list table ip flannel-ipv4` (an error when the table does not exist).
+async fn nft_list_table() -> Result<String> {
+    run_tool("nft", &["list", "table", "ip", NFT_TABLE], None).await
 }
 
 /// Whether every `-A` line of `script` appears in `listing` (`iptables -S`), the chain's own

@@ -2,5 +2,6 @@
 pub mod blackhole;
 pub mod iface;
 pub mod masq;
+pub mod monitor;
 pub mod netlink;
 pub mod vxlan_guard;

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuArray},
+    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapInfo, PerCpuArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -37,6 +37,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
 use super::{probe::FallbackReason, tables::TableState};
+use crate::repair::RepairKind;
 
 /// The compiled programs, embedded at build time by `build.rs` (aya-build).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flannel"));
@@ -174,6 +175,25 @@ struct Attachment<'a> {
     direction: TcAttachType,
 }
 
+/// Where the two programs go: encap on the VXLAN device's egress, decap on the uplink's
+/// ingress.
+fn attachments<'a>(vxlan_dev: &'a str, uplink: &'a str) -> [Attachment<'a>; 2] {
+    [
+        Attachment {
+            program: names::PROG_ENCAP,
+            link: "encap",
+            interface: vxlan_dev,
+            direction: TcAttachType::Egress,
+        },
+        Attachment {
+            program: names::PROG_DECAP,
+            link: "decap",
+            interface: uplink,
+            direction: TcAttachType::Ingress,
+        },
+    ]
+}
+
 /// Load the programs, reuse or create the pinned maps, and attach (or atomically replace)
 /// the encap program on `vxlan_dev` egress and the decap program on `uplink` ingress. The
 /// peer-keyed maps keep the size they are pinned with (or the compiled default).
@@ -262,20 +282,7 @@ pub fn load_sized(
         warn!(error = %e, "copying the resized maps' contents failed; the reconcile refills them");
     }
 
-    for a in [
-        Attachment {
-            program: names::PROG_ENCAP,
-            link: "encap",
-            interface: vxlan_dev,
-            direction: TcAttachType::Egress,
-        },
-        Attachment {
-            program: names::PROG_DECAP,
-            link: "decap",
-            interface: uplink,
-            direction: TcAttachType::Ingress,
-        },
-    ] {
+    for a in attachments(vxlan_dev, uplink) {
         attach(&mut ebpf, layout, &a)?;
     }
     // An upgrade across a layout change leaves the previous version's links attached, with
@@ -400,6 +407,111 @@ fn carry_over(
     Ok(())
 }
 
+impl Datapath {
+    /// Every map handle with its pinned name.
+    fn map_handles(&self) -> [(&'static str, &MapData); 7] {
+        [
+            (names::MAP_ROUTES, self.routes.map()),
+            (names::MAP_PEERS, self.peers.map()),
+            (names::MAP_ENDPOINTS, self.endpoints.map()),
+            (names::MAP_CONFIG, self.config.map()),
+            (names::MAP_PEER_STATS, self.peer_stats.map()),
+            (names::MAP_DROPS, self.drops.map()),
+            (names::MAP_PASSES, self.passes.map()),
+        ]
+    }
+
+    /// Put back what someone removed from bpffs or the hooks while the agent runs: a map
+    /// pin that is gone (or now names another map) is pinned again from the map the
+    /// programs use, so `bpftool` and the next agent see the live one; a program no longer
+    /// attached to its hook (link pin removed, link detached, device re-created) gets a new
+    /// pinned tcx link. Returns what was fixed. Nothing to do for an inspection-only handle.
+    pub fn repair_pins(
+        &mut self,
+        layout: &PinLayout,
+        vxlan_dev: &str,
+        uplink: &str,
+    ) -> Result<Vec<(RepairKind, String)>, FallbackReason> {
+        let mut fixes = self.repin_maps(layout)?;
+        let Some(ebpf) = self._ebpf.as_mut() else {
+            return Ok(fixes);
+        };
+        for a in attachments(vxlan_dev, uplink) {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(a.program)
+                .ok_or_else(|| FallbackReason::Load(format!("program {} missing", a.program)))?
+                .try_into()
+                .map_err(|e| FallbackReason::Load(format!("program {}: {e}", a.program)))?;
+            let id = prog
+                .info()
+                .map_err(|e| FallbackReason::Load(format!("program {}: {e}", a.program)))?
+                .id();
+            let attached = SchedClassifier::query_tcx(a.interface, a.direction)
+                .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == id));
+            let pin = layout.link(a.link);
+            let pinned = pin.exists();
+            if attached && pinned {
+                continue;
+            }
+            // A pin left behind by a detached link can't be reused: replace it.
+            if pinned {
+                std::fs::remove_file(&pin).map_err(|e| FallbackReason::Pin {
+                    path: pin.display().to_string(),
+                    error: e.to_string(),
+                })?;
+            }
+            link_up(prog, layout, &a)?;
+            let why = match (attached, pinned) {
+                (false, true) => "detached",
+                (true, false) => "link pin removed",
+                _ => "detached and unpinned",
+            };
+            fixes.push((
+                RepairKind::TcxLink,
+                format!(
+                    "{} on {} {:?} ({why}); re-attached and pinned at {}",
+                    a.program,
+                    a.interface,
+                    a.direction,
+                    pin.display()
+                ),
+            ));
+        }
+        Ok(fixes)
+    }
+
+    fn repin_maps(&self, layout: &PinLayout) -> Result<Vec<(RepairKind, String)>, FallbackReason> {
+        let mut fixes = Vec::new();
+        for (name, map) in self.map_handles() {
+            let path = layout.map(name);
+            let pin_err = |error: String| FallbackReason::Pin {
+                path: path.display().to_string(),
+                error,
+            };
+            let ours = map.info().map_err(|e| pin_err(e.to_string()))?.id();
+            let why = match MapInfo::from_pin(&path) {
+                Ok(info) if info.id() == ours => continue,
+                Ok(info) => {
+                    std::fs::remove_file(&path).map_err(|e| pin_err(e.to_string()))?;
+                    format!("pin named map #{} instead of #{ours}", info.id())
+                }
+                Err(_) => {
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir).map_err(|e| pin_err(e.to_string()))?;
+                    }
+                    "pin removed".to_owned()
+                }
+            };
+            map.pin(&path).map_err(|e| pin_err(e.to_string()))?;
+            fixes.push((
+                RepairKind::PinnedMap,
+                format!("map {name} ({why}); pinned again at {}", path.display()),
+            ));
+        }
+        Ok(fixes)
+    }
+}
+
 /// Refuse pinned maps whose shape differs from what this build expects, instead of letting
 /// the programs read garbage. Within one layout version this only happens after a bug.
 /// Returns the pinned maps with their sizes (entries), which may legitimately differ.
@@ -446,11 +558,6 @@ fn check_pinned_maps(layout: &PinLayout) -> Result<Vec<(&'static str, u32)>, Fal
 /// Attach one program: replace the program inside the pinned link if there is a live one,
 /// otherwise create a tcx link and pin it.
 fn attach(ebpf: &mut Ebpf, layout: &PinLayout, a: &Attachment<'_>) -> Result<(), FallbackReason> {
-    let attach_err = |error: String| FallbackReason::Attach {
-        program: a.program,
-        interface: a.interface.to_owned(),
-        error,
-    };
     let prog: &mut SchedClassifier = ebpf
         .program_mut(a.program)
         .ok_or_else(|| FallbackReason::Load(format!("program {} missing", a.program)))?
@@ -458,7 +565,21 @@ fn attach(ebpf: &mut Ebpf, layout: &PinLayout, a: &Attachment<'_>) -> Result<(),
         .map_err(|e| FallbackReason::Load(format!("program {}: {e}", a.program)))?;
     prog.load()
         .map_err(|e| FallbackReason::Load(format!("program {}: {e:#}", a.program)))?;
+    link_up(prog, layout, a)
+}
 
+/// Put a loaded program on its hook: inside the pinned link if there is a live one,
+/// otherwise through a new tcx link, pinned.
+fn link_up(
+    prog: &mut SchedClassifier,
+    layout: &PinLayout,
+    a: &Attachment<'_>,
+) -> Result<(), FallbackReason> {
+    let attach_err = |error: String| FallbackReason::Attach {
+        program: a.program,
+        interface: a.interface.to_owned(),
+        error,
+    };
     let pin = layout.link(a.link);
     if pin.exists() {
         match replace_in_pinned_link(prog, &pin) {

@@ -25,16 +25,20 @@ use flannel_common::{
     maps::{CONFIG_F_ANY_PEER, CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS, CONFIG_F_GBP},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use loader::{Datapath, OBJECT, PinLayout, load, load_sized, open_pinned};
 pub use probe::FallbackReason;
 pub use tables::{Counters, PeerEntry, Placement};
 
 use crate::{
-    backend::{Backend, Error, ExternalInterface, Result, vxlan::KernelVxlan},
+    backend::{
+        Backend, Error, ExternalInterface, Result,
+        vxlan::{Fixes, KernelVxlan},
+    },
     lease::{Lease, LeaseAttrs},
     netconf::VxlanConfig,
+    repair::{self, RepairKind},
 };
 
 /// How the eBPF datapath is set up (from `--bpf-pin-path`, `--ebpf-fast-path`,
@@ -77,6 +81,8 @@ pub struct EbpfVxlan {
     fast_path: bool,
     peer_check: bool,
     cancel: CancellationToken,
+    /// Whether `register` has run: from then on CONFIG must hold [`Self::datapath_config`].
+    registered: bool,
 }
 
 impl EbpfVxlan {
@@ -122,7 +128,13 @@ impl EbpfVxlan {
             fast_path: options.fast_path,
             peer_check: options.peer_check,
             cancel,
+            registered: false,
         })
+    }
+
+    /// The VXLAN device the programs ride on.
+    pub fn device_name(&self) -> &str {
+        self.kernel.device_name()
     }
 
     fn datapath_config(&self) -> DatapathConfig {
@@ -157,6 +169,55 @@ impl EbpfVxlan {
 
     fn map_err(what: &str, e: aya::maps::MapError) -> Error {
         Error::Other(format!("eBPF maps: {what}: {e}"))
+    }
+
+    /// Compare everything this backend owns with the kernel and put back what differs, in
+    /// dependency order: the kernel device and its entries (the programs ride on the
+    /// device), then map pins and tcx links (a re-created device lost its encap link),
+    /// then CONFIG (a re-created device has a new ifindex), then the peer maps. Returns
+    /// what had to be written, peer-map entries aside.
+    async fn check(&mut self, peers: &[Lease]) -> Result<Fixes> {
+        let mut fixes = self.kernel.check(peers).await?;
+        let (device, uplink) = (self.kernel.device_name(), &self.kernel.ext().name);
+        fixes.extend(
+            self.datapath
+                .repair_pins(&self.layout, device, uplink)
+                .map_err(|e| Error::Other(format!("eBPF datapath: {e}")))?,
+        );
+        if self.registered {
+            fixes.extend(self.check_config()?);
+        }
+        let desired: Vec<PeerEntry> = peers.iter().filter_map(peer_entry).collect();
+        // Reading and rewriting maps of many thousand entries is a burst of syscalls:
+        // keep it off the reactor thread.
+        let datapath = &mut self.datapath;
+        blocking(|| datapath.reconcile(&desired)).map_err(|e| Self::map_err("reconcile", e))?;
+        Ok(fixes)
+    }
+
+    /// CONFIG must describe the current devices: it names `flannel.<VNI>` by ifindex,
+    /// which changes whenever the device is re-created.
+    fn check_config(&mut self) -> Result<Fixes> {
+        let want = self.datapath_config();
+        let have = self.datapath.config.get(&0, 0).ok();
+        if have == Some(want) {
+            return Ok(Fixes::new());
+        }
+        self.datapath
+            .set_config(&want)
+            .map_err(|e| Self::map_err("CONFIG", e))?;
+        let detail = match have {
+            Some(h) if h.vxlan_ifindex != want.vxlan_ifindex => format!(
+                "CONFIG vxlan_ifindex {} -> {}",
+                h.vxlan_ifindex, want.vxlan_ifindex
+            ),
+            Some(h) if h.uplink_ifindex != want.uplink_ifindex => format!(
+                "CONFIG uplink_ifindex {} -> {}",
+                h.uplink_ifindex, want.uplink_ifindex
+            ),
+            _ => "CONFIG rewritten".to_owned(),
+        };
+        Ok(vec![(RepairKind::DatapathConfig, detail)])
     }
 }
 
@@ -209,6 +270,7 @@ impl Backend for EbpfVxlan {
         self.datapath
             .set_config(&cfg)
             .map_err(|e| Self::map_err("CONFIG", e))?;
+        self.registered = true;
         info!(vni = cfg.vni, port = cfg.port, local = %Ipv4Addr::from(cfg.local_ip), fast_path = self.fast_path, peer_check = self.peer_check, "eBPF datapath enabled");
         if !self.peer_check {
             warn!(
@@ -256,12 +318,20 @@ impl Backend for EbpfVxlan {
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<()> {
-        self.kernel.reconcile(peers).await?;
-        let desired: Vec<PeerEntry> = peers.iter().filter_map(peer_entry).collect();
-        // Reading and rewriting maps of many thousand entries is a burst of syscalls:
-        // keep it off the reactor thread.
-        let datapath = &mut self.datapath;
-        blocking(|| datapath.reconcile(&desired)).map_err(|e| Self::map_err("reconcile", e))
+        let fixes = self.check(peers).await?;
+        debug!(
+            peers = peers.len(),
+            written = fixes.len(),
+            "eBPF VXLAN state reconciled"
+        );
+        Ok(())
+    }
+
+    async fn resync(&mut self, peers: &[Lease]) -> Result<()> {
+        for (kind, detail) in self.check(peers).await? {
+            repair::record(kind, detail);
+        }
+        Ok(())
     }
 
     fn mtu(&self) -> u32 {

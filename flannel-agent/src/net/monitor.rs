@@ -1,0 +1,275 @@
+//! The netlink monitor: notices when something this agent owns is deleted or changed under
+//! it, so the main loop can resync at once instead of at the next periodic check.
+//!
+//! Subscribes (rtnetlink multicast, like `ip monitor`) to links, IPv4 addresses, IPv4
+//! routes and neighbours (the FDB included: bridge-family neighbour messages). It does not
+//! decide what to fix — the backends' resync compares the kernel with what they want — it
+//! only says "look now", and why. The filter is deliberately coarse and cheap:
+//!
+//! - the VXLAN device (by name, so a re-created device is still ours): deleted, or any
+//!   change of its flags, MTU or MAC (`RTM_NEWLINK`);
+//! - addresses, neighbours and FDB entries deleted from the device;
+//! - any deleted route carrying this agent's protocol ([`RTPROT_FLANNEL`]): per-peer VXLAN
+//!   and direct routes, host-gw routes, the blackhole route;
+//! - address changes on the uplink ([`Trigger::UplinkAddress`]): the published public IP
+//!   may have to follow.
+//!
+//! Changes that replace one of our entries with a different one (not a deletion) are left
+//! to the periodic resync: reacting to every `RTM_NEWROUTE` would also react to each of the
+//! agent's own writes. A lost burst of events (socket overrun) costs at most one period too.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU32, Ordering},
+};
+
+use futures::StreamExt;
+use netlink_packet_route::{
+    RouteNetlinkMessage, address::AddressMessage, link::LinkMessage, neighbour::NeighbourMessage,
+    route::RouteMessage,
+};
+use rtnetlink::{MulticastGroup, packet_core::NetlinkPayload};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::net::netlink::{RTPROT_FLANNEL, link_name, route_oif};
+
+/// Why the monitor asks for a resync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// Something the backend owns was deleted or changed; the text says what the kernel
+    /// reported (for the log).
+    Kernel(String),
+    /// An address was added to or removed from the uplink.
+    UplinkAddress,
+}
+
+/// What the monitor watches.
+#[derive(Clone, Debug)]
+pub struct Watched {
+    /// The VXLAN device's name (`flannel.<VNI>`), if the backend has one.
+    pub device: Option<String>,
+    /// The uplink's interface index.
+    pub uplink: u32,
+}
+
+/// Watches until `cancel` fires, sending triggers on `tx` (dropped when the channel is
+/// full: one pending trigger already causes the resync). When the subscription fails or
+/// ends, it is re-opened after a second and a resync is asked for, since events may have
+/// been missed meanwhile.
+pub async fn run(watched: Watched, tx: mpsc::Sender<Trigger>, cancel: CancellationToken) {
+    let filter = Filter {
+        device: watched.device,
+        device_index: Arc::new(AtomicU32::new(0)),
+        uplink: watched.uplink,
+    };
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = filter.watch(&tx) => {}
+        }
+        let _ = tx.try_send(Trigger::Kernel("netlink monitor restarted".into()));
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+struct Filter {
+    device: Option<String>,
+    /// The device's current index, learnt from its link messages (it changes when the
+    /// device is re-created); 0 until the first one.
+    device_index: Arc<AtomicU32>,
+    uplink: u32,
+}
+
+impl Filter {
+    /// One subscription, until it fails or ends.
+    async fn watch(&self, tx: &mpsc::Sender<Trigger>) {
+        let groups = [
+            MulticastGroup::Link,
+            MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv4Route,
+            MulticastGroup::Neigh,
+        ];
+        let (conn, handle, mut messages) = match rtnetlink::new_multicast_connection(&groups) {
+            Ok(c) => c,
+            Err(error) => {
+                warn!(%error, "netlink monitor: cannot subscribe; relying on the periodic resync");
+                return;
+            }
+        };
+        let conn = tokio::spawn(conn);
+        drop(handle);
+        self.learn_device_index().await;
+        while let Some((msg, _)) = messages.next().await {
+            let NetlinkPayload::InnerMessage(msg) = msg.payload else {
+                continue;
+            };
+            if let Some(trigger) = self.classify(&msg) {
+                debug!(?trigger, "netlink event on owned state");
+                let _ = tx.try_send(trigger);
+            }
+        }
+        conn.abort();
+    }
+
+    /// Seed the device index (events about the device's neighbours carry only the index).
+    async fn learn_device_index(&self) {
+        let Some(name) = &self.device else { return };
+        let Ok(nl) = crate::net::netlink::Netlink::connect() else {
+            return;
+        };
+        if let Ok(Some(link)) = nl.link_by_name(name).await {
+            self.device_index
+                .store(link.header.index, Ordering::Relaxed);
+        }
+    }
+
+    fn is_device(&self, link: &LinkMessage) -> bool {
+        self.device
+            .as_deref()
+            .is_some_and(|d| link_name(link) == Some(d))
+    }
+
+    fn on_device(&self, index: u32) -> bool {
+        let dev = self.device_index.load(Ordering::Relaxed);
+        dev != 0 && index == dev
+    }
+
+    /// The trigger for one kernel notification, if it concerns what we own.
+    fn classify(&self, msg: &RouteNetlinkMessage) -> Option<Trigger> {
+        let kernel = |s: String| Some(Trigger::Kernel(s));
+        match msg {
+            RouteNetlinkMessage::NewLink(l) if self.is_device(l) => {
+                self.device_index.store(l.header.index, Ordering::Relaxed);
+                kernel(format!("link {} changed", self.device.as_deref()?))
+            }
+            RouteNetlinkMessage::DelLink(l) if self.is_device(l) => {
+                kernel(format!("link {} deleted", self.device.as_deref()?))
+            }
+            RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a)
+                if a.header.index == self.uplink =>
+            {
+                Some(Trigger::UplinkAddress)
+            }
+            RouteNetlinkMessage::DelAddress(a) if self.on_device(a.header.index) => {
+                kernel(describe_addr(a))
+            }
+            RouteNetlinkMessage::DelRoute(r) if is_ours(r) || self.on_device_route(r) => {
+                kernel(format!(
+                    "route {} deleted",
+                    crate::net::netlink::route_dst_v4(r)
+                        .map_or_else(|| "?".into(), |d| d.to_string())
+                ))
+            }
+            RouteNetlinkMessage::DelNeighbour(n) if self.on_device(n.header.ifindex) => {
+                kernel(describe_neigh(n))
+            }
+            _ => None,
+        }
+    }
+
+    fn on_device_route(&self, r: &RouteMessage) -> bool {
+        route_oif(r).is_some_and(|i| self.on_device(i))
+    }
+}
+
+fn is_ours(r: &RouteMessage) -> bool {
+    u8::from(r.header.protocol) == RTPROT_FLANNEL
+}
+
+fn describe_addr(a: &AddressMessage) -> String {
+    format!("address deleted from interface #{}", a.header.index)
+}
+
+fn describe_neigh(n: &NeighbourMessage) -> String {
+    let what = if n.header.family == netlink_packet_route::AddressFamily::Bridge {
+        "FDB entry"
+    } else {
+        "neighbour"
+    };
+    let dst = crate::net::netlink::neigh_dst(n).map_or_else(|| "?".into(), |d| d.to_string());
+    format!("{what} {dst} deleted from interface #{}", n.header.ifindex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_route::{
+        link::LinkAttribute,
+        route::{RouteProtocol, RouteType},
+    };
+
+    fn filter() -> Filter {
+        Filter {
+            device: Some("flannel.1".into()),
+            device_index: Arc::new(AtomicU32::new(7)),
+            uplink: 2,
+        }
+    }
+
+    fn link(name: &str, index: u32) -> LinkMessage {
+        let mut l = LinkMessage::default();
+        l.header.index = index;
+        l.attributes.push(LinkAttribute::IfName(name.into()));
+        l
+    }
+
+    #[test]
+    fn device_events_trigger_and_track_the_new_index() {
+        let f = filter();
+        assert!(
+            f.classify(&RouteNetlinkMessage::DelLink(link("flannel.1", 7)))
+                .is_some()
+        );
+        assert!(
+            f.classify(&RouteNetlinkMessage::DelLink(link("veth3", 9)))
+                .is_none()
+        );
+        assert!(
+            f.classify(&RouteNetlinkMessage::NewLink(link("flannel.1", 12)))
+                .is_some()
+        );
+        let mut n = NeighbourMessage::default();
+        n.header.ifindex = 12;
+        assert!(
+            f.classify(&RouteNetlinkMessage::DelNeighbour(n.clone()))
+                .is_some()
+        );
+        n.header.ifindex = 7;
+        assert!(f.classify(&RouteNetlinkMessage::DelNeighbour(n)).is_none());
+    }
+
+    #[test]
+    fn only_our_deleted_routes_trigger() {
+        let f = filter();
+        let mut r = RouteMessage::default();
+        r.header.protocol = RouteProtocol::Boot;
+        r.header.kind = RouteType::Unicast;
+        assert!(
+            f.classify(&RouteNetlinkMessage::DelRoute(r.clone()))
+                .is_none()
+        );
+        r.header.protocol = RouteProtocol::from(RTPROT_FLANNEL);
+        assert!(
+            f.classify(&RouteNetlinkMessage::DelRoute(r.clone()))
+                .is_some()
+        );
+        // Our own writes (new routes) do not.
+        assert!(f.classify(&RouteNetlinkMessage::NewRoute(r)).is_none());
+    }
+
+    #[test]
+    fn uplink_addresses_are_their_own_trigger() {
+        let f = filter();
+        let mut a = AddressMessage::default();
+        a.header.index = 2;
+        assert_eq!(
+            f.classify(&RouteNetlinkMessage::NewAddress(a)),
+            Some(Trigger::UplinkAddress)
+        );
+    }
+}
