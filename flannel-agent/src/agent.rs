@@ -507,6 +507,9 @@ async fn watch_peers<M: SubnetManager>(
     let mut periodic = tokio::time::interval_at(start + RESYNC_PERIOD, RESYNC_PERIOD);
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resync_at: Option<tokio::time::Instant> = None;
+    // Set while our own lease is known to be wrong in the store and restoring it failed:
+    // retried with every resync.
+    let mut restore_pending = false;
     let schedule = |at: &mut Option<tokio::time::Instant>, delay: Duration| {
         let when = tokio::time::Instant::now() + delay;
         *at = Some(at.map_or(when, |t| t.min(when)));
@@ -535,19 +538,85 @@ async fn watch_peers<M: SubnetManager>(
             }
             () = sleep_until_opt(resync_at) => {
                 resync_at = None;
+                if restore_pending {
+                    restore_pending = !restore_own_lease(mgr, own).await;
+                }
                 if let Err(error) = resync(backend, &peers, blackhole.as_ref(), stats).await {
                     warn!(%error, retry_in = ?REPAIR_DELAY, "resync failed");
+                    schedule(&mut resync_at, REPAIR_DELAY);
+                }
+                if restore_pending {
                     schedule(&mut resync_at, REPAIR_DELAY);
                 }
                 continue;
             }
         };
+        if let Some(what) = own_lease_tampering(&event, own) {
+            error!(subnet = %own.subnet, public_ip = %own.attrs.public_ip,
+                   "own lease was {what}; every host would route this subnet elsewhere; restoring it");
+            restore_pending = !restore_own_lease(mgr, own).await;
+            if restore_pending {
+                schedule(&mut resync_at, REPAIR_DELAY);
+            }
+        }
         let failed = apply_event(&mut peers, backend, event, stats).await;
         stats.set_peers(peers.len());
         if failed {
             schedule(&mut resync_at, REPAIR_DELAY);
         }
         debug!(peers = peers.len(), "peer set updated");
+    }
+}
+
+/// How `event` shows this host's own lease changed by someone else, if it does: deleted
+/// (or expired), missing from a snapshot, or overwritten with other attributes (another
+/// `PublicIP` or `VtepMAC`: a hijack, or another host misconfigured onto our subnet).
+fn own_lease_tampering(event: &LeaseEvent, own: &Lease) -> Option<String> {
+    let overwritten = |l: &Lease| {
+        (l.attrs != own.attrs).then(|| {
+            format!(
+                "overwritten with PublicIP {} ({})",
+                l.attrs.public_ip,
+                truncated(&l.attrs.to_json(), 160)
+            )
+        })
+    };
+    match event {
+        LeaseEvent::Added(l) if l.subnet == own.subnet => overwritten(l),
+        LeaseEvent::Removed(l) if l.subnet == own.subnet => Some("deleted".into()),
+        LeaseEvent::Snapshot(all) => match all.iter().find(|l| l.subnet == own.subnet) {
+            Some(l) => overwritten(l),
+            None => Some("missing from the store".into()),
+        },
+        _ => None,
+    }
+}
+
+/// At most `max` characters of `s`, marked when cut (other hosts' data goes into our log).
+fn truncated(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}… ({} bytes)", &s[..i], s.len()),
+        None => s.to_owned(),
+    }
+}
+
+/// Put our lease back in the store; whether it worked (a failure is retried on resync).
+async fn restore_own_lease<M: SubnetManager>(mgr: &M, own: &Lease) -> bool {
+    match mgr.restore_lease(own).await {
+        Ok(()) => {
+            repair::record(
+                RepairKind::Lease,
+                format!(
+                    "own lease {} restored (PublicIP {})",
+                    own.subnet, own.attrs.public_ip
+                ),
+            );
+            true
+        }
+        Err(error) => {
+            error!(subnet = %own.subnet, %error, retry_in = ?REPAIR_DELAY, "restoring own lease failed");
+            false
+        }
     }
 }
 

@@ -129,7 +129,7 @@ fn agents_publish_upstream_leases_write_subnet_env_and_renew() {
 }
 
 #[test]
-fn sigterm_keeps_state_restart_reuses_subnet_and_lease_loss_stops_the_agent() {
+fn sigterm_keeps_state_restart_reuses_subnet_and_a_deleted_lease_is_restored() {
     if !require_root() {
         return;
     }
@@ -174,26 +174,31 @@ fn sigterm_keeps_state_restart_reuses_subnet_and_lease_loss_stops_the_agent() {
     });
     assert!(deadline_ok, "subnet not re-acquired\n{}", c.logs());
 
-    // Lease loss while running: the agent notices, exits, and its peer forgets it.
+    // Lease deleted while running: the agent notices, puts it back (no restart), and its
+    // peer keeps routing the subnet to it.
     assert!(wait_until(Duration::from_secs(10), || has_route(
         &c.nodes[0],
         peer
     )));
-    assert_eq!(c.etcd_delete(&Cluster::lease_key(peer)), 1);
-    let node1 = &mut c.nodes[1];
+    let key = Cluster::lease_key(peer);
+    let published = c.etcd_get(&key).expect("lease");
+    assert_eq!(c.etcd_delete(&key), 1);
     assert!(
-        wait_until(Duration::from_secs(15), || !running(node1)),
-        "agent kept running without its lease\n{}",
-        node1.log()
+        wait_until(Duration::from_secs(15), || c.etcd_get(&key).as_deref()
+            == Some(published.as_str())),
+        "lease not restored\n{}",
+        c.logs()
     );
-    let log = c.nodes[1].log();
+    let node1 = &mut c.nodes[1];
+    assert!(running(node1), "agent stopped\n{}", node1.log());
+    let log = node1.log();
     assert!(
-        log.contains("lease lost") && log.contains("Exiting cleanly"),
+        log.contains("own lease was deleted") && log.contains("repaired lease"),
         "{log}"
     );
     assert!(
-        wait_until(Duration::from_secs(10), || !has_route(&c.nodes[0], peer)),
-        "route to the departed host stays\n{}",
+        wait_until(Duration::from_secs(10), || has_route(&c.nodes[0], peer)),
+        "route to the restored host lost\n{}",
         c.logs()
     );
 }
@@ -260,20 +265,29 @@ fn etcd_outage_keeps_datapath_and_watch_resumes() {
     );
     assert!(has_route(&c.nodes[0], b) && has_route(&c.nodes[1], a));
 
-    // etcd back: the lease watch reconnects (resync), so a change made now is seen.
+    // etcd back: the lease watch reconnects (resync), so a change made now is seen: a new
+    // host's lease is routed, and a deleted own lease is put back by its host.
     c.etcd.restart().expect("restart etcd");
-    assert_eq!(c.etcd_delete(&Cluster::lease_key(b)), 1);
+    let newcomer: Ipv4Network = "10.244.250.0/24".parse().unwrap();
+    c.etcd_put(
+        &Cluster::lease_key(newcomer),
+        r#"{"PublicIP":"198.18.0.9","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:09"}}"#,
+    );
     assert!(
-        wait_until(Duration::from_secs(20), || !has_route(&c.nodes[0], b)),
+        wait_until(Duration::from_secs(20), || has_route(&c.nodes[0], newcomer)),
         "watch did not resume after the outage\n{}",
         c.logs()
     );
-    let node1 = &mut c.nodes[1];
+    let key = Cluster::lease_key(b);
+    let published = c.etcd_get(&key).expect("lease of b");
+    assert_eq!(c.etcd_delete(&key), 1);
     assert!(
-        wait_until(Duration::from_secs(20), || !running(node1)),
-        "agent kept running without its lease\n{}",
-        node1.log()
+        wait_until(Duration::from_secs(20), || c.etcd_get(&key).as_deref()
+            == Some(published.as_str())),
+        "own lease not restored after the outage\n{}",
+        c.logs()
     );
+    assert!(running(&mut c.nodes[1]), "{}", c.nodes[1].log());
     assert!(running(&mut c.nodes[0]), "{}", c.logs());
 }
 

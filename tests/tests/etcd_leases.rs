@@ -348,20 +348,34 @@ async fn lease_expires_unless_renewed_and_loss_is_detected() -> Result<()> {
         "lease deleted on shutdown"
     );
 
-    // Own-lease loss: deleting the key ends complete_lease with LeaseLost.
+    // Own-lease loss: deleting the key does not end complete_lease, and restore_lease
+    // puts the lease back exactly as acquired (with a TTL), deleted or overwritten.
     let long = EtcdSubnetManager::connect(options(&etcd, Duration::from_secs(60))).await?;
     let mine = long.acquire_lease(&attrs(host(3))).await?;
+    let mine_key = key_of(&mine.subnet.to_string());
+    let cancel = CancellationToken::new();
     let watcher = {
-        let (m, l) = (long.clone(), mine.clone());
-        tokio::spawn(async move { m.complete_lease(&l, CancellationToken::new()).await })
+        let (m, l, c) = (long.clone(), mine.clone(), cancel.clone());
+        tokio::spawn(async move { m.complete_lease(&l, c).await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    client
-        .delete(key_of(&mine.subnet.to_string()), None)
-        .await?;
-    let res = tokio::time::timeout(Duration::from_secs(10), watcher).await??;
-    let err = res.expect_err("complete_lease must fail when the key is deleted");
-    assert!(err.to_string().contains("revoked"), "{err}");
+    client.delete(mine_key.as_str(), None).await?;
+    long.restore_lease(&mine).await?;
+    let value = |kv: &etcd_client::KeyValue| String::from_utf8_lossy(kv.value()).into_owned();
+    let kv = client.get(mine_key.as_str(), None).await?.kvs()[0].clone();
+    assert_eq!(value(&kv), mine.attrs.to_json());
+    assert_ne!(kv.lease(), 0, "a restored lease expires like any other");
+    let hijack = attrs(host(9)).to_json();
+    client.put(mine_key.as_str(), hijack, None).await?;
+    long.restore_lease(&mine).await?;
+    let kv = client.get(mine_key.as_str(), None).await?.kvs()[0].clone();
+    assert_eq!(value(&kv), mine.attrs.to_json());
+    assert!(
+        !watcher.is_finished(),
+        "complete_lease ended on a deleted key"
+    );
+    cancel.cancel();
+    watcher.await??;
     Ok(())
 }
 

@@ -149,6 +149,10 @@ fn vxlan_and_ebpf_state_is_repaired_without_a_restart() {
         // The device as the agent set it up, the peer's entries, traffic (on A through the
         // programs).
         let healthy = || {
+            // Until it is re-created, the device is not there to inspect.
+            if ifindex(ns, "flannel.1").is_none() {
+                return false;
+            }
             let dev = &ip_json(ns, "link show flannel.1")[0];
             dev["mtu"].as_u64() == Some(1450)
                 && dev["flags"]
@@ -326,5 +330,58 @@ fn iptables_rules_are_repaired_without_a_restart() {
         );
         assert!(pods_talk(&c));
         assert!(node.log().contains("repaired rules"), "{}", node.log());
+    }
+}
+
+#[test]
+fn a_hijacked_or_deleted_own_lease_is_restored() {
+    if !require_root() {
+        return;
+    }
+    let pins = BpfPins::new("repair-lease", 2);
+    let c = mixed_cluster(&pins, &net_conf(VXLAN));
+    for (victim, ip) in [(1, B_IP), (0, A_IP)] {
+        let node = &c.nodes[victim];
+        let subnet = node.subnet_env().expect("subnet.env").subnet;
+        let key = Cluster::lease_key(subnet);
+        let published = c.etcd_get(&key).expect("own lease");
+        let restored = || {
+            c.etcd_get(&key).as_deref() == Some(published.as_str())
+                && pods_talk_through_ebpf(&c, &pins)
+        };
+        // Another PublicIP and VtepMAC: every other host would send this subnet elsewhere.
+        let mac = published
+            .split("\"VtepMAC\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("VtepMAC")
+            .to_owned();
+        let hijack = published
+            .replace(&ip.to_string(), "198.18.0.99")
+            .replace(&mac, "02:00:00:00:00:99");
+        assert_ne!(hijack, published);
+        repair_time(
+            &c,
+            &format!("host {} lease overwritten", victim + 1),
+            || c.etcd_put(&key, &hijack),
+            restored,
+        );
+        repair_time(
+            &c,
+            &format!("host {} lease deleted", victim + 1),
+            || assert_eq!(c.etcd_delete(&key), 1),
+            restored,
+        );
+        // Logged loudly, and as a repair once the store acknowledged the put.
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                let log = node.log();
+                log.contains("own lease was overwritten with PublicIP 198.18.0.99")
+                    && log.contains("own lease was deleted")
+                    && log.matches("repaired lease").count() >= 2
+            }),
+            "{}",
+            node.log()
+        );
     }
 }

@@ -20,7 +20,7 @@ use futures::stream::BoxStream;
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use rand::seq::IndexedRandom;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{SubnetManager, env_file::PreviousSubnets};
 use crate::{
@@ -108,6 +108,12 @@ pub enum Error {
         /// Attempts made.
         attempts: u32,
     },
+    /// Our lease changed again while it was being restored (the watch reports it next).
+    #[error("lease {key} changed while it was being restored")]
+    RestoreRace {
+        /// The etcd key.
+        key: String,
+    },
     /// This host's lease key disappeared (expired, deleted, compacted away).
     #[error("lease {key} has been revoked (expired or deleted)")]
     LeaseLost {
@@ -139,7 +145,9 @@ impl Error {
                 etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => false,
                 _ => true,
             },
-            Self::ConfigNotFound { .. } | Self::AcquireRace { .. } => true,
+            Self::ConfigNotFound { .. } | Self::AcquireRace { .. } | Self::RestoreRace { .. } => {
+                true
+            }
             _ => false,
         }
     }
@@ -522,16 +530,46 @@ impl EtcdSubnetManager {
         Ok((subnet, ipv6_subnet))
     }
 
-    /// Renews our lease: a new etcd lease and a re-put (upstream), but only while the key
-    /// still exists, so a deleted lease is noticed instead of silently recreated.
+    /// Renews our lease: a new etcd lease and a re-put (upstream). A key that is gone by
+    /// then is put back, loudly: the subnet is still this host's (its pods hold addresses
+    /// in it); the agent's own-lease guard normally restores it long before.
     async fn renew(&self, lease: &Lease) -> Result<()> {
         let key = self.lease_key(lease.subnet, lease.ipv6_subnet);
         let cmp = Compare::version(key.as_str(), CompareOp::Greater, 0);
         if self.put_if(&key, lease.attrs.to_json(), cmp).await? {
             debug!(%key, ttl = ?self.ttl, "renewed lease");
+            return Ok(());
+        }
+        error!(%key, "own lease was gone at renewal; putting it back");
+        self.restore(lease).await
+    }
+
+    /// Writes our lease back exactly as published, whatever the key holds now (deleted,
+    /// or overwritten with another host's attributes). A reservation (a key without TTL)
+    /// stays one; anything else gets a fresh TTL.
+    async fn restore(&self, lease: &Lease) -> Result<()> {
+        let key = self.lease_key(lease.subnet, lease.ipv6_subnet);
+        let resp = self
+            .client
+            .clone()
+            .get(key.as_str(), None)
+            .await
+            .map_err(Error::etcd(format!("get {key}")))?;
+        let current = resp.kvs().first();
+        let ttl = current.is_none_or(|kv| kv.lease() != 0);
+        // Only over what was just read: a concurrent change is seen (and handled) as the
+        // next watch event rather than overwritten blindly.
+        let cmp = match current {
+            Some(kv) => Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()),
+            None => Compare::version(key.as_str(), CompareOp::Equal, 0),
+        };
+        if self
+            .put_if_with(&key, lease.attrs.to_json(), cmp, ttl)
+            .await?
+        {
             Ok(())
         } else {
-            Err(Error::LeaseLost { key })
+            Err(Error::RestoreRace { key })
         }
     }
 
@@ -565,7 +603,16 @@ impl EtcdSubnetManager {
         let left = loop {
             match self.own_ttl(&key).await {
                 Ok(left) => break left,
-                Err(e @ Error::LeaseLost { .. }) => return Err(e),
+                Err(Error::LeaseLost { .. }) => {
+                    error!(%key, "own lease is gone; putting it back");
+                    if let Err(error) = self.restore(lease).await {
+                        warn!(%key, %error, "restoring own lease failed; retrying");
+                    }
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
                 Err(error) => {
                     warn!(%key, %error, "reading own lease failed; retrying");
                     tokio::select! {
@@ -579,7 +626,6 @@ impl EtcdSubnetManager {
         // When the current grant leaves less than the margin, renew right away.
         let mut next_renewal =
             Instant::now() + left.unwrap_or_default().saturating_sub(self.ttl - renew_in);
-        let mut own_watch = watch::OwnKeyWatch::new(self.client.clone(), key.clone());
         if renewing {
             info!(%key, ttl = ?self.ttl, every = ?renew_in, "keeping the lease alive");
         } else {
@@ -591,14 +637,12 @@ impl EtcdSubnetManager {
                 () = tokio::time::sleep_until(next_renewal.into()), if renewing => {
                     match self.renew(lease).await {
                         Ok(()) => next_renewal = Instant::now() + renew_in,
-                        Err(e @ Error::LeaseLost { .. }) => return Err(e),
                         Err(error) => {
                             warn!(%key, %error, retry_in = ?retry, "renewing the lease failed");
                             next_renewal = Instant::now() + retry;
                         }
                     }
                 }
-                () = own_watch.deleted() => return Err(Error::LeaseLost { key }),
             }
         }
     }
@@ -651,6 +695,10 @@ impl SubnetManager for EtcdSubnetManager {
 
     async fn complete_lease(&self, lease: &Lease, cancel: CancellationToken) -> super::Result<()> {
         Ok(self.complete(lease, cancel).await?)
+    }
+
+    async fn restore_lease(&self, lease: &Lease) -> super::Result<()> {
+        Ok(self.restore(lease).await?)
     }
 }
 

@@ -62,11 +62,17 @@ pub trait SubnetManager: Send + Sync {
     /// then changes; a new snapshot after any gap (reconnect, compaction, relist).
     fn watch_leases(&self) -> BoxStream<'static, Result<LeaseEvent>>;
 
-    /// Keep `lease` alive until `cancel` fires (etcd: renew before expiry; kube: clear the
-    /// node's NetworkUnavailable condition). Returns an error if the lease is lost.
+    /// Keep `lease` alive until `cancel` fires (etcd: renew before expiry, putting the key
+    /// back if it is gone; kube: clear the node's NetworkUnavailable condition). Returns an
+    /// error if the lease can't be kept.
     fn complete_lease(
         &self,
         lease: &Lease,
         cancel: CancellationToken,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Publish this host's `lease` again exactly as acquired, after someone overwrote or
+    /// deleted it in the store. The subnet stays this host's: its pods hold addresses in
+    /// it, and every peer must keep routing it here.
+    fn restore_lease(&self, lease: &Lease) -> impl Future<Output = Result<()>> + Send;
 }

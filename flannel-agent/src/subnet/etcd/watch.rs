@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, WatchOptions, WatchStream};
+use etcd_client::WatchStream;
 use futures::{StreamExt, stream::BoxStream};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -147,69 +147,6 @@ async fn forward(
                 && tx.send(Ok(event)).await.is_err()
             {
                 return true;
-            }
-        }
-    }
-}
-
-/// Watches this host's own key and reports when it is deleted. Survives disconnects and
-/// compaction by re-reading the key before (re)starting the watch, so a key that expired
-/// while etcd was unreachable is still noticed.
-pub(super) struct OwnKeyWatch {
-    client: Client,
-    key: String,
-    stream: Option<WatchStream>,
-    backoff: Backoff,
-}
-
-impl OwnKeyWatch {
-    pub(super) fn new(client: Client, key: String) -> Self {
-        Self {
-            client,
-            key,
-            stream: None,
-            backoff: Backoff::default(),
-        }
-    }
-
-    /// Resolves when the key is gone. Cancel-safe (all state lives in `self`), so it can sit
-    /// in a `select!` loop.
-    pub(super) async fn deleted(&mut self) {
-        loop {
-            let Some(ws) = self.stream.as_mut() else {
-                match self.client.get(self.key.as_str(), None).await {
-                    Ok(resp) if resp.kvs().is_empty() => return,
-                    Ok(resp) => {
-                        let rev = resp.header().map_or(0, |h| h.revision());
-                        let opts = WatchOptions::new().with_start_revision(rev + 1);
-                        match self.client.watch(self.key.as_str(), Some(opts)).await {
-                            Ok(ws) => self.stream = Some(ws),
-                            Err(error) => {
-                                warn!(key = %self.key, %error, "watching own lease failed; retrying");
-                                tokio::time::sleep(self.backoff.next_delay()).await;
-                            }
-                        }
-                    }
-                    Err(error) => {
-                        warn!(key = %self.key, %error, "reading own lease failed; retrying");
-                        tokio::time::sleep(self.backoff.next_delay()).await;
-                    }
-                }
-                continue;
-            };
-            match ws.message().await {
-                Ok(Some(resp)) if resp.compact_revision() == 0 && !resp.canceled() => {
-                    self.backoff.reset();
-                    if resp.events().iter().any(is_delete) {
-                        return;
-                    }
-                }
-                Ok(Some(_)) | Ok(None) => self.stream = None,
-                Err(error) => {
-                    warn!(key = %self.key, %error, "own lease watch failed; re-reading");
-                    self.stream = None;
-                    tokio::time::sleep(self.backoff.next_delay()).await;
-                }
             }
         }
     }

@@ -547,4 +547,17 @@ impl SubnetManager for KubeSubnetManager {
         cancel.cancelled().await;
         Ok(())
     }
+
+    async fn restore_lease(&self, lease: &Lease) -> super::Result<()> {
+        // The subnet is the node's pod CIDR, so publishing the attributes again is the
+        // whole restore; a changed pod CIDR is not ours to undo.
+        let now = self.acquire(&lease.attrs).await?;
+        if now.subnet != lease.subnet {
+            return Err(super::Error::Other(format!(
+                "node {}: pod CIDR is now {} instead of {}; restart flanneld to re-register",
+                self.node_name, now.subnet, lease.subnet
+            )));
+        }
+        Ok(())
+    }
 }
