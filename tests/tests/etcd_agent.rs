@@ -191,10 +191,14 @@ fn sigterm_keeps_state_restart_reuses_subnet_and_a_deleted_lease_is_restored() {
     );
     let node1 = &mut c.nodes[1];
     assert!(running(node1), "agent stopped\n{}", node1.log());
-    let log = node1.log();
+    // The repair is logged once the store acknowledged the put, just after the test sees it.
     assert!(
-        log.contains("own lease was deleted") && log.contains("repaired lease"),
-        "{log}"
+        wait_until(Duration::from_secs(5), || {
+            let log = node1.log();
+            log.contains("own lease was deleted") && log.contains("repaired lease")
+        }),
+        "{}",
+        node1.log()
     );
     assert!(
         wait_until(Duration::from_secs(10), || has_route(&c.nodes[0], peer)),
