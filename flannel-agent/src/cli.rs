@@ -179,8 +179,10 @@ pub struct Cli {
     )]
     pub bpf_pin_path: PathBuf,
     /// eBPF datapath only, opt-in: deliver VXLAN for local pods straight into their
-    /// namespace (bpf_redirect_peer), bypassing the host's routing and netfilter for that
-    /// traffic. Faster, but kube-proxy Services and netfilter NetworkPolicy need it off.
+    /// namespace (bpf_redirect_peer) for ALL flows, NAT included, bypassing the host's
+    /// routing and netfilter for that traffic: kube-proxy Services and netfilter
+    /// NetworkPolicy break for it. The per-flow fast path (--ebpf-flow-cache) is the safe
+    /// default.
     #[arg(long, env = "FLANNELD_EBPF_FAST_PATH", value_parser = go_bool, action = ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
     pub ebpf_fast_path: bool,
@@ -196,6 +198,19 @@ pub struct Cli {
     /// the kernel VXLAN device, with an error logged.
     #[arg(long, env = "FLANNELD_EBPF_MAX_PEERS", value_parser = clap::value_parser!(u32).range(1..))]
     pub ebpf_max_peers: Option<u32>,
+    /// eBPF datapath only: the per-flow fast path. Pod-to-remote-pod TCP/UDP flows that the
+    /// kernel path carried unchanged (no NAT) through netfilter in both directions skip the
+    /// bridge, routing, netfilter and flannel.<VNI> on this host; everything else keeps the
+    /// kernel path.
+    #[arg(long, env = "FLANNELD_EBPF_FLOW_CACHE", value_parser = go_bool, action = ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true")]
+    pub ebpf_flow_cache: bool,
+    /// eBPF datapath only: every this many milliseconds, per direction, one packet of a
+    /// fast flow takes the kernel path again, so netfilter re-checks it (a new DROP rule
+    /// takes effect within this time) and conntrack keeps the flow alive.
+    #[arg(long, env = "FLANNELD_EBPF_FLOW_REFRESH_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u32).range(100..=60_000))]
+    pub ebpf_flow_refresh_ms: u32,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "flannel_agent=debug").
     #[arg(long, env = "FLANNELD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -375,6 +390,8 @@ mod tests {
         assert_eq!(c.bpf_pin_path, PathBuf::from("/sys/fs/bpf/flannel"));
         assert!(!c.ebpf_fast_path);
         assert_eq!(c.ebpf_max_peers, None);
+        assert!(c.ebpf_flow_cache);
+        assert_eq!(c.ebpf_flow_refresh_ms, 2000);
         assert_eq!(c.lease_ttl(), Duration::from_secs(86400));
     }
 

@@ -190,6 +190,8 @@ impl Config {
             ebpf: EbpfOptions {
                 pin_root: cli.bpf_pin_path.clone(),
                 fast_path: cli.ebpf_fast_path,
+                flow_cache: cli.ebpf_flow_cache,
+                flow_refresh_ms: cli.ebpf_flow_refresh_ms,
                 peer_check: cli.vxlan_peer_check != Some(false),
                 max_peers: cli.ebpf_max_peers,
             },

@@ -18,5 +18,5 @@ pub mod names;
 pub mod stats;
 pub mod wire;
 
-pub use maps::{DatapathConfig, Endpoint, EndpointKey, Peer, PeerKey, Route};
-pub use stats::{Counter, DropReason, PassReason, PeerStats};
+pub use maps::{DatapathConfig, Endpoint, EndpointKey, Flow, FlowKey, Peer, PeerKey, Route};
+pub use stats::{Counter, DropReason, PassReason, PathReason, PeerStats};

@@ -67,10 +67,11 @@ pub struct Endpoint {
 /// programs hand everything to the kernel path.
 pub const CONFIG_F_ENABLED: u32 = 1;
 
-/// Opt-in fast path: VXLAN for a local pod listed in the endpoints map is decapsulated and
-/// delivered straight into the pod's namespace, GSO aggregates included. This skips the
-/// host's routing and netfilter (FORWARD, conntrack) for that traffic, so it is off by
-/// default: kube-proxy Services and netfilter-based NetworkPolicy need the default path.
+/// Opt-in "all flows" fast path: VXLAN for a local pod listed in the endpoints map is
+/// decapsulated and delivered straight into the pod's namespace, GSO aggregates included,
+/// whatever the flow. This skips the host's routing and netfilter (FORWARD, conntrack,
+/// reverse NAT) for that traffic, so kube-proxy Services and netfilter-based NetworkPolicy
+/// break for it; the per-flow fast path ([`CONFIG_F_FLOW_CACHE`]) is the safe default.
 pub const CONFIG_F_FAST_INGRESS: u32 = 2;
 
 /// Turns the known-peer check off (`--vxlan-peer-check=false`): VXLAN from an address
@@ -82,6 +83,12 @@ pub const CONFIG_F_ANY_PEER: u32 = 4;
 /// are accepted on ingress and written into `skb->mark`, and egress writes the policy id
 /// from `skb->mark`, exactly as the kernel device configured with `gbp` does.
 pub const CONFIG_F_GBP: u32 = 8;
+
+/// Per-flow fast path (the default): a pod-to-remote-pod TCP/UDP flow whose packets the
+/// kernel path carried unchanged (no NAT) through netfilter in both directions skips the
+/// bridge, routing, netfilter and `flannel.<VNI>` on both hosts, with one packet per
+/// direction re-checked on the kernel path every [`DatapathConfig::flow_refresh_ms`].
+pub const CONFIG_F_FLOW_CACHE: u32 = 16;
 
 /// Value of [`crate::names::MAP_CONFIG`] (one element): this host's VXLAN parameters.
 #[repr(C)]
@@ -112,7 +119,71 @@ pub struct DatapathConfig {
     /// Outer TTL.
     pub ttl: u8,
     /// Padding, always zero.
-    pub _pad2: [u8; 3],
+    pub _pad2: u8,
+    /// Largest inner IPv4 packet the overlay carries (the `flannel.<VNI>` MTU): bigger
+    /// packets leave the fast path so the kernel sends frag-needed or fragments.
+    pub mtu: u16,
+    /// How often, per direction, one packet of a fast flow takes the kernel path again, to
+    /// re-check netfilter and refresh conntrack (milliseconds).
+    pub flow_refresh_ms: u32,
+}
+
+/// The agent made conntrack safe for this TCP flow to skip it (window tracking liberal,
+/// as `nf_flow_table` does for offloaded flows), or conntrack does not track it.
+pub const FLOW_F_CT_READY: u32 = 1;
+/// A FIN or RST was seen: the rest of the flow stays on the kernel path so conntrack sees
+/// the teardown.
+pub const FLOW_F_CLOSING: u32 = 2;
+
+/// Key of [`crate::names::MAP_FLOWS`]: a flow between a local pod and a remote pod, seen
+/// from the local pod (the same key for both directions).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// The local pod's IPv4, network order.
+    pub pod: [u8; 4],
+    /// The remote pod's IPv4, network order.
+    pub remote: [u8; 4],
+    /// The local pod's port, host order.
+    pub pod_port: u16,
+    /// The remote pod's port, host order.
+    pub remote_port: u16,
+    /// IP protocol (TCP or UDP).
+    pub proto: u8,
+    /// Padding, always zero.
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`crate::names::MAP_FLOWS`]: what the programs observed of one flow. "seen"
+/// stamps are taken before netfilter (TC ingress of the pod's veth for packets the pod
+/// sends, the uplink for packets it receives), "ok" stamps after it with the 5-tuple
+/// unchanged (TC egress of `flannel.<VNI>`, TC egress of the pod's veth). Times are
+/// `bpf_ktime_get_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow {
+    /// Last packet from the pod seen before netfilter.
+    pub tx_seen_ns: u64,
+    /// Last packet from the pod that left netfilter unchanged.
+    pub tx_ok_ns: u64,
+    /// Last packet to the pod seen before netfilter.
+    pub rx_seen_ns: u64,
+    /// Last packet to the pod that left netfilter unchanged.
+    pub rx_ok_ns: u64,
+    /// When the programs last asked the agent to prepare conntrack for this flow.
+    pub ct_asked_ns: u64,
+    /// Packets from the pod sent on the fast path.
+    pub fast_tx_packets: u64,
+    /// Packets to the pod delivered on the fast path.
+    pub fast_rx_packets: u64,
+    /// The host-side veth the kernel path delivered the flow's packets to.
+    pub rx_ifindex: u32,
+    /// `FLOW_F_*` bits.
+    pub flags: u32,
+    /// Destination and source MAC of the frames the kernel path delivered to the pod.
+    pub rx_eth: [u8; 12],
+    /// Padding, always zero.
+    pub _pad: [u8; 4],
 }
 
 #[cfg(feature = "user")]
@@ -125,6 +196,8 @@ mod pod {
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
 }
 
 #[cfg(test)]
@@ -162,7 +235,7 @@ mod tests {
 
     #[test]
     fn config_layout_is_pinned() {
-        assert_eq!(size_of::<DatapathConfig>(), 40);
+        assert_eq!(size_of::<DatapathConfig>(), 44);
         assert_eq!(align_of::<DatapathConfig>(), 4);
         assert_eq!(offset_of!(DatapathConfig, flags), 0);
         assert_eq!(offset_of!(DatapathConfig, vni), 4);
@@ -174,5 +247,19 @@ mod tests {
         assert_eq!(offset_of!(DatapathConfig, uplink_ifindex), 28);
         assert_eq!(offset_of!(DatapathConfig, vxlan_ifindex), 32);
         assert_eq!(offset_of!(DatapathConfig, ttl), 36);
+        assert_eq!(offset_of!(DatapathConfig, mtu), 38);
+        assert_eq!(offset_of!(DatapathConfig, flow_refresh_ms), 40);
+    }
+
+    #[test]
+    fn flow_layout_is_pinned() {
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(offset_of!(FlowKey, pod_port), 8);
+        assert_eq!(offset_of!(FlowKey, proto), 12);
+        assert_eq!(size_of::<Flow>(), 80);
+        assert_eq!(offset_of!(Flow, fast_rx_packets), 48);
+        assert_eq!(offset_of!(Flow, rx_ifindex), 56);
+        assert_eq!(offset_of!(Flow, flags), 60);
+        assert_eq!(offset_of!(Flow, rx_eth), 64);
     }
 }

@@ -5,7 +5,7 @@
 /// Version of the map layout. Part of the pin path: a release that changes any type in
 /// [`crate::maps`] or [`crate::stats`] bumps it, so it never opens a pinned map of the old
 /// layout (aya reuses a pinned map without checking its key or value size).
-pub const LAYOUT_VERSION: &str = "v2";
+pub const LAYOUT_VERSION: &str = "v3";
 
 /// Default bpffs directory under which the agent pins its maps and links.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/flannel";
@@ -30,9 +30,25 @@ pub const MAP_PASSES: &str = "PASSES";
 pub const PROG_ENCAP: &str = "vxlan_encap";
 /// TC ingress program on the uplink: decapsulates VXLAN from known peers.
 pub const PROG_DECAP: &str = "vxlan_decap";
+/// TC ingress program on a pod's host-side veth: what the pod sends (fast path sender).
+pub const PROG_FROM_POD: &str = "from_pod";
+/// TC egress program on a pod's host-side veth: what the kernel path delivers to the pod.
+pub const PROG_TO_POD: &str = "to_pod";
+
+/// Maximum number of flows the per-flow fast path tracks (least recently used go first).
+pub const MAX_FLOWS: u32 = 65536;
+
+/// LRU hash: [`crate::FlowKey`] → [`crate::Flow`], the per-flow fast path's observations.
+pub const MAP_FLOWS: &str = "FLOWS";
+/// Ring buffer of [`crate::FlowKey`]s: verified TCP flows whose conntrack entry the agent
+/// should make safe to skip before they go fast.
+pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
+/// Per-CPU array indexed by [`crate::PathReason`]: [`crate::Counter`]. Fast path vs
+/// kernel path, and why.
+pub const MAP_PATHS: &str = "PATHS";
 
 /// Every map name, for pinning and for cleanup.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_ROUTES,
     MAP_PEERS,
     MAP_ENDPOINTS,
@@ -40,6 +56,9 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_PEER_STATS,
     MAP_DROPS,
     MAP_PASSES,
+    MAP_FLOWS,
+    MAP_FLOW_EVENTS,
+    MAP_PATHS,
 ];
 
 /// Maximum number of local pods the fast path delivers to directly.
@@ -62,4 +81,6 @@ const _: () = {
     }
     assert!(PROG_ENCAP.len() <= 15);
     assert!(PROG_DECAP.len() <= 15);
+    assert!(PROG_FROM_POD.len() <= 15);
+    assert!(PROG_TO_POD.len() <= 15);
 };

@@ -126,6 +126,80 @@ impl PassReason {
     }
 }
 
+/// Which path a pod's overlay packet took under the per-flow fast path, and why it took the
+/// kernel path: index into [`crate::names::MAP_PATHS`]. Counted where the decision is made:
+/// TC ingress of a pod's veth for packets a pod sends, the uplink for VXLAN from a peer.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathReason {
+    /// Sent on the fast path: encapsulated at the pod's veth, straight to the uplink.
+    FastTx = 0,
+    /// Received on the fast path: decapsulated and put straight into the pod.
+    FastRx = 1,
+    /// Kernel path: the destination is no remote pod (a Service address, this host, a
+    /// local pod, the outside world).
+    Unrouted = 2,
+    /// Kernel path: not IPv4 TCP/UDP without IP options and fragmentation.
+    Unsupported = 3,
+    /// Kernel path: the flow has not been seen to pass netfilter unchanged in both
+    /// directions (new, NATed, or dropped by policy).
+    Unverified = 4,
+    /// Kernel path: the periodic re-check of a fast flow (netfilter, conntrack timeout).
+    Refresh = 5,
+    /// Kernel path: TCP SYN, FIN or RST, or the rest of a closing TCP flow.
+    TcpControl = 6,
+    /// Kernel path: a verified TCP flow whose conntrack entry the agent has not yet made
+    /// safe to skip.
+    ConntrackPending = 7,
+    /// Kernel path: too big for the overlay MTU (the kernel sends frag-needed).
+    TooBig = 8,
+    /// Kernel path: TTL would expire (the kernel sends time-exceeded).
+    TtlExpired = 9,
+    /// Kernel path: the packet carries an skb mark, which policy may route or filter by.
+    Marked = 10,
+}
+
+impl PathReason {
+    /// Number of reasons: the size of the paths map.
+    pub const COUNT: u32 = 11;
+    /// Every reason, in index order.
+    pub const ALL: [PathReason; Self::COUNT as usize] = [
+        Self::FastTx,
+        Self::FastRx,
+        Self::Unrouted,
+        Self::Unsupported,
+        Self::Unverified,
+        Self::Refresh,
+        Self::TcpControl,
+        Self::ConntrackPending,
+        Self::TooBig,
+        Self::TtlExpired,
+        Self::Marked,
+    ];
+
+    /// Stable name for logs, metrics and `flanneld` output.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::FastTx => "fast_tx",
+            Self::FastRx => "fast_rx",
+            Self::Unrouted => "kernel_unrouted",
+            Self::Unsupported => "kernel_unsupported",
+            Self::Unverified => "kernel_unverified",
+            Self::Refresh => "kernel_refresh",
+            Self::TcpControl => "kernel_tcp_control",
+            Self::ConntrackPending => "kernel_conntrack_pending",
+            Self::TooBig => "kernel_too_big",
+            Self::TtlExpired => "kernel_ttl_expired",
+            Self::Marked => "kernel_marked",
+        }
+    }
+
+    /// Whether packets counted under this reason took the fast path.
+    pub const fn is_fast(self) -> bool {
+        matches!(self, Self::FastTx | Self::FastRx)
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: `#[repr(C)]` structs of `u64`s: no padding, every bit pattern valid.
@@ -156,6 +230,10 @@ mod tests {
         for (i, r) in PassReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
         }
+        for (i, r) in PathReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        assert_eq!(PathReason::FastTx.as_str(), "fast_tx");
         assert_eq!(DropReason::UnknownPeer.as_str(), "unknown_peer");
         assert_eq!(PassReason::GsoIngress.as_str(), "gso_ingress");
     }

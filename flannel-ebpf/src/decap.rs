@@ -26,7 +26,13 @@
 //! then segment in software. A known peer's outer fragments and packets with IP options go
 //! to the kernel too (it reassembles and parses them).
 //!
-//! Opt-in fast path (`CONFIG_F_FAST_INGRESS`): packets for a local pod in the endpoints map,
+//! Per-flow fast path (`CONFIG_F_FLOW_CACHE`, see [`crate::flows`]): the inner packet of a
+//! verified pod-to-pod flow is decapsulated, its TTL lowered as forwarding would, and put
+//! straight into the pod's namespace with `bpf_redirect_peer`, GSO aggregates included (no
+//! device transmit happens, so the stale tunnel GSO state is harmless). Every other inner
+//! packet is recorded as seen and continues on the default path below.
+//!
+//! Opt-in all-flows fast path (`CONFIG_F_FAST_INGRESS`): packets for a local pod in the endpoints map,
 //! aggregates included, are decapsulated and put straight into the pod's namespace with
 //! `bpf_redirect_peer`. No device transmit happens on the way, so the stale tunnel GSO
 //! state is harmless; but the host's routing and netfilter never see these packets.
@@ -38,15 +44,19 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use flannel_common::{
-    DatapathConfig, DropReason, Endpoint, EndpointKey, PassReason, Peer, PeerKey,
-    maps::{CONFIG_F_ANY_PEER, CONFIG_F_FAST_INGRESS, CONFIG_F_GBP},
+    DatapathConfig, DropReason, Endpoint, EndpointKey, PassReason, PathReason, Peer, PeerKey,
+    maps::{CONFIG_F_ANY_PEER, CONFIG_F_FAST_INGRESS, CONFIG_F_FLOW_CACHE, CONFIG_F_GBP},
     wire::{
         ETH_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_LEN, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD, in_subnet,
         parse_vxlan_header,
     },
 };
 
-use crate::{Outcome, maps};
+use crate::{
+    Outcome,
+    flows::{self, Dir},
+    maps,
+};
 
 const OUTER_IP: usize = ETH_LEN;
 const OUTER_UDP: usize = OUTER_IP + IPV4_LEN;
@@ -87,6 +97,27 @@ pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
     if let Some(mark) = header.gbp_mark {
         // SAFETY: `mark` is a writable field of the context for TC programs.
         unsafe { (*ctx.skb.skb).mark = mark };
+    }
+    // Checks are done: what follows only chooses the path.
+    if cfg.flags & CONFIG_F_FLOW_CACHE != 0 {
+        match flow_fast_path(ctx, &cfg) {
+            Ok((flow, pkt)) => {
+                // SAFETY: the entry `observe` returned is valid for this run.
+                let flow = unsafe { &mut *flow };
+                let mut delivered = eth;
+                delivered[0..12].copy_from_slice(&flow.rx_eth);
+                strip_outer(ctx, &delivered)?;
+                flows::decrement_ttl(ctx, ETH_LEN, pkt.ttl, pkt.proto)
+                    .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
+                maps::count_peer(peer.slot, ctx.len(), false);
+                maps::count(&maps::PATHS, PathReason::FastRx as u32, ctx.len());
+                flow.fast_rx_packets += 1;
+                // SAFETY: plain helper call; the ifindex is the veth the kernel path
+                // delivered this flow to.
+                return Ok(unsafe { bpf_redirect_peer(flow.rx_ifindex, 0) } as i32);
+            }
+            Err(reason) => maps::count(&maps::PATHS, reason as u32, ctx.len()),
+        }
     }
     if let Some(ep) = fast_path_endpoint(ctx, &cfg)? {
         let mut delivered = eth;
@@ -164,7 +195,23 @@ fn known_peer(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Peer, Outcome> {
     Ok(*peer)
 }
 
-/// With the fast path on, the local pod the inner packet is for, if the agent listed it.
+/// The per-flow fast path's decision for the inner packet: its verified flow, or why the
+/// kernel path carries it.
+#[inline(always)]
+fn flow_fast_path(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+) -> Result<(*mut flannel_common::Flow, flows::Packet), PathReason> {
+    let pkt = flows::parse(ctx, INNER_IP).ok_or(PathReason::Unsupported)?;
+    let flow = flows::observe(&pkt, Dir::Rx, cfg, flows::now())?;
+    if pkt.ttl <= 1 {
+        return Err(PathReason::TtlExpired);
+    }
+    Ok((flow, pkt))
+}
+
+/// With the opt-in all-flows fast path on, the local pod the inner packet is for, if the
+/// agent listed it.
 #[inline(always)]
 fn fast_path_endpoint(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Option<Endpoint>, Outcome> {
     if cfg.flags & CONFIG_F_FAST_INGRESS == 0 {

@@ -25,15 +25,19 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use flannel_common::{
-    DropReason, PassReason,
-    maps::{CONFIG_F_GBP, ROUTE_F_DIRECT},
+    DatapathConfig, DropReason, PassReason, Route,
+    maps::{CONFIG_F_FLOW_CACHE, CONFIG_F_GBP, ROUTE_F_DIRECT},
     wire::{
         ETH_LEN, ETH_P_IP, IPV4_LEN, UDP_LEN, VXLAN_OVERHEAD, outer_ipv4_header, outer_tos,
         vxlan_gbp_header, vxlan_header, vxlan_source_port,
     },
 };
 
-use crate::{Outcome, maps};
+use crate::{
+    Outcome,
+    flows::{self, Dir},
+    maps,
+};
 
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner MAC header length, in the top byte.
 const fn encap_l2(len: u64) -> u64 {
@@ -78,7 +82,27 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, Outcome> {
         // that still ends up here is the kernel device's to handle.
         return Err(Outcome::Pass(PassReason::NoRoute));
     }
+    if cfg.flags & CONFIG_F_FLOW_CACHE != 0 {
+        // The kernel path routed and filtered this packet: confirm its flow's send side.
+        // SAFETY: reading a field of the context the kernel handed us.
+        let unmarked = unsafe { (*ctx.skb.skb).mark } == 0;
+        if let (true, Some(pkt)) = (unmarked, flows::parse(ctx, ETH_LEN)) {
+            flows::confirm(&pkt, Dir::Tx, flows::now(), None);
+        }
+    }
+    encapsulate(ctx, &cfg, &route, tos)
+}
 
+/// Put the outer Ethernet/IPv4/UDP/VXLAN headers and the inner Ethernet header (our VTEP
+/// MAC to the peer's) in front of the IPv4 packet behind the Ethernet header at offset 0,
+/// and send the result out of the uplink.
+#[inline(always)]
+pub fn encapsulate(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    route: &Route,
+    tos: u8,
+) -> Result<i32, Outcome> {
     let inner_len = ctx.len();
     // SAFETY: the helper only reads and caches the flow hash of the skb we were given.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };

@@ -9,19 +9,25 @@
 //!   VNI, is stripped and handed to `flannel.<VNI>`'s ingress, so the inner packet sees the
 //!   same routing and netfilter as after a kernel decap, skipping the outer IP/UDP receive.
 //!   VXLAN from an address that holds no lease is dropped and counted.
+//! * [`from_pod`] and [`to_pod`] run on each pod's host-side veth (TC ingress and egress)
+//!   for the per-flow fast path: flows the kernel path has carried unchanged through
+//!   netfilter in both directions skip the bridge, routing, netfilter and the VXLAN device
+//!   on both hosts (see `flows`).
 #![no_std]
 #![no_main]
 
 mod decap;
 mod encap;
+mod flows;
 mod maps;
+mod pod;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
-use flannel_common::{DropReason, PassReason};
+use flannel_common::{DropReason, PassReason, PathReason};
 
 /// Why a program did not finish its job: the single place that maps an outcome to a TC
 /// action and a counter.
@@ -33,6 +39,8 @@ pub(crate) enum Outcome {
     Pass(PassReason),
     /// Ours and bad: drop it.
     Drop(DropReason),
+    /// Pod traffic the per-flow fast path leaves to the kernel path, and why.
+    Path(PathReason),
 }
 
 impl Outcome {
@@ -47,6 +55,10 @@ impl Outcome {
             Outcome::Drop(reason) => {
                 maps::count(&maps::DROPS, reason as u32, ctx.len());
                 TC_ACT_SHOT
+            }
+            Outcome::Path(reason) => {
+                maps::count(&maps::PATHS, reason as u32, ctx.len());
+                TC_ACT_OK
             }
         }
     }
@@ -65,6 +77,24 @@ pub fn vxlan_encap(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn vxlan_decap(ctx: TcContext) -> i32 {
     match decap::try_decap(&ctx) {
+        Ok(action) => action,
+        Err(outcome) => outcome.action(&ctx),
+    }
+}
+
+/// TC ingress on a pod's host-side veth: what the pod sends.
+#[classifier]
+pub fn from_pod(ctx: TcContext) -> i32 {
+    match pod::try_from_pod(&ctx) {
+        Ok(action) => action,
+        Err(outcome) => outcome.action(&ctx),
+    }
+}
+
+/// TC egress on a pod's host-side veth: what the kernel path delivers to the pod.
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    match pod::try_to_pod(&ctx) {
         Ok(action) => action,
         Err(outcome) => outcome.action(&ctx),
     }

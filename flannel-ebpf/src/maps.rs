@@ -4,13 +4,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use flannel_common::{
-    Counter, DatapathConfig, DropReason, Endpoint, EndpointKey, PassReason, Peer, PeerKey,
-    PeerStats, Route,
-    names::{DEFAULT_PEER_CAPACITY, MAX_ENDPOINTS},
+    Counter, DatapathConfig, DropReason, Endpoint, EndpointKey, Flow, FlowKey, PassReason,
+    PathReason, Peer, PeerKey, PeerStats, Route,
+    names::{DEFAULT_PEER_CAPACITY, MAX_ENDPOINTS, MAX_FLOWS},
 };
 
 /// The compiled size of the peer-keyed maps; the agent overrides it at load time.
@@ -50,6 +50,19 @@ pub static DROPS: PerCpuArray<Counter, { DropReason::COUNT as usize }> = PerCpuA
 /// Hand-offs to the kernel path by `PassReason`.
 #[btf_map]
 pub static PASSES: PerCpuArray<Counter, { PassReason::COUNT as usize }> = PerCpuArray::new();
+
+/// Per-flow fast path observations. LRU: a full table forgets the least recently used
+/// flow, which then simply takes the kernel path and is verified again.
+#[btf_map]
+pub static FLOWS: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+/// Verified TCP flows the agent should prepare conntrack for (64 KiB: 4096 events).
+#[btf_map]
+pub static FLOW_EVENTS: RingBuf<FlowKey, { 64 * 1024 }> = RingBuf::new();
+
+/// Fast path vs kernel path by `PathReason`.
+#[btf_map]
+pub static PATHS: PerCpuArray<Counter, { PathReason::COUNT as usize }> = PerCpuArray::new();
 
 /// The datapath configuration, if the agent has enabled it.
 #[inline(always)]

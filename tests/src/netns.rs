@@ -147,6 +147,16 @@ impl NetNs {
     /// Run `f` on a new thread that has entered this namespace; sockets and netlink
     /// connections it opens stay bound to the namespace after it returns.
     pub fn enter<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        self.spawn_thread(f)
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Run `f` on a new thread that has entered this namespace, without waiting for it.
+    pub fn spawn_thread<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> std::thread::JoinHandle<R> {
         let path = self.path();
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
@@ -155,8 +165,6 @@ impl NetNs {
             assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
 
     /// Run an async block on a single-threaded runtime inside this namespace.

@@ -4,12 +4,20 @@
 //! Namespaces are [`NetNs`] guards owned by the [`Host`]s; eBPF pins belong to the caller
 //! ([`crate::cluster::BpfPins`]).
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
-use flannel_agent::backend::ebpf::{Counters, Datapath, PeerEntry, PinLayout};
+use flannel_agent::backend::ebpf::{Counters, Datapath, PeerEntry, PinLayout, PodPrograms};
 use flannel_common::{
     DatapathConfig, Endpoint,
-    maps::{CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS},
+    maps::{CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS, CONFIG_F_FLOW_CACHE},
 };
 use ipnetwork::Ipv4Network;
 
@@ -139,15 +147,45 @@ pub fn mac_str(m: [u8; 6]) -> String {
         .join(":")
 }
 
-/// Load our programs on `host` (pins under `pin_root`) and point them at `peer`.
-pub fn attach_ebpf(host: &Host, peer: &Host, pin_root: &Path) {
-    attach_ebpf_with(host, peer, pin_root, false);
+/// Which fast path an eBPF host runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastPath {
+    /// None: every packet takes the kernel path through netfilter.
+    Off,
+    /// The per-flow fast path (the agent's default): the pod programs on the host's pod
+    /// veth, and a thread answering the programs' conntrack requests as the agent does.
+    PerFlow,
+    /// The opt-in all-flows fast path (`--ebpf-fast-path`), per-flow fast path off.
+    AllFlows,
 }
 
-/// Like [`attach_ebpf`]; with `fast_path`, also turns on the opt-in fast path and lists the
-/// host's pod in the endpoints map (what the agent learns from `cni0` on a real node).
-pub fn attach_ebpf_with(host: &Host, peer: &Host, pin_root: &Path, fast_path: bool) {
-    let endpoint = fast_path.then(|| {
+/// The agent's part of an eBPF host that the programs need while they run: the thread that
+/// makes verified TCP flows' conntrack entries liberal. Stops when dropped.
+pub struct EbpfHost {
+    stop: Arc<AtomicBool>,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for EbpfHost {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.server.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Load our programs on `host` (pins under `pin_root`), point them at `peer`, with the
+/// per-flow fast path on (the agent's default).
+pub fn attach_ebpf(host: &Host, peer: &Host, pin_root: &Path) -> EbpfHost {
+    attach_ebpf_with(host, peer, pin_root, FastPath::PerFlow)
+}
+
+/// Like [`attach_ebpf`], with the fast path chosen: `PerFlow` also attaches the pod
+/// programs to the host's pod veth; `AllFlows` lists the host's pod in the endpoints map
+/// (what the agent learns from `cni0` on a real node).
+pub fn attach_ebpf_with(host: &Host, peer: &Host, pin_root: &Path, mode: FastPath) -> EbpfHost {
+    let endpoint = (mode == FastPath::AllFlows).then(|| {
         let link = |ns: &NetNs, dev: &str| -> serde_json::Value {
             let out = ns.sh(&format!("ip -j link show {dev}"));
             serde_json::from_str::<serde_json::Value>(&out).expect("ip JSON")[0].clone()
@@ -180,35 +218,71 @@ pub fn attach_ebpf_with(host: &Host, peer: &Host, pin_root: &Path, fast_path: bo
     };
     let layout = PinLayout::new(pin_root);
     let (uplink, vxlan) = (host.ns.ifindex("eth0"), host.ns.ifindex("flannel.1"));
-    host.ns.enter(move || {
-        let mut dp: Datapath = flannel_agent::backend::ebpf::load(&layout, "flannel.1", "eth0")
-            .unwrap_or_else(|e| panic!("load eBPF datapath: {e}"));
-        let fast = if endpoint.is_some() {
-            CONFIG_F_FAST_INGRESS
-        } else {
-            0
-        };
-        dp.set_config(&DatapathConfig {
-            flags: CONFIG_F_ENABLED | fast,
-            vni: 1,
-            port: 8472,
-            sport_min: 32768,
-            sport_max: 60999,
-            local_ip: local_ip.octets(),
-            vtep_mac,
-            uplink_ifindex: uplink,
-            vxlan_ifindex: vxlan,
-            ttl: 64,
-            ..Default::default()
-        })
-        .expect("set config");
-        dp.upsert_peer(&peer).expect("upsert peer");
-        if let Some((ip, ep)) = endpoint {
-            dp.set_endpoints(&[(ip, ep)].into_iter().collect())
-                .expect("set endpoints");
+    let veth = host.ns.ifindex("veth0");
+    let per_flow = mode == FastPath::PerFlow;
+    host.ns.enter({
+        let layout = layout.clone();
+        move || {
+            let mut dp: Datapath = flannel_agent::backend::ebpf::load(&layout, "flannel.1", "eth0")
+                .unwrap_or_else(|e| panic!("load eBPF datapath: {e}"));
+            let mut flags = CONFIG_F_ENABLED;
+            if endpoint.is_some() {
+                flags |= CONFIG_F_FAST_INGRESS;
+            }
+            if per_flow {
+                flags |= CONFIG_F_FLOW_CACHE;
+            }
+            dp.set_config(&DatapathConfig {
+                flags,
+                vni: 1,
+                port: 8472,
+                sport_min: 32768,
+                sport_max: 60999,
+                local_ip: local_ip.octets(),
+                vtep_mac,
+                uplink_ifindex: uplink,
+                vxlan_ifindex: vxlan,
+                ttl: 64,
+                mtu: 1450,
+                flow_refresh_ms: FLOW_REFRESH_MS,
+                ..Default::default()
+            })
+            .expect("set config");
+            dp.upsert_peer(&peer).expect("upsert peer");
+            if let Some((ip, ep)) = endpoint {
+                dp.set_endpoints(&[(ip, ep)].into_iter().collect())
+                    .expect("set endpoints");
+            }
+            if per_flow {
+                PodPrograms::load(&layout, &Default::default())
+                    .and_then(|mut p| p.attach("veth0", veth))
+                    .unwrap_or_else(|e| panic!("attach the pod programs: {e}"));
+            }
+            // `dp` drops here: the pinned links and maps keep the datapath running.
         }
-        // `dp` drops here: the pinned links and maps keep the datapath running.
     });
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = per_flow.then(|| {
+        let stop = stop.clone();
+        host.ns.spawn_thread(move || {
+            flannel_agent::backend::ebpf::serve_flow_events(&layout, &stop)
+                .unwrap_or_else(|e| panic!("flow event server: {e}"));
+        })
+    });
+    EbpfHost { stop, server }
+}
+
+/// The re-check interval the harness configures (the agent's default).
+pub const FLOW_REFRESH_MS: u32 = 2000;
+
+/// The flows the per-flow fast path tracks on the datapath pinned under `pin_root`.
+pub fn flows(
+    pin_root: &Path,
+) -> std::collections::BTreeMap<flannel_common::FlowKey, flannel_common::Flow> {
+    flannel_agent::backend::ebpf::open_pinned(&PinLayout::new(pin_root))
+        .expect("open pinned maps")
+        .flows()
+        .expect("read flows")
 }
 
 /// The counters of the datapath pinned under `pin_root` (pins are global, no namespace).

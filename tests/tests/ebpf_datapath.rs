@@ -5,15 +5,18 @@
 
 use flannel_e2e::{
     cluster::BpfPins,
-    twohost::{Host, attach_ebpf, counters, iperf, iperf_bytes, ping, try_sh, two_hosts},
+    twohost::{EbpfHost, Host, attach_ebpf, counters, iperf, iperf_bytes, ping, try_sh, two_hosts},
 };
 
-/// Two hosts, both on our programs (pins under `pins`, hosts 1 and 2).
-fn two_ebpf_hosts(pins: &BpfPins) -> (Host, Host) {
+/// Two hosts, both on our programs (pins under `pins`, hosts 1 and 2), with the agents'
+/// part running (keep it alive for as long as the hosts are used).
+fn two_ebpf_hosts(pins: &BpfPins) -> (Host, Host, [EbpfHost; 2]) {
     let (a, b) = two_hosts();
-    attach_ebpf(&a, &b, pins.root(1));
-    attach_ebpf(&b, &a, pins.root(2));
-    (a, b)
+    let agents = [
+        attach_ebpf(&a, &b, pins.root(1)),
+        attach_ebpf(&b, &a, pins.root(2)),
+    ];
+    (a, b, agents)
 }
 
 #[test]
@@ -23,7 +26,7 @@ fn ebpf_host_and_kernel_vxlan_host_exchange_pod_traffic_both_ways() {
     }
     let pins = BpfPins::new("test", 1);
     let (a, b) = two_hosts();
-    attach_ebpf(&a, &b, pins.root(1));
+    let _agent = attach_ebpf(&a, &b, pins.root(1));
 
     let (ok, out) = ping(&a, b.pod_ip(), 56);
     assert!(ok, "ping eBPF pod → kernel pod: {out}");
@@ -66,7 +69,7 @@ fn pod_mtu_is_respected_and_oversized_df_packets_get_frag_needed() {
     }
     let pins = BpfPins::new("test", 1);
     let (a, b) = two_hosts();
-    attach_ebpf(&a, &b, pins.root(1));
+    let _agent = attach_ebpf(&a, &b, pins.root(1));
     // 1422 bytes of ICMP payload + 28 = 1450, the pod MTU.
     let (ok, out) = ping(&a, b.pod_ip(), 1422);
     assert!(ok, "a 1450-byte DF packet must cross: {out}");
@@ -94,7 +97,7 @@ fn both_hosts_on_ebpf_and_traffic_survives_replacing_the_programs() {
         return;
     }
     let pins = BpfPins::new("test", 2);
-    let (a, b) = two_ebpf_hosts(&pins);
+    let (a, b, _agents) = two_ebpf_hosts(&pins);
     let sent = iperf_bytes(&a, &b);
     assert!(
         sent > 20_000_000,
@@ -158,7 +161,7 @@ fn services_and_network_policy_keep_working_on_the_ebpf_path() {
         return;
     }
     let pins = BpfPins::new("test", 2);
-    let (a, b) = two_ebpf_hosts(&pins);
+    let (a, b, _agents) = two_ebpf_hosts(&pins);
     let service: std::net::Ipv4Addr = SERVICE_IP.parse().unwrap();
 
     // kube-proxy (iptables mode) style: DNAT in PREROUTING on the client's host; the
@@ -224,7 +227,7 @@ fn detaching_the_programs_mid_flow_hands_traffic_to_the_kernel_device() {
         return;
     }
     let pins = BpfPins::new("test", 2);
-    let (a, b) = two_ebpf_hosts(&pins);
+    let (a, b, _agents) = two_ebpf_hosts(&pins);
     let _server = b
         .pod
         .spawn_server("iperf3", &["-s", "-1", "-p", "5202"], 5202);

@@ -1,5 +1,6 @@
 //! SKELETON: host networking helpers.
 pub mod blackhole;
+pub mod conntrack;
 pub mod iface;
 pub mod masq;
 pub mod monitor;

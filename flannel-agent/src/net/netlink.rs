@@ -213,6 +213,24 @@ impl Netlink {
         }
     }
 
+    /// Every link.
+    pub async fn links(&self) -> Result<Vec<LinkMessage>> {
+        let replies = self
+            .collect(
+                "dump links",
+                RouteNetlinkMessage::GetLink(LinkMessage::default()),
+                NLM_F_DUMP,
+            )
+            .await?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Create a link (fails with EEXIST if the name is taken).
     pub async fn link_add(&self, msg: LinkMessage) -> Result<()> {
         let op = format!("add link {}", link_name(&msg).unwrap_or("?"));
@@ -518,6 +536,14 @@ pub fn link_name(l: &LinkMessage) -> Option<&str> {
 }
 
 /// A link's Ethernet address.
+/// The index of the link's master (bridge) device, if it has one.
+pub fn link_master(l: &LinkMessage) -> Option<u32> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(m) => Some(*m),
+        _ => None,
+    })
+}
+
 pub fn link_mac(l: &LinkMessage) -> Option<[u8; 6]> {
     l.attributes.iter().find_map(|a| match a {
         LinkAttribute::Address(b) => b.as_slice().try_into().ok(),

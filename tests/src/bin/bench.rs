@@ -16,7 +16,9 @@ use std::{
 use flannel_e2e::{
     cluster::BpfPins,
     netns::NetNs,
-    twohost::{Carrier, Host, attach_ebpf_with, counters, iperf, two_hosts_with},
+    twohost::{
+        Carrier, EbpfHost, FastPath, Host, attach_ebpf_with, counters, iperf, two_hosts_with,
+    },
 };
 
 const RR_PORT: u16 = 7007;
@@ -89,7 +91,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     Ebpf,
-    EbpfFast,
+    EbpfAllFlows,
     KernelVxlan,
     HostGw,
     Underlay,
@@ -98,18 +100,25 @@ enum Mode {
 impl Mode {
     const ALL: [Mode; 5] = [
         Mode::Ebpf,
-        Mode::EbpfFast,
+        Mode::EbpfAllFlows,
         Mode::KernelVxlan,
         Mode::HostGw,
         Mode::Underlay,
     ];
     fn name(self) -> &'static str {
         match self {
-            Mode::Ebpf => "eBPF VXLAN",
-            Mode::EbpfFast => "eBPF VXLAN, fast path (opt-in)",
+            Mode::Ebpf => "eBPF VXLAN (default: per-flow fast path)",
+            Mode::EbpfAllFlows => "eBPF VXLAN, all-flows fast path (opt-in, no netfilter)",
             Mode::KernelVxlan => "kernel VXLAN",
             Mode::HostGw => "host-gw",
             Mode::Underlay => "bare underlay",
+        }
+    }
+    fn fast_path(self) -> Option<FastPath> {
+        match self {
+            Mode::Ebpf => Some(FastPath::PerFlow),
+            Mode::EbpfAllFlows => Some(FastPath::AllFlows),
+            _ => None,
         }
     }
 }
@@ -120,17 +129,54 @@ struct Samples {
     four: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
+    /// sys + softirq CPU seconds (machine-wide) per GB received, over both iperf3 runs of a
+    /// round.
+    cpu_per_gb: Vec<f64>,
 }
 
 struct Setup {
     a: Host,
     b: Host,
+    /// eBPF modes only: the agents' part of hosts a and b (declared before the pins, so
+    /// they stop first).
+    _agents: Vec<EbpfHost>,
     /// eBPF modes only: the pins of hosts a and b.
     pins: Option<BpfPins>,
 }
 
+/// Machine-wide kernel CPU time (sys + softirq) in seconds, from /proc/stat.
+fn kernel_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let cpu = stat.lines().next().expect("cpu line");
+    // cpu user nice system idle iowait irq softirq steal ...
+    let f: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f[2] + f[6]) / hz
+}
+
+/// An iperf3 run: Gbit/s, bytes received and the kernel CPU seconds it cost the machine.
+fn measured_iperf(
+    client: &NetNs,
+    server: &NetNs,
+    addr: Ipv4Addr,
+    args: &[&str],
+) -> (f64, f64, f64) {
+    let before = kernel_cpu_seconds();
+    let report = iperf(client, server, addr, args);
+    let cpu = kernel_cpu_seconds() - before;
+    let bytes = report["end"]["sum_received"]["bytes"]
+        .as_f64()
+        .unwrap_or(0.0);
+    (gbits(&report), bytes, cpu)
+}
+
 fn bench(args: &[String]) {
-    let rounds: usize = flag(args, "--rounds").unwrap_or(5);
+    let rounds: usize = flag(args, "--rounds").unwrap_or(7);
     let secs: u64 = flag(args, "--seconds").unwrap_or(5);
     let rr: usize = flag(args, "--transactions").unwrap_or(20_000);
     assert!(flannel_e2e::require_root(), "the benchmark needs root");
@@ -143,14 +189,22 @@ fn bench(args: &[String]) {
             Carrier::Vxlan
         };
         let (a, b) = two_hosts_with(carrier);
-        let pins = matches!(mode, Mode::Ebpf | Mode::EbpfFast).then(|| {
-            let fast = mode == Mode::EbpfFast;
+        let mut agents = Vec::new();
+        let pins = mode.fast_path().map(|fast| {
             let pins = BpfPins::new("bench", 2);
-            attach_ebpf_with(&a, &b, pins.root(1), fast);
-            attach_ebpf_with(&b, &a, pins.root(2), fast);
+            agents.push(attach_ebpf_with(&a, &b, pins.root(1), fast));
+            agents.push(attach_ebpf_with(&b, &a, pins.root(2), fast));
             pins
         });
-        setups.push((mode, Setup { a, b, pins }));
+        setups.push((
+            mode,
+            Setup {
+                a,
+                b,
+                _agents: agents,
+                pins,
+            },
+        ));
     }
     let exe = std::env::current_exe().expect("own path");
     let mut results: Vec<(Mode, Samples)> =
@@ -163,21 +217,18 @@ fn bench(args: &[String]) {
             let (mode, s) = &setups[idx];
             let (client, server, addr) = endpoints(*mode, &s.a, &s.b);
             let t_arg = secs.to_string();
-            let one = gbits(&iperf(
+            let (one, bytes1, cpu1) = measured_iperf(
                 client,
                 server,
                 addr,
                 &["-t", &t_arg, "-O", "1", "-A", "0,1"],
-            ));
-            let four = gbits(&iperf(
-                client,
-                server,
-                addr,
-                &["-t", &t_arg, "-O", "1", "-P", "4"],
-            ));
+            );
+            let (four, bytes4, cpu4) =
+                measured_iperf(client, server, addr, &["-t", &t_arg, "-O", "1", "-P", "4"]);
+            let cpu_per_gb = (cpu1 + cpu4) / ((bytes1 + bytes4) / 1e9);
             let (p50, p99) = request_response(&exe, client, server, addr, rr);
             eprintln!(
-                "round {}: {:<13} 1 stream {one:6.2} Gbit/s, 4 streams {four:6.2} Gbit/s, RR p50 {p50:6.1} µs p99 {p99:6.1} µs",
+                "round {}: {:<13} 1 stream {one:6.2} Gbit/s, 4 streams {four:6.2} Gbit/s, RR p50 {p50:6.1} µs p99 {p99:6.1} µs, {cpu_per_gb:.3} CPU-s/GB",
                 round + 1,
                 mode.name()
             );
@@ -186,6 +237,7 @@ fn bench(args: &[String]) {
             r.four.push(four);
             r.p50.push(p50);
             r.p99.push(p99);
+            r.cpu_per_gb.push(cpu_per_gb);
         }
     }
 
@@ -195,8 +247,14 @@ fn bench(args: &[String]) {
     {
         let c = counters(pins.root(1));
         let passes: Vec<_> = c.passes.iter().filter(|(_, v)| v.packets > 0).collect();
+        let paths: Vec<_> = c
+            .paths
+            .iter()
+            .filter(|(_, v)| v.packets > 0)
+            .map(|(k, v)| (k, v.packets))
+            .collect();
         eprintln!(
-            "{}: host A peer counters {:?}; passed to the kernel {passes:?}",
+            "{}: host A peer counters {:?}; passed to the kernel {passes:?}; per-flow paths (packets) {paths:?}",
             mode.name(),
             c.peers
         );
@@ -260,12 +318,14 @@ fn spread(v: &[f64]) -> String {
 
 fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64) {
     let m = |mode: Mode| &results.iter().find(|(x, _)| *x == mode).expect("mode").1;
-    println!("\n{rounds} interleaved rounds, iperf3 {secs} s per run; medians (min–max)\n");
-    println!("| mode | 1 stream Gbit/s | 4 streams Gbit/s | RR p50 µs | RR p99 µs |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "\n{rounds} interleaved rounds, iperf3 {secs} s per run; medians (min–max); CPU = sys + softirq seconds of the whole machine per GB received\n"
+    );
+    println!("| mode | 1 stream Gbit/s | 4 streams Gbit/s | RR p50 µs | RR p99 µs | CPU-s/GB |");
+    println!("|---|---|---|---|---|---|");
     for (mode, s) in results {
         println!(
-            "| {} | {:.2} ({}) | {:.2} ({}) | {:.1} ({}) | {:.1} ({}) |",
+            "| {} | {:.2} ({}) | {:.2} ({}) | {:.1} ({}) | {:.1} ({}) | {:.3} ({}) |",
             mode.name(),
             median(&s.one),
             spread(&s.one),
@@ -274,27 +334,75 @@ fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64) {
             median(&s.p50),
             spread(&s.p50),
             median(&s.p99),
-            spread(&s.p99)
+            spread(&s.p99),
+            median(&s.cpu_per_gb),
+            spread3(&s.cpu_per_gb),
         );
     }
     let (k, h, u) = (m(Mode::KernelVxlan), m(Mode::HostGw), m(Mode::Underlay));
     println!();
-    println!("| ratio | 1 stream | 4 streams | RR p50 | RR p99 |");
-    println!("|---|---|---|---|---|");
-    for (ours, e) in [("eBPF", m(Mode::Ebpf)), ("eBPF fast", m(Mode::EbpfFast))] {
+    println!("| ratio | 1 stream | 4 streams | RR p50 | RR p99 | CPU/GB |");
+    println!("|---|---|---|---|---|---|");
+    for (ours, e) in [
+        ("eBPF", m(Mode::Ebpf)),
+        ("eBPF all-flows", m(Mode::EbpfAllFlows)),
+    ] {
         for (name, other) in [("kernel VXLAN", k), ("host-gw", h), ("bare underlay", u)] {
             println!(
-                "| {ours} / {name} | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
-                median(&e.one) / median(&other.one),
-                median(&e.four) / median(&other.four),
-                median(&e.p50) / median(&other.p50),
-                median(&e.p99) / median(&other.p99),
+                "| {ours} / {name} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
+                ratio(&e.one, &other.one),
+                ratio(&e.four, &other.four),
+                ratio(&e.p50, &other.p50),
+                ratio(&e.p99, &other.p99),
+                ratio(&e.cpu_per_gb, &other.cpu_per_gb),
             );
         }
     }
-    println!(
-        "\ntargets: eBPF ≥ 1.15× kernel VXLAN throughput, ≥ 0.95× host-gw, RR p50 ≤ 0.9× kernel VXLAN"
+    let e = m(Mode::Ebpf);
+    println!("\nverdicts (default eBPF mode, medians):");
+    let at_least = |what: &str, r: f64, target: f64| {
+        let (word, by) = if r >= target {
+            ("MET", r / target - 1.0)
+        } else {
+            ("MISSED", 1.0 - r / target)
+        };
+        println!(
+            "  {word:6} {what}: {r:.2}× (target ≥ {target:.2}×, by {:.1} %)",
+            by * 100.0
+        );
+    };
+    let at_most = |what: &str, r: f64, target: f64| {
+        let (word, by) = if r <= target {
+            ("MET", 1.0 - r / target)
+        } else {
+            ("MISSED", r / target - 1.0)
+        };
+        println!(
+            "  {word:6} {what}: {r:.2}× (target ≤ {target:.2}×, by {:.1} %)",
+            by * 100.0
+        );
+    };
+    at_least("1 stream vs kernel VXLAN", ratio(&e.one, &k.one), 1.15);
+    at_least("4 streams vs kernel VXLAN", ratio(&e.four, &k.four), 1.15);
+    at_least("1 stream vs host-gw", ratio(&e.one, &h.one), 0.95);
+    at_least("4 streams vs host-gw", ratio(&e.four, &h.four), 0.95);
+    at_most("RR p50 vs kernel VXLAN", ratio(&e.p50, &k.p50), 0.80);
+    at_most("RR p99 vs kernel VXLAN", ratio(&e.p99, &k.p99), 0.80);
+    at_most(
+        "CPU per GB vs kernel VXLAN",
+        ratio(&e.cpu_per_gb, &k.cpu_per_gb),
+        0.85,
     );
+}
+
+fn ratio(a: &[f64], b: &[f64]) -> f64 {
+    median(a) / median(b)
+}
+
+fn spread3(v: &[f64]) -> String {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{min:.3}–{max:.3}")
 }
 
 fn flag<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {

@@ -1,69 +1,26 @@
-//! Local pods for the opt-in fast path: which pod IP sits behind which bridge port.
+//! Local pods for the opt-in all-flows fast path: which pod IP sits behind which bridge
+//! port.
 //!
 //! The CNI plugin doesn't tell the agent about pods (upstream's doesn't either), so the
 //! agent learns them from the kernel: the IPv4 neighbour table of the `cni0` bridge maps a
 //! pod IP to its MAC (the host ARPs its pods, and learns them from their ARP requests for
 //! the gateway), and the bridge's FDB maps that MAC to the port, i.e. the host side of the
-//! pod's veth. Re-read every second; until a pod is listed, its traffic takes the default
-//! path, and a pod that goes away is dropped from the map with its veth.
+//! pod's veth. Re-read on every link and neighbour event (see `pods`); until a pod is
+//! listed, its traffic takes the default path, and a pod that goes away is dropped from
+//! the map with its veth.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
+use crate::net::netlink::{Netlink, link_mac, neigh_dst, neigh_lladdr};
 use flannel_common::Endpoint;
 use ipnetwork::Ipv4Network;
 use netlink_packet_route::{
     AddressFamily,
     neighbour::{NeighbourAttribute, NeighbourFlags, NeighbourState},
 };
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
-
-use super::{PinLayout, loader::open_pinned};
-use crate::net::netlink::{Netlink, link_mac, neigh_dst, neigh_lladdr};
 
 /// The bridge pods hang off (the CNI bridge plugin's default, as in upstream's conflist).
 pub const BRIDGE: &str = "cni0";
-
-/// Keep the endpoints map equal to the pods behind `bridge` in `subnet` until `cancel`.
-pub async fn sync_loop(
-    layout: PinLayout,
-    bridge: String,
-    subnet: Ipv4Network,
-    cancel: CancellationToken,
-) {
-    let nl = match Netlink::connect() {
-        Ok(nl) => nl,
-        Err(error) => {
-            warn!(%error, "fast path: no netlink; pods stay on the default path");
-            return;
-        }
-    };
-    let mut datapath = match open_pinned(&layout) {
-        Ok(d) => d,
-        Err(error) => {
-            warn!(%error, "fast path: cannot open the endpoints map");
-            return;
-        }
-    };
-    let mut last = BTreeMap::new();
-    loop {
-        match discover(&nl, &bridge, subnet).await {
-            Ok(found) if found != last => match datapath.set_endpoints(&found) {
-                Ok(()) => {
-                    debug!(pods = found.len(), "fast path endpoints updated");
-                    last = found;
-                }
-                Err(error) => warn!(%error, "fast path: updating the endpoints map failed"),
-            },
-            Ok(_) => {}
-            Err(error) => debug!(%error, "fast path: listing pods failed"),
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
-}
 
 /// Pods behind `bridge` whose IP is in `subnet`, with their port and MACs.
 pub async fn discover(

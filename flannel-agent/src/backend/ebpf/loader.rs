@@ -4,11 +4,12 @@
 //! Pin layout under `--bpf-pin-path` (default `/sys/fs/bpf/flannel`):
 //!
 //! ```text
-//! <root>/v2/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES}
-//! <root>/v2/links/{encap,decap}
+//! <root>/v3/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES,FLOWS,FLOW_EVENTS,PATHS}
+//! <root>/v3/links/{encap,decap}
+//! <root>/v3/links/pod<ifindex>-{in,out}   # from_pod / to_pod on a pod veth (bpffs names allow no dots)
 //! ```
 //!
-//! `v2` is `flannel_common::names::LAYOUT_VERSION`: a release that changes a map type uses
+//! `v3` is `flannel_common::names::LAYOUT_VERSION`: a release that changes a map type uses
 //! a new directory instead of reusing maps of the wrong shape (aya reuses a pinned map
 //! without checking it). A map's *size* is not part of the layout: the peer-keyed maps are
 //! sized for the cluster at load time, and pinned maps of another size are replaced with
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapInfo, PerCpuArray},
+    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapInfo, PerCpuArray, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -29,8 +30,8 @@ use aya::{
     },
 };
 use flannel_common::{
-    Counter, DatapathConfig, DropReason, Endpoint, EndpointKey, PassReason, Peer, PeerKey,
-    PeerStats, Route,
+    Counter, DatapathConfig, DropReason, Endpoint, EndpointKey, Flow, FlowKey, PassReason,
+    PathReason, Peer, PeerKey, PeerStats, Route,
     names::{self, DEFAULT_PEER_CAPACITY, LAYOUT_VERSION},
 };
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -114,6 +115,10 @@ pub struct Datapath {
     pub drops: PerCpuArray<MapData, Counter>,
     /// Pass-to-kernel counters.
     pub passes: PerCpuArray<MapData, Counter>,
+    /// The per-flow fast path's flows (an LRU hash).
+    pub flows: HashMap<MapData, FlowKey, Flow>,
+    /// Fast path vs kernel path counters.
+    pub paths: PerCpuArray<MapData, Counter>,
     /// What was written into the peer-keyed maps, and their capacity.
     pub(super) state: TableState,
     /// Keeps the programs (and their log buffer) loaded while the agent runs; `None` when
@@ -128,17 +133,26 @@ pub struct Datapath {
 pub fn open_pinned(layout: &PinLayout) -> Result<Datapath, FallbackReason> {
     let pinned = check_pinned_maps(layout)?;
     let capacity = pinned_capacity(&pinned).unwrap_or(DEFAULT_PEER_CAPACITY);
-    let open = |name: &str| {
-        let path = layout.map(name);
-        MapData::from_pin(&path)
-            .map(Map::from_map_data)
-            .map_err(|e| FallbackReason::Pin {
-                path: path.display().to_string(),
-                error: e.to_string(),
-            })?
-            .map_err(|e| FallbackReason::Load(format!("map {name}: {e}")))
-    };
-    assemble(open, capacity)
+    assemble(|name| open_pinned_map(layout, name), capacity)
+}
+
+/// The pinned map at `name`, untyped.
+fn open_pinned_map(layout: &PinLayout, name: &str) -> Result<Map, FallbackReason> {
+    let path = layout.map(name);
+    MapData::from_pin(&path)
+        .map(Map::from_map_data)
+        .map_err(|e| FallbackReason::Pin {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        })?
+        .map_err(|e| FallbackReason::Load(format!("map {name}: {e}")))
+}
+
+/// The ring buffer through which the programs ask for conntrack preparation of verified
+/// TCP flows; one reader (the agent) per datapath.
+pub fn open_flow_events(layout: &PinLayout) -> Result<RingBuf<MapData>, FallbackReason> {
+    RingBuf::try_from(open_pinned_map(layout, names::MAP_FLOW_EVENTS)?)
+        .map_err(|e| FallbackReason::Load(format!("map {}: {e}", names::MAP_FLOW_EVENTS)))
 }
 
 /// The typed map handles, each map fetched by name from `get`.
@@ -161,6 +175,8 @@ fn assemble(
         peer_stats: typed(&mut get, names::MAP_PEER_STATS)?,
         drops: typed(&mut get, names::MAP_DROPS)?,
         passes: typed(&mut get, names::MAP_PASSES)?,
+        flows: typed(&mut get, names::MAP_FLOWS)?,
+        paths: typed(&mut get, names::MAP_PATHS)?,
         state: TableState::new(capacity),
         _ebpf: None,
         _tasks: None,
@@ -170,7 +186,7 @@ fn assemble(
 /// One program and where it goes.
 struct Attachment<'a> {
     program: &'static str,
-    link: &'static str,
+    link: &'a str,
     interface: &'a str,
     direction: TcAttachType,
 }
@@ -318,6 +334,114 @@ pub fn load_sized(
     })
 }
 
+/// The per-pod programs (`from_pod`, `to_pod`), loaded once against the pinned maps of a
+/// running datapath and attached to each pod's host-side veth as it appears. Their tcx
+/// links are pinned like the others, so they survive an agent restart; a veth's links die
+/// with it and their pins are removed by [`PodPrograms::detach`].
+pub struct PodPrograms {
+    ebpf: Ebpf,
+    layout: PinLayout,
+    _tasks: DropGuard,
+}
+
+impl PodPrograms {
+    /// Load the pod programs against the pinned maps of `layout` (which [`load_sized`]
+    /// created); their log records are forwarded until `cancel`.
+    pub fn load(layout: &PinLayout, cancel: &CancellationToken) -> Result<Self, FallbackReason> {
+        let pinned = check_pinned_maps(layout)?;
+        let capacity = pinned_capacity(&pinned).unwrap_or(DEFAULT_PEER_CAPACITY);
+        let log_level = ebpf_log_level();
+        let mut loader = EbpfLoader::new();
+        loader.override_global("AYA_LOG_LEVEL", &log_level, false);
+        let paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
+            .iter()
+            .map(|name| (*name, layout.map(name)))
+            .collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        for name in names::PEER_MAPS {
+            loader.map_max_entries(name, capacity);
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| FallbackReason::Load(format!("{e:#}")))?;
+        for program in [names::PROG_FROM_POD, names::PROG_TO_POD] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(program)
+                .ok_or_else(|| FallbackReason::Load(format!("program {program} missing")))?
+                .try_into()
+                .map_err(|e| FallbackReason::Load(format!("program {program}: {e}")))?;
+            prog.load()
+                .map_err(|e| FallbackReason::Load(format!("program {program}: {e:#}")))?;
+        }
+        let tasks = cancel.child_token();
+        start_log_forwarder(&mut ebpf, tasks.clone());
+        Ok(Self {
+            ebpf,
+            layout: layout.clone(),
+            _tasks: tasks.drop_guard(),
+        })
+    }
+
+    /// Attach (or re-attach) both programs to the veth `interface` (index `ifindex`).
+    pub fn attach(&mut self, interface: &str, ifindex: u32) -> Result<(), FallbackReason> {
+        for (program, dir, direction) in [
+            (names::PROG_FROM_POD, "in", TcAttachType::Ingress),
+            (names::PROG_TO_POD, "out", TcAttachType::Egress),
+        ] {
+            let link = pod_link_name(ifindex, dir);
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(program)
+                .ok_or_else(|| FallbackReason::Load(format!("program {program} missing")))?
+                .try_into()
+                .map_err(|e| FallbackReason::Load(format!("program {program}: {e}")))?;
+            link_up(
+                prog,
+                &self.layout,
+                &Attachment {
+                    program,
+                    link: &link,
+                    interface,
+                    direction,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Drop the pins of the veth `ifindex`'s links (detaching the programs if the veth
+    /// still exists).
+    pub fn detach(&self, ifindex: u32) {
+        for dir in ["in", "out"] {
+            let pin = self.layout.link(&pod_link_name(ifindex, dir));
+            match std::fs::remove_file(&pin) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    warn!(pin = %pin.display(), error = %e, "removing a pod link pin failed");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The veths that have pinned pod links.
+    pub fn attached(&self) -> std::collections::BTreeSet<u32> {
+        let Ok(dir) = std::fs::read_dir(self.layout.versioned().join("links")) else {
+            return Default::default();
+        };
+        dir.filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_prefix("pod")?.split_once('-')?.0.parse().ok()
+        })
+        .collect()
+    }
+}
+
+fn pod_link_name(ifindex: u32, dir: &str) -> String {
+    format!("pod{ifindex}-{dir}")
+}
+
 /// The number of entries this build wants in map `name` for `capacity` peers; `None` for a
 /// map whose size this build does not check.
 fn expected_entries(name: &str, capacity: u32) -> Option<u32> {
@@ -329,6 +453,8 @@ fn expected_entries(name: &str, capacity: u32) -> Option<u32> {
         names::MAP_CONFIG => Some(1),
         names::MAP_DROPS => Some(DropReason::COUNT),
         names::MAP_PASSES => Some(PassReason::COUNT),
+        names::MAP_PATHS => Some(PathReason::COUNT),
+        names::MAP_FLOWS => Some(names::MAX_FLOWS),
         _ => None,
     }
 }
@@ -409,7 +535,7 @@ fn carry_over(
 
 impl Datapath {
     /// Every map handle with its pinned name.
-    fn map_handles(&self) -> [(&'static str, &MapData); 7] {
+    fn map_handles(&self) -> [(&'static str, &MapData); 9] {
         [
             (names::MAP_ROUTES, self.routes.map()),
             (names::MAP_PEERS, self.peers.map()),
@@ -418,6 +544,8 @@ impl Datapath {
             (names::MAP_PEER_STATS, self.peer_stats.map()),
             (names::MAP_DROPS, self.drops.map()),
             (names::MAP_PASSES, self.passes.map()),
+            (names::MAP_FLOWS, self.flows.map()),
+            (names::MAP_PATHS, self.paths.map()),
         ]
     }
 
@@ -517,7 +645,7 @@ impl Datapath {
 /// Returns the pinned maps with their sizes (entries), which may legitimately differ.
 fn check_pinned_maps(layout: &PinLayout) -> Result<Vec<(&'static str, u32)>, FallbackReason> {
     use std::mem::size_of;
-    let expected: [(&'static str, usize, usize); 7] = [
+    let expected: [(&'static str, usize, usize); 10] = [
         (names::MAP_ROUTES, 8, size_of::<Route>()),
         (names::MAP_PEERS, size_of::<PeerKey>(), size_of::<Peer>()),
         (
@@ -529,6 +657,9 @@ fn check_pinned_maps(layout: &PinLayout) -> Result<Vec<(&'static str, u32)>, Fal
         (names::MAP_PEER_STATS, 4, size_of::<PeerStats>()),
         (names::MAP_DROPS, 4, size_of::<Counter>()),
         (names::MAP_PASSES, 4, size_of::<Counter>()),
+        (names::MAP_FLOWS, size_of::<FlowKey>(), size_of::<Flow>()),
+        (names::MAP_FLOW_EVENTS, 0, 0),
+        (names::MAP_PATHS, 4, size_of::<Counter>()),
     ];
     let mut pinned = Vec::new();
     for (name, key, value) in expected {

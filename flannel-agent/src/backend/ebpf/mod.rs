@@ -13,7 +13,9 @@
 //! go in before its map entries, and its map entries come out before its kernel entries.
 
 mod endpoints;
+mod flows;
 mod loader;
+mod pods;
 mod probe;
 mod slots;
 mod tables;
@@ -22,12 +24,16 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use flannel_common::{
     DatapathConfig,
-    maps::{CONFIG_F_ANY_PEER, CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS, CONFIG_F_GBP},
+    maps::{
+        CONFIG_F_ANY_PEER, CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS, CONFIG_F_FLOW_CACHE,
+        CONFIG_F_GBP,
+    },
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use loader::{Datapath, OBJECT, PinLayout, load, load_sized, open_pinned};
+pub use flows::serve_flow_events;
+pub use loader::{Datapath, OBJECT, PinLayout, PodPrograms, load, load_sized, open_pinned};
 pub use probe::FallbackReason;
 pub use tables::{Counters, PeerEntry, Placement};
 
@@ -42,13 +48,20 @@ use crate::{
 };
 
 /// How the eBPF datapath is set up (from `--bpf-pin-path`, `--ebpf-fast-path`,
-/// `--ebpf-max-peers` and the network config).
+/// `--ebpf-flow-cache`, `--ebpf-flow-refresh-ms`, `--ebpf-max-peers` and the network
+/// config).
 #[derive(Clone, Debug)]
 pub struct EbpfOptions {
     /// bpffs directory for this agent's pins.
     pub pin_root: PathBuf,
-    /// Deliver decapsulated traffic for local pods straight into their namespace.
+    /// Opt-in: deliver decapsulated traffic for local pods straight into their namespace,
+    /// whatever the flow (netfilter bypassed).
     pub fast_path: bool,
+    /// The per-flow fast path (default on): verified un-NATed pod-to-pod flows skip the
+    /// bridge, routing, netfilter and the VXLAN device.
+    pub flow_cache: bool,
+    /// How often a fast flow's direction is re-checked on the kernel path.
+    pub flow_refresh_ms: u32,
     /// Accept VXLAN only from known peers (`--vxlan-peer-check`, on unless set false).
     pub peer_check: bool,
     /// Peers the maps hold: `--ebpf-max-peers`, which the agent resolves with
@@ -78,8 +91,7 @@ pub struct EbpfVxlan {
     kernel: KernelVxlan,
     datapath: Datapath,
     layout: PinLayout,
-    fast_path: bool,
-    peer_check: bool,
+    options: EbpfOptions,
     cancel: CancellationToken,
     /// Whether `register` has run: from then on CONFIG must hold [`Self::datapath_config`].
     registered: bool,
@@ -89,7 +101,8 @@ impl EbpfVxlan {
     /// Set up the kernel device, load and attach the programs. Any failure is a
     /// [`FallbackReason`] inside the error, for the agent to log before it falls back to
     /// the kernel backend (`--dataplane=auto`) or exits (`--dataplane=ebpf`).
-    /// Its background tasks (log forwarder, endpoint sync) end with `cancel`.
+    /// Its background tasks (log forwarder, pod watcher, flow event server) end with
+    /// `cancel`.
     pub async fn new(
         ext: ExternalInterface,
         config: VxlanConfig,
@@ -117,7 +130,7 @@ impl EbpfVxlan {
             // they are detached: it must not accept what the programs would drop.
             kernel.enable_peer_guard();
         }
-        let layout = PinLayout::new(options.pin_root);
+        let layout = PinLayout::new(options.pin_root.clone());
         let (device, uplink) = (kernel.device_name(), &kernel.ext().name);
         let datapath = loader::load_sized(&layout, device, uplink, options.max_peers, &cancel)?;
         info!(device, %uplink, pins = %layout.versioned().display(), max_peers = datapath.capacity(), "eBPF VXLAN datapath attached");
@@ -125,8 +138,7 @@ impl EbpfVxlan {
             kernel,
             datapath,
             layout,
-            fast_path: options.fast_path,
-            peer_check: options.peer_check,
+            options,
             cancel,
             registered: false,
         })
@@ -142,9 +154,10 @@ impl EbpfVxlan {
         let (config, ext) = (self.kernel.config(), self.kernel.ext());
         let mut flags = CONFIG_F_ENABLED;
         for (on, flag) in [
-            (self.fast_path, CONFIG_F_FAST_INGRESS),
-            (!self.peer_check, CONFIG_F_ANY_PEER),
+            (self.options.fast_path, CONFIG_F_FAST_INGRESS),
+            (!self.options.peer_check, CONFIG_F_ANY_PEER),
             (config.gbp, CONFIG_F_GBP),
+            (self.flow_cache(), CONFIG_F_FLOW_CACHE),
         ] {
             if on {
                 flags |= flag;
@@ -163,8 +176,17 @@ impl EbpfVxlan {
             uplink_ifindex: ext.index,
             vxlan_ifindex: self.kernel.vxlan_ifindex(),
             ttl: 64,
+            // What `flannel.<VNI>` carries: the fast path sends nothing it wouldn't.
+            mtu: u16::try_from(self.kernel.mtu()).unwrap_or(u16::MAX),
+            flow_refresh_ms: self.options.flow_refresh_ms,
             ..Default::default()
         }
+    }
+
+    /// Whether the per-flow fast path runs: asked for, and no GBP (whose policy ids ride in
+    /// skb marks, which the fast path would not carry).
+    fn flow_cache(&self) -> bool {
+        self.options.flow_cache && !self.kernel.config().gbp
     }
 
     fn map_err(what: &str, e: aya::maps::MapError) -> Error {
@@ -221,6 +243,21 @@ impl EbpfVxlan {
     }
 }
 
+/// Run [`serve_flow_events`] on a blocking thread until `cancel`.
+fn spawn_flow_event_server(layout: PinLayout, cancel: CancellationToken) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        cancel.cancelled().await;
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    tokio::task::spawn_blocking(move || {
+        if let Err(error) = serve_flow_events(&layout, &stop) {
+            warn!(%error, "flow events: TCP flows stay on the kernel path");
+        }
+    });
+}
+
 /// What the maps need from a lease, or `None` (logged) for leases the datapath can't use.
 fn peer_entry(peer: &Lease) -> Option<PeerEntry> {
     if !matches!(peer.attrs.backend, crate::lease::BackendAttrs::Vxlan { .. }) {
@@ -271,23 +308,39 @@ impl Backend for EbpfVxlan {
             .set_config(&cfg)
             .map_err(|e| Self::map_err("CONFIG", e))?;
         self.registered = true;
-        info!(vni = cfg.vni, port = cfg.port, local = %Ipv4Addr::from(cfg.local_ip), fast_path = self.fast_path, peer_check = self.peer_check, "eBPF datapath enabled");
-        if !self.peer_check {
+        let o = &self.options;
+        let flow_cache = self.flow_cache();
+        info!(vni = cfg.vni, port = cfg.port, local = %Ipv4Addr::from(cfg.local_ip), flow_cache, flow_refresh_ms = o.flow_refresh_ms, all_flows_fast_path = o.fast_path, peer_check = o.peer_check, "eBPF datapath enabled");
+        if !o.peer_check {
             warn!(
                 "--vxlan-peer-check=false: VXLAN from any address reaches the kernel VXLAN device, as with upstream flannel"
             );
         }
-        if self.fast_path {
+        if o.flow_cache && !flow_cache {
             warn!(
-                "eBPF fast path on: traffic to local pods bypasses this host's routing and netfilter (kube-proxy, NetworkPolicy)"
+                "per-flow fast path off: the network uses VXLAN GBP, whose policy ids ride in skb marks the fast path would skip"
             );
-            tokio::spawn(endpoints::sync_loop(
-                self.layout.clone(),
-                endpoints::BRIDGE.to_owned(),
-                own.subnet,
+        }
+        if o.fast_path {
+            warn!(
+                "eBPF all-flows fast path on: traffic to local pods bypasses this host's routing and netfilter (kube-proxy, NetworkPolicy)"
+            );
+        }
+        if flow_cache || o.fast_path {
+            tokio::spawn(pods::watch(
+                pods::PodWatch {
+                    layout: self.layout.clone(),
+                    bridge: endpoints::BRIDGE.to_owned(),
+                    subnet: own.subnet,
+                    endpoints: o.fast_path,
+                },
                 self.cancel.child_token(),
             ));
-        } else {
+        }
+        if flow_cache {
+            spawn_flow_event_server(self.layout.clone(), self.cancel.child_token());
+        }
+        if !o.fast_path {
             // A previous run with the fast path may have left entries: they are inert
             // without the flag, but the map should say what is in effect.
             self.datapath

@@ -40,6 +40,8 @@ pub struct Counters {
     pub drops: BTreeMap<&'static str, Counter>,
     /// Per pass reason name.
     pub passes: BTreeMap<&'static str, Counter>,
+    /// Per-flow fast path: fast vs kernel path, per `PathReason` name.
+    pub paths: BTreeMap<&'static str, Counter>,
 }
 
 /// What this agent wrote into the peer-keyed maps: the maps' contents as far as it knows.
@@ -515,6 +517,7 @@ impl Datapath {
                 sum_counter(&self.passes.get(&(reason as u32), 0)?),
             );
         }
+        out.paths = self.path_counters()?;
         Ok(out)
     }
 
