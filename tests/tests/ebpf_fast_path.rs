@@ -11,7 +11,7 @@ use std::{
 use flannel_common::{Flow, FlowKey};
 use flannel_e2e::{
     cluster::BpfPins,
-    netns::NetNs,
+    netns::{NetNs, connect_from, listen_in, wait_until},
     twohost::{
         EbpfHost, FLOW_REFRESH_MS, Host, attach_ebpf, counters, flows, iperf, try_sh, two_hosts,
     },
@@ -246,4 +246,247 @@ fn a_udp_flow_goes_fast_and_a_later_drop_rule_stops_it_within_the_refresh_time()
         Duration::from_millis(5),
     );
     assert_eq!(later, 0, "the DROP rule must stop the fast flow");
+}
+
+#[test]
+fn a_rule_dropping_new_connections_still_blocks_them_while_established_flows_go_on() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = BpfPins::new("test", 2);
+    let (a, b, _agents) = two_ebpf_hosts(&pins);
+    for h in [&a, &b] {
+        // As on a kube-proxy node, conntrack tracks every flow from its first packet (a
+        // namespace starts tracking only once a rule uses it; a flow it first meets mid-way
+        // counts as NEW, on the kernel path too).
+        h.ns.sh("iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP");
+    }
+    let listener = listen_in(&b.pod, b.pod_ip(), 5301);
+    let established = connect_from(&a.pod, b.pod_ip(), 5301).expect("connect before the rule");
+    let (mut served, _) = listener.accept().expect("accept");
+    // Traffic both ways until the flow is on the fast path.
+    let mut client = established.try_clone().expect("clone");
+    let ok = wait_until(Duration::from_secs(5), || {
+        exchange(&mut client, &mut served);
+        flow_to_port(&pins, 1, 5301)
+            .is_some_and(|(_, f)| f.fast_tx_packets > 0 && f.fast_rx_packets > 0)
+    });
+    assert!(
+        ok,
+        "the TCP flow never went fast: {:?}",
+        flows_on_port(&pins, 1, 5301)
+    );
+
+    // NetworkPolicy style, on the receiving host: no NEW connection from pod a to pod b.
+    b.ns.sh(&format!(
+        "iptables -I FORWARD -s {} -d {} -p tcp -m conntrack --ctstate NEW -j DROP",
+        a.pod_ip(),
+        b.pod_ip()
+    ));
+    let refused = connect_from(&a.pod, b.pod_ip(), 5301);
+    assert!(
+        refused.is_err(),
+        "a NEW connection must be dropped: {refused:?}"
+    );
+    // The established flow carries on, fast, through several re-checks.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(u64::from(FLOW_REFRESH_MS) * 2) {
+        exchange(&mut client, &mut served);
+    }
+    let (_, f) = flow_to_port(&pins, 1, 5301).expect("flow");
+    assert!(f.fast_tx_packets > 10, "{f:?}");
+}
+
+/// One request/response on an established connection (1 s timeout).
+fn exchange(client: &mut std::net::TcpStream, server: &mut std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut b = [0u8; 4];
+    for s in [&*client, &*server] {
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+    }
+    client.write_all(b"ping").expect("send");
+    server.read_exact(&mut b).expect("server read");
+    server.write_all(b"pong").expect("reply");
+    client.read_exact(&mut b).expect("client read");
+}
+
+#[test]
+fn a_fast_udp_flow_outlives_the_conntrack_udp_timeout() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = BpfPins::new("test", 2);
+    let (a, b, _agents) = two_ebpf_hosts(&pins);
+    for h in [&a, &b] {
+        // Conntrack tracks the namespace once a rule uses it; INVALID packets are dropped
+        // (and counted) as kube-proxy does.
+        h.ns.sh("sysctl -qw net.netfilter.nf_conntrack_udp_timeout=10 && \
+             sysctl -qw net.netfilter.nf_conntrack_udp_timeout_stream=10 && \
+             iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP");
+    }
+    let _echo = UdpEcho::start(&b.pod, b.pod_ip(), 7300);
+    let sent = 30_000 / 10;
+    let echoes = udp_ping_pong(
+        &a.pod,
+        b.pod_ip(),
+        7300,
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+    );
+    assert!(
+        echoes * 10 >= sent * 9,
+        "only {echoes} of ~{sent} echoes over 30 s"
+    );
+    let (_, f) = flow_to_port(&pins, 1, 7300).expect("flow");
+    assert!(
+        f.fast_tx_packets * 10 >= echoes as u64 * 8,
+        "the flow ran on the fast path: {f:?} ({echoes} echoes)"
+    );
+    // The entry is still there on both hosts although almost no packet passed conntrack
+    // for three timeouts: the re-checks refreshed it.
+    for h in [&a, &b] {
+        let table = h.ns.sh("cat /proc/net/nf_conntrack");
+        let entry = table
+            .lines()
+            .find(|l| l.contains("udp") && l.contains("dport=7300"));
+        assert!(
+            entry.is_some(),
+            "conntrack entry gone on {}: {table}",
+            h.ns.name()
+        );
+    }
+}
+
+#[test]
+fn detaching_the_programs_mid_fast_tcp_flow_hands_it_to_the_kernel_path_without_invalid_drops() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = BpfPins::new("test", 2);
+    let (a, b, agents) = two_ebpf_hosts(&pins);
+    for h in [&a, &b] {
+        h.ns.sh(
+            "nft 'add table inet t; add chain inet t fw { type filter hook forward priority 0; }; \
+             add rule inet t fw ct state invalid counter drop'",
+        );
+    }
+    let _server = b.pod.spawn("iperf3", &["-s", "-1", "-p", "5402"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = a.pod.command("iperf3");
+    client.args(["-c", &b.pod_ip().to_string(), "-p", "5402", "-t", "6", "-J"]);
+    let client = std::thread::spawn(move || client.output().expect("iperf3 client"));
+    let fast = wait_until(Duration::from_secs(3), || {
+        flow_to_port(&pins, 1, 5402).is_some_and(|(_, f)| f.fast_tx_packets > 1000)
+    });
+    assert!(
+        fast,
+        "the transfer never went fast: {:?}",
+        flows_on_port(&pins, 1, 5402)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // The agents stop, then every program goes on both hosts while the flow runs fast.
+    drop(agents);
+    pins.layout(1).remove_all().expect("unpin host 1");
+    pins.layout(2).remove_all().expect("unpin host 2");
+    let out = client.join().expect("client thread");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    assert!(
+        out.status.success() && report.get("error").is_none(),
+        "the transfer must survive: {report}"
+    );
+    let bytes = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(bytes > 50 * 1024 * 1024, "only {bytes} bytes in 6 s");
+    let retransmits = report["end"]["sum_sent"]["retransmits"]
+        .as_u64()
+        .unwrap_or(0);
+    for h in [&a, &b] {
+        let rules = h.ns.sh("nft list table inet t");
+        assert!(
+            rules.contains("counter packets 0 bytes 0"),
+            "conntrack called packets of the flow INVALID on {} ({retransmits} retransmits): {rules}",
+            h.ns.name()
+        );
+    }
+}
+
+#[test]
+fn oversized_df_packets_on_a_fast_flow_get_frag_needed_from_the_kernel_path() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = BpfPins::new("test", 2);
+    let (a, b, _agents) = two_ebpf_hosts(&pins);
+    // The pod may send 1500-byte packets; the overlay carries 1450 (flannel.1's MTU).
+    a.ns.sh("ip link set veth0 mtu 1500");
+    a.pod.sh("ip link set eth0 mtu 1500");
+    let _echo = UdpEcho::start(&b.pod, b.pod_ip(), 7500);
+    let to = b.pod_ip();
+    let (fast_before, mtu, big_sends) = {
+        let pins_root = pins.root(1).to_owned();
+        a.pod.enter(move || {
+            use std::os::fd::AsRawFd;
+            let sock = UdpSocket::bind(("0.0.0.0", 47_500)).expect("bind");
+            sock.connect((to, 7500)).expect("connect");
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
+            let fd = sock.as_raw_fd();
+            let set = |opt: libc::c_int, v: libc::c_int| {
+                // SAFETY: setsockopt with a valid fd and an int option.
+                unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::IPPROTO_IP,
+                        opt,
+                        (&v as *const libc::c_int).cast(),
+                        4,
+                    )
+                }
+            };
+            assert_eq!(set(libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO), 0);
+            let mut buf = [0u8; 2048];
+            // Small datagrams until the flow is fast.
+            let fast = wait_until(Duration::from_secs(5), || {
+                let _ = sock.send(b"small");
+                let _ = sock.recv(&mut buf);
+                flows(&pins_root)
+                    .values()
+                    .any(|f| f.fast_tx_packets > 5 && f.fast_rx_packets > 5)
+            });
+            // 1472 bytes of payload: a 1500-byte DF packet, too big for the overlay.
+            let big = [7u8; 1472];
+            let mut big_sends = 0;
+            for _ in 0..5 {
+                if sock.send(&big).is_ok() {
+                    big_sends += 1;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let mut mtu: libc::c_int = 0;
+            let mut len: libc::socklen_t = 4;
+            // SAFETY: getsockopt into an int we own.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU,
+                    (&mut mtu as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0, "IP_MTU: {}", std::io::Error::last_os_error());
+            (fast, mtu, big_sends)
+        })
+    };
+    assert!(fast_before, "the flow never went fast");
+    assert_eq!(
+        mtu, 1450,
+        "the kernel's frag-needed must have taught the pod the overlay MTU"
+    );
+    assert!(
+        big_sends < 5,
+        "later oversized DF sends must fail with EMSGSIZE"
+    );
+    let paths = counters(pins.root(1)).paths;
+    assert!(paths["kernel_too_big"].packets > 0, "{paths:?}");
 }
