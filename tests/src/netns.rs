@@ -387,6 +387,35 @@ impl Host {
     }
 }
 
+impl Host {
+    /// Delete pod `index` (its namespace and veth) and at once create another with the same
+    /// IP, on a new veth: what a pod restart with a sticky IP looks like to the node.
+    pub fn replace_pod(&mut self, index: usize, subnet: Ipv4Network, mtu: u32) {
+        let gw = nth(subnet, 1);
+        let ip = self.pods[index].ip;
+        let old = std::mem::replace(
+            &mut self.pods[index].ns,
+            NetNs::new(&format!(
+                "{}r{index}",
+                self.ns.name().rsplit('-').next().unwrap_or("h")
+            )),
+        );
+        drop(old);
+        let pod = &self.pods[index].ns;
+        let veth = format!("vethr{index}");
+        self.ns.sh(&format!(
+            "ip link add {veth} mtu {mtu} type veth peer name eth0 netns {pod} && \
+             ip link set {veth} master cni0 && ip link set {veth} up",
+            pod = pod.name()
+        ));
+        pod.sh(&format!(
+            "ip link set eth0 mtu {mtu} && ip addr add {ip}/{len} dev eth0 && \
+             ip link set eth0 up && ip route add default via {gw}",
+            len = subnet.prefix()
+        ));
+    }
+}
+
 /// The `n`th address of `net`.
 pub fn nth(net: Ipv4Network, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net.network()) + n)

@@ -8,9 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use flannel_agent::backend::ebpf::open_pinned;
 use flannel_common::{Flow, FlowKey};
 use flannel_e2e::{
-    cluster::BpfPins,
+    cluster::{BpfPins, Cluster, net_conf},
     netns::{NetNs, connect_from, listen_in, wait_until},
     twohost::{
         EbpfHost, FLOW_REFRESH_MS, Host, attach_ebpf, counters, flows, iperf, try_sh, two_hosts,
@@ -489,4 +490,81 @@ fn oversized_df_packets_on_a_fast_flow_get_frag_needed_from_the_kernel_path() {
     );
     let paths = counters(pins.root(1)).paths;
     assert!(paths["kernel_too_big"].packets > 0, "{paths:?}");
+}
+
+#[test]
+fn a_new_pod_with_a_deleted_pods_ip_gets_its_traffic_at_once() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    // Real agents this time: they learn pods and pod churn from netlink events.
+    let pins = BpfPins::new("test", 2);
+    let mut c = Cluster::start_each(2, &net_conf(r#"{"Type":"vxlan"}"#), |i| {
+        vec!["--dataplane=ebpf".into(), pins.arg(i)]
+    });
+    let envs = c.add_pods(1);
+    c.assert_all_pods_reach_each_other();
+    let server_ip = c.nodes[1].host.pods[0].ip;
+    let on_host2 = |port: u16| {
+        open_pinned(&pins.layout(2))
+            .expect("host 2 maps")
+            .flows()
+            .expect("flows")
+            .into_iter()
+            .find(|(k, _)| k.pod_port == port)
+    };
+
+    let echo = UdpEcho::start(&c.nodes[1].host.pods[0].ns, server_ip, 7600);
+    let echoes = udp_ping_pong(
+        &c.nodes[0].host.pods[0].ns,
+        server_ip,
+        7600,
+        Duration::from_secs(2),
+        Duration::from_millis(5),
+    );
+    assert!(echoes > 100, "only {echoes} echoes\n{}", c.logs());
+    let (_, before) = on_host2(7600).expect("host 2 tracks the flow");
+    assert!(
+        before.fast_rx_packets > 50,
+        "the flow went fast on host 2: {before:?}\n{}",
+        c.logs()
+    );
+    let old_veth = before.rx_ifindex;
+
+    // The pod goes and another takes its IP straight away.
+    drop(echo);
+    let t0 = Instant::now();
+    c.nodes[1].host.replace_pod(0, envs[1].subnet, envs[1].mtu);
+    let new_veth = c.nodes[1].host.ns.ifindex("vethr0");
+    let echo = UdpEcho::start(&c.nodes[1].host.pods[0].ns, server_ip, 7600);
+    let forgotten = wait_until(Duration::from_secs(1), || {
+        on_host2(7600).is_none_or(|(_, f)| f.rx_ifindex != old_veth)
+    });
+    assert!(
+        forgotten,
+        "host 2 still delivers the flow to the deleted veth after {:?}",
+        t0.elapsed()
+    );
+    // Same flow (same socket ports): the new pod answers, first through the kernel path,
+    // then fast again once the agent has put the programs on the new veth.
+    let echoes = udp_ping_pong(
+        &c.nodes[0].host.pods[0].ns,
+        server_ip,
+        7600,
+        Duration::from_secs(3),
+        Duration::from_millis(5),
+    );
+    assert!(
+        echoes > 200,
+        "the new pod got only {echoes} datagrams\n{}",
+        c.logs()
+    );
+    let (_, after) = on_host2(7600).expect("flow tracked again");
+    assert_eq!(after.rx_ifindex, new_veth, "{after:?}");
+    assert!(
+        after.fast_rx_packets > 50,
+        "fast again to the new pod: {after:?}\n{}",
+        c.logs()
+    );
+    drop(echo);
 }
