@@ -11,7 +11,6 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
 use flannel_agent::backend::ebpf::{Counters, Datapath, PeerEntry, PinLayout, PodPrograms};

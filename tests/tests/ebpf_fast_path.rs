@@ -199,8 +199,7 @@ fn iperf_on(
     args: &[&str],
 ) -> serde_json::Value {
     let port_s = port.to_string();
-    let _server = server.spawn("iperf3", &["-s", "-1", "-p", &port_s]);
-    std::thread::sleep(Duration::from_millis(300));
+    let _server = server.spawn_server("iperf3", &["-s", "-1", "-p", &port_s], port);
     let (ok, out) = try_sh(
         client,
         &format!("iperf3 -c {addr} -p {port} -J {}", args.join(" ")),
@@ -372,8 +371,9 @@ fn detaching_the_programs_mid_fast_tcp_flow_hands_it_to_the_kernel_path_without_
              add rule inet t fw ct state invalid counter drop'",
         );
     }
-    let _server = b.pod.spawn("iperf3", &["-s", "-1", "-p", "5402"]);
-    std::thread::sleep(Duration::from_millis(300));
+    let _server = b
+        .pod
+        .spawn_server("iperf3", &["-s", "-1", "-p", "5402"], 5402);
     let mut client = a.pod.command("iperf3");
     client.args(["-c", &b.pod_ip().to_string(), "-p", "5402", "-t", "6", "-J"]);
     let client = std::thread::spawn(move || client.output().expect("iperf3 client"));
