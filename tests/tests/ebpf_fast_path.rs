@@ -568,3 +568,62 @@ fn a_new_pod_with_a_deleted_pods_ip_gets_its_traffic_at_once() {
     );
     drop(echo);
 }
+
+#[test]
+fn sigkilling_the_agents_mid_fast_tcp_flow_resets_nothing_and_drops_nothing_as_invalid() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = BpfPins::new("test", 2);
+    let mut c = Cluster::start_each(2, &net_conf(r#"{"Type":"vxlan"}"#), |i| {
+        vec!["--dataplane=ebpf".into(), pins.arg(i)]
+    });
+    c.add_pods(1);
+    for n in &c.nodes {
+        n.host.ns.sh(
+            "nft 'add table inet t; add chain inet t fw { type filter hook forward priority 0; }; \
+             add rule inet t fw ct state invalid counter drop'",
+        );
+    }
+    c.assert_all_pods_reach_each_other();
+    let server = &c.nodes[1].host.pods[0];
+    let _srv = server.ns.spawn_server(
+        "iperf3",
+        &["-s", "-1", "-p", "5502", "-B", &server.ip.to_string()],
+        5502,
+    );
+    let mut client = c.nodes[0].host.pods[0].ns.command("iperf3");
+    client.args(["-c", &server.ip.to_string(), "-p", "5502", "-t", "8", "-J"]);
+    let client = std::thread::spawn(move || client.output().expect("iperf3 client"));
+    let fast = wait_until(Duration::from_secs(4), || {
+        flow_to_port(&pins, 1, 5502).is_some_and(|(_, f)| f.fast_tx_packets > 1000)
+    });
+    assert!(
+        fast,
+        "never fast: {:?}\n{}",
+        flows_on_port(&pins, 1, 5502),
+        c.logs()
+    );
+    // Both agents die mid-flow; one comes back while the transfer still runs.
+    c.nodes[0].kill();
+    c.nodes[1].kill();
+    std::thread::sleep(Duration::from_secs(2));
+    c.nodes[0].start();
+    let out = client.join().expect("client thread");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    assert!(
+        out.status.success() && report.get("error").is_none(),
+        "the transfer must survive: {report}\n{}",
+        c.logs()
+    );
+    let bytes = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(bytes > 50 * 1024 * 1024, "only {bytes} bytes in 8 s");
+    for n in &c.nodes {
+        let rules = n.host.ns.sh("nft list table inet t");
+        assert!(
+            rules.contains("counter packets 0 bytes 0"),
+            "INVALID packets on {}: {rules}",
+            n.host.ns.name()
+        );
+    }
+}
