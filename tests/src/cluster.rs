@@ -25,7 +25,7 @@ use std::{
 use ipnetwork::Ipv4Network;
 
 use crate::{
-    etcd::EtcdServer,
+    etcd::{EtcdCluster, EtcdServer},
     netns::{ChildGuard, Host, NetNs, Underlay, wait_until},
 };
 
@@ -146,8 +146,8 @@ impl Drop for Relay {
 pub struct Node {
     /// Agent process (None while stopped). Declared first: stopped before the namespace goes.
     pub agent: Option<ChildGuard>,
-    /// Keeps the etcd relay of this host alive.
-    _relay: Relay,
+    /// Keeps the etcd relays of this host alive (one per etcd member).
+    _relays: Vec<Relay>,
     /// The host namespace and its pods.
     pub host: Host,
     /// Where the agent writes `subnet.env`.
@@ -264,8 +264,10 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// The underlay (kept for attaching more namespaces, e.g. an "outside" one).
     pub underlay: Underlay,
-    /// etcd.
+    /// etcd (the first member, when there are several).
     pub etcd: EtcdServer,
+    /// The other members of a multi-member etcd cluster (empty for a single etcd).
+    pub etcd_others: Vec<EtcdServer>,
     /// Per-test scratch directory (subnet.env files, logs).
     pub dir: tempfile::TempDir,
 }
@@ -282,17 +284,31 @@ impl Cluster {
     /// Like [`Cluster::start`], with each host's extra arguments from `args(i)` (`i` is
     /// 1-based, the host's underlay index): for mixed clusters (eBPF and kernel hosts).
     pub fn start_each(hosts: u8, net_conf: &str, args_for: impl Fn(u8) -> Vec<String>) -> Self {
-        let etcd = EtcdServer::start().expect("start etcd");
-        let port = etcd
-            .endpoint()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse::<u16>().ok())
-            .expect("etcd port");
+        Self::start_with_etcd(hosts, 1, net_conf, args_for)
+    }
+
+    /// Like [`Cluster::start_each`] on an etcd cluster of `members` members; every agent
+    /// gets all of them in `--etcd-endpoints`, in member order.
+    pub fn start_with_etcd(
+        hosts: u8,
+        members: usize,
+        net_conf: &str,
+        args_for: impl Fn(u8) -> Vec<String>,
+    ) -> Self {
+        let mut servers = if members == 1 {
+            vec![EtcdServer::start().expect("start etcd")]
+        } else {
+            EtcdCluster::start(members)
+                .expect("start etcd cluster")
+                .members
+        };
+        let ports: Vec<u16> = servers.iter().map(EtcdServer::client_port).collect();
+        let etcd = servers.remove(0);
         let mut cluster = Self {
             nodes: Vec::new(),
             underlay: Underlay::new(),
             etcd,
+            etcd_others: servers,
             dir: tempfile::Builder::new()
                 .prefix("flannel-e2e-")
                 .tempdir()
@@ -301,11 +317,15 @@ impl Cluster {
         cluster.etcd_put(&format!("{PREFIX}/config"), net_conf);
         for i in 1..=hosts {
             let host = cluster.underlay.add_host(i);
-            let relay = Relay::new(&host.ns, port);
+            let relays = ports.iter().map(|p| Relay::new(&host.ns, *p)).collect();
             let subnet_file = cluster.dir.path().join(format!("h{i}-subnet.env"));
             let log_file = cluster.dir.path().join(format!("h{i}-flanneld.log"));
+            let endpoints: Vec<String> = ports
+                .iter()
+                .map(|p| format!("http://127.0.0.1:{p}"))
+                .collect();
             let mut args = vec![
-                format!("--etcd-endpoints=http://127.0.0.1:{port}"),
+                format!("--etcd-endpoints={}", endpoints.join(",")),
                 format!("--etcd-prefix={PREFIX}"),
                 "--iface=eth0".to_owned(),
                 format!("--subnet-file={}", subnet_file.display()),
@@ -313,7 +333,7 @@ impl Cluster {
             args.extend(args_for(i));
             let mut node = Node {
                 agent: None,
-                _relay: relay,
+                _relays: relays,
                 host,
                 subnet_file,
                 log_file,
@@ -343,17 +363,34 @@ impl Cluster {
         F: FnOnce(etcd_client::Client) -> Fut,
         Fut: std::future::Future<Output = R>,
     {
-        let endpoint = self.etcd.endpoint();
+        // Every member still running: a test may have killed some.
+        let endpoints: Vec<String> = std::iter::once(&self.etcd)
+            .chain(&self.etcd_others)
+            .filter(|m| m.is_running_now())
+            .map(EtcdServer::endpoint)
+            .collect();
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime")
             .block_on(async move {
-                let client = etcd_client::Client::connect([endpoint], None)
+                let client = etcd_client::Client::connect(endpoints, None)
                     .await
                     .expect("etcd connect");
                 f(client).await
             })
+    }
+
+    /// Put `value` at `key`, giving up after a second (a put stuck behind a member whose
+    /// leader just died waits out etcd's own 7 s request timeout); whether it was written.
+    pub fn try_etcd_put(&self, key: &str, value: &str) -> bool {
+        let (k, v) = (key.to_owned(), value.to_owned());
+        self.etcd(|mut c| async move {
+            matches!(
+                tokio::time::timeout(Duration::from_secs(1), c.put(k, v, None)).await,
+                Ok(Ok(_))
+            )
+        })
     }
 
     /// Put `value` at `key`.

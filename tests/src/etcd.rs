@@ -13,7 +13,8 @@ use std::{
 
 use anyhow::{Context, bail};
 
-/// A running (or stopped) single-member etcd.
+/// A running (or stopped) etcd: a single-member cluster, or one member of an
+/// [`EtcdCluster`].
 pub struct EtcdServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -21,6 +22,53 @@ pub struct EtcdServer {
     peer_port: u16,
     starts: u32,
     tls: Option<TlsFiles>,
+    /// Member name and `--initial-cluster`, when part of a multi-member cluster.
+    member: Option<(String, String)>,
+}
+
+/// A multi-member etcd cluster on 127.0.0.1, each member an [`EtcdServer`].
+pub struct EtcdCluster {
+    /// The members, in `--initial-cluster` order.
+    pub members: Vec<EtcdServer>,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members on free ports and waits until every one answers `/health`
+    /// (which needs a quorum, so all are launched before any is waited for).
+    pub fn start(n: usize) -> anyhow::Result<Self> {
+        let ports: Vec<(u16, u16)> = (0..n)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<anyhow::Result<_>>()?;
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let initial = initial.join(",");
+        let mut members = Vec::new();
+        for (i, (client_port, peer_port)) in ports.into_iter().enumerate() {
+            let mut m = EtcdServer {
+                child: None,
+                dir: tempfile::Builder::new().prefix("flannel-etcd-").tempdir()?,
+                client_port,
+                peer_port,
+                starts: 0,
+                tls: None,
+                member: Some((format!("m{i}"), initial.clone())),
+            };
+            m.launch()?;
+            members.push(m);
+        }
+        for m in &mut members {
+            m.wait_healthy()?;
+        }
+        Ok(Self { members })
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(EtcdServer::endpoint).collect()
+    }
 }
 
 /// A throw-away CA with a server certificate for 127.0.0.1 and a client certificate, made
@@ -152,6 +200,7 @@ impl EtcdServer {
                 peer_port: free_port()?,
                 starts: 0,
                 tls: tls.clone(),
+                member: None,
             };
             match server.spawn() {
                 Ok(()) => return Ok(server),
@@ -177,6 +226,16 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
+        self.launch()?;
+        self.wait_healthy()
+    }
+
+    /// The client port.
+    pub fn client_port(&self) -> u16 {
+        self.client_port
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
         self.starts += 1;
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
@@ -188,8 +247,12 @@ impl EtcdServer {
                 .arg(format!("--trusted-ca-file={}", tls.ca.display()))
                 .arg("--client-cert-auth");
         }
+        let (name, initial) = self
+            .member
+            .clone()
+            .unwrap_or_else(|| ("flannel-test".to_owned(), format!("flannel-test={peer}")));
         let child = cmd
-            .arg("--name=flannel-test")
+            .arg(format!("--name={name}"))
             .arg(format!(
                 "--data-dir={}",
                 self.dir.path().join("data").display()
@@ -198,7 +261,7 @@ impl EtcdServer {
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=flannel-test={peer}"))
+            .arg(format!("--initial-cluster={initial}"))
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
             .stdin(Stdio::null())
@@ -207,6 +270,10 @@ impl EtcdServer {
             .spawn()
             .context("spawning etcd (is etcd-server installed?)")?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self
@@ -268,6 +335,11 @@ impl EtcdServer {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Whether the process has been started and not stopped (no `&mut` needed).
+    pub fn is_running_now(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Whether the process is running.

@@ -33,6 +33,7 @@ use crate::{
 };
 
 mod alloc;
+mod health;
 mod watch;
 
 pub use alloc::{renew_after, renew_retry};
@@ -43,6 +44,29 @@ pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
 pub const DEFAULT_ENDPOINTS: &str = "http://127.0.0.1:4001,http://127.0.0.1:2379";
 /// Upstream's lease TTL.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How long one unary etcd call may take before it is abandoned (and, by the caller,
+/// retried). A request that reached a member just before its leader died is answered only
+/// by etcd's own request timeout (5 s + two election timeouts, 7 s by default); a retry
+/// goes through the client's balancer, which reaches a healthy member sooner.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long connecting to one endpoint may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Run one unary etcd call with [`CALL_TIMEOUT`].
+async fn call<T>(
+    op: impl Into<String>,
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Ok(r) => r.map_err(Error::etcd(op)),
+        Err(_) => Err(Error::Timeout {
+            op: op.into(),
+            after: CALL_TIMEOUT,
+        }),
+    }
+}
 
 /// How often a create that lost a race is retried before giving up.
 const ACQUIRE_ATTEMPTS: u32 = 10;
@@ -114,6 +138,14 @@ pub enum Error {
         /// The etcd key.
         key: String,
     },
+    /// An etcd call got no answer in time (a member down or electing a leader).
+    #[error("etcd {op}: no answer within {after:?}")]
+    Timeout {
+        /// What was being done.
+        op: String,
+        /// The time allowed.
+        after: Duration,
+    },
     /// This host's lease key disappeared (expired, deleted, compacted away).
     #[error("lease {key} has been revoked (expired or deleted)")]
     LeaseLost {
@@ -145,9 +177,10 @@ impl Error {
                 etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => false,
                 _ => true,
             },
-            Self::ConfigNotFound { .. } | Self::AcquireRace { .. } | Self::RestoreRace { .. } => {
-                true
-            }
+            Self::ConfigNotFound { .. }
+            | Self::AcquireRace { .. }
+            | Self::RestoreRace { .. }
+            | Self::Timeout { .. } => true,
             _ => false,
         }
     }
@@ -220,6 +253,8 @@ pub struct EtcdSubnetManager {
     rules: Arc<RwLock<Option<LeaseRules>>>,
     /// Bad records already warned about.
     skipped: SkipLog,
+    /// Stops the endpoint prober when the last clone of the manager goes.
+    _health: Option<Arc<tokio_util::sync::DropGuard>>,
 }
 
 impl EtcdSubnetManager {
@@ -229,7 +264,8 @@ impl EtcdSubnetManager {
         // Keep-alives make a silently dead connection fail the watch instead of hanging it.
         let mut connect = ConnectOptions::new()
             .with_require_leader(true)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_connect_timeout(CONNECT_TIMEOUT);
         if let Some(user) = opts.username.as_deref().filter(|u| !u.is_empty()) {
             connect = connect.with_user(user, opts.password.clone().unwrap_or_default());
         }
@@ -262,12 +298,22 @@ impl EtcdSubnetManager {
                 }
             }
         }
-        let client = Client::connect(&opts.endpoints, Some(connect))
+        let client = Client::connect(&opts.endpoints, Some(connect.clone()))
             .await
             .map_err(Error::etcd(format!(
                 "connect to {}",
                 opts.endpoints.join(",")
             )))?;
+        let health = (opts.endpoints.len() > 1).then(|| {
+            let cancel = CancellationToken::new();
+            tokio::spawn(health::run(
+                client.clone(),
+                opts.endpoints.clone(),
+                connect,
+                cancel.clone(),
+            ));
+            Arc::new(cancel.drop_guard())
+        });
         Ok(Self {
             client,
             prefix: opts.prefix.trim_end_matches('/').to_owned(),
@@ -276,6 +322,7 @@ impl EtcdSubnetManager {
             previous: opts.previous,
             rules: Arc::default(),
             skipped: SkipLog::default(),
+            _health: health,
         })
     }
 
@@ -296,12 +343,11 @@ impl EtcdSubnetManager {
 
     async fn read_config(&self) -> Result<NetworkConfig> {
         let key = self.config_key();
-        let resp = self
-            .client
-            .clone()
-            .get(key.as_str(), None)
-            .await
-            .map_err(Error::etcd(format!("get {key}")))?;
+        let resp = call(
+            format!("get {key}"),
+            self.client.clone().get(key.as_str(), None),
+        )
+        .await?;
         let kv = resp
             .kvs()
             .first()
@@ -352,12 +398,13 @@ impl EtcdSubnetManager {
     /// found and replaced.
     async fn list(&self, rules: Option<&LeaseRules>) -> Result<(Vec<Record>, Vec<SubnetId>, i64)> {
         let prefix = self.subnets_prefix();
-        let resp = self
-            .client
-            .clone()
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(Error::etcd(format!("list {prefix}")))?;
+        let resp = call(
+            format!("list {prefix}"),
+            self.client
+                .clone()
+                .get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut records = Vec::new();
         let mut used = Vec::new();
@@ -380,12 +427,13 @@ impl EtcdSubnetManager {
     }
 
     async fn grant(&self) -> Result<i64> {
-        let resp = self
-            .client
-            .clone()
-            .lease_grant(self.ttl.as_secs() as i64, None)
-            .await
-            .map_err(Error::etcd("lease grant"))?;
+        let resp = call(
+            "lease grant",
+            self.client
+                .clone()
+                .lease_grant(self.ttl.as_secs() as i64, None),
+        )
+        .await?;
         Ok(resp.id())
     }
 
@@ -407,12 +455,7 @@ impl EtcdSubnetManager {
         let txn = Txn::new()
             .when([cmp])
             .and_then([TxnOp::put(key, value, opts)]);
-        let resp = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(Error::etcd(format!("txn put {key}")))?;
+        let resp = call(format!("txn put {key}"), self.client.clone().txn(txn)).await?;
         if !resp.succeeded() && id != 0 {
             self.revoke(id).await;
         }
@@ -448,11 +491,7 @@ impl EtcdSubnetManager {
             let txn = Txn::new()
                 .when([cmp])
                 .and_then([TxnOp::delete(rec.key.as_str(), None)]);
-            self.client
-                .clone()
-                .txn(txn)
-                .await
-                .map_err(Error::etcd(format!("delete {}", rec.key)))?;
+            call(format!("delete {}", rec.key), self.client.clone().txn(txn)).await?;
             used.retain(|id| *id != rec.lease.id());
         }
 
@@ -549,12 +588,11 @@ impl EtcdSubnetManager {
     /// stays one; anything else gets a fresh TTL.
     async fn restore(&self, lease: &Lease) -> Result<()> {
         let key = self.lease_key(lease.subnet, lease.ipv6_subnet);
-        let resp = self
-            .client
-            .clone()
-            .get(key.as_str(), None)
-            .await
-            .map_err(Error::etcd(format!("get {key}")))?;
+        let resp = call(
+            format!("get {key}"),
+            self.client.clone().get(key.as_str(), None),
+        )
+        .await?;
         let current = resp.kvs().first();
         let ttl = current.is_none_or(|kv| kv.lease() != 0);
         // Only over what was just read: a concurrent change is seen (and handled) as the
@@ -577,20 +615,18 @@ impl EtcdSubnetManager {
     /// expires), or `LeaseLost` when the key is gone.
     async fn own_ttl(&self, key: &str) -> Result<Option<Duration>> {
         let mut client = self.client.clone();
-        let resp = client
-            .get(key, None)
-            .await
-            .map_err(Error::etcd(format!("get {key}")))?;
+        let resp = call(format!("get {key}"), client.get(key, None)).await?;
         let kv = resp.kvs().first().ok_or_else(|| Error::LeaseLost {
             key: key.to_owned(),
         })?;
         if kv.lease() == 0 {
             return Ok(None);
         }
-        let ttl = client
-            .lease_time_to_live(kv.lease(), None)
-            .await
-            .map_err(Error::etcd(format!("time-to-live of {key}")))?;
+        let ttl = call(
+            format!("time-to-live of {key}"),
+            client.lease_time_to_live(kv.lease(), None),
+        )
+        .await?;
         Ok(Some(Duration::from_secs(ttl.ttl().max(0) as u64)))
     }
 
