@@ -133,11 +133,18 @@ fn killing_the_etcd_member_an_agent_uses_fails_over_within_seconds() {
         );
         figures.push(total);
         assert!(total < Duration::from_secs(10), "failover took {total:?}");
-        let routes = open_pinned(&pins.layout(1))
-            .unwrap()
-            .current_routes()
-            .unwrap();
-        assert!(routes.contains_key(&newcomer), "eBPF routes: {routes:?}");
+        // The kernel entries go in before the map entries: wait for the map too.
+        let in_map = || {
+            open_pinned(&pins.layout(1))
+                .unwrap()
+                .current_routes()
+                .unwrap()
+                .contains_key(&newcomer)
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), in_map),
+            "eBPF routes lack {newcomer}"
+        );
 
         // Two TTLs later both agents' leases are still there: renewed via the survivors.
         std::thread::sleep(Duration::from_secs(2 * TTL_SECS).saturating_sub(killed_at.elapsed()));
