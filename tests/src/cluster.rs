@@ -295,6 +295,26 @@ impl Cluster {
         net_conf: &str,
         args_for: impl Fn(u8) -> Vec<String>,
     ) -> Self {
+        let mut cluster = Self::prepare_with_etcd(hosts, members, net_conf, args_for);
+        for node in &mut cluster.nodes {
+            node.start();
+        }
+        cluster
+    }
+
+    /// Like [`Cluster::start_each`], but no agent is started yet ([`Node::start`] does):
+    /// for tests that fill etcd first.
+    pub fn prepare_each(hosts: u8, net_conf: &str, args_for: impl Fn(u8) -> Vec<String>) -> Self {
+        Self::prepare_with_etcd(hosts, 1, net_conf, args_for)
+    }
+
+    /// [`Cluster::start_with_etcd`] without starting the agents.
+    pub fn prepare_with_etcd(
+        hosts: u8,
+        members: usize,
+        net_conf: &str,
+        args_for: impl Fn(u8) -> Vec<String>,
+    ) -> Self {
         let mut servers = if members == 1 {
             vec![EtcdServer::start().expect("start etcd")]
         } else {
@@ -331,16 +351,14 @@ impl Cluster {
                 format!("--subnet-file={}", subnet_file.display()),
             ];
             args.extend(args_for(i));
-            let mut node = Node {
+            cluster.nodes.push(Node {
                 agent: None,
                 _relays: relays,
                 host,
                 subnet_file,
                 log_file,
                 args,
-            };
-            node.start();
-            cluster.nodes.push(node);
+            });
         }
         cluster
     }
@@ -397,6 +415,21 @@ impl Cluster {
     pub fn etcd_put(&self, key: &str, value: &str) {
         let (k, v) = (key.to_owned(), value.to_owned());
         self.etcd(|mut c| async move { c.put(k, v, None).await.expect("etcd put") });
+    }
+
+    /// Put many keys fast: transactions of 128 puts (etcd's default `--max-txn-ops`).
+    pub fn etcd_put_many(&self, kvs: Vec<(String, String)>) {
+        self.etcd(|mut c| async move {
+            for chunk in kvs.chunks(128) {
+                let ops: Vec<etcd_client::TxnOp> = chunk
+                    .iter()
+                    .map(|(k, v)| etcd_client::TxnOp::put(k.as_str(), v.as_str(), None))
+                    .collect();
+                c.txn(etcd_client::Txn::new().and_then(ops))
+                    .await
+                    .expect("etcd txn");
+            }
+        });
     }
 
     /// Delete `key`; returns how many keys were deleted.

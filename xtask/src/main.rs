@@ -47,7 +47,9 @@ enum Command {
         args: Vec<String>,
     },
     /// Side-by-side datapath benchmark: eBPF VXLAN, kernel VXLAN, host-gw and the bare
-    /// underlay, interleaved rounds, medians and ratios.
+    /// underlay, interleaved rounds, medians and ratios. With `--control-plane` first: the
+    /// control-plane benchmark instead (N peer leases in etcd, one release agent per
+    /// datapath; `--sizes 100,1000,5000,10000`).
     Bench {
         /// Arguments for the benchmark (--rounds N, --seconds S, --transactions N).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -98,7 +100,17 @@ fn main() -> Result<()> {
         Command::Bench { args } => {
             setup::run()?;
             util::cargo(&["build", "--bins"])?;
-            util::exec(&root.join("target/debug/bench"), &args)
+            match args.split_first() {
+                Some((first, rest)) if first == "--control-plane" => {
+                    // The agent as the DaemonSet ships it.
+                    util::cargo(&["build", "--release", "--bin", "flanneld"])?;
+                    let mut cmd = std::process::Command::new(root.join("target/debug/cpbench"));
+                    cmd.args(rest)
+                        .env("FLANNELD_BIN", root.join("target/release/flanneld"));
+                    util::status(cmd)
+                }
+                _ => util::exec(&root.join("target/debug/bench"), &args),
+            }
         }
         Command::CleanRoom { quick } => clean_room::run(quick),
         Command::Maps { pin_path } => maps(&pin_path),

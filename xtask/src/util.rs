@@ -62,7 +62,8 @@ pub fn exec(bin: &Path, args: &[String]) -> Result<()> {
     status(cmd)
 }
 
-fn status(mut cmd: Command) -> Result<()> {
+/// Run a prepared command and fail unless it succeeds.
+pub fn status(mut cmd: Command) -> Result<()> {
     let shown = format!("{cmd:?}").replace('"', "");
     eprintln!("+ {shown}");
     let st = cmd.status().with_context(|| format!("spawning {shown}"))?;

@@ -102,7 +102,21 @@ impl PeerGuard {
         if self.applied.as_ref() == Some(&want) {
             return Ok(());
         }
-        match masq::nft(&script(self.port, &want)).await {
+        // A peer event changes an address or two: write just that (a full rewrite of
+        // thousands of elements per event would make every event O(N)). Should the delta
+        // fail (the table was flushed under us), the full script puts everything back.
+        let delta = self
+            .applied
+            .as_ref()
+            .map(|applied| delta_script(applied, &want));
+        let mut result = match &delta {
+            Some(d) => masq::nft(d).await,
+            None => masq::nft(&script(self.port, &want)).await,
+        };
+        if delta.is_some() && matches!(result, Err(masq::Error::Failed { .. })) {
+            result = masq::nft(&script(self.port, &want)).await;
+        }
+        match result {
             Ok(()) => {}
             Err(masq::Error::Spawn { source, .. }) => {
                 warn!(error = %source, "cannot run nft: VXLAN from non-peers is not filtered on the kernel device path");
@@ -148,6 +162,32 @@ pub fn script(port: u16, allowed: &BTreeSet<Ipv4Addr>) -> String {
     s
 }
 
+/// The `nft -f` script that turns the set from `applied` into `want` (the table, chain and
+/// rule already exist). Adding an element that is there or deleting one that is not fails
+/// the transaction, which the caller answers with the full [`script`].
+pub fn delta_script(applied: &BTreeSet<Ipv4Addr>, want: &BTreeSet<Ipv4Addr>) -> String {
+    let t = format!("inet {TABLE}");
+    let list = |a: Vec<&Ipv4Addr>| {
+        a.iter()
+            .map(|ip| ip.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let added: Vec<&Ipv4Addr> = want.difference(applied).collect();
+    let removed: Vec<&Ipv4Addr> = applied.difference(want).collect();
+    let mut s = String::new();
+    if !added.is_empty() {
+        s.push_str(&format!("add element {t} peers {{ {} }}\n", list(added)));
+    }
+    if !removed.is_empty() {
+        s.push_str(&format!(
+            "delete element {t} peers {{ {} }}\n",
+            list(removed)
+        ));
+    }
+    s
+}
+
 /// Remove the table (absent is fine): for an explicit uninstall and for tests.
 pub async fn teardown() -> masq::Result<()> {
     match masq::nft(&format!(
@@ -185,6 +225,18 @@ mod tests {
         let empty = script(4789, &BTreeSet::new());
         assert!(!empty.contains("add element"), "{empty}");
         assert!(empty.contains("udp dport 4789"), "{empty}");
+    }
+
+    #[test]
+    fn delta_script_adds_and_deletes_only_what_changed() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let applied: BTreeSet<Ipv4Addr> = [ip("198.18.0.2"), ip("198.18.0.3")].into();
+        let want: BTreeSet<Ipv4Addr> = [ip("198.18.0.3"), ip("198.18.0.4")].into();
+        assert_eq!(
+            delta_script(&applied, &want),
+            "add element inet flannel-vxlan-guard peers { 198.18.0.4 }\n\
+             delete element inet flannel-vxlan-guard peers { 198.18.0.2 }\n"
+        );
     }
 
     #[tokio::test]
