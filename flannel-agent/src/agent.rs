@@ -23,7 +23,7 @@ use crate::{
     backend::{self, AnyBackend, Backend, ExternalInterface},
     cli::Cli,
     config::{self, Config, ManagerConfig, Plan},
-    lease::{Lease, LeaseEvent, PeerChange, PeerSet},
+    lease::{BackendAttrs, Lease, LeaseEvent, MacAddr, PeerChange, PeerSet},
     net::{iface, masq, monitor, netlink::Netlink},
     netconf::NetworkConfig,
     repair::{self, RepairKind},
@@ -249,9 +249,11 @@ async fn build_backend(
     net: &NetworkConfig,
     ready: &Readiness,
     cancel: &CancellationToken,
+    vtep_mac: Option<MacAddr>,
 ) -> Result<AnyBackend> {
     let err = |backend| move |source| Error::Backend { backend, source };
     let mut pins = config.ebpf.clone();
+    pins.vtep_mac = vtep_mac;
     // The maps hold every subnet the network has room for, unless the flag says otherwise.
     pins.max_peers = Some(backend::ebpf::peer_capacity(
         config.ebpf.max_peers,
@@ -260,7 +262,7 @@ async fn build_backend(
     ));
     // The kernel datapath keeps upstream's behaviour (VXLAN from anyone) unless asked.
     let kernel_vxlan = |vx| async move {
-        let mut b = backend::vxlan::KernelVxlan::new(ext.clone(), vx).await?;
+        let mut b = backend::vxlan::KernelVxlan::with_vtep_mac(ext.clone(), vx, vtep_mac).await?;
         if config.vxlan_peer_check == Some(true) {
             b.enable_peer_guard();
         }
@@ -310,6 +312,32 @@ async fn build_backend(
     };
     ready.set_datapath(status);
     Ok(backend)
+}
+
+/// The VTEP MAC of the lease this host published before (found by its public IP), so a
+/// re-created `flannel.<VNI>` — after a reboot, or deleted while the agent was down — keeps
+/// the MAC every peer holds. Best effort: without it (first start, store unreachable) the
+/// device keeps its own MAC or gets a random one.
+async fn previous_vtep_mac<M: SubnetManager>(mgr: &M, public_ip: Ipv4Addr) -> Option<MacAddr> {
+    let found = tokio::time::timeout(Duration::from_secs(5), mgr.previous_lease(public_ip)).await;
+    let lease = match found {
+        Ok(Ok(lease)) => lease?,
+        Ok(Err(error)) => {
+            warn!(%error, "could not read this host's previous lease; the VTEP MAC may change");
+            return None;
+        }
+        Err(_) => {
+            warn!("reading this host's previous lease timed out; the VTEP MAC may change");
+            return None;
+        }
+    };
+    match &lease.attrs.backend {
+        BackendAttrs::Vxlan { v4: Some(data), .. } => {
+            info!(subnet = %lease.subnet, vtep_mac = %data.vtep_mac, "reusing the VTEP MAC of this host's previous lease");
+            Some(data.vtep_mac)
+        }
+        _ => None,
+    }
 }
 
 /// Acquires the lease, retrying transient store errors every second.
@@ -383,7 +411,8 @@ async fn run_with<M: SubnetManager>(
         ..config.interface.clone()
     };
     let ext = iface::lookup(&selector).await?;
-    let mut backend = build_backend(plan, &ext, config, &cfg, ready, cancel).await?;
+    let vtep_mac = previous_vtep_mac(mgr, ext.public_ip).await;
+    let mut backend = build_backend(plan, &ext, config, &cfg, ready, cancel, vtep_mac).await?;
     let backend_name = cfg.backend.type_name();
     let attrs = backend.prepare().await.map_err(|source| Error::Backend {
         backend: backend_name,

@@ -385,3 +385,133 @@ fn a_hijacked_or_deleted_own_lease_is_restored() {
         );
     }
 }
+
+#[test]
+fn vtep_mac_survives_agent_and_host_restarts() {
+    if !require_root() {
+        return;
+    }
+    let pins = BpfPins::new("repair-mac", 2);
+    let mut c = mixed_cluster(&pins, &net_conf(VXLAN));
+    for i in 0..2 {
+        let mac = vtep_mac(&c.nodes[i].host.ns);
+        let key = Cluster::lease_key(c.nodes[i].subnet_env().expect("subnet.env").subnet);
+        let published = c.etcd_get(&key).expect("lease");
+        assert!(published.contains(&mac), "{published}");
+
+        // Agent restart: the device stays, and so does its MAC.
+        c.nodes[i].stop();
+        c.nodes[i].start();
+        c.nodes[i].wait_subnet_env(Duration::from_secs(30));
+        assert_eq!(
+            vtep_mac(&c.nodes[i].host.ns),
+            mac,
+            "host {}: agent restart",
+            i + 1
+        );
+
+        // Host restart: the device, /run/flannel/subnet.env and the bpffs pins are gone;
+        // the MAC comes back from the previous lease.
+        c.nodes[i].stop();
+        c.nodes[i].host.ns.sh("ip link del flannel.1");
+        std::fs::remove_file(&c.nodes[i].subnet_file).expect("remove subnet.env");
+        if i == 0 {
+            std::fs::remove_dir_all(pins.root(1)).expect("remove pins");
+        }
+        c.nodes[i].start();
+        c.nodes[i].wait_subnet_env(Duration::from_secs(30));
+        assert_eq!(
+            vtep_mac(&c.nodes[i].host.ns),
+            mac,
+            "host {}: host restart",
+            i + 1
+        );
+        assert_eq!(c.etcd_get(&key).as_deref(), Some(published.as_str()));
+        // Peers' entries stayed valid: traffic flows (through the programs on A).
+        assert!(
+            wait_until(DEADLINE, || pods_talk_through_ebpf(&c, &pins)),
+            "host {} after restart\n{}",
+            i + 1,
+            c.logs()
+        );
+        assert!(
+            c.nodes[i]
+                .log()
+                .contains("reusing the VTEP MAC of this host's previous lease"),
+            "{}",
+            c.nodes[i].log()
+        );
+    }
+}
+
+#[test]
+fn hostgw_routes_and_the_blackhole_route_are_repaired() {
+    if !require_root() {
+        return;
+    }
+    // Hosts 1 and 2 carry pods over host-gw; host 3 (no pods, so no cni0 route owns its
+    // subnet) keeps a blackhole route for its subnet.
+    let mut c = Cluster::start_each(3, &net_conf(r#"{"Type":"host-gw"}"#), |i| {
+        if i == 3 {
+            vec!["--ip-blackhole-route".to_owned()]
+        } else {
+            Vec::new()
+        }
+    });
+    let mut envs = Vec::new();
+    for n in &mut c.nodes {
+        envs.push(n.wait_subnet_env(Duration::from_secs(30)));
+    }
+    for (n, env) in c.nodes.iter_mut().zip(&envs).take(2) {
+        n.host.add_pods(env.subnet, env.mtu, 1);
+    }
+    assert!(wait_until(DEADLINE, || pods_talk(&c)), "{}", c.logs());
+
+    for (me, peer, peer_ip) in [(0, 1, B_IP), (1, 0, A_IP)] {
+        let ns = &c.nodes[me].host.ns;
+        let peer_subnet = envs[peer].subnet;
+        let routed = || {
+            ns.sh(&format!("ip route show {peer_subnet}"))
+                .contains(&format!("via {peer_ip} dev eth0"))
+                && pods_talk(&c)
+        };
+        assert!(routed());
+        repair_time(
+            &c,
+            &format!("host {} host-gw route deleted", me + 1),
+            || drop(ns.sh(&format!("ip route del {peer_subnet}"))),
+            routed,
+        );
+        assert!(
+            wait_until(Duration::from_secs(5), || c.nodes[me]
+                .log()
+                .contains("repaired route")),
+            "{}",
+            c.nodes[me].log()
+        );
+    }
+
+    let (ns, own) = (&c.nodes[2].host.ns, envs[2].subnet);
+    let blackhole = || {
+        ns.sh("ip route show type blackhole")
+            .contains(&own.to_string())
+    };
+    assert!(
+        wait_until(DEADLINE, blackhole),
+        "no blackhole route\n{}",
+        c.logs()
+    );
+    repair_time(
+        &c,
+        "blackhole route deleted",
+        || drop(ns.sh(&format!("ip route del blackhole {own}"))),
+        blackhole,
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || c.nodes[2]
+            .log()
+            .contains("repaired blackhole_route")),
+        "{}",
+        c.nodes[2].log()
+    );
+}

@@ -223,6 +223,18 @@ impl KernelVxlan {
     /// so [`vxlan_ifindex`](Self::vxlan_ifindex) and [`vtep_mac`](Self::vtep_mac) are valid
     /// from here on.
     pub async fn new(ext: ExternalInterface, config: VxlanConfig) -> Result<Self> {
+        Self::with_vtep_mac(ext, config, None).await
+    }
+
+    /// Like [`new`](Self::new), with the VTEP MAC this host published before (its previous
+    /// lease, read back from the store): the device is created with it, or an existing
+    /// device is given it, so peers' neighbour and FDB entries stay valid across a reboot
+    /// (upstream reads it back from the lease / node annotation too).
+    pub async fn with_vtep_mac(
+        ext: ExternalInterface,
+        config: VxlanConfig,
+        vtep_mac: Option<MacAddr>,
+    ) -> Result<Self> {
         let base = config.mtu.unwrap_or(ext.mtu);
         let mtu = base
             .checked_sub(VXLAN_OVERHEAD)
@@ -235,7 +247,7 @@ impl KernelVxlan {
             ext,
             config,
             ifindex: 0,
-            mac: [0; 6],
+            mac: vtep_mac.map_or([0; 6], MacAddr::octets),
             mtu,
             own: None,
             guard: None,

@@ -736,6 +736,14 @@ impl SubnetManager for EtcdSubnetManager {
     async fn restore_lease(&self, lease: &Lease) -> super::Result<()> {
         Ok(self.restore(lease).await?)
     }
+
+    async fn previous_lease(&self, public_ip: std::net::Ipv4Addr) -> super::Result<Option<Lease>> {
+        let (records, _, _) = self.list(None).await?;
+        Ok(records
+            .into_iter()
+            .find(|r| r.lease.attrs.public_ip == public_ip)
+            .map(|r| r.lease))
+    }
 }
 
 /// Builds watch options for a prefix from `revision`.

@@ -71,6 +71,13 @@ pub trait SubnetManager: Send + Sync {
         cancel: CancellationToken,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// The lease this host (identified by its public IP) published before, if the store
+    /// still has it: where the VTEP MAC survives a reboot.
+    fn previous_lease(
+        &self,
+        public_ip: std::net::Ipv4Addr,
+    ) -> impl Future<Output = Result<Option<Lease>>> + Send;
+
     /// Publish this host's `lease` again exactly as acquired, after someone overwrote or
     /// deleted it in the store. The subnet stays this host's: its pods hold addresses in
     /// it, and every peer must keep routing it here.

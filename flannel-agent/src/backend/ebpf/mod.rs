@@ -42,7 +42,7 @@ use crate::{
         Backend, Error, ExternalInterface, Result,
         vxlan::{Fixes, KernelVxlan},
     },
-    lease::{Lease, LeaseAttrs},
+    lease::{Lease, LeaseAttrs, MacAddr},
     netconf::VxlanConfig,
     repair::{self, RepairKind},
 };
@@ -68,6 +68,9 @@ pub struct EbpfOptions {
     /// [`peer_capacity`] before building the backend; `None` keeps the pinned size (or the
     /// compiled default).
     pub max_peers: Option<u32>,
+    /// The VTEP MAC this host published before, to create `flannel.<VNI>` with (found
+    /// by the agent in its previous lease; `None` in the configuration).
+    pub vtep_mac: Option<MacAddr>,
 }
 
 /// The most peers sized for automatically: 262,144 slots of per-CPU counters already cost
@@ -122,7 +125,7 @@ impl EbpfVxlan {
     ) -> std::result::Result<Self, FallbackReason> {
         probe::probe(&options.pin_root)?;
         // The programs ride on the device, which `KernelVxlan::new` creates (or adopts).
-        let mut kernel = KernelVxlan::new(ext, config)
+        let mut kernel = KernelVxlan::with_vtep_mac(ext, config, options.vtep_mac)
             .await
             .map_err(|e| FallbackReason::Device(e.to_string()))?;
         if options.peer_check {

@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 pub use self::client::{ClientOptions, client_from_options, node_name_from_env};
 use self::{
     annotations::{AnnotationNames, PrefixError},
-    node::{Families, NodeError, annotations_to_patch, pod_cidrs},
+    node::{Families, NodeError, annotations_to_patch, node_to_lease, pod_cidrs},
 };
 use crate::{
     lease::{Lease, LeaseAttrs, LeaseEvent, LeaseRules},
@@ -546,6 +546,15 @@ impl SubnetManager for KubeSubnetManager {
         // Nothing to renew in kube mode: the lease lives as long as the node object.
         cancel.cancelled().await;
         Ok(())
+    }
+
+    async fn previous_lease(&self, _public_ip: Ipv4Addr) -> super::Result<Option<Lease>> {
+        // Our own node object is this host's identity; its annotations are the lease.
+        let node =
+            self.nodes.get_opt(&self.node_name).await.map_err(|e| {
+                super::Error::Other(format!("reading node {}: {e}", self.node_name))
+            })?;
+        Ok(node.and_then(|n| node_to_lease(&n, &self.names, self.families).ok()))
     }
 
     async fn restore_lease(&self, lease: &Lease) -> super::Result<()> {
