@@ -27,6 +27,7 @@ use crate::{
     net::{iface, masq, monitor, netlink::Netlink},
     netconf::NetworkConfig,
     repair::{self, RepairKind},
+    metrics,
     server::{self, DatapathStatus, Readiness},
     subnet::{
         self, SubnetManager,
@@ -230,6 +231,7 @@ async fn fetch_config<M: SubnetManager>(
         match res {
             Ok(cfg) => return Ok(Some(cfg)),
             Err(e) if e.is_transient() => {
+                metrics::get().datastore_error("get_network_config");
                 warn!(error = %e, "could not fetch the network config; retrying in 1s");
             }
             Err(e) => return Err(e.into()),
@@ -310,6 +312,17 @@ async fn build_backend(
             }
         }
     };
+    let (mode, fallback, maps) = match &status {
+        DatapathStatus::Ebpf => (
+            "ebpf-vxlan",
+            "",
+            Some(backend::ebpf::PinLayout::new(&config.ebpf.pin_root)),
+        ),
+        DatapathStatus::Kernel => ("vxlan", "", None),
+        DatapathStatus::KernelFallback(reason) => ("vxlan", reason.kind(), None),
+        DatapathStatus::HostGw => ("host-gw", "", None),
+    };
+    metrics::get().set_datapath(mode, fallback, maps);
     ready.set_datapath(status);
     Ok(backend)
 }
@@ -354,9 +367,14 @@ async fn acquire<M: SubnetManager>(
         match res {
             Ok(lease) => return Ok(Some(lease)),
             Err(e) if e.is_transient() => {
+                metrics::get().lease_acquisition_failures.inc();
+                metrics::get().datastore_error("acquire_lease");
                 warn!(error = %e, "acquiring a lease failed; retrying in 1s")
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                metrics::get().lease_acquisition_failures.inc();
+                return Err(e.into());
+            }
         }
         tokio::select! {
             () = cancel.cancelled() => return Ok(None),
@@ -421,6 +439,11 @@ async fn run_with<M: SubnetManager>(
     let Some(lease) = acquire(mgr, &attrs, cancel).await? else {
         return Ok(());
     };
+    metrics::get().set_lease(
+        lease.subnet,
+        lease.ipv6_subnet.map(|s| s.to_string()),
+        lease.attrs.public_ip,
+    );
     backend
         .register(&lease)
         .await
@@ -539,6 +562,7 @@ async fn watch_peers<M: SubnetManager>(
     // Set while our own lease is known to be wrong in the store and restoring it failed:
     // retried with every resync.
     let mut restore_pending = false;
+    let mut snapshots = 0u64;
     let schedule = |at: &mut Option<tokio::time::Instant>, delay: Duration| {
         let when = tokio::time::Instant::now() + delay;
         *at = Some(at.map_or(when, |t| t.min(when)));
@@ -548,6 +572,7 @@ async fn watch_peers<M: SubnetManager>(
             ev = events.next() => match ev {
                 None => return Err(Error::WatchEnded),
                 Some(Err(error)) => {
+                    metrics::get().datastore_error("watch_leases");
                     warn!(%error, "lease watch error");
                     continue;
                 }
@@ -588,8 +613,17 @@ async fn watch_peers<M: SubnetManager>(
                 schedule(&mut resync_at, REPAIR_DELAY);
             }
         }
+        if matches!(event, LeaseEvent::Snapshot(_)) {
+            // Every snapshot after the first is the watch starting over.
+            if snapshots > 0 {
+                metrics::get().watch_restarts.inc();
+            }
+            snapshots += 1;
+        }
         let failed = apply_event(&mut peers, backend, event, stats).await;
         stats.set_peers(peers.len());
+        // While a repair is pending the programmed count keeps its last value.
+        metrics::get().set_peers(peers.len(), !failed && resync_at.is_none());
         if failed {
             schedule(&mut resync_at, REPAIR_DELAY);
         }

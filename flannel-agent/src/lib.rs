@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod lease;
+pub mod metrics;
 pub mod net;
 pub mod netconf;
 pub mod repair;

@@ -3,6 +3,7 @@
 //! written, then 200. Kubelets and load balancers probe these, so bodies match upstream;
 //! which datapath runs (and why eBPF fell back, if it did) is the `X-Flannel-Datapath`
 //! header of `/readyz`.
+//! `/metrics` serves [`crate::metrics`] in the Prometheus text format.
 
 use std::{
     net::SocketAddr,
@@ -112,11 +113,23 @@ async fn readyz(
     }
 }
 
+async fn metrics() -> ([(http::header::HeaderName, &'static str); 1], String) {
+    // Reading the pinned maps is a few thousand syscalls at most: off the async workers.
+    let body = tokio::task::spawn_blocking(|| crate::metrics::get().encode())
+        .await
+        .unwrap_or_default();
+    (
+        [(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        body,
+    )
+}
+
 /// The router, for tests and embedding.
 pub fn router(ready: Readiness) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(ready)
 }
 

@@ -64,6 +64,7 @@ impl Stats {
         }
         i.reconcile_nanos.fetch_add(nanos(took), Relaxed);
         i.last_reconcile_nanos.store(nanos(took), Relaxed);
+        crate::metrics::get().observe_reconcile(ok, took);
     }
 
     /// One lease event took `took` from arrival to programmed.
@@ -75,6 +76,11 @@ impl Stats {
         }
         i.event_nanos.fetch_add(nanos(took), Relaxed);
         i.max_event_nanos.fetch_max(nanos(took), Relaxed);
+        if ok {
+            crate::metrics::get()
+                .event_to_programmed
+                .observe(took.as_secs_f64());
+        }
     }
 
     /// The peer set now has `n` peers.

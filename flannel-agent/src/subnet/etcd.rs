@@ -650,6 +650,7 @@ impl EtcdSubnetManager {
                     }
                 }
                 Err(error) => {
+                    crate::metrics::get().datastore_error("get_lease");
                     warn!(%key, %error, "reading own lease failed; retrying");
                     tokio::select! {
                         () = cancel.cancelled() => return Ok(()),
@@ -659,6 +660,9 @@ impl EtcdSubnetManager {
             }
         };
         let renewing = left.is_some();
+        if let Some(left) = left {
+            crate::metrics::get().set_lease_expiry(lease.subnet, left);
+        }
         // When the current grant leaves less than the margin, renew right away.
         let mut next_renewal =
             Instant::now() + left.unwrap_or_default().saturating_sub(self.ttl - renew_in);
@@ -672,8 +676,13 @@ impl EtcdSubnetManager {
                 () = cancel.cancelled() => return Ok(()),
                 () = tokio::time::sleep_until(next_renewal.into()), if renewing => {
                     match self.renew(lease).await {
-                        Ok(()) => next_renewal = Instant::now() + renew_in,
+                        Ok(()) => {
+                            next_renewal = Instant::now() + renew_in;
+                            crate::metrics::get().lease_renewals.inc();
+                            crate::metrics::get().set_lease_expiry(lease.subnet, self.ttl);
+                        }
                         Err(error) => {
+                            crate::metrics::get().datastore_error("renew_lease");
                             warn!(%key, %error, retry_in = ?retry, "renewing the lease failed");
                             next_renewal = Instant::now() + retry;
                         }

@@ -72,6 +72,7 @@ async fn run(mgr: EtcdSubnetManager, tx: Tx) {
         let ((records, _, revision), rules) = match listed {
             Ok(l) => l,
             Err(error) => {
+                crate::metrics::get().datastore_error("list_leases");
                 warn!(%error, "listing leases failed; retrying");
                 if sleep_or_closed(&tx, backoff.next_delay()).await {
                     return;
@@ -95,7 +96,10 @@ async fn run(mgr: EtcdSubnetManager, tx: Tx) {
                     return;
                 }
             }
-            Err(error) => warn!(%error, "starting the lease watch failed; resyncing"),
+            Err(error) => {
+                crate::metrics::get().datastore_error("watch_leases");
+                warn!(%error, "starting the lease watch failed; resyncing");
+            }
         }
         if sleep_or_closed(&tx, backoff.next_delay()).await {
             return;
@@ -123,6 +127,7 @@ async fn forward(
                 return false;
             }
             Err(error) => {
+                crate::metrics::get().datastore_error("watch_leases");
                 warn!(%error, "lease watch failed; resyncing");
                 return false;
             }

@@ -51,6 +51,7 @@ pub fn lease_events(
                 // The watcher recovers by itself (re-watch, or relist after 410 Gone); the
                 // backoff above paces it. Nothing is lost: a relist ends in a fresh snapshot.
                 Err(error) => {
+                    crate::metrics::get().datastore_error("watch_leases");
                     warn!(%error, "node watch failed, retrying");
                     Vec::new()
                 }
