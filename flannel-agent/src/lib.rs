@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cli;
 pub mod cni;
 pub mod config;
+pub mod inspect;
 pub mod lease;
 pub mod metrics;
 pub mod net;

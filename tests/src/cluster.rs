@@ -201,6 +201,11 @@ impl Node {
         self.agent = Some(ChildGuard::new(child));
     }
 
+    /// The agent's command-line arguments (to run `flanneld inspect`/`cleanup` alike).
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
     /// SIGKILL the agent (a crash: nothing is cleaned up).
     pub fn kill(&mut self) {
         if let Some(mut a) = self.agent.take() {

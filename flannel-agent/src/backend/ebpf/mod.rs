@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 
 pub use flows::serve_flow_events;
 pub use loader::{Datapath, OBJECT, PinLayout, PodPrograms, load, load_sized, open_pinned};
-pub use probe::FallbackReason;
+pub use probe::{FallbackReason, probe};
 pub use tables::{Counters, PeerEntry, Placement};
 
 use crate::{
