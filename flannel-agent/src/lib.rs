@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod cleanup;
 pub mod cli;
 pub mod cni;
 pub mod config;

@@ -15,9 +15,16 @@ use flannel_agent::{
 
 fn main() -> ExitCode {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == "inspect") {
-        args.remove(1);
-        return inspect(args);
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("inspect") => {
+            args.remove(1);
+            return inspect(args);
+        }
+        Some("cleanup") => {
+            args.remove(1);
+            return cleanup(args);
+        }
+        _ => {}
     }
     let cli = Cli::from_env();
     if cli.version {
@@ -46,6 +53,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// A runtime for the one-shot subcommands.
+fn one_shot_runtime(what: &str) -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("flanneld {what}: starting the async runtime: {e}");
+            None
+        }
+    }
+}
+
+/// `flanneld cleanup [agent flags]`: the flags say which pins and `subnet.env` are ours.
+fn cleanup(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let Some(config) = config_from(args, "cleanup") else {
+        return ExitCode::from(2);
+    };
+    let Some(runtime) = one_shot_runtime("cleanup") else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(flannel_agent::cleanup::run(&config)) {
+        Ok(removed) if removed.is_empty() => {
+            println!("nothing of flanneld's left on this host");
+            ExitCode::SUCCESS
+        }
+        Ok(removed) => {
+            for r in removed {
+                println!("removed {r}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("flanneld cleanup: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `flanneld inspect [--json] [agent flags]`: the agent's flags and `FLANNELD_*` variables
 /// say where the datastore, the pins and `subnet.env` are.
 fn inspect(mut args: Vec<std::ffi::OsString>) -> ExitCode {
@@ -55,15 +102,8 @@ fn inspect(mut args: Vec<std::ffi::OsString>) -> ExitCode {
     let Some(config) = config_from(args, "inspect") else {
         return ExitCode::from(2);
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("flanneld inspect: starting the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = one_shot_runtime("inspect") else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(flannel_agent::inspect::run(&config, json)) {
         Ok(text) => {

@@ -351,6 +351,48 @@ pub fn iptables_forward_script(cfg: &MasqConfig, jump: bool) -> String {
     s
 }
 
+/// iptables-nft creates `table ip nat` / `table ip filter` with their base chains the first
+/// time a rule goes in, and leaves them behind when the last rule and chain are deleted.
+/// After [`teardown`], drop such a table when nothing at all is left in it (no rule, set or
+/// map; only chains whose policy is accept), which filters nothing, so an uninstall leaves
+/// the nftables ruleset as it was. Tables with anything in them stay. Returns the tables
+/// dropped.
+pub async fn drop_empty_iptables_nft_tables() -> Result<Vec<&'static str>> {
+    let mut dropped = Vec::new();
+    for table in ["nat", "filter"] {
+        let listing = match run_tool("nft", &["-j", "list", "table", "ip", table], None).await {
+            Ok(l) => l,
+            // No nft, or no such table: nothing to drop.
+            Err(_) => continue,
+        };
+        if is_empty_nft_table(&listing) {
+            nft(&format!("delete table ip {table}\n")).await?;
+            dropped.push(table);
+        }
+    }
+    Ok(dropped)
+}
+
+/// Whether `nft -j list table …` output holds only the table and accept-policy chains.
+fn is_empty_nft_table(json: &str) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return false;
+    };
+    let Some(objects) = v["nftables"].as_array() else {
+        return false;
+    };
+    objects.iter().all(|o| {
+        let Some(obj) = o.as_object() else {
+            return false;
+        };
+        obj.iter().all(|(kind, body)| match kind.as_str() {
+            "metainfo" | "table" => true,
+            "chain" => body["policy"].as_str().is_none_or(|p| p == "accept"),
+            _ => false,
+        })
+    })
+}
+
 async fn teardown_nft() -> Result<()> {
     // "add" then "delete" in one transaction: removes the table whether or not it exists,
     // on any nft version (no need for `destroy`, nft ≥ 1.0.8).

@@ -181,6 +181,24 @@ impl Netlink {
 
     // ---- links ----
 
+    /// Every link.
+    pub async fn links(&self) -> Result<Vec<LinkMessage>> {
+        let replies = self
+            .collect(
+                "dump links",
+                RouteNetlinkMessage::GetLink(LinkMessage::default()),
+                NLM_F_DUMP,
+            )
+            .await?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// The link called `name`, if it exists.
     pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>> {
         let mut msg = LinkMessage::default();
