@@ -11,7 +11,7 @@
 //!   the `--ip-blackhole-route` route;
 //! * the nftables table `flannel-ipv4` and the iptables `FLANNEL-*` chains with their jumps,
 //!   then the `ip nat` / `ip filter` tables iptables-nft leaves behind, when nothing at all
-//!   is left in them;
+//!   is left in them; the VXLAN peer guard's table `inet flannel-vxlan-guard`;
 //! * `--subnet-file` (`subnet.env`).
 //!
 //! Not flanneld's, so left alone: `cni0` and the pods' veths (the bridge CNI plugin's), the
@@ -27,6 +27,7 @@ use crate::{
     net::{
         masq,
         netlink::{self, Netlink, RTPROT_FLANNEL},
+        vxlan_guard,
     },
 };
 
@@ -102,6 +103,7 @@ pub async fn run(config: &Config) -> Result<Vec<String>, Error> {
 
     // Absent rules are fine, so this cannot tell whether there were any.
     masq::teardown().await?;
+    vxlan_guard::teardown().await?;
     for table in masq::drop_empty_iptables_nft_tables().await? {
         removed.push(format!("empty iptables-nft table ip {table}"));
     }
