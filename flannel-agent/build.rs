@@ -4,6 +4,7 @@
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
+    git_commit();
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -23,4 +24,35 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     aya_build::build_ebpf([package], aya_build::Toolchain::default())
+}
+
+/// `FLANNEL_GIT_COMMIT` for `flanneld --version`: `git rev-parse --short HEAD` (with
+/// `-dirty` when the tree has changes), or `unknown` outside a git checkout (a source
+/// tarball, an image build without `.git`).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a build script asking git for the commit; the rule is about the agent"
+)]
+fn git_commit() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).map_or_else(
+        || "unknown".to_owned(),
+        |c| match git(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(s) if !s.is_empty() => format!("{c}-dirty"),
+            _ => c,
+        },
+    );
+    println!("cargo:rustc-env=FLANNEL_GIT_COMMIT={commit}");
+    // Re-run when HEAD moves (a worktree's HEAD lives in its own git dir).
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        println!("cargo:rerun-if-changed={dir}/HEAD");
+        println!("cargo:rerun-if-changed={dir}/index");
+    }
 }

@@ -27,6 +27,15 @@ pub enum Dataplane {
     Kernel,
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `tracing`'s human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields).
+    Json,
+}
+
 /// Parses a boolean the way Go's `strconv.ParseBool` does.
 fn go_bool(s: &str) -> Result<bool, String> {
     match s {
@@ -45,7 +54,14 @@ fn regex_arg(s: &str) -> Result<String, String> {
 
 /// flanneld: leases this host a pod subnet and connects it to every other host's.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "flanneld", disable_version_flag = true, max_term_width = 100)]
+// Go's flag package keeps the last of repeated flags (`--iface` and `--iface-regex` are
+// lists and append), so a flag given twice is not an error.
+#[command(
+    name = "flanneld",
+    disable_version_flag = true,
+    max_term_width = 100,
+    args_override_self = true
+)]
 pub struct Cli {
     /// Comma-separated list of etcd endpoints.
     #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = crate::subnet::etcd::DEFAULT_ENDPOINTS)]
@@ -214,6 +230,9 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "flannel_agent=debug").
     #[arg(long, env = "FLANNELD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Log line format: human-readable text, or one JSON object per line for collectors.
+    #[arg(long, env = "FLANNELD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// klog verbosity, accepted for compatibility: 0-1 info, 2-4 debug, 5+ trace.
     #[arg(short = 'v', long = "v", env = "FLANNELD_V", hide = true)]
     pub klog_v: Option<u8>,
@@ -363,6 +382,31 @@ mod tests {
             std::iter::once("flanneld").chain(args.iter().copied()),
             |_| None,
         )
+    }
+
+    #[test]
+    fn repeated_flags_keep_the_last_value_and_lists_append() {
+        let c = parse(&[
+            "--etcd-prefix=/a",
+            "-etcd-prefix=/b",
+            "--ip-masq",
+            "--ip-masq=false",
+            "--healthz-port=1",
+            "--healthz-port=2",
+            "--iface=eth0",
+            "--iface=eth1",
+        ])
+        .unwrap();
+        assert_eq!(c.etcd_prefix, "/b");
+        assert!(!c.ip_masq);
+        assert_eq!(c.healthz_port, 2);
+        assert_eq!(c.iface, ["eth0", "eth1"]);
+        assert_eq!(parse(&[]).unwrap().log_format, LogFormat::Text);
+        assert_eq!(
+            parse(&["--log-format=json"]).unwrap().log_format,
+            LogFormat::Json
+        );
+        assert!(parse(&["--log-format=xml"]).is_err());
     }
 
     #[test]

@@ -52,7 +52,10 @@ pub fn render(args: &Args, env: &SubnetEnv, current: &str) -> String {
     let mut opts: Vec<(&str, String)> = Vec::new();
     if let Some(subnet) = env.subnet {
         let gateway = std::net::Ipv4Addr::from(u32::from(subnet.network()) + 1);
-        opts.push(("DOCKER_OPT_BIP", format!("--bip={gateway}/{}", subnet.prefix())));
+        opts.push((
+            "DOCKER_OPT_BIP",
+            format!("--bip={gateway}/{}", subnet.prefix()),
+        ));
     }
     if env.ip_masq == Some(true) && !args.no_ip_masq {
         opts.push(("DOCKER_OPT_IPMASQ", "--ip-masq=false".to_owned()));
@@ -111,7 +114,11 @@ mod tests {
              DOCKER_OPTS=\" --bip=10.244.7.1/24 --ip-masq=false --mtu=1450 \"\n"
         );
         assert_eq!(
-            render(&args(&["-c", "-m", "-k", "DOCKER_NETWORK_OPTIONS"]), &env, "--debug"),
+            render(
+                &args(&["-c", "-m", "-k", "DOCKER_NETWORK_OPTIONS"]),
+                &env,
+                "--debug"
+            ),
             "DOCKER_NETWORK_OPTIONS=\"--debug --bip=10.244.7.1/24 --mtu=1450 \"\n"
         );
         assert_eq!(

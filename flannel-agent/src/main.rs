@@ -5,13 +5,7 @@
 
 use std::process::ExitCode;
 
-use flannel_agent::{
-    agent,
-    cli::Cli,
-    config::Config,
-    subnet::env_file::read_previous,
-    telemetry,
-};
+use flannel_agent::{agent, cli::Cli, config::Config, subnet::env_file::read_previous, telemetry};
 
 fn main() -> ExitCode {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -24,15 +18,25 @@ fn main() -> ExitCode {
             args.remove(1);
             return cleanup(args);
         }
+        Some("mk-docker-opts") => {
+            args.remove(1);
+            return match flannel_agent::docker_opts::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         _ => {}
     }
     let cli = Cli::from_env();
     if cli.version {
-        // Upstream prints the version to stderr.
-        eprintln!("{}", env!("CARGO_PKG_VERSION"));
+        // Upstream prints the version to stderr, alone on the first line.
+        eprintln!("{}", flannel_agent::version::report(&cli.bpf_pin_path));
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = telemetry::init(&cli.log_filter()) {
+    if let Err(e) = telemetry::init(&cli.log_filter(), cli.log_format) {
         eprintln!("flanneld: {e}");
         return ExitCode::from(2);
     }

@@ -90,6 +90,16 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// The `op` values of `flannel_datastore_request_errors_total`.
+pub const DATASTORE_OPS: [&str; 6] = [
+    "get_network_config",
+    "acquire_lease",
+    "get_lease",
+    "renew_lease",
+    "list_leases",
+    "watch_leases",
+];
+
 /// A gauge holding a float (timestamps).
 pub type FloatGauge = Gauge<f64, AtomicU64>;
 
@@ -231,6 +241,14 @@ impl Metrics {
             "Programmed state found changed or deleted and restored, by kind",
             m.repairs.clone(),
         );
+        // Known label values start at 0, so dashboards and alerts see the series before the
+        // first error.
+        for op in DATASTORE_OPS {
+            let _ = m.datastore_errors.get_or_create(&OpLabel { op });
+        }
+        for result in ["ok", "error"] {
+            let _ = m.reconcile_runs.get_or_create(&ResultLabel { result });
+        }
         registry.register_collector(Box::new(&BPF));
         Self { registry, ..m }
     }

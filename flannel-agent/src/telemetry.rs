@@ -1,10 +1,12 @@
 //! Logging: `tracing` to stderr (as upstream's klog), filtered by `--log-level` or
 //! `RUST_LOG`, with the `log` facade bridged in (tracing-log) so aya/aya-log messages
-//! appear too.
+//! appear too. `--log-format=json` writes one JSON object per line instead.
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+use crate::cli::LogFormat;
 
 /// Why logging could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +24,9 @@ pub enum Error {
     AlreadyInit(String),
 }
 
-/// Installs the global subscriber. `RUST_LOG`, when set, wins over `filter`.
-pub fn init(filter: &str) -> Result<(), Error> {
+/// Installs the global subscriber, writing `format` lines. `RUST_LOG`, when set, wins over
+/// `filter`.
+pub fn init(filter: &str, format: LogFormat) -> Result<(), Error> {
     let value = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.is_empty())
@@ -32,16 +35,24 @@ pub fn init(filter: &str) -> Result<(), Error> {
         value: value.clone(),
         reason: e.to_string(),
     })?;
+    let text = (format == LogFormat::Text).then(|| {
+        fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(true)
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_target(true)
+    });
     // `try_init` also installs the `log` → `tracing` bridge (tracing-subscriber's default
     // `tracing-log` feature), so aya-log records reach the same output.
     tracing_subscriber::registry()
         .with(env_filter)
-        .with(
-            fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_target(true),
-        )
+        .with(text)
+        .with(json)
         .try_init()
         .map_err(|e| Error::AlreadyInit(e.to_string()))
 }

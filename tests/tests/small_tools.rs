@@ -36,7 +36,10 @@ fn version_prints_version_commit_and_ebpf_features() {
         "built from {head}? {text}"
     );
     assert!(text.contains("kernel BTF: "), "{text}");
-    assert!(text.contains("eBPF datapath (pins under /sys/fs/bpf/flannel): "), "{text}");
+    assert!(
+        text.contains("eBPF datapath (pins under /sys/fs/bpf/flannel): "),
+        "{text}"
+    );
 }
 
 #[test]
@@ -127,7 +130,14 @@ fn iptables_wrapper_follows_the_backend_holding_the_rules() {
     let ns = NetNs::new("ipwrap");
     let sbin = tempfile::tempdir().unwrap();
     let script = repo().join("deploy/iptables-wrapper");
-    for name in ["iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"] {
+    for name in [
+        "iptables",
+        "iptables-save",
+        "iptables-restore",
+        "ip6tables",
+        "ip6tables-save",
+        "ip6tables-restore",
+    ] {
         std::os::unix::fs::symlink(&script, sbin.path().join(name)).unwrap();
     }
     // An empty node: nft.
@@ -140,7 +150,10 @@ fn iptables_wrapper_follows_the_backend_holding_the_rules() {
         "IPTABLES_WRAPPER_SBIN={dir} {dir}/iptables -t nat -S",
         dir = sbin.path().display()
     ));
-    assert!(listed.contains("-A PREROUTING -j KUBE-SERVICES"), "{listed}");
+    assert!(
+        listed.contains("-A PREROUTING -j KUBE-SERVICES"),
+        "{listed}"
+    );
     let target = std::fs::read_link(sbin.path().join("iptables-restore")).unwrap();
     assert!(
         target.ends_with("iptables-legacy-restore"),
