@@ -334,7 +334,98 @@ async fn probes_hit_the_real_health_server() {
         http_get(addr, &ready).await,
         (200, "flanneld is ready".into())
     );
+
+    // Prometheus' pod annotations point at the health port, where /metrics answers.
+    let meta = ds_template_annotations();
+    assert_eq!(meta["prometheus.io/scrape"], "true");
+    let port = main
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|p| p.name.as_deref() == Some("healthz"))
+        .unwrap()
+        .container_port;
+    assert_eq!(meta["prometheus.io/port"], port.to_string());
+    let (code, body) = http_get(addr, &meta["prometheus.io/path"]).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("# TYPE flannel_peers_known gauge"), "{body}");
     server.abort();
+}
+
+fn ds_template_annotations() -> std::collections::BTreeMap<String, String> {
+    let ds = load().daemonset.unwrap();
+    ds.spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .annotations
+        .unwrap()
+}
+
+/// The uninstall DaemonSet runs `flanneld cleanup` with the agent's defaults, on the host
+/// paths the agent uses, and removes what the install containers put in place.
+#[test]
+fn cleanup_daemonset_undoes_the_install() {
+    let text = std::fs::read_to_string(root().join("deploy/kube-flannel-rs-cleanup.yml")).unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("valid multi-document YAML");
+    let ds_doc = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let _: Namespace = typed(docs.iter().find(|d| d["kind"] == "Namespace").unwrap());
+    let ds: DaemonSet = typed(ds_doc);
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    let volumes = pod.volumes.clone().unwrap();
+    let inits = pod.init_containers.clone().unwrap();
+    let cleanup = container(&inits, "cleanup");
+    let cmd = cleanup.command.clone().unwrap();
+    assert_eq!(cmd[..2], ["/opt/bin/flanneld", "cleanup"]);
+    // The agent's own configuration from these arguments: the defaults it cleans.
+    let cli = Cli::try_from_args_env(
+        std::iter::once("flanneld".to_owned()).chain(cmd[2..].iter().cloned()),
+        |_| None,
+    )
+    .unwrap();
+    let subnet_dir = cli.subnet_file.parent().unwrap().to_str().unwrap();
+    assert_eq!(
+        host_path_of(cleanup, &volumes, subnet_dir).as_deref(),
+        Some(subnet_dir)
+    );
+    assert_eq!(
+        host_path_of(cleanup, &volumes, "/sys/fs/bpf").as_deref(),
+        Some("/sys/fs/bpf")
+    );
+    assert!(cli.bpf_pin_path.starts_with("/sys/fs/bpf"));
+    // What install-cni and install-cni-plugin wrote goes too.
+    let agent = load()
+        .daemonset
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    let agent_inits = agent.init_containers.unwrap();
+    let remove = container(&inits, "remove-cni")
+        .command
+        .clone()
+        .unwrap()
+        .join(" ");
+    for (name, file) in [
+        ("install-cni", "/etc/cni/net.d/10-flannel.conflist"),
+        ("install-cni-plugin", "/opt/cni/bin/flannel"),
+    ] {
+        let install = container(&agent_inits, name)
+            .command
+            .clone()
+            .unwrap()
+            .join(" ");
+        assert!(install.ends_with(file), "{install}");
+        assert!(remove.contains(file), "{remove}");
+    }
 }
 
 async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) {

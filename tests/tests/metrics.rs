@@ -158,6 +158,37 @@ fn prometheus_scrapes_per_peer_bytes_after_iperf3() {
     let text = http_get(ns, AGENT_PORT, "/metrics").expect("/metrics");
     let lint = promtool_check(&text);
     assert!(lint.0, "promtool check metrics failed:\n{}\n{text}", lint.1);
+
+    // Every metric the Grafana dashboard queries exists in the real output.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana-dashboard.json"),
+    )
+    .expect("dashboard");
+    let _: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
+    let names = regex_lite_names(&dashboard);
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
+            "dashboard queries {name}, which /metrics does not export"
+        );
+    }
+}
+
+/// Every `flannel_…` identifier in `text`.
+fn regex_lite_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("flannel_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    out
 }
 
 /// Run `promtool check metrics` on `text`: success and its output.
