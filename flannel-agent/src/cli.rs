@@ -478,7 +478,6 @@ mod tests {
             &["--dataplane=xdp"],
             &["--healthz-port=70000"],
             &["--iface-can-reach=host"],
-            &["--etcd-prefix=/a", "--etcd-prefix=/b"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             assert_eq!(err.exit_code(), 2, "{args:?}: {err}");
