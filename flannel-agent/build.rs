@@ -55,4 +55,11 @@ fn git_commit() {
         println!("cargo:rerun-if-changed={dir}/HEAD");
         println!("cargo:rerun-if-changed={dir}/index");
     }
+    // …and when the branch it points at moves (the ref lives in the common git dir).
+    if let (Some(common), Some(branch)) = (
+        git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]),
+        git(&["symbolic-ref", "-q", "HEAD"]),
+    ) {
+        println!("cargo:rerun-if-changed={common}/{branch}");
+    }
 }

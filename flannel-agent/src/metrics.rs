@@ -312,9 +312,7 @@ impl Metrics {
     pub fn set_peers(&self, known: usize, all_programmed: bool) {
         let known = i64::try_from(known).unwrap_or(i64::MAX);
         self.peers_known.set(known);
-        if all_programmed {
-            self.peers_programmed.set(known);
-        } else if self.peers_programmed.get() > known {
+        if all_programmed || self.peers_programmed.get() > known {
             self.peers_programmed.set(known);
         }
     }
