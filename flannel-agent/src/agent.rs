@@ -24,10 +24,10 @@ use crate::{
     cli::Cli,
     config::{self, Config, ManagerConfig, Plan},
     lease::{BackendAttrs, Lease, LeaseEvent, MacAddr, PeerChange, PeerSet},
+    metrics,
     net::{iface, masq, monitor, netlink::Netlink},
     netconf::NetworkConfig,
     repair::{self, RepairKind},
-    metrics,
     server::{self, DatapathStatus, Readiness},
     subnet::{
         self, SubnetManager,
