@@ -231,24 +231,6 @@ impl Netlink {
         }
     }
 
-    /// Every link.
-    pub async fn links(&self) -> Result<Vec<LinkMessage>> {
-        let replies = self
-            .collect(
-                "dump links",
-                RouteNetlinkMessage::GetLink(LinkMessage::default()),
-                NLM_F_DUMP,
-            )
-            .await?;
-        Ok(replies
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(l),
-                _ => None,
-            })
-            .collect())
-    }
-
     /// Create a link (fails with EEXIST if the name is taken).
     pub async fn link_add(&self, msg: LinkMessage) -> Result<()> {
         let op = format!("add link {}", link_name(&msg).unwrap_or("?"));
