@@ -39,6 +39,12 @@ const PACKAGES: &[(&str, &str)] = &[
     // The metrics test scrapes the agent with a real Prometheus and lints with promtool.
     ("prometheus", "/usr/bin/prometheus"),
     ("prometheus", "/usr/bin/promtool"),
+    // The CNI test builds a small libcni client (tests/cni-client) offline in GOPATH mode.
+    ("golang-go", "/usr/bin/go"),
+    (
+        "golang-github-appc-cni-dev",
+        "/usr/share/gocode/src/github.com/containernetworking/cni/libcni/api.go",
+    ),
 ];
 
 pub fn run() -> Result<()> {
