@@ -57,11 +57,14 @@ pub fn run() -> Result<()> {
 
 /// Installs the packages whose file is missing (`apt-get`, no recommends).
 pub(crate) fn install_packages(packages: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = packages
+    let mut missing: Vec<&str> = packages
         .iter()
         .filter(|(_, file)| !Path::new(file).exists())
         .map(|(pkg, _)| *pkg)
         .collect();
+    // A package can be checked by several of its files.
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
