@@ -71,24 +71,28 @@ pub struct VxlanHeader {
     pub gbp_mark: Option<u32>,
 }
 
-/// Parse a VXLAN header the way the kernel device does: the I bit must be set and every
-/// other flag and reserved bit clear — except, when the device uses GBP (`gbp`), the G, D
-/// and A bits and the 16-bit policy id. `None` means the kernel would drop the frame.
+/// Parse a VXLAN header the way the kernel device does (`vxlan_rcv`): the I bit must be set
+/// and every other flag and reserved bit clear — except, when the device uses GBP (`gbp`)
+/// and the G bit is set, the D and A bits and the 16-bit policy id. Without the G bit those
+/// stay reserved even on a GBP device (the kernel parses the GBP fields only behind G).
+/// `None` means the kernel would drop the frame.
 #[inline(always)]
 pub const fn parse_vxlan_header(h: &[u8; VXLAN_LEN], gbp: bool) -> Option<VxlanHeader> {
-    let (flags, second) = if gbp {
-        (h[0] & !VXLAN_FLAGS_G, h[1] & !(VXLAN_GBP_D | VXLAN_GBP_A))
+    let g = gbp && h[0] & VXLAN_FLAGS_G != 0;
+    let (flags, second, policy) = if g {
+        (
+            h[0] & !VXLAN_FLAGS_G,
+            h[1] & !(VXLAN_GBP_D | VXLAN_GBP_A),
+            0,
+        )
     } else {
-        (h[0], h[1])
+        (h[0], h[1], h[2] | h[3])
     };
-    if flags != VXLAN_FLAGS_I || second != 0 || h[7] != 0 {
-        return None;
-    }
-    if !gbp && (h[2] != 0 || h[3] != 0) {
+    if flags != VXLAN_FLAGS_I || second != 0 || policy != 0 || h[7] != 0 {
         return None;
     }
     let vni = ((h[4] as u32) << 16) | ((h[5] as u32) << 8) | h[6] as u32;
-    let gbp_mark = if gbp && h[0] & VXLAN_FLAGS_G != 0 {
+    let gbp_mark = if g {
         let mut mark = ((h[2] as u32) << 8) | h[3] as u32;
         if h[1] & VXLAN_GBP_D != 0 {
             mark |= GBP_MARK_DONT_LEARN;
@@ -257,6 +261,17 @@ mod tests {
         let mut bad = h;
         bad[1] |= 0x01;
         assert_eq!(parse_vxlan_header(&bad, true), None);
+        // Found by the property test: without G, the GBP fields are reserved even on a GBP
+        // device, so a policy id or the D/A bits without G are dropped, as the kernel does.
+        let mut no_g = h;
+        no_g[0] &= !VXLAN_FLAGS_G;
+        assert_eq!(parse_vxlan_header(&no_g, true), None);
+        no_g[1] = 0;
+        assert_eq!(parse_vxlan_header(&no_g, true), None, "policy id without G");
+        no_g[1] = VXLAN_GBP_D;
+        no_g[2] = 0;
+        no_g[3] = 0;
+        assert_eq!(parse_vxlan_header(&no_g, true), None, "D without G");
     }
 
     #[test]
