@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::wire::{
     cidr::{self, Cidr},
     gojson::{FieldError, GoObject},
+    truncated,
 };
 
 /// Why a network configuration was refused. Every variant names the field and the value, so
@@ -189,8 +190,9 @@ impl NetworkConfig {
             reason: e.to_string(),
         })?;
         let Value::Object(map) = &value else {
+            // Quoted truncated: a config is outside input and may be huge.
             return Err(Error::NotObject {
-                value: value.to_string(),
+                value: truncated(value.to_string().as_bytes()),
             });
         };
         let obj = GoObject::new(map, "");
@@ -432,7 +434,7 @@ fn parse_backend(backend: Option<&Value>) -> Result<BackendConfig> {
     let Value::Object(map) = backend else {
         return Err(Error::Field {
             field: "Backend".into(),
-            value: backend.to_string(),
+            value: truncated(backend.to_string().as_bytes()),
             expected: "an object",
         });
     };
@@ -442,7 +444,7 @@ fn parse_backend(backend: Option<&Value>) -> Result<BackendConfig> {
         "vxlan" => parse_vxlan(&obj).map(BackendConfig::Vxlan),
         "host-gw" => Ok(BackendConfig::HostGw),
         _ => Err(Error::UnsupportedBackend {
-            value: ty.to_owned(),
+            value: truncated(ty.as_bytes()),
         }),
     }
 }
@@ -486,6 +488,20 @@ mod tests {
     }
 
     const VX: &str = r#""Backend":{"Type":"vxlan"}"#;
+
+    #[test]
+    fn huge_bad_values_are_quoted_truncated() {
+        // Found by the parser property test: these quoted a megabyte whole.
+        let big = "x".repeat(1 << 20);
+        for json in [
+            format!(r#"["{big}"]"#),
+            format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{big}"}}}}"#),
+            format!(r#"{{"Network":"10.244.0.0/16","Backend":"{big}"}}"#),
+        ] {
+            let e = NetworkConfig::parse(&json).unwrap_err().to_string();
+            assert!(e.len() < 600, "{} bytes", e.len());
+        }
+    }
 
     #[test]
     fn upstream_example_lower_camel_case() {

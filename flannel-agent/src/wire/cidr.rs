@@ -72,6 +72,22 @@ impl Cidr for Ipv6Network {
     }
 }
 
+/// CIDR text read as Go's `net.ParseCIDR` reads it, which is what upstream's fields go
+/// through: an address of the family, `/`, and a prefix length of decimal digits only
+/// (leading zeros allowed; no sign, spaces or netmask form) no longer than the family
+/// allows. Host bits are kept as written. `ipnetwork`'s own parser is laxer: it takes a
+/// bare address as a full-length prefix and `+24` or `255.255.0.0` as a length.
+pub fn parse_cidr<N: Cidr>(s: &str) -> Option<N> {
+    let (addr, prefix) = s.split_once('/')?;
+    if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len = prefix.bytes().try_fold(0u32, |n, b| {
+        n.checked_mul(10)?.checked_add(u32::from(b - b'0'))
+    })?;
+    N::build(addr.parse().ok()?, u8::try_from(len).ok()?)
+}
+
 /// The mask of the network part of a `prefix`-bit prefix in a `bits`-wide address.
 fn network_mask(bits: u8, prefix: u8) -> u128 {
     let host = u32::from(bits - prefix.min(bits));
@@ -188,6 +204,24 @@ mod tests {
         assert_eq!(block_size::<Ipv4Network>(24), 256);
         assert_eq!(block_size::<Ipv6Network>(0), u128::MAX);
         assert_eq!(block_size::<Ipv4Network>(0), 1 << 32);
+    }
+
+    #[test]
+    fn cidr_text_as_go_reads_it() {
+        assert_eq!(parse_cidr("10.244.1.7/16"), Some(v4("10.244.1.7/16")));
+        assert_eq!(parse_cidr("10.244.0.0/024"), Some(v4("10.244.0.0/24")));
+        assert_eq!(parse_cidr("fd00::/56"), Some(v6("fd00::/56")));
+        // Found by the parser property test: ipnetwork takes these, Go does not.
+        for bad in [
+            "10.244.0.0",
+            "10.244.0.0/+24",
+            "10.244.0.0/255.255.0.0",
+            "10.244.0.0/33",
+        ] {
+            assert_eq!(parse_cidr::<Ipv4Network>(bad), None, "{bad}");
+        }
+        assert_eq!(parse_cidr::<Ipv4Network>("fd00::/56"), None, "wrong family");
+        assert_eq!(parse_cidr::<Ipv6Network>("fd00::/129"), None);
     }
 
     #[test]

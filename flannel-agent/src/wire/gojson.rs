@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::cidr::{Cidr, masked};
+use super::cidr::{Cidr, masked, parse_cidr};
 
 /// A field of the wrong JSON type or with an unparsable value.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -117,9 +117,9 @@ impl<'a> GoObject<'a> {
         let Some(s) = self.str(name)? else {
             return Ok(None);
         };
-        match s.parse::<N>() {
-            Ok(net) if s.contains('/') => Ok(Some(masked(net))),
-            _ => Err(self.field_err(name, &Value::from(s), expected)),
+        match parse_cidr::<N>(s) {
+            Some(net) => Ok(Some(masked(net))),
+            None => Err(self.field_err(name, &Value::from(s), expected)),
         }
     }
 }

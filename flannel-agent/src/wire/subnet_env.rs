@@ -8,9 +8,9 @@
 //! bad value is an error naming the line) and flanneld's `godotenv` ([`Dialect::Dotenv`]:
 //! `export`, quotes and spaces tolerated, an unreadable value simply unset).
 
-use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
-use super::cidr::{Cidr, first_host, masked};
+use super::cidr::{Cidr, first_host, masked, parse_cidr};
 
 /// How to read the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,13 +191,11 @@ impl SubnetEnv {
     }
 }
 
-/// One CIDR of the family `N`, host bits cleared.
+/// One CIDR of the family `N`, host bits cleared (Go's `net.ParseCIDR`, as the plugin).
 fn cidr<N: Cidr>(s: &str) -> Result<N, String> {
-    let net: IpNetwork = s.parse().map_err(|e| format!("{s:?} is not a CIDR: {e}"))?;
-    let text = net.to_string();
-    text.parse::<N>()
+    parse_cidr::<N>(s)
         .map(masked)
-        .map_err(|_| format!("expected an {} network", N::FAMILY))
+        .ok_or_else(|| format!("{s:?} is not an {} CIDR (address/prefix length)", N::FAMILY))
 }
 
 /// A comma list of CIDRs, deduplicated in order.
