@@ -90,11 +90,15 @@ pub enum PassReason {
     /// The inner source lies outside the sending peer's subnet (e.g. the peer's host
     /// traffic that is not masqueraded): the kernel device carries it, as upstream's does.
     ForeignSource = 9,
+    /// A known peer's plain VXLAN packet whose outer IPv4 header checksum is wrong or whose
+    /// IPv4/UDP lengths do not match the packet: the kernel drops or trims it, as it does
+    /// without our programs; it is never decapsulated as it stands.
+    BadOuter = 10,
 }
 
 impl PassReason {
     /// Number of reasons: the size of the passes map.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     /// Every reason, in index order.
     pub const ALL: [PassReason; Self::COUNT as usize] = [
         Self::Disabled,
@@ -107,6 +111,7 @@ impl PassReason {
         Self::NotForUs,
         Self::UnknownPeer,
         Self::ForeignSource,
+        Self::BadOuter,
     ];
 
     /// Stable name for logs, metrics and `flanneld` output.
@@ -122,6 +127,7 @@ impl PassReason {
             Self::NotForUs => "not_for_us",
             Self::UnknownPeer => "unknown_peer",
             Self::ForeignSource => "foreign_source",
+            Self::BadOuter => "bad_outer",
         }
     }
 }

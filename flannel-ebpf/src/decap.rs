@@ -10,7 +10,8 @@
 //! fragment was dropped here (and the agent's nftables guard drops what reassembles from
 //! a non-peer anyway).
 //!
-//! Then, for a known peer's plain packet (no options, not fragmented): VXLAN flags as the
+//! Then, for a known peer's plain packet (no options, not fragmented, outer checksum and
+//! lengths as the kernel accepts them without trimming): VXLAN flags as the
 //! kernel device accepts them (the I bit; with GBP also G, D, A and the policy id, which
 //! becomes `skb->mark` as the kernel sets it), our VNI, inner frame to our VTEP MAC
 //! carrying IPv4. An inner source outside the sending peer's subnet (e.g. its host traffic
@@ -48,7 +49,7 @@ use flannel_common::{
     maps::{CONFIG_F_ANY_PEER, CONFIG_F_FAST_INGRESS, CONFIG_F_FLOW_CACHE, CONFIG_F_GBP},
     wire::{
         ETH_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_LEN, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD, in_subnet,
-        parse_vxlan_header,
+        ipv4_header_checksum, parse_vxlan_header,
     },
 };
 
@@ -191,6 +192,21 @@ fn known_peer(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Peer, Outcome> {
     if ihl != IPV4_LEN || frag & 0x3fff != 0 {
         // Options, or the first fragment (MF): the kernel parses or reassembles them.
         return Err(Outcome::Pass(PassReason::Fragment));
+    }
+    // What `ip_rcv` and `udp_rcv` would drop or trim — a bad header checksum (summed with
+    // its checksum field, a valid header folds to zero), an IPv4 or UDP length other than
+    // what the packet holds — is theirs to handle: decapsulating it as it stands would
+    // deliver what the kernel path never would. GRO keeps both lengths and the checksum
+    // right for the aggregates it builds.
+    let total = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let udp_len: u16 = ctx
+        .load(OUTER_UDP + 4)
+        .map_err(|_| Outcome::Pass(PassReason::BadOuter))?;
+    if ipv4_header_checksum(&ip) != 0
+        || total != ctx.len().saturating_sub(ETH_LEN as u32)
+        || u32::from(u16::from_be(udp_len)) + IPV4_LEN as u32 != total
+    {
+        return Err(Outcome::Pass(PassReason::BadOuter));
     }
     Ok(*peer)
 }

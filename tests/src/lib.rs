@@ -6,6 +6,7 @@ pub mod craft;
 pub mod etcd;
 pub mod kube_api;
 pub mod netns;
+pub mod progs;
 pub mod twohost;
 
 /// Whether privileged tests can run. Not root: prints why and returns `false`, so the test
