@@ -116,14 +116,8 @@ impl Loaded {
             (names::PROG_ENCAP, "fl0", TcAttachType::Egress),
             (names::PROG_DECAP, "fl1", TcAttachType::Ingress),
         ] {
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(prog)
-                .expect("program")
-                .try_into()
-                .expect("classifier");
-            p.load()
-                .unwrap_or_else(|e| panic!("verifier rejected {prog}: {e:#}"));
-            p.attach_with_options(dev, dir, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            load_program(&mut ebpf, prog)
+                .attach_with_options(dev, dir, TcAttachOptions::TcxOrder(LinkOrder::default()))
                 .unwrap_or_else(|e| panic!("attach {prog} to {dev}: {e:#}"));
         }
         let mut me = Self { ebpf };
@@ -202,14 +196,7 @@ impl Loaded {
     /// `BPF_PROG_TEST_RUN`, and the verifier's verdict on them.
     pub fn load_pod_programs(&mut self) {
         for prog in [names::PROG_FROM_POD, names::PROG_TO_POD] {
-            let p: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(prog)
-                .expect("program")
-                .try_into()
-                .expect("classifier");
-            p.load()
-                .unwrap_or_else(|e| panic!("verifier rejected {prog}: {e:#}"));
+            load_program(&mut self.ebpf, prog);
         }
     }
 
@@ -286,6 +273,18 @@ impl Loaded {
     }
 }
 
+/// Loads classifier `prog` of `ebpf`: the verifier's verdict on it.
+fn load_program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> &'a mut SchedClassifier {
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(prog)
+        .expect("program")
+        .try_into()
+        .expect("classifier");
+    p.load()
+        .unwrap_or_else(|e| panic!("verifier rejected {prog}: {e:#}"));
+    p
+}
+
 /// An Ethernet + IPv4 + ICMP echo frame from `src` to `dst`.
 pub fn inner_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     let payload = b"flannel-ebpf-smoke-test-payload!";
@@ -294,31 +293,13 @@ pub fn inner_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4
     f.extend_from_slice(&dst_mac);
     f.extend_from_slice(&src_mac);
     f.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = [
-        0x45,
-        0x00,
-        (total >> 8) as u8,
-        total as u8,
-        0x12,
-        0x34,
-        0x40,
-        0x00,
-        64,
-        1,
-        0,
-        0,
-        src[0],
-        src[1],
-        src[2],
-        src[3],
-        dst[0],
-        dst[1],
-        dst[2],
-        dst[3],
-    ];
+    // The outer header's layout with DF set and protocol ICMP.
+    let mut ip = wire::outer_ipv4_header(total, 0x1234, 0, 64, src, dst);
+    ip[6] = 0x40;
+    ip[9] = 1;
+    ip[10..12].copy_from_slice(&[0, 0]);
     let c = wire::ipv4_header_checksum(&ip);
-    ip[10] = (c >> 8) as u8;
-    ip[11] = c as u8;
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
     f.extend_from_slice(payload);
