@@ -20,12 +20,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    backend::{self, AnyBackend, Backend, ExternalInterface},
+    backend::{self, AnyBackend, Backend, ExternalInterface, vxlan::VtepMacs},
     cli::Cli,
     config::{self, Config, ManagerConfig, Plan},
-    lease::{BackendAttrs, Lease, LeaseEvent, MacAddr, PeerChange, PeerSet},
+    lease::{BackendAttrs, Lease, LeaseEvent, PeerChange, PeerSet},
     metrics,
-    net::{iface, masq, monitor, netlink::Netlink},
+    net::{blackhole::Blackholes, iface, masq, monitor},
     netconf::NetworkConfig,
     repair::{self, RepairKind},
     server::{self, DatapathStatus, Readiness},
@@ -100,23 +100,28 @@ pub struct TrafficRules {
     pub previous_network: Option<ipnetwork::Ipv4Network>,
 }
 
-/// Installs the masquerade/forward rules (`crate::net::masq`) and keeps them in place in
-/// the background. Upstream exits when the first installation fails, and so do we.
+/// Installs the masquerade/forward rules (`crate::net::masq`) of each enabled family and
+/// keeps them in place in the background. Upstream exits when the first installation
+/// fails, and so do we.
 async fn install_traffic_rules(rules: &TrafficRules, cancel: &CancellationToken) -> Result<()> {
-    if rules.blackhole_route && rules.subnet.is_none() {
-        warn!("--ip-blackhole-route covers IPv4 subnets only; ignoring it");
-    }
-    if (rules.ip_masq || rules.forward_rules) && rules.ipv6_network.is_some() {
-        warn!(
-            "IPv6 masquerade/forward rules are not supported by this implementation; only IPv4 rules are installed"
-        );
-    }
-    let (Some(network), Some(subnet)) = (rules.network, rules.subnet) else {
-        return Ok(());
-    };
     if !rules.ip_masq && !rules.forward_rules {
         return Ok(());
     }
+    if let (Some(network), Some(subnet)) = (rules.network, rules.subnet) {
+        install_family_rules(rules, network, subnet, cancel).await?;
+    }
+    if let (Some(network), Some(subnet)) = (rules.ipv6_network, rules.ipv6_subnet) {
+        install_family_rules(rules, network, subnet, cancel).await?;
+    }
+    Ok(())
+}
+
+async fn install_family_rules<N: masq::RuleFamily>(
+    rules: &TrafficRules,
+    network: N,
+    subnet: N,
+    cancel: &CancellationToken,
+) -> Result<()> {
     let cfg = masq::MasqConfig {
         network,
         subnet,
@@ -251,11 +256,11 @@ async fn build_backend(
     net: &NetworkConfig,
     ready: &Readiness,
     cancel: &CancellationToken,
-    vtep_mac: Option<MacAddr>,
+    vtep_macs: VtepMacs,
 ) -> Result<AnyBackend> {
     let err = |backend| move |source| Error::Backend { backend, source };
     let mut pins = config.ebpf.clone();
-    pins.vtep_mac = vtep_mac;
+    pins.vtep_macs = vtep_macs;
     // The maps hold every subnet the network has room for, unless the flag says otherwise.
     pins.max_peers = Some(backend::ebpf::peer_capacity(
         config.ebpf.max_peers,
@@ -264,7 +269,7 @@ async fn build_backend(
     ));
     // The kernel datapath keeps upstream's behaviour (VXLAN from anyone) unless asked.
     let kernel_vxlan = |vx| async move {
-        let mut b = backend::vxlan::KernelVxlan::with_vtep_mac(ext.clone(), vx, vtep_mac).await?;
+        let mut b = backend::vxlan::KernelVxlan::with_vtep_macs(ext.clone(), vx, vtep_macs).await?;
         if config.vxlan_peer_check == Some(true) {
             b.enable_peer_guard();
         }
@@ -280,7 +285,7 @@ async fn build_backend(
             DatapathStatus::HostGw,
         ),
         Plan::Kernel(vx) => (
-            AnyBackend::Vxlan(kernel_vxlan(vx).await.map_err(err("vxlan"))?),
+            AnyBackend::Vxlan(Box::new(kernel_vxlan(vx).await.map_err(err("vxlan"))?)),
             DatapathStatus::Kernel,
         ),
         Plan::Ebpf(vx) => (
@@ -304,7 +309,7 @@ async fn build_backend(
                           "eBPF VXLAN datapath unavailable; falling back to the kernel VXLAN datapath");
                     let kernel = kernel_vxlan(vx).await.map_err(err("vxlan"))?;
                     (
-                        AnyBackend::Vxlan(kernel),
+                        AnyBackend::Vxlan(Box::new(kernel)),
                         DatapathStatus::KernelFallback(reason),
                     )
                 }
@@ -331,25 +336,30 @@ async fn build_backend(
 /// re-created `flannel.<VNI>` — after a reboot, or deleted while the agent was down — keeps
 /// the MAC every peer holds. Best effort: without it (first start, store unreachable) the
 /// device keeps its own MAC or gets a random one.
-async fn previous_vtep_mac<M: SubnetManager>(mgr: &M, public_ip: Ipv4Addr) -> Option<MacAddr> {
+async fn previous_vtep_macs<M: SubnetManager>(mgr: &M, public_ip: Ipv4Addr) -> VtepMacs {
     let found = tokio::time::timeout(Duration::from_secs(5), mgr.previous_lease(public_ip)).await;
     let lease = match found {
-        Ok(Ok(lease)) => lease?,
+        Ok(Ok(Some(lease))) => lease,
+        Ok(Ok(None)) => return VtepMacs::default(),
         Ok(Err(error)) => {
             warn!(%error, "could not read this host's previous lease; the VTEP MAC may change");
-            return None;
+            return VtepMacs::default();
         }
         Err(_) => {
             warn!("reading this host's previous lease timed out; the VTEP MAC may change");
-            return None;
+            return VtepMacs::default();
         }
     };
     match &lease.attrs.backend {
-        BackendAttrs::Vxlan { v4: Some(data), .. } => {
-            info!(subnet = %lease.subnet, vtep_mac = %data.vtep_mac, "reusing the VTEP MAC of this host's previous lease");
-            Some(data.vtep_mac)
+        BackendAttrs::Vxlan { v4, v6 } => {
+            let macs = VtepMacs {
+                v4: v4.map(|d| d.vtep_mac),
+                v6: v6.map(|d| d.vtep_mac),
+            };
+            info!(subnet = %lease.subnet, ?macs, "reusing the VTEP MACs of this host's previous lease");
+            macs
         }
-        _ => None,
+        _ => VtepMacs::default(),
     }
 }
 
@@ -429,8 +439,8 @@ async fn run_with<M: SubnetManager>(
         ..config.interface.clone()
     };
     let ext = iface::lookup(&selector).await?;
-    let vtep_mac = previous_vtep_mac(mgr, ext.public_ip).await;
-    let mut backend = build_backend(plan, &ext, config, &cfg, ready, cancel, vtep_mac).await?;
+    let vtep_macs = previous_vtep_macs(mgr, ext.public_ip).await;
+    let mut backend = build_backend(plan, &ext, config, &cfg, ready, cancel, vtep_macs).await?;
     let backend_name = cfg.backend.type_name();
     let attrs = backend.prepare().await.map_err(|source| Error::Backend {
         backend: backend_name,
@@ -467,7 +477,10 @@ async fn run_with<M: SubnetManager>(
         previous_network: previous.network,
     };
     install_traffic_rules(&rules, cancel).await?;
-    let blackhole = rules.subnet.filter(|_| rules.blackhole_route);
+    let blackhole = (
+        rules.subnet.filter(|_| rules.blackhole_route),
+        rules.ipv6_subnet.filter(|_| rules.blackhole_route),
+    );
 
     let env = SubnetEnv {
         networks: rules.network.into_iter().collect(),
@@ -527,7 +540,10 @@ async fn watch_peers<M: SubnetManager>(
     backend: &mut AnyBackend,
     own: &Lease,
     ext: &ExternalInterface,
-    blackhole: Option<ipnetwork::Ipv4Network>,
+    blackhole: (
+        Option<ipnetwork::Ipv4Network>,
+        Option<ipnetwork::Ipv6Network>,
+    ),
     stats: &backend::Stats,
     cancel: &CancellationToken,
 ) -> Result<()> {
@@ -542,18 +558,20 @@ async fn watch_peers<M: SubnetManager>(
         trigger_tx,
         cancel.child_token(),
     ));
-    let blackhole = match blackhole.map(|s| Netlink::connect().map(|nl| (nl, s))) {
-        Some(Ok((nl, subnet))) => {
-            if let Err(error) = crate::net::blackhole::ensure(&nl, subnet).await {
-                warn!(%subnet, %error, "adding the blackhole route failed; retrying on resync");
+    let blackhole = match Blackholes::new(blackhole.0, blackhole.1) {
+        Ok(Some(b)) => {
+            for (subnet, r) in b.ensure_all().await {
+                if let Err(error) = r {
+                    warn!(%subnet, %error, "adding the blackhole route failed; retrying on resync");
+                }
             }
-            Some((nl, subnet))
+            Some(b)
         }
-        Some(Err(error)) => {
+        Ok(None) => None,
+        Err(error) => {
             warn!(%error, "blackhole route: no netlink");
             None
         }
-        None => None,
     };
     let start = tokio::time::Instant::now();
     let mut periodic = tokio::time::interval_at(start + RESYNC_PERIOD, RESYNC_PERIOD);
@@ -687,7 +705,7 @@ async fn restore_own_lease<M: SubnetManager>(mgr: &M, own: &Lease) -> bool {
 async fn resync(
     backend: &mut AnyBackend,
     peers: &PeerSet,
-    blackhole: Option<&(Netlink, ipnetwork::Ipv4Network)>,
+    blackhole: Option<&Blackholes>,
     stats: &backend::Stats,
 ) -> std::result::Result<(), String> {
     let started = std::time::Instant::now();
@@ -696,8 +714,11 @@ async fn resync(
         .await
         .map_err(|e| e.to_string());
     stats.reconciled(started.elapsed(), result.is_ok());
-    if let Some((nl, subnet)) = blackhole {
-        match crate::net::blackhole::ensure(nl, *subnet).await {
+    for (subnet, r) in match blackhole {
+        Some(b) => b.ensure_all().await,
+        None => Vec::new(),
+    } {
+        match r {
             Ok(true) => repair::record(RepairKind::BlackholeRoute, format!("blackhole {subnet}")),
             Ok(false) => {}
             Err(error) => warn!(%subnet, %error, "ensuring the blackhole route failed"),

@@ -26,7 +26,7 @@ use crate::{
     config::Config,
     net::{
         masq,
-        netlink::{self, Netlink, RTPROT_FLANNEL},
+        netlink::{self, Netlink, NlFamily, RTPROT_FLANNEL},
         vxlan_guard,
     },
 };
@@ -91,15 +91,8 @@ pub async fn run(config: &Config) -> Result<Vec<String>, Error> {
             }
         }
     }
-    for route in nl.routes_v4().await? {
-        if u8::from(route.header.protocol) != RTPROT_FLANNEL {
-            continue;
-        }
-        let what = netlink::route_dst_v4(&route).map_or_else(|| "?".to_owned(), |d| d.to_string());
-        if nl.route_del(netlink::route_del_from(&route)).await? {
-            removed.push(format!("route {what} proto {RTPROT_FLANNEL}"));
-        }
-    }
+    remove_routes::<ipnetwork::Ipv4Network>(&nl, &mut removed).await?;
+    remove_routes::<ipnetwork::Ipv6Network>(&nl, &mut removed).await?;
 
     // Absent rules are fine, so this cannot tell whether there were any.
     masq::teardown().await?;
@@ -110,6 +103,21 @@ pub async fn run(config: &Config) -> Result<Vec<String>, Error> {
 
     remove_file(&config.subnet_file, &mut removed)?;
     Ok(removed)
+}
+
+/// Every route of family `N` this agent created (protocol 84).
+async fn remove_routes<N: NlFamily>(nl: &Netlink, removed: &mut Vec<String>) -> Result<(), Error> {
+    for route in nl.routes::<N>().await? {
+        if u8::from(route.header.protocol) != RTPROT_FLANNEL {
+            continue;
+        }
+        let what =
+            netlink::route_dst::<N>(&route).map_or_else(|| "?".to_owned(), |d| d.to_string());
+        if nl.route_del(netlink::route_del_from(&route)).await? {
+            removed.push(format!("route {what} proto {RTPROT_FLANNEL}"));
+        }
+    }
+    Ok(())
 }
 
 fn remove_file(path: &Path, removed: &mut Vec<String>) -> Result<(), Error> {

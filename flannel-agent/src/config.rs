@@ -194,7 +194,7 @@ impl Config {
                 flow_refresh_ms: cli.ebpf_flow_refresh_ms,
                 peer_check: cli.vxlan_peer_check != Some(false),
                 max_peers: cli.ebpf_max_peers,
-                vtep_mac: None,
+                vtep_macs: Default::default(),
             },
             vxlan_peer_check: cli.vxlan_peer_check,
         })

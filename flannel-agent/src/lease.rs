@@ -14,8 +14,8 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 
 pub use crate::wire::{
     lease::{
-        BackendAttrs, Error, Lease, LeaseAttrs, SubnetId, VxlanBackendData, make_subnet_key,
-        parse_record, parse_subnet_key,
+        BackendAttrs, Error, Lease, LeaseAttrs, LeaseFamily, SubnetId, VxlanBackendData,
+        make_subnet_key, parse_record, parse_subnet_key,
     },
     mac::MacAddr,
 };

@@ -12,7 +12,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use crate::{
     etcd::{EtcdCluster, EtcdServer},
@@ -168,6 +168,10 @@ pub struct SubnetEnv {
     pub mtu: u32,
     /// `FLANNEL_IPMASQ`.
     pub ipmasq: bool,
+    /// `FLANNEL_IPV6_NETWORK` (dual stack).
+    pub ipv6_network: Option<Ipv6Network>,
+    /// `FLANNEL_IPV6_SUBNET` as a network (dual stack).
+    pub ipv6_subnet: Option<Ipv6Network>,
 }
 
 impl Node {
@@ -235,6 +239,8 @@ impl Node {
             subnet: env.subnet?,
             mtu: env.mtu?,
             ipmasq: env.ip_masq?,
+            ipv6_network: env.ipv6_network(),
+            ipv6_subnet: env.ipv6_subnet,
         })
     }
 
@@ -457,6 +463,45 @@ impl Cluster {
                 .first()
                 .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
         })
+    }
+
+    /// Dual stack: give every host its IPv6 underlay address (before the agents start).
+    pub fn add_ipv6_underlay(&mut self) {
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            n.host.add_ipv6(u8::try_from(i + 1).expect("few hosts"));
+        }
+    }
+
+    /// Dual stack: after [`Cluster::add_pods`], give every pod its IPv6 address from its
+    /// host's `FLANNEL_IPV6_SUBNET`. Returns the IPv6 subnets in host order.
+    pub fn add_pod_ipv6(&mut self, envs: &[SubnetEnv]) -> Vec<Ipv6Network> {
+        let mut out = Vec::new();
+        for (n, env) in self.nodes.iter_mut().zip(envs) {
+            let sn6 = env.ipv6_subnet.expect("FLANNEL_IPV6_SUBNET in subnet.env");
+            n.host.add_pod_ipv6(sn6);
+            out.push(sn6);
+        }
+        out
+    }
+
+    /// Like [`Cluster::assert_all_pods_reach_each_other`], over IPv6.
+    pub fn assert_all_pods_reach_each_other_v6(&self) {
+        let pods: Vec<(&NetNs, Ipv6Addr)> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.host.pods.iter())
+            .map(|p| (&p.ns, p.ip6.expect("pod has an IPv6 address")))
+            .collect();
+        for (from, _) in &pods {
+            for (_, to) in &pods {
+                let ok = wait_until(Duration::from_secs(15), || {
+                    from.run(&format!("ping -6 -c 1 -W 1 {to}"))
+                        .status
+                        .success()
+                });
+                assert!(ok, "{} cannot reach {to}\n{}", from.name(), self.logs());
+            }
+        }
     }
 
     /// Every pod of every host with its address.

@@ -16,14 +16,14 @@
 //! (not `ip netns exec`, which remounts `/sys`), Rust code with `setns` on a fresh thread.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -332,6 +332,43 @@ impl Default for Underlay {
     }
 }
 
+/// The IPv6 underlay address of host `index` (1-based): `fd00:198::<index>`.
+pub fn host_ip6(index: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x198, 0, 0, 0, 0, 0, u16::from(index))
+}
+
+/// The `n`th address of an IPv6 network (`n` = 1 is the gateway `::1`).
+pub fn nth6(net: Ipv6Network, n: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(net.network()) + u128::from(n))
+}
+
+impl Host {
+    /// Dual stack on the underlay: `eth0` also gets [`host_ip6`]`(index)`/64 (no DAD, so
+    /// it is usable at once) and the host forwards IPv6.
+    pub fn add_ipv6(&mut self, index: u8) {
+        self.ns.sh(&format!(
+            "ip -6 addr add {}/64 dev eth0 nodad && sysctl -qw net.ipv6.conf.all.forwarding=1",
+            host_ip6(index)
+        ));
+    }
+
+    /// Give `cni0` the gateway address `::1` of `subnet6` and every pod the IPv6 address
+    /// matching its IPv4 one (`::2`, `::3`, …) with a default IPv6 route via `cni0`.
+    pub fn add_pod_ipv6(&mut self, subnet6: Ipv6Network) {
+        let gw = nth6(subnet6, 1);
+        let len = subnet6.prefix();
+        self.ns
+            .sh(&format!("ip -6 addr add {gw}/{len} dev cni0 nodad"));
+        for (i, pod) in self.pods.iter_mut().enumerate() {
+            let ip = nth6(subnet6, u32::try_from(i + 2).expect("few pods"));
+            pod.ns.sh(&format!(
+                "ip -6 addr add {ip}/{len} dev eth0 nodad && ip -6 route add default via {gw}"
+            ));
+            pod.ip6 = Some(ip);
+        }
+    }
+}
+
 /// A host namespace and the pods behind its `cni0`.
 #[derive(Debug)]
 pub struct Host {
@@ -350,6 +387,8 @@ pub struct Pod {
     pub ns: NetNs,
     /// Its address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, once [`Host::add_pod_ipv6`] gave it one.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 impl Host {
@@ -382,7 +421,7 @@ impl Host {
                  ip link set eth0 up && ip route add default via {gw}",
                 len = subnet.prefix()
             ));
-            self.pods.push(Pod { ns, ip });
+            self.pods.push(Pod { ns, ip, ip6: None });
         }
     }
 }

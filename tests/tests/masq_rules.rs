@@ -237,7 +237,7 @@ fn blackhole_route_is_added_once_and_never_replaces_a_connected_route() {
     );
     let added = ns.block_on(|| async {
         let nl = flannel_agent::net::netlink::Netlink::connect().unwrap();
-        flannel_agent::net::blackhole::ensure(&nl, "10.244.2.0/24".parse().unwrap())
+        flannel_agent::net::blackhole::ensure(&nl, "10.244.2.0/24".parse::<Ipv4Network>().unwrap())
             .await
             .unwrap()
     });
@@ -248,4 +248,33 @@ fn blackhole_route_is_added_once_and_never_replaces_a_connected_route() {
         "{routes}"
     );
     assert!(!routes.contains("blackhole 10.244.2.0/24"), "{routes}");
+}
+
+#[test]
+fn ipv6_blackhole_route_is_added_once() {
+    if !require_root() {
+        return;
+    }
+    let ns = NetNs::new("bh6");
+    ns.sh("ip link set lo up");
+    let added = ns.block_on(|| async {
+        let nl = flannel_agent::net::netlink::Netlink::connect().unwrap();
+        let subnet: ipnetwork::Ipv6Network = "fd00:10:244:1::/64".parse().unwrap();
+        let first = flannel_agent::net::blackhole::ensure(&nl, subnet)
+            .await
+            .unwrap();
+        let second = flannel_agent::net::blackhole::ensure(&nl, subnet)
+            .await
+            .unwrap();
+        (first, second)
+    });
+    assert_eq!(added, (true, false));
+    let routes = ns.sh("ip -6 route show");
+    assert_eq!(
+        routes
+            .matches("blackhole fd00:10:244:1::/64 dev lo proto 84")
+            .count(),
+        1,
+        "{routes}"
+    );
 }

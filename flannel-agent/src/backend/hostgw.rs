@@ -8,16 +8,16 @@
 //! a peer and touches no other route. Nothing is removed on exit.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use netlink_packet_route::route::{RouteMessage, RouteType};
 use tracing::{debug, info, warn};
 
 use super::{Backend, ExternalInterface, Result};
 use crate::{
-    lease::{BackendAttrs, Lease, LeaseAttrs},
-    net::netlink::{self, Netlink, RTPROT_FLANNEL},
+    lease::{BackendAttrs, Lease, LeaseAttrs, LeaseFamily},
+    net::netlink::{self, Netlink, NlFamily, RTPROT_FLANNEL},
     repair::{self, RepairKind},
 };
 
@@ -29,62 +29,96 @@ pub enum Error {
     Netlink(#[from] netlink::Error),
     /// The public IP is not the interface's (NAT).
     #[error(
-        "--public-ip {public_ip} differs from interface address {iface_addr}; probably you're on a NAT, which is not supported by host-gw backend"
+        "{flag} {public_ip} differs from interface address {iface_addr}; probably you're on a NAT, which is not supported by host-gw backend"
     )]
     Nat {
+        /// `--public-ip` or `--public-ipv6`.
+        flag: &'static str,
         /// The published address.
-        public_ip: Ipv4Addr,
+        public_ip: IpAddr,
         /// The uplink's address.
-        iface_addr: Ipv4Addr,
+        iface_addr: IpAddr,
     },
     /// A peer is not on this host's L2 segment.
     #[error(
-        "lease {subnet}: PublicIP {public_ip} is not directly connected (route via {via}); host-gw needs all hosts on one L2 segment"
+        "lease {subnet}: public IP {public_ip} is not directly connected (route via {via}); host-gw needs all hosts on one L2 segment"
     )]
     NotOnLink {
         /// The peer's subnet.
-        subnet: Ipv4Network,
+        subnet: String,
         /// Its public IP.
-        public_ip: Ipv4Addr,
+        public_ip: IpAddr,
         /// The gateway the kernel would use (or `no route`).
         via: String,
     },
 }
 
-/// The host-gw backend.
+/// The host-gw backend: IPv4 routes and, with IPv6 enabled, IPv6 routes via each peer's
+/// `PublicIPv6` (upstream's `RouteNetwork` does the same per family).
 pub struct HostGw {
     nl: Netlink,
     ext: ExternalInterface,
     own: Option<Ipv4Network>,
+    own6: Option<Ipv6Network>,
 }
 
 impl HostGw {
     /// Build the backend for this host.
     pub async fn new(ext: ExternalInterface) -> Result<Self> {
-        if ext.public_ip != ext.iface_addr {
-            return Err(Error::Nat {
-                public_ip: ext.public_ip,
-                iface_addr: ext.iface_addr,
+        let nat = [
+            (
+                "--public-ip",
+                Some(ext.public_ip.into()),
+                Some(ext.iface_addr.into()),
+            ),
+            (
+                "--public-ipv6",
+                ext.public_ipv6.map(IpAddr::from),
+                ext.iface_addr6.map(IpAddr::from),
+            ),
+        ];
+        for (flag, public, iface) in nat {
+            if let (Some(public_ip), Some(iface_addr)) = (public, iface)
+                && public_ip != iface_addr
+            {
+                return Err(Error::Nat {
+                    flag,
+                    public_ip,
+                    iface_addr,
+                }
+                .into());
             }
-            .into());
         }
         let nl = Netlink::connect().map_err(Error::from)?;
-        Ok(Self { nl, ext, own: None })
+        Ok(Self {
+            nl,
+            ext,
+            own: None,
+            own6: None,
+        })
     }
 
-    /// The route a peer lease needs, `None` (logged) for leases of another backend.
-    async fn route_for(&self, lease: &Lease) -> Result<Option<RouteMessage>, Error> {
-        if Some(lease.subnet) == self.own {
+    /// The route a peer lease's half of family `N` needs, with its subnet; `None` (logged)
+    /// for leases of another backend, and for a half the lease does not have.
+    async fn route_for<N: NlFamily + LeaseFamily>(
+        &self,
+        lease: &Lease,
+        own: Option<N>,
+    ) -> Result<Option<(N, RouteMessage)>, Error> {
+        let Some(subnet) = N::subnet(lease).filter(|s| Some(*s) != own) else {
             return Ok(None);
-        }
+        };
         if lease.attrs.backend != BackendAttrs::HostGw {
-            warn!(subnet = %lease.subnet, backend_type = %lease.attrs.backend_type(),
+            warn!(%subnet, backend_type = %lease.attrs.backend_type(),
                   "skipping peer: BackendType is not host-gw");
             return Ok(None);
         }
-        let gw = lease.attrs.public_ip;
-        let via = match self.nl.route_get_v4(gw).await {
-            Ok(r) => match netlink::route_gateway_v4(&r) {
+        let Some(gw) = N::public_ip(&lease.attrs) else {
+            debug!(%subnet, "peer publishes no address of this family");
+            return Ok(None);
+        };
+        let via = match self.nl.route_get::<N>(gw).await {
+            Ok(r) => match netlink::route_gateway::<N>(&r) {
                 None if netlink::route_oif(&r) == Some(self.ext.index) => None,
                 None => Some(format!(
                     "interface #{} instead of {}",
@@ -97,16 +131,29 @@ impl HostGw {
         };
         if let Some(via) = via {
             return Err(Error::NotOnLink {
-                subnet: lease.subnet,
-                public_ip: gw,
+                subnet: subnet.to_string(),
+                public_ip: gw.into(),
                 via,
             });
         }
-        Ok(Some(netlink::gateway_route(
-            lease.subnet,
-            gw,
-            self.ext.index,
+        Ok(Some((
+            subnet,
+            netlink::gateway_route(subnet, gw, self.ext.index),
         )))
+    }
+
+    /// Both families' routes for a peer.
+    async fn routes_for(&self, lease: &Lease) -> Result<Vec<(String, RouteMessage)>, Error> {
+        let mut out = Vec::new();
+        if let Some((s, r)) = self.route_for(lease, self.own).await? {
+            out.push((s.to_string(), r));
+        }
+        if self.ext.iface_addr6.is_some()
+            && let Some((s, r)) = self.route_for(lease, self.own6).await?
+        {
+            out.push((s.to_string(), r));
+        }
+        Ok(out)
     }
 
     fn is_ours(r: &RouteMessage) -> bool {
@@ -115,17 +162,17 @@ impl HostGw {
         u8::from(r.header.protocol) == RTPROT_FLANNEL && r.header.kind != RouteType::BlackHole
     }
 
-    fn same(a: &RouteMessage, b: &RouteMessage) -> bool {
-        netlink::route_dst_v4(a) == netlink::route_dst_v4(b)
-            && netlink::route_gateway_v4(a) == netlink::route_gateway_v4(b)
+    fn same<N: NlFamily>(a: &RouteMessage, b: &RouteMessage) -> bool {
+        netlink::route_dst::<N>(a) == netlink::route_dst::<N>(b)
+            && netlink::route_gateway::<N>(a) == netlink::route_gateway::<N>(b)
             && netlink::route_oif(a) == netlink::route_oif(b)
             && a.header.tos == b.header.tos
             && u8::from(a.header.protocol) == u8::from(b.header.protocol)
     }
 
-    async fn remove_subnet(&self, subnet: Ipv4Network) -> Result<(), Error> {
-        for r in self.nl.routes_v4().await? {
-            if Self::is_ours(&r) && netlink::route_dst_v4(&r) == Some(subnet) {
+    async fn remove_subnet<N: NlFamily>(&self, subnet: N) -> Result<(), Error> {
+        for r in self.nl.routes::<N>().await? {
+            if Self::is_ours(&r) && netlink::route_dst::<N>(&r) == Some(subnet) {
                 self.nl.route_del(netlink::route_del_from(&r)).await?;
             }
         }
@@ -143,16 +190,16 @@ impl Backend for HostGw {
 
     async fn register(&mut self, own: &Lease) -> Result<()> {
         self.own = Some(own.subnet);
+        self.own6 = own.ipv6_subnet;
         Ok(())
     }
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<()> {
-        let Some(route) = self.route_for(peer).await? else {
-            return Ok(());
-        };
-        // Replace overwrites a same-destination route of ours with another gateway.
-        self.nl.route_replace(route).await.map_err(Error::from)?;
-        info!(subnet = %peer.subnet, gateway = %peer.attrs.public_ip, "peer route programmed");
+        for (subnet, route) in self.routes_for(peer).await? {
+            // Replace overwrites a same-destination route of ours with another gateway.
+            self.nl.route_replace(route).await.map_err(Error::from)?;
+            info!(%subnet, "peer route programmed");
+        }
         Ok(())
     }
 
@@ -161,7 +208,10 @@ impl Backend for HostGw {
             return Ok(());
         }
         self.remove_subnet(peer.subnet).await?;
-        info!(subnet = %peer.subnet, "peer route removed");
+        if let Some(sn6) = peer.ipv6_subnet.filter(|s| Some(*s) != self.own6) {
+            self.remove_subnet(sn6).await?;
+        }
+        info!(subnet = %peer.subnet, ipv6_subnet = ?peer.ipv6_subnet, "peer route removed");
         Ok(())
     }
 
@@ -188,16 +238,28 @@ impl Backend for HostGw {
 }
 
 impl HostGw {
-    /// Make our routes equal the peer set; returns the routes that were missing or wrong
-    /// and had to be written.
+    /// Make our routes equal the peer set, per family; returns the routes that were
+    /// missing or wrong and had to be written.
     async fn check(&mut self, peers: &[Lease]) -> Result<Vec<String>> {
+        let mut written = self.check_family(peers, self.own).await?;
+        if self.ext.iface_addr6.is_some() {
+            written.extend(self.check_family(peers, self.own6).await?);
+        }
+        Ok(written)
+    }
+
+    async fn check_family<N: NlFamily + LeaseFamily>(
+        &self,
+        peers: &[Lease],
+        own: Option<N>,
+    ) -> Result<Vec<String>> {
         let mut written = Vec::new();
         let mut desired = BTreeMap::new();
         let mut failed = None;
         for lease in peers {
-            match self.route_for(lease).await {
-                Ok(Some(r)) => {
-                    desired.insert(lease.subnet, r);
+            match self.route_for::<N>(lease, own).await {
+                Ok(Some((subnet, r))) => {
+                    desired.insert(subnet, r);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -206,28 +268,28 @@ impl HostGw {
                 }
             }
         }
-        let current = self.nl.routes_v4().await.map_err(Error::from)?;
+        let current = self.nl.routes::<N>().await.map_err(Error::from)?;
         for (subnet, want) in &desired {
-            if !current.iter().any(|r| Self::same(r, want)) {
+            if !current.iter().any(|r| Self::same::<N>(r, want)) {
                 debug!(%subnet, "programming peer route");
                 self.nl
                     .route_replace(want.clone())
                     .await
                     .map_err(Error::from)?;
                 let via =
-                    netlink::route_gateway_v4(want).map_or_else(String::new, |g| g.to_string());
+                    netlink::route_gateway::<N>(want).map_or_else(String::new, |g| g.to_string());
                 written.push(format!("route {subnet} via {via} dev {}", self.ext.name));
             }
         }
         let mut kept = BTreeSet::new();
-        for r in self.nl.routes_v4().await.map_err(Error::from)? {
+        for r in self.nl.routes::<N>().await.map_err(Error::from)? {
             if !Self::is_ours(&r) {
                 continue;
             }
-            let Some(dst) = netlink::route_dst_v4(&r) else {
+            let Some(dst) = netlink::route_dst::<N>(&r) else {
                 continue;
             };
-            if desired.get(&dst).is_some_and(|w| Self::same(&r, w)) && kept.insert(dst) {
+            if desired.get(&dst).is_some_and(|w| Self::same::<N>(&r, w)) && kept.insert(dst) {
                 continue;
             }
             info!(route = %dst, "removing stale route");

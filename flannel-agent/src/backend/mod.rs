@@ -35,6 +35,14 @@ pub struct ExternalInterface {
     pub mtu: u32,
 }
 
+impl ExternalInterface {
+    /// The uplink's own address of family `N` (the VXLAN local address).
+    pub fn local<N: crate::net::netlink::NlFamily>(&self) -> Option<N::Addr> {
+        N::of_ip(self.iface_addr.into())
+            .or_else(|| self.iface_addr6.and_then(|a| N::of_ip(a.into())))
+    }
+}
+
 /// Errors of the backends.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -91,8 +99,8 @@ pub trait Backend: Send {
 pub enum AnyBackend {
     /// eBPF VXLAN on top of the kernel VXLAN device (boxed: it carries the loaded maps).
     Ebpf(Box<ebpf::EbpfVxlan>),
-    /// Kernel VXLAN device only.
-    Vxlan(vxlan::KernelVxlan),
+    /// Kernel VXLAN devices only (boxed: one per family).
+    Vxlan(Box<vxlan::KernelVxlan>),
     /// Plain routes via peers' public IPs.
     HostGw(hostgw::HostGw),
 }

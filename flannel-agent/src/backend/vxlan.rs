@@ -33,32 +33,40 @@
 //!
 //! Addresses: the device carries exactly `<own subnet base>/32`; any other IPv4 address on
 //! it (a previous lease's, or one added by hand) is removed, since the device is ours.
+//!
+//! IPv6 (`EnableIPv6`): a second device `flannel-v6.<VNI>` over the uplink's IPv6 address,
+//! programmed the same way from each lease's IPv6 half (`IPv6Subnet`, `PublicIPv6`,
+//! `BackendV6Data`): NDP neighbour, FDB entry with an IPv6 remote, onlink route; address
+//! `<own IPv6 subnet base>/128` (link-local addresses are left alone); outer UDP checksum
+//! computed on send and required on receive (`UDP_ZERO_CSUM6_TX/RX` off), as upstream;
+//! `accept_ra` off. Both devices are one generic [`VxlanDevice`]; [`KernelVxlan`] holds
+//! one per enabled family. Its MTU is the uplink MTU − 70 (the real IPv6 overhead), where
+//! upstream subtracts 50 for both devices.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
 };
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use netlink_packet_route::{
     AddressFamily,
     link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
-    neighbour::{
-        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
-    },
-    route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType},
+    neighbour::{NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+    route::{RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType},
 };
 use tracing::{debug, info, warn};
 
 use super::{Backend, ExternalInterface, Result};
 use crate::{
-    lease::{BackendAttrs, Lease, LeaseAttrs, MacAddr, VxlanBackendData},
+    lease::{BackendAttrs, Lease, LeaseAttrs, LeaseFamily, MacAddr, VxlanBackendData},
     net::{
-        netlink::{self, Netlink},
+        netlink::{self, Netlink, NlFamily},
         vxlan_guard::PeerGuard,
     },
     netconf::VxlanConfig,
     repair::{self, RepairKind},
+    wire::cidr::{self, Cidr},
 };
 
 pub use crate::net::netlink::RTPROT_FLANNEL;
@@ -66,6 +74,9 @@ pub use crate::net::netlink::RTPROT_FLANNEL;
 /// VXLAN encapsulation overhead over IPv4 (outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet
 /// 14), subtracted from the uplink MTU for the device and the pods.
 pub const VXLAN_OVERHEAD: u32 = flannel_common::wire::VXLAN_OVERHEAD as u32;
+
+/// The same over IPv6: the outer header is 40 bytes instead of 20.
+pub const VXLAN6_OVERHEAD: u32 = VXLAN_OVERHEAD + 20;
 
 /// Errors of the kernel VXLAN backend.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +105,7 @@ pub enum Error {
     #[error("own lease {subnet}: {reason}")]
     OwnLease {
         /// The lease's subnet.
-        subnet: Ipv4Network,
+        subnet: String,
         /// What is wrong.
         reason: String,
     },
@@ -107,7 +118,7 @@ pub enum PeerError {
     #[error("lease {subnet}: BackendType {found:?} is not \"vxlan\"")]
     WrongBackend {
         /// The peer's subnet.
-        subnet: Ipv4Network,
+        subnet: String,
         /// Its backend type.
         found: String,
     },
@@ -115,44 +126,54 @@ pub enum PeerError {
     #[error("lease {subnet}: BackendData is missing")]
     MissingData {
         /// The peer's subnet.
-        subnet: Ipv4Network,
+        subnet: String,
     },
 }
 
-/// What a VXLAN peer's lease says, parsed.
+/// What a VXLAN peer's lease says about one family, parsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VxlanPeer {
+pub struct VxlanPeer<N: Cidr> {
     /// The peer's pod subnet.
-    pub subnet: Ipv4Network,
+    pub subnet: N,
     /// Where to send its VXLAN packets.
-    pub public_ip: Ipv4Addr,
+    pub public_ip: N::Addr,
     /// Its VTEP (device) MAC: the inner destination MAC its kernel accepts.
     pub vtep_mac: [u8; 6],
 }
 
-/// A peer's lease as a VXLAN peer: `BackendType` must be `vxlan` with an IPv4 VTEP (the
-/// lease was parsed and validated by the subnet manager; the `VNI` is informational
-/// upstream and ignored here too).
-pub fn parse_peer(lease: &Lease) -> Result<VxlanPeer, PeerError> {
-    let subnet = lease.subnet;
-    match &lease.attrs.backend {
-        BackendAttrs::Vxlan { v4: Some(data), .. } => Ok(VxlanPeer {
+/// A peer's lease as a VXLAN peer of family `N`: `BackendType` must be `vxlan` (the lease
+/// was parsed and validated by the subnet manager; the `VNI` is informational upstream
+/// and ignored here too). `Ok(None)`: the lease has no such half to program (an IPv6
+/// subnet without `PublicIPv6` or `BackendV6Data` is a host that runs no IPv6 VTEP, which
+/// upstream accepts); an IPv4 lease without `BackendData` is an error.
+pub fn parse_peer<N: LeaseFamily>(lease: &Lease) -> Result<Option<VxlanPeer<N>>, PeerError> {
+    let Some(subnet) = N::subnet(lease) else {
+        return Ok(None);
+    };
+    if !matches!(lease.attrs.backend, BackendAttrs::Vxlan { .. }) {
+        return Err(PeerError::WrongBackend {
+            subnet: subnet.to_string(),
+            found: lease.attrs.backend.type_name().to_owned(),
+        });
+    }
+    let data = N::vxlan_data(&lease.attrs.backend);
+    match (data, N::public_ip(&lease.attrs)) {
+        (Some(data), Some(public_ip)) => Ok(Some(VxlanPeer {
             subnet,
-            public_ip: lease.attrs.public_ip,
+            public_ip,
             vtep_mac: data.vtep_mac.octets(),
+        })),
+        _ if N::BITS == 32 => Err(PeerError::MissingData {
+            subnet: subnet.to_string(),
         }),
-        BackendAttrs::Vxlan { v4: None, .. } => Err(PeerError::MissingData { subnet }),
-        other => Err(PeerError::WrongBackend {
-            subnet,
-            found: other.type_name().to_owned(),
-        }),
+        _ => Ok(None),
     }
 }
 
-/// The peer's VTEP MAC, or `None` with a warning naming the lease and field.
+/// The peer's IPv4 VTEP MAC, or `None` with a warning naming the lease and field.
 pub fn peer_vtep_mac(peer: &Lease) -> Option<[u8; 6]> {
-    match parse_peer(peer) {
-        Ok(p) => Some(p.vtep_mac),
+    match parse_peer::<Ipv4Network>(peer) {
+        Ok(p) => p.map(|p| p.vtep_mac),
         Err(e) => {
             warn!(subnet = %peer.subnet, error = %e, "skipping peer");
             None
@@ -165,19 +186,16 @@ fn random_mac() -> [u8; 6] {
     MacAddr::random_local().octets()
 }
 
-/// How one peer subnet is reached.
+/// How one peer subnet is reached (`A`: the family's address type).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Target {
+enum Target<A> {
     /// Through the VXLAN device.
-    Vxlan {
-        vtep_mac: [u8; 6],
-        public_ip: Ipv4Addr,
-    },
+    Vxlan { vtep_mac: [u8; 6], public_ip: A },
     /// A plain route via the peer's public IP on the uplink (DirectRouting).
-    Direct { gateway: Ipv4Addr, oif: u32 },
+    Direct { gateway: A, oif: u32 },
 }
 
-impl std::fmt::Display for Target {
+impl<A: std::fmt::Display> std::fmt::Display for Target<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Vxlan { public_ip, .. } => write!(f, "VXLAN to {public_ip}"),
@@ -190,23 +208,28 @@ impl std::fmt::Display for Target {
 /// [`crate::repair::record`] when the check was a resync.
 pub type Fixes = Vec<(RepairKind, String)>;
 
-/// The kernel VXLAN backend.
-pub struct KernelVxlan {
+/// What a VXLAN device can be built for: a family with netlink addresses and a lease half.
+pub trait VxlanFamily: NlFamily + LeaseFamily {}
+impl<N: NlFamily + LeaseFamily> VxlanFamily for N {}
+
+/// One kernel VXLAN device and its per-peer entries, for family `N` (`flannel.<VNI>` over
+/// the uplink's IPv4 address, or `flannel-v6.<VNI>` over its IPv6 address).
+pub struct VxlanDevice<N: VxlanFamily> {
     nl: Netlink,
     ext: ExternalInterface,
+    /// The uplink address the device sends from.
+    local: N::Addr,
     config: VxlanConfig,
     name: String,
     ifindex: u32,
     mac: [u8; 6],
     mtu: u32,
-    own: Option<Ipv4Network>,
-    /// The nftables peer guard, when VXLAN is accepted only from known peers.
-    guard: Option<PeerGuard>,
-    /// What is programmed per peer subnet, as far as this backend knows: read from the
+    own: Option<N>,
+    /// What is programmed per peer subnet, as far as this device knows: read from the
     /// kernel by the first peer event or reconcile, rebuilt by every reconcile, kept in
     /// step by every peer event, so an event is turned into the difference without
     /// reading any table.
-    programmed: Option<BTreeMap<Ipv4Network, Target>>,
+    programmed: Option<BTreeMap<N, Target<N::Addr>>>,
 }
 
 /// The underlay addresses a VXLAN peer may send from: where its packets to us come from.
@@ -218,52 +241,55 @@ pub fn sender_addresses(lease: &Lease) -> Vec<Ipv4Addr> {
 /// bound keeps the socket's receive buffer from overflowing with acknowledgements).
 const NETLINK_BATCH: usize = 64;
 
-impl KernelVxlan {
-    /// Build the backend for this host: opens netlink and creates (or adopts) the device,
-    /// so [`vxlan_ifindex`](Self::vxlan_ifindex) and [`vtep_mac`](Self::vtep_mac) are valid
-    /// from here on.
-    pub async fn new(ext: ExternalInterface, config: VxlanConfig) -> Result<Self> {
-        Self::with_vtep_mac(ext, config, None).await
-    }
-
-    /// Like [`new`](Self::new), with the VTEP MAC this host published before (its previous
-    /// lease, read back from the store): the device is created with it, or an existing
-    /// device is given it, so peers' neighbour and FDB entries stay valid across a reboot
-    /// (upstream reads it back from the lease / node annotation too).
-    pub async fn with_vtep_mac(
+impl<N: VxlanFamily> VxlanDevice<N> {
+    /// Build the device for this host: opens netlink and creates (or adopts) it, so
+    /// [`vxlan_ifindex`](Self::vxlan_ifindex) and [`vtep_mac`](Self::vtep_mac) are valid
+    /// from here on. `vtep_mac` is the MAC this host published before (its previous lease,
+    /// read back from the store): the device is created with it, or an existing device is
+    /// given it, so peers' neighbour and FDB entries stay valid across a reboot (upstream
+    /// reads it back from the lease / node annotation too).
+    pub async fn new(
         ext: ExternalInterface,
         config: VxlanConfig,
         vtep_mac: Option<MacAddr>,
     ) -> Result<Self> {
+        let (prefix, overhead) = if N::BITS == 32 {
+            ("flannel", VXLAN_OVERHEAD)
+        } else {
+            ("flannel-v6", VXLAN6_OVERHEAD)
+        };
+        let local = ext.local::<N>().ok_or_else(|| Error::Device {
+            device: format!("{prefix}.{}", config.vni),
+            reason: format!("uplink {} has no {} address", ext.name, N::FAMILY),
+        })?;
         let base = config.mtu.unwrap_or(ext.mtu);
         let mtu = base
-            .checked_sub(VXLAN_OVERHEAD)
-            .filter(|m| *m >= 68)
+            .checked_sub(overhead)
+            .filter(|m| *m >= if N::BITS == 32 { 68 } else { 1280 })
             .ok_or(Error::MtuTooSmall { mtu: base })?;
         let nl = Netlink::connect().map_err(Error::from)?;
         let mut this = Self {
             nl,
-            name: format!("flannel.{}", config.vni),
+            name: format!("{prefix}.{}", config.vni),
             ext,
+            local,
             config,
             ifindex: 0,
             mac: vtep_mac.map_or([0; 6], MacAddr::octets),
             mtu,
             own: None,
-            guard: None,
             programmed: None,
         };
         this.ensure_device().await?;
         Ok(this)
     }
 
-    /// Accept VXLAN only from known peers on the kernel path too: keep the nftables guard
-    /// ([`crate::net::vxlan_guard`]) equal to the peer set from now on.
-    pub fn enable_peer_guard(&mut self) {
-        self.guard = Some(PeerGuard::new(self.config.port));
+    /// The device MTU (uplink or configured MTU minus this family's VXLAN overhead).
+    pub fn mtu(&self) -> u32 {
+        self.mtu
     }
 
-    /// Index of `flannel.<VNI>`.
+    /// Index of the device.
     pub fn vxlan_ifindex(&self) -> u32 {
         self.ifindex
     }
@@ -278,7 +304,7 @@ impl KernelVxlan {
         &self.ext
     }
 
-    /// The device name (`flannel.<VNI>`).
+    /// The device name (`flannel.<VNI>` or `flannel-v6.<VNI>`).
     pub fn device_name(&self) -> &str {
         &self.name
     }
@@ -299,7 +325,7 @@ impl KernelVxlan {
     }
 
     /// The record of what is programmed, read from the kernel if there is none yet.
-    async fn record(&mut self) -> Result<&mut BTreeMap<Ipv4Network, Target>, Error> {
+    async fn record(&mut self) -> Result<&mut BTreeMap<N, Target<N::Addr>>, Error> {
         if self.programmed.is_none() {
             self.programmed = Some(self.read_programmed().await?);
         }
@@ -309,36 +335,30 @@ impl KernelVxlan {
     /// What the kernel holds of ours, per peer subnet: VXLAN peers (route via the subnet
     /// base on the device, its neighbour's MAC, that MAC's FDB destination) and direct
     /// routes. Three dumps; used when there is no record yet.
-    async fn read_programmed(&self) -> Result<BTreeMap<Ipv4Network, Target>, Error> {
-        let mac_of: BTreeMap<Ipv4Addr, [u8; 6]> = self
+    async fn read_programmed(&self) -> Result<BTreeMap<N, Target<N::Addr>>, Error> {
+        let mac_of: BTreeMap<N::Addr, [u8; 6]> = self
             .nl
-            .neighbours(AddressFamily::Inet, self.ifindex)
+            .neighbours(N::AF, self.ifindex)
             .await?
             .iter()
             .filter(|n| n.header.state == NeighbourState::Permanent)
-            .filter_map(|n| match netlink::neigh_dst(n)? {
-                IpAddr::V4(ip) => Some((ip, netlink::neigh_lladdr(n)?)),
-                IpAddr::V6(_) => None,
-            })
+            .filter_map(|n| Some((N::of_ip(netlink::neigh_dst(n)?)?, netlink::neigh_lladdr(n)?)))
             .collect();
-        let dst_of: BTreeMap<[u8; 6], Ipv4Addr> = self
+        let dst_of: BTreeMap<[u8; 6], N::Addr> = self
             .nl
             .neighbours(AddressFamily::Bridge, self.ifindex)
             .await?
             .iter()
-            .filter_map(|n| match netlink::neigh_dst(n)? {
-                IpAddr::V4(ip) => Some((netlink::neigh_lladdr(n)?, ip)),
-                IpAddr::V6(_) => None,
-            })
+            .filter_map(|n| Some((netlink::neigh_lladdr(n)?, N::of_ip(netlink::neigh_dst(n)?)?)))
             .collect();
         let mut out = BTreeMap::new();
-        for r in self.nl.routes_v4().await? {
+        for r in self.nl.routes::<N>().await? {
             if !self.owns_route(&r) {
                 continue;
             }
             let (Some(dst), Some(gw), Some(oif)) = (
-                netlink::route_dst_v4(&r),
-                netlink::route_gateway_v4(&r),
+                netlink::route_dst::<N>(&r),
+                netlink::route_gateway::<N>(&r),
                 netlink::route_oif(&r),
             ) else {
                 continue;
@@ -396,27 +416,29 @@ impl KernelVxlan {
                 reason: "missing right after creation".into(),
             })?;
         info!(device = %self.name, vni = self.config.vni, port = self.config.port,
-              local = %self.ext.iface_addr, uplink = %self.ext.name, mtu = self.mtu,
+              local = %self.local, uplink = %self.ext.name, mtu = self.mtu,
               mac = %MacAddr(mac), "created VXLAN device");
         self.adopt(&link).await
     }
 
     fn device_message(&self, mac: [u8; 6]) -> LinkMessage {
-        let mut b = rtnetlink::LinkVxlan::new(&self.name, self.config.vni)
-            .dev(self.ext.index)
-            .local(self.ext.iface_addr)
-            .port(self.config.port)
-            .ttl(0)
-            .tos(0)
-            .learning(self.config.learning)
-            .proxy(false)
-            .rsc(false)
-            .l2miss(false)
-            .l3miss(false)
-            .udp_zero_csum6_tx(false)
-            .udp_zero_csum6_rx(false)
-            .mtu(self.mtu)
-            .address(mac.to_vec());
+        let b = rtnetlink::LinkVxlan::new(&self.name, self.config.vni).dev(self.ext.index);
+        let mut b = match self.local.into() {
+            IpAddr::V4(a) => b.local(a),
+            IpAddr::V6(a) => b.local6(a),
+        }
+        .port(self.config.port)
+        .ttl(0)
+        .tos(0)
+        .learning(self.config.learning)
+        .proxy(false)
+        .rsc(false)
+        .l2miss(false)
+        .l3miss(false)
+        .udp_zero_csum6_tx(false)
+        .udp_zero_csum6_rx(false)
+        .mtu(self.mtu)
+        .address(mac.to_vec());
         if self.config.gbp {
             b = b.gbp();
         }
@@ -453,7 +475,14 @@ impl KernelVxlan {
                 InfoVxlan::Link(l) if l != 0 && l != self.ext.index => {
                     return Some(format!("link #{l}"));
                 }
-                InfoVxlan::Local(ip) if !ip.is_unspecified() && ip != self.ext.iface_addr => {
+                InfoVxlan::Local(ip)
+                    if !ip.is_unspecified() && N::of_ip(ip.into()) != Some(self.local) =>
+                {
+                    return Some(format!("local {ip}"));
+                }
+                InfoVxlan::Local6(ip)
+                    if !ip.is_unspecified() && N::of_ip(ip.into()) != Some(self.local) =>
+                {
                     return Some(format!("local {ip}"));
                 }
                 InfoVxlan::Group(ip) if !ip.is_unspecified() => {
@@ -519,23 +548,29 @@ impl KernelVxlan {
 
     /// Put back our address and MAC and bring the device up (idempotent). Returns what had
     /// to be fixed.
-    async fn ensure_registered(&mut self, own: Ipv4Network) -> Result<Fixes, Error> {
+    async fn ensure_registered(&mut self, own: N) -> Result<Fixes, Error> {
         let mut fixes = Fixes::new();
-        let want = own.network();
+        let want = cidr::base(own);
         let mut present = false;
-        for (addr, len) in self.nl.addresses_v4(self.ifindex).await? {
-            if (addr, len) == (want, 32) {
+        for (addr, len) in self.nl.addresses::<N>(self.ifindex).await? {
+            // The kernel's own IPv6 link-local address stays (upstream keeps it too).
+            if matches!(addr.into(), IpAddr::V6(a) if a.is_unicast_link_local()) {
+                continue;
+            }
+            if (addr, len) == (want, N::BITS) {
                 present = true;
             } else {
                 info!(device = %self.name, address = %format!("{addr}/{len}"), "removing stale address");
-                self.nl.addr_del_v4(self.ifindex, addr, len).await?;
+                self.nl.addr_del::<N>(self.ifindex, addr, len).await?;
             }
         }
         if !present {
-            self.nl.addr_replace_v4(self.ifindex, want, 32).await?;
+            self.nl
+                .addr_replace::<N>(self.ifindex, want, N::BITS)
+                .await?;
             fixes.push((
                 RepairKind::DeviceSettings,
-                format!("{} address {want}/32", self.name),
+                format!("{} address {want}/{}", self.name, N::BITS),
             ));
         }
         let link = self
@@ -566,42 +601,43 @@ impl KernelVxlan {
         Ok(fixes)
     }
 
-    /// The desired target of one lease, or `None` (logged) when it can't be programmed.
-    async fn target(&self, lease: &Lease) -> Result<Option<Target>, Error> {
-        if Some(lease.subnet) == self.own {
-            return Ok(None);
-        }
-        let peer = match parse_peer(lease) {
-            Ok(p) => p,
+    /// The desired target of one lease's half of this family, with its subnet, or `None`
+    /// (logged when it is an error) when there is nothing to program.
+    async fn target(&self, lease: &Lease) -> Result<Option<(N, Target<N::Addr>)>, Error> {
+        let peer = match parse_peer::<N>(lease) {
+            Ok(Some(p)) if Some(p.subnet) != self.own => p,
+            Ok(_) => return Ok(None),
             Err(e) => {
-                warn!(subnet = %lease.subnet, error = %e, "skipping peer");
+                warn!(device = %self.name, error = %e, "skipping peer");
                 return Ok(None);
             }
         };
         if self.config.direct_routing
             && let Some(oif) = self.on_link(peer.public_ip).await?
         {
-            return Ok(Some(Target::Direct {
+            let direct = Target::Direct {
                 gateway: peer.public_ip,
                 oif,
-            }));
+            };
+            return Ok(Some((peer.subnet, direct)));
         }
-        Ok(Some(Target::Vxlan {
+        let vxlan = Target::Vxlan {
             vtep_mac: peer.vtep_mac,
             public_ip: peer.public_ip,
-        }))
+        };
+        Ok(Some((peer.subnet, vxlan)))
     }
 
     /// The output interface when `ip` is directly connected (its route has no gateway).
-    async fn on_link(&self, ip: Ipv4Addr) -> Result<Option<u32>, Error> {
-        let route = match self.nl.route_get_v4(ip).await {
+    async fn on_link(&self, ip: N::Addr) -> Result<Option<u32>, Error> {
+        let route = match self.nl.route_get::<N>(ip).await {
             Ok(r) => r,
             Err(e) => {
                 warn!(peer = %ip, error = %e, "no route to peer; not using direct routing");
                 return Ok(None);
             }
         };
-        if netlink::route_gateway_v4(&route).is_some() {
+        if netlink::route_gateway::<N>(&route).is_some() {
             return Ok(None);
         }
         Ok(netlink::route_oif(&route))
@@ -609,35 +645,35 @@ impl KernelVxlan {
 
     /// Program one subnet (neighbour, FDB, route for VXLAN; one route for direct), undoing
     /// the earlier steps when a later one fails, as upstream.
-    async fn program(&self, subnet: Ipv4Network, target: Target) -> Result<(), Error> {
+    async fn program(&self, subnet: N, target: Target<N::Addr>) -> Result<(), Error> {
         match target {
             Target::Vxlan {
                 vtep_mac,
                 public_ip,
             } => {
-                let base = subnet.network();
+                let base = cidr::base(subnet);
                 self.nl
-                    .neigh_replace(arp_entry(self.ifindex, base, vtep_mac))
+                    .neigh_replace(arp_entry::<N>(self.ifindex, base, vtep_mac))
                     .await?;
                 if let Err(e) = self
                     .nl
-                    .neigh_replace(fdb_entry(self.ifindex, vtep_mac, public_ip))
+                    .neigh_replace(fdb_entry::<N>(self.ifindex, vtep_mac, public_ip))
                     .await
                 {
                     let _ = self
                         .nl
-                        .neigh_del(arp_entry(self.ifindex, base, vtep_mac))
+                        .neigh_del(arp_entry::<N>(self.ifindex, base, vtep_mac))
                         .await;
                     return Err(e.into());
                 }
                 if let Err(e) = self.nl.route_replace(self.vxlan_route(subnet)).await {
                     let _ = self
                         .nl
-                        .neigh_del(fdb_entry(self.ifindex, vtep_mac, public_ip))
+                        .neigh_del(fdb_entry::<N>(self.ifindex, vtep_mac, public_ip))
                         .await;
                     let _ = self
                         .nl
-                        .neigh_del(arp_entry(self.ifindex, base, vtep_mac))
+                        .neigh_del(arp_entry::<N>(self.ifindex, base, vtep_mac))
                         .await;
                     return Err(e.into());
                 }
@@ -651,13 +687,11 @@ impl KernelVxlan {
         Ok(())
     }
 
-    fn vxlan_route(&self, subnet: Ipv4Network) -> RouteMessage {
+    fn vxlan_route(&self, subnet: N) -> RouteMessage {
         let mut r = netlink::route_base(subnet);
         r.header.flags = RouteFlags::Onlink;
         r.attributes
-            .push(RouteAttribute::Gateway(RouteAddress::Inet(
-                subnet.network(),
-            )));
+            .push(RouteAttribute::Gateway(N::route_addr(cidr::base(subnet))));
         r.attributes.push(RouteAttribute::Oif(self.ifindex));
         r
     }
@@ -674,10 +708,10 @@ impl KernelVxlan {
     }
 
     /// Whether a dumped route is exactly what `target` wants for `subnet`.
-    fn route_matches(&self, r: &RouteMessage, subnet: Ipv4Network, target: Target) -> bool {
+    fn route_matches(&self, r: &RouteMessage, subnet: N, target: Target<N::Addr>) -> bool {
         let (gw, oif) = self.route_target(subnet, target);
-        netlink::route_dst_v4(r) == Some(subnet)
-            && netlink::route_gateway_v4(r) == Some(gw)
+        netlink::route_dst::<N>(r) == Some(subnet)
+            && netlink::route_gateway::<N>(r) == Some(gw)
             && netlink::route_oif(r) == Some(oif)
             && self.is_exact_flannel_route(r)
     }
@@ -686,48 +720,42 @@ impl KernelVxlan {
     /// neighbour, FDB and route tables once, program what is missing or differs and
     /// remove what is stale, many requests in flight at once. Returns the subnets that are
     /// now programmed as desired, and what was missing or wrong and had to be written.
-    async fn converge(&self, desired: &BTreeMap<Ipv4Network, Target>) -> Result<Converged, Error> {
+    async fn converge(
+        &self,
+        desired: &BTreeMap<N, Target<N::Addr>>,
+    ) -> Result<Converged<N>, Error> {
         use futures::{StreamExt, stream};
-        let neighs = self
-            .nl
-            .neighbours(AddressFamily::Inet, self.ifindex)
-            .await?;
+        let neighs = self.nl.neighbours(N::AF, self.ifindex).await?;
         let fdb = self
             .nl
             .neighbours(AddressFamily::Bridge, self.ifindex)
             .await?;
-        let routes = self.nl.routes_v4().await?;
+        let routes = self.nl.routes::<N>().await?;
         let mut failed = None;
 
         // 1. Add or fix what differs (entries already right are not rewritten).
-        let routed: BTreeSet<(Ipv4Network, Ipv4Addr, u32)> = routes
+        let routed: BTreeSet<(N, N::Addr, u32)> = routes
             .iter()
             .filter(|r| self.is_exact_flannel_route(r))
             .filter_map(|r| {
                 Some((
-                    netlink::route_dst_v4(r)?,
-                    netlink::route_gateway_v4(r)?,
+                    netlink::route_dst::<N>(r)?,
+                    netlink::route_gateway::<N>(r)?,
                     netlink::route_oif(r)?,
                 ))
             })
             .collect();
-        let neigh_set: BTreeSet<(Ipv4Addr, [u8; 6])> = neighs
+        let neigh_set: BTreeSet<(N::Addr, [u8; 6])> = neighs
             .iter()
             .filter(|n| n.header.state == NeighbourState::Permanent)
-            .filter_map(|n| match netlink::neigh_dst(n)? {
-                IpAddr::V4(ip) => Some((ip, netlink::neigh_lladdr(n)?)),
-                IpAddr::V6(_) => None,
-            })
+            .filter_map(|n| Some((N::of_ip(netlink::neigh_dst(n)?)?, netlink::neigh_lladdr(n)?)))
             .collect();
-        let fdb_set: BTreeSet<([u8; 6], Ipv4Addr)> = fdb
+        let fdb_set: BTreeSet<([u8; 6], N::Addr)> = fdb
             .iter()
-            .filter_map(|n| match netlink::neigh_dst(n)? {
-                IpAddr::V4(ip) => Some((netlink::neigh_lladdr(n)?, ip)),
-                IpAddr::V6(_) => None,
-            })
+            .filter_map(|n| Some((netlink::neigh_lladdr(n)?, N::of_ip(netlink::neigh_dst(n)?)?)))
             .collect();
-        let mut to_program: Vec<(Ipv4Network, Target)> = Vec::new();
-        let mut missing: BTreeMap<Ipv4Network, Fixes> = BTreeMap::new();
+        let mut to_program: Vec<(N, Target<N::Addr>)> = Vec::new();
+        let mut missing: BTreeMap<N, Fixes> = BTreeMap::new();
         for (subnet, target) in desired {
             let (gw, oif) = self.route_target(*subnet, *target);
             let mut wrong = Fixes::new();
@@ -739,12 +767,12 @@ impl KernelVxlan {
                 public_ip,
             } = *target
             {
-                if !neigh_set.contains(&(subnet.network(), vtep_mac)) {
+                if !neigh_set.contains(&(cidr::base(*subnet), vtep_mac)) {
                     wrong.push((
                         RepairKind::Neighbour,
                         format!(
                             "neighbour {} lladdr {} dev {}",
-                            subnet.network(),
+                            cidr::base(*subnet),
                             MacAddr(vtep_mac),
                             self.name
                         ),
@@ -766,9 +794,9 @@ impl KernelVxlan {
                 missing.insert(*subnet, wrong);
             }
         }
-        let mut done: BTreeMap<Ipv4Network, Target> = desired.clone();
+        let mut done: BTreeMap<N, Target<N::Addr>> = desired.clone();
         let mut fixes = Fixes::new();
-        let results: Vec<(Ipv4Network, Result<(), Error>)> = stream::iter(to_program)
+        let results: Vec<(N, Result<(), Error>)> = stream::iter(to_program)
             .map(|(subnet, target)| async move {
                 debug!(%subnet, ?target, "programming peer");
                 (subnet, self.program(subnet, target).await)
@@ -789,14 +817,14 @@ impl KernelVxlan {
 
         // 2. Remove what is ours and not desired (from the same dumps: what step 1 wrote
         // is desired by definition).
-        let want_neigh: BTreeSet<(Ipv4Addr, [u8; 6])> = desired
+        let want_neigh: BTreeSet<(N::Addr, [u8; 6])> = desired
             .iter()
             .filter_map(|(s, t)| match t {
-                Target::Vxlan { vtep_mac, .. } => Some((s.network(), *vtep_mac)),
+                Target::Vxlan { vtep_mac, .. } => Some((cidr::base(*s), *vtep_mac)),
                 Target::Direct { .. } => None,
             })
             .collect();
-        let want_fdb: BTreeSet<([u8; 6], Ipv4Addr)> = desired
+        let want_fdb: BTreeSet<([u8; 6], N::Addr)> = desired
             .values()
             .filter_map(|t| match t {
                 Target::Vxlan {
@@ -812,7 +840,7 @@ impl KernelVxlan {
             if !self.owns_route(r) {
                 continue;
             }
-            let Some(dst) = netlink::route_dst_v4(r) else {
+            let Some(dst) = netlink::route_dst::<N>(r) else {
                 continue;
             };
             let wanted = desired
@@ -825,26 +853,27 @@ impl KernelVxlan {
             deletions.push(Deletion::Route(netlink::route_del_from(r)));
         }
         for n in &neighs {
-            let Some(IpAddr::V4(ip)) = netlink::neigh_dst(n) else {
+            let Some(ip) = netlink::neigh_dst(n).and_then(N::of_ip) else {
                 continue;
             };
             let keep = netlink::neigh_lladdr(n).is_some_and(|mac| want_neigh.contains(&(ip, mac)))
                 && n.header.state == NeighbourState::Permanent;
             if !keep {
                 info!(device = %self.name, neighbour = %ip, "removing stale neighbour entry");
-                deletions.push(Deletion::Neigh(arp_del(self.ifindex, ip)));
+                deletions.push(Deletion::Neigh(arp_del::<N>(self.ifindex, ip)));
             }
         }
         for n in &fdb {
             // Only VXLAN remote entries (they have a destination); others are the kernel's.
-            let (Some(IpAddr::V4(dst)), Some(mac)) =
-                (netlink::neigh_dst(n), netlink::neigh_lladdr(n))
-            else {
+            let (Some(dst), Some(mac)) = (
+                netlink::neigh_dst(n).and_then(N::of_ip),
+                netlink::neigh_lladdr(n),
+            ) else {
                 continue;
             };
             if !want_fdb.contains(&(mac, dst)) {
                 info!(device = %self.name, mac = %MacAddr(mac), dst = %dst, "removing stale FDB entry");
-                deletions.push(Deletion::Neigh(fdb_entry(self.ifindex, mac, dst)));
+                deletions.push(Deletion::Neigh(fdb_entry::<N>(self.ifindex, mac, dst)));
             }
         }
         // Routes first (the order above), so nothing is sent to a half-removed peer; the
@@ -870,9 +899,9 @@ impl KernelVxlan {
     }
 
     /// The gateway and output interface of the route `target` wants for `subnet`.
-    fn route_target(&self, subnet: Ipv4Network, target: Target) -> (Ipv4Addr, u32) {
+    fn route_target(&self, subnet: N, target: Target<N::Addr>) -> (N::Addr, u32) {
         match target {
-            Target::Vxlan { .. } => (subnet.network(), self.ifindex),
+            Target::Vxlan { .. } => (cidr::base(subnet), self.ifindex),
             Target::Direct { gateway, oif } => (gateway, oif),
         }
     }
@@ -888,11 +917,11 @@ impl KernelVxlan {
     }
 
     /// The desired state for `peers`, skipping (with a warning) leases we can't program.
-    async fn desired(&self, peers: &[Lease]) -> Result<BTreeMap<Ipv4Network, Target>, Error> {
+    async fn desired(&self, peers: &[Lease]) -> Result<BTreeMap<N, Target<N::Addr>>, Error> {
         let mut desired = BTreeMap::new();
         for lease in peers {
-            if let Some(t) = self.target(lease).await? {
-                desired.insert(lease.subnet, t);
+            if let Some((subnet, t)) = self.target(lease).await? {
+                desired.insert(subnet, t);
             }
         }
         Ok(desired)
@@ -900,7 +929,7 @@ impl KernelVxlan {
 
     /// Remove what was programmed for `subnet` as `target`, routes first, so nothing is
     /// sent to a half-removed peer. Entries already gone are fine.
-    async fn unprogram(&self, subnet: Ipv4Network, target: Target) -> Result<(), Error> {
+    async fn unprogram(&self, subnet: N, target: Target<N::Addr>) -> Result<(), Error> {
         match target {
             Target::Vxlan {
                 vtep_mac,
@@ -908,10 +937,10 @@ impl KernelVxlan {
             } => {
                 self.nl.route_del(self.vxlan_route(subnet)).await?;
                 self.nl
-                    .neigh_del(fdb_entry(self.ifindex, vtep_mac, public_ip))
+                    .neigh_del(fdb_entry::<N>(self.ifindex, vtep_mac, public_ip))
                     .await?;
                 self.nl
-                    .neigh_del(arp_del(self.ifindex, subnet.network()))
+                    .neigh_del(arp_del::<N>(self.ifindex, cidr::base(subnet)))
                     .await?;
             }
             Target::Direct { gateway, oif } => {
@@ -930,17 +959,17 @@ enum Deletion {
     Neigh(NeighbourMessage),
 }
 
-/// What [`KernelVxlan::converge`] achieved.
-struct Converged {
+/// What [`VxlanDevice::converge`] achieved.
+struct Converged<N: VxlanFamily> {
     /// The subnets now programmed as desired.
-    done: BTreeMap<Ipv4Network, Target>,
+    done: BTreeMap<N, Target<N::Addr>>,
     /// The last programming error, if any peer failed.
     failed: Option<Error>,
     /// What was missing or wrong and was written.
     fixes: Fixes,
 }
 
-impl KernelVxlan {
+impl<N: VxlanFamily> VxlanDevice<N> {
     /// Compare everything this backend owns with the kernel and put back what differs:
     /// the device (re-created with the advertised MAC when gone, taken over again when
     /// replaced), its MTU, MAC, address and up flag, and every peer's neighbour, FDB entry
@@ -949,14 +978,6 @@ impl KernelVxlan {
         let mut fixes = self.check_device().await?;
         if let Some(own) = self.own {
             fixes.extend(self.ensure_registered(own).await?);
-        }
-        if let Some(guard) = &mut self.guard {
-            let own = self.own;
-            let senders = peers
-                .iter()
-                .filter(|l| Some(l.subnet) != own && parse_peer(l).is_ok())
-                .map(|l| (l.subnet, sender_addresses(l)));
-            guard.replace_all(senders).await.map_err(Error::from)?;
         }
         let desired = self.desired(peers).await?;
         let converged = self.converge(&desired).await?;
@@ -998,45 +1019,44 @@ impl KernelVxlan {
     }
 }
 
-impl Backend for KernelVxlan {
-    async fn prepare(&mut self) -> Result<LeaseAttrs> {
+/// The device's side of the [`Backend`] operations, for one family.
+impl<N: VxlanFamily> VxlanDevice<N> {
+    /// Make sure the device exists and return the VTEP data to publish for it.
+    async fn prepare(&mut self) -> Result<VxlanBackendData, Error> {
         self.ensure_device().await?;
-        let vtep = VxlanBackendData {
+        Ok(VxlanBackendData {
             vni: self.config.vni,
             vtep_mac: MacAddr(self.mac),
-        };
-        Ok(LeaseAttrs {
-            public_ipv6: self.ext.public_ipv6,
-            ..LeaseAttrs::vxlan(self.ext.public_ip, vtep)
         })
     }
 
-    async fn register(&mut self, own: &Lease) -> Result<()> {
-        self.own = Some(own.subnet);
-        if own.subnet.prefix() > 31 {
+    /// Give the device this host's subnet (`<base>/32` or `/128`) and bring it up.
+    async fn register(&mut self, own: N) -> Result<(), Error> {
+        self.own = Some(own);
+        if own.prefix_len() >= N::BITS {
             return Err(Error::OwnLease {
-                subnet: own.subnet,
-                reason: "a /32 subnet leaves no pod addresses".into(),
-            }
-            .into());
+                subnet: own.to_string(),
+                reason: "a single-address subnet leaves no pod addresses".into(),
+            });
         }
-        self.ensure_registered(own.subnet).await?;
-        info!(device = %self.name, address = %format!("{}/32", own.subnet.network()), "VXLAN device registered");
+        if N::BITS == 128 {
+            // As upstream: a VXLAN device must not configure itself from router adverts.
+            let path = format!("/proc/sys/net/ipv6/conf/{}/accept_ra", self.name);
+            if let Err(error) = std::fs::write(&path, "0") {
+                debug!(%path, %error, "could not turn accept_ra off");
+            }
+        }
+        self.ensure_registered(own).await?;
+        info!(device = %self.name, address = %format!("{}/{}", cidr::base(own), N::BITS), "VXLAN device registered");
         Ok(())
     }
 
-    async fn add_peer(&mut self, peer: &Lease) -> Result<()> {
-        let Some(target) = self.target(peer).await? else {
-            return Ok(());
+    /// Program this family's half of `peer`, when it has one; returns whether it did.
+    async fn add_peer(&mut self, peer: &Lease) -> Result<bool, Error> {
+        let Some((subnet, target)) = self.target(peer).await? else {
+            return Ok(false);
         };
-        // Accepted before we send to it, so its first replies get through.
-        if let Some(guard) = &mut self.guard {
-            guard
-                .set_peer(peer.subnet, sender_addresses(peer))
-                .await
-                .map_err(Error::from)?;
-        }
-        let old = self.record().await?.remove(&peer.subnet);
+        let old = self.record().await?.remove(&subnet);
         match old {
             // Same kind: the neighbour and route are replaced in place; only an FDB entry
             // for a MAC or address the lease no longer has must go (after, so the subnet is
@@ -1045,10 +1065,10 @@ impl Backend for KernelVxlan {
             Some(Target::Direct { .. }) if matches!(target, Target::Direct { .. }) => {}
             // Between VXLAN and direct routing the old route has another gateway or
             // device: everything of the subnet goes first.
-            Some(old) => self.unprogram(peer.subnet, old).await?,
+            Some(old) => self.unprogram(subnet, old).await?,
             None => {}
         }
-        self.program(peer.subnet, target).await?;
+        self.program(subnet, target).await?;
         if let (
             Some(Target::Vxlan {
                 vtep_mac: old_mac,
@@ -1062,28 +1082,207 @@ impl Backend for KernelVxlan {
             && (old_mac, old_ip) != (vtep_mac, public_ip)
         {
             self.nl
-                .neigh_del(fdb_entry(self.ifindex, old_mac, old_ip))
+                .neigh_del(fdb_entry::<N>(self.ifindex, old_mac, old_ip))
+                .await?;
+        }
+        self.record().await?.insert(subnet, target);
+        info!(device = %self.name, %subnet, %target, "peer programmed");
+        Ok(true)
+    }
+
+    /// Remove what was programmed for this family's half of `peer`.
+    async fn remove_peer(&mut self, peer: &Lease) -> Result<(), Error> {
+        let Some(subnet) = N::subnet(peer).filter(|s| Some(*s) != self.own) else {
+            return Ok(());
+        };
+        // Only what the record says was programmed: entries nobody recorded are stale
+        // state, which the next reconcile removes.
+        match self.record().await?.get(&subnet).copied() {
+            Some(target) => {
+                self.unprogram(subnet, target).await?;
+                self.record().await?.remove(&subnet);
+                info!(device = %self.name, %subnet, "peer removed");
+            }
+            None => debug!(%subnet, "peer was not programmed; nothing to remove"),
+        }
+        Ok(())
+    }
+}
+
+/// The kernel VXLAN backend: `flannel.<VNI>` and, with IPv6 enabled (the uplink has an
+/// IPv6 address in [`ExternalInterface`]), `flannel-v6.<VNI>`.
+pub struct KernelVxlan {
+    v4: VxlanDevice<Ipv4Network>,
+    v6: Option<VxlanDevice<Ipv6Network>>,
+    /// The nftables peer guard, when VXLAN is accepted only from known peers (IPv4
+    /// senders only so far).
+    guard: Option<PeerGuard>,
+}
+
+impl KernelVxlan {
+    /// Build the backend for this host: creates (or adopts) the devices, so
+    /// [`vxlan_ifindex`](Self::vxlan_ifindex) and [`vtep_mac`](Self::vtep_mac) are valid
+    /// from here on.
+    pub async fn new(ext: ExternalInterface, config: VxlanConfig) -> Result<Self> {
+        Self::with_vtep_macs(ext, config, VtepMacs::default()).await
+    }
+
+    /// Like [`new`](Self::new), with the VTEP MACs this host published before, which the
+    /// devices are created with or given (see [`VxlanDevice::new`]).
+    pub async fn with_vtep_macs(
+        ext: ExternalInterface,
+        config: VxlanConfig,
+        macs: VtepMacs,
+    ) -> Result<Self> {
+        let v6 = match ext.iface_addr6 {
+            Some(_) => Some(VxlanDevice::new(ext.clone(), config.clone(), macs.v6).await?),
+            None => None,
+        };
+        Ok(Self {
+            v4: VxlanDevice::new(ext, config, macs.v4).await?,
+            v6,
+            guard: None,
+        })
+    }
+
+    /// Accept VXLAN only from known peers on the kernel path too: keep the nftables guard
+    /// ([`crate::net::vxlan_guard`]) equal to the peer set from now on.
+    pub fn enable_peer_guard(&mut self) {
+        self.guard = Some(PeerGuard::new(self.v4.config.port));
+    }
+
+    /// Index of `flannel.<VNI>`.
+    pub fn vxlan_ifindex(&self) -> u32 {
+        self.v4.ifindex
+    }
+
+    /// The MAC of `flannel.<VNI>`, as advertised in `BackendData.VtepMAC`.
+    pub fn vtep_mac(&self) -> [u8; 6] {
+        self.v4.mac
+    }
+
+    /// The MTU of `flannel.<VNI>`.
+    pub fn v4_mtu(&self) -> u32 {
+        self.v4.mtu
+    }
+
+    /// The uplink this backend sends through.
+    pub fn ext(&self) -> &ExternalInterface {
+        &self.v4.ext
+    }
+
+    /// The IPv4 device name (`flannel.<VNI>`).
+    pub fn device_name(&self) -> &str {
+        &self.v4.name
+    }
+
+    /// The IPv6 device name (`flannel-v6.<VNI>`), when IPv6 is enabled.
+    pub fn v6_device_name(&self) -> Option<&str> {
+        self.v6.as_ref().map(|d| d.name.as_str())
+    }
+
+    /// The backend options the devices were built with.
+    pub fn config(&self) -> &VxlanConfig {
+        &self.v4.config
+    }
+
+    /// The IPv4 device's netlink connection (its request counters show what steady state
+    /// costs).
+    pub fn netlink(&self) -> &Netlink {
+        &self.v4.nl
+    }
+
+    /// Peer subnets this backend has programmed (both families).
+    pub fn programmed_peers(&self) -> usize {
+        self.v4.programmed_peers() + self.v6.as_ref().map_or(0, VxlanDevice::programmed_peers)
+    }
+
+    /// Compare everything this backend owns with the kernel and put back what differs:
+    /// the devices (re-created with the advertised MAC when gone, taken over again when
+    /// replaced), their MTU, MAC, address and up flag, and every peer's neighbour, FDB
+    /// entry and route. Returns what had to be written.
+    pub async fn check(&mut self, peers: &[Lease]) -> Result<Fixes, Error> {
+        if let Some(guard) = &mut self.guard {
+            let own = self.v4.own;
+            let senders = peers
+                .iter()
+                .filter(|l| Some(l.subnet) != own && parse_peer::<Ipv4Network>(l).is_ok())
+                .map(|l| (l.subnet, sender_addresses(l)));
+            guard.replace_all(senders).await.map_err(Error::from)?;
+        }
+        let mut fixes = self.v4.check(peers).await;
+        if let Some(v6) = &mut self.v6 {
+            // One family's failure does not keep the other from being repaired.
+            let more = v6.check(peers).await;
+            fixes = match (fixes, more) {
+                (Ok(mut a), Ok(b)) => {
+                    a.extend(b);
+                    Ok(a)
+                }
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+        }
+        fixes
+    }
+}
+
+/// The VTEP MACs a host published before, per family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VtepMacs {
+    /// `BackendData.VtepMAC`.
+    pub v4: Option<MacAddr>,
+    /// `BackendV6Data.VtepMAC`.
+    pub v6: Option<MacAddr>,
+}
+
+impl Backend for KernelVxlan {
+    async fn prepare(&mut self) -> Result<LeaseAttrs> {
+        let v4 = self.v4.prepare().await?;
+        let v6 = match &mut self.v6 {
+            Some(d) => Some(d.prepare().await?),
+            None => None,
+        };
+        let ext = &self.v4.ext;
+        Ok(LeaseAttrs {
+            public_ip: ext.public_ip,
+            public_ipv6: ext.public_ipv6.filter(|_| v6.is_some()),
+            backend: BackendAttrs::Vxlan { v4: Some(v4), v6 },
+        })
+    }
+
+    async fn register(&mut self, own: &Lease) -> Result<()> {
+        self.v4.register(own.subnet).await?;
+        if let (Some(d), Some(sn6)) = (&mut self.v6, own.ipv6_subnet) {
+            d.register(sn6).await?;
+        }
+        Ok(())
+    }
+
+    async fn add_peer(&mut self, peer: &Lease) -> Result<()> {
+        // Accepted before we send to it, so its first replies get through.
+        if let Some(guard) = &mut self.guard
+            && Some(peer.subnet) != self.v4.own
+            && matches!(parse_peer::<Ipv4Network>(peer), Ok(Some(_)))
+        {
+            guard
+                .set_peer(peer.subnet, sender_addresses(peer))
                 .await
                 .map_err(Error::from)?;
         }
-        self.record().await?.insert(peer.subnet, target);
-        info!(subnet = %peer.subnet, public_ip = %peer.attrs.public_ip, ?target, "peer programmed");
+        self.v4.add_peer(peer).await?;
+        if let Some(d) = &mut self.v6 {
+            d.add_peer(peer).await?;
+        }
         Ok(())
     }
 
     async fn remove_peer(&mut self, peer: &Lease) -> Result<()> {
-        if Some(peer.subnet) == self.own {
+        if Some(peer.subnet) == self.v4.own {
             return Ok(());
         }
-        // Only what the record says was programmed: entries nobody recorded are stale
-        // state, which the next reconcile removes.
-        match self.record().await?.get(&peer.subnet).copied() {
-            Some(target) => {
-                self.unprogram(peer.subnet, target).await?;
-                self.record().await?.remove(&peer.subnet);
-                info!(subnet = %peer.subnet, "peer removed");
-            }
-            None => debug!(subnet = %peer.subnet, "peer was not programmed; nothing to remove"),
+        self.v4.remove_peer(peer).await?;
+        if let Some(d) = &mut self.v6 {
+            d.remove_peer(peer).await?;
         }
         // Stop accepting its VXLAN only once nothing routes to it any more.
         if let Some(guard) = &mut self.guard {
@@ -1109,13 +1308,16 @@ impl Backend for KernelVxlan {
         Ok(())
     }
 
+    /// The smaller device MTU: pods' packets of either family then fit.
     fn mtu(&self) -> u32 {
-        self.mtu
+        self.v6
+            .as_ref()
+            .map_or(self.v4.mtu, |d| d.mtu.min(self.v4.mtu))
     }
 }
 
-fn arp_entry(ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> NeighbourMessage {
-    let mut n = arp_del(ifindex, ip);
+fn arp_entry<N: NlFamily>(ifindex: u32, ip: N::Addr, mac: [u8; 6]) -> NeighbourMessage {
+    let mut n = arp_del::<N>(ifindex, ip);
     n.header.state = NeighbourState::Permanent;
     n.header.kind = RouteType::Unicast;
     n.attributes
@@ -1123,16 +1325,16 @@ fn arp_entry(ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> NeighbourMessage {
     n
 }
 
-fn arp_del(ifindex: u32, ip: Ipv4Addr) -> NeighbourMessage {
+fn arp_del<N: NlFamily>(ifindex: u32, ip: N::Addr) -> NeighbourMessage {
     let mut n = NeighbourMessage::default();
-    n.header.family = AddressFamily::Inet;
+    n.header.family = N::AF;
     n.header.ifindex = ifindex;
     n.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        .push(NeighbourAttribute::Destination(N::neigh_addr(ip)));
     n
 }
 
-fn fdb_entry(ifindex: u32, mac: [u8; 6], remote: Ipv4Addr) -> NeighbourMessage {
+fn fdb_entry<N: NlFamily>(ifindex: u32, mac: [u8; 6], remote: N::Addr) -> NeighbourMessage {
     let mut n = NeighbourMessage::default();
     n.header.family = AddressFamily::Bridge;
     n.header.ifindex = ifindex;
@@ -1141,9 +1343,7 @@ fn fdb_entry(ifindex: u32, mac: [u8; 6], remote: Ipv4Addr) -> NeighbourMessage {
     n.attributes
         .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
     n.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-            remote,
-        )));
+        .push(NeighbourAttribute::Destination(N::neigh_addr(remote)));
     n
 }
 
@@ -1165,20 +1365,45 @@ mod tests {
 
     #[test]
     fn peer_is_read_from_typed_lease_data() {
-        let p = parse_peer(&lease(
+        let p = parse_peer::<Ipv4Network>(&lease(
             "vxlan",
             Some(r#"{"vni":1,"vtepmac":"0E:2A:BC:01:02:FF"}"#),
         ))
+        .unwrap()
         .unwrap();
         assert_eq!(p.vtep_mac, [0x0e, 0x2a, 0xbc, 0x01, 0x02, 0xff]);
         assert_eq!(p.public_ip, Ipv4Addr::new(198, 18, 0, 2));
     }
 
     #[test]
+    fn the_ipv6_half_is_read_from_v6_fields_and_optional() {
+        let mut l = lease("vxlan", Some(r#"{"VNI":1,"VtepMAC":"0e:2a:00:00:00:04"}"#));
+        // No IPv6 subnet, or one without v6 data / PublicIPv6: nothing to program.
+        assert_eq!(parse_peer::<Ipv6Network>(&l), Ok(None));
+        l.ipv6_subnet = Some("fd00:10:244:2::/64".parse().unwrap());
+        assert_eq!(parse_peer::<Ipv6Network>(&l), Ok(None));
+        l.attrs.public_ipv6 = Some("fd00:198::2".parse().unwrap());
+        assert_eq!(parse_peer::<Ipv6Network>(&l), Ok(None));
+        l.attrs.backend = BackendAttrs::parse(
+            "vxlan",
+            Some(r#"{"VNI":1,"VtepMAC":"0e:2a:00:00:00:04"}"#),
+            Some(r#"{"VNI":1,"VtepMAC":"0e:2a:00:00:00:06"}"#),
+        )
+        .unwrap();
+        let p = parse_peer::<Ipv6Network>(&l).unwrap().unwrap();
+        assert_eq!(p.subnet, l.ipv6_subnet.unwrap());
+        assert_eq!(p.public_ip, l.attrs.public_ipv6.unwrap());
+        assert_eq!(p.vtep_mac[5], 6);
+        // The IPv4 half keeps its own data.
+        let p4 = parse_peer::<Ipv4Network>(&l).unwrap().unwrap();
+        assert_eq!(p4.vtep_mac[5], 4);
+    }
+
+    #[test]
     fn unusable_peers_are_errors_naming_the_lease() {
-        let e = parse_peer(&lease("host-gw", None)).unwrap_err();
+        let e = parse_peer::<Ipv4Network>(&lease("host-gw", None)).unwrap_err();
         assert!(matches!(e, PeerError::WrongBackend { .. }));
-        let e = parse_peer(&lease("vxlan", None)).unwrap_err();
+        let e = parse_peer::<Ipv4Network>(&lease("vxlan", None)).unwrap_err();
         assert!(matches!(e, PeerError::MissingData { .. }));
         assert_eq!(peer_vtep_mac(&lease("vxlan", Some("null"))), None);
     }

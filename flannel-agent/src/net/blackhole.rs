@@ -8,20 +8,19 @@
 //! (the `cni0` connected route of a bridge setup), it wins and the blackhole is not needed.
 //! It carries [`RTPROT_FLANNEL`] like every route this agent creates.
 
-use ipnetwork::Ipv4Network;
 use netlink_packet_route::route::RouteType;
 use tracing::{debug, info};
 
-use crate::net::netlink::{self, Netlink, RTPROT_FLANNEL};
+use crate::net::netlink::{self, Netlink, NlFamily, RTPROT_FLANNEL};
 
 /// Make sure `blackhole <subnet>` exists. `Ok(true)` when it was added now, `Ok(false)` when
 /// it (or another route for the subnet with the same key) was already there.
-pub async fn ensure(nl: &Netlink, subnet: Ipv4Network) -> Result<bool, netlink::Error> {
+/// (IPv4 or IPv6: one per own subnet.)
+pub async fn ensure<N: NlFamily>(nl: &Netlink, subnet: N) -> Result<bool, netlink::Error> {
     let subnet = crate::wire::cidr::masked(subnet);
-    let present =
-        nl.routes_v4().await?.iter().any(|r| {
-            r.header.kind == RouteType::BlackHole && netlink::route_dst_v4(r) == Some(subnet)
-        });
+    let present = nl.routes::<N>().await?.iter().any(|r| {
+        r.header.kind == RouteType::BlackHole && netlink::route_dst::<N>(r) == Some(subnet)
+    });
     if present {
         return Ok(false);
     }
@@ -37,5 +36,42 @@ pub async fn ensure(nl: &Netlink, subnet: Ipv4Network) -> Result<bool, netlink::
             Ok(false)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// This host's own subnets that get a blackhole route (IPv4 and, with IPv6, IPv6), with
+/// the netlink connection that keeps them.
+pub struct Blackholes {
+    nl: Netlink,
+    v4: Option<ipnetwork::Ipv4Network>,
+    v6: Option<ipnetwork::Ipv6Network>,
+}
+
+impl Blackholes {
+    /// `None` when there is no subnet to cover.
+    pub fn new(
+        v4: Option<ipnetwork::Ipv4Network>,
+        v6: Option<ipnetwork::Ipv6Network>,
+    ) -> Result<Option<Self>, netlink::Error> {
+        if v4.is_none() && v6.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            nl: Netlink::connect()?,
+            v4,
+            v6,
+        }))
+    }
+
+    /// [`ensure`] for each subnet: `(subnet, whether it was added now)` or the error.
+    pub async fn ensure_all(&self) -> Vec<(String, Result<bool, netlink::Error>)> {
+        let mut out = Vec::new();
+        if let Some(s) = self.v4 {
+            out.push((s.to_string(), ensure(&self.nl, s).await));
+        }
+        if let Some(s) = self.v6 {
+            out.push((s.to_string(), ensure(&self.nl, s).await));
+        }
+        out
     }
 }

@@ -40,12 +40,15 @@
 
 use std::{process::Stdio, time::Duration};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use tokio::{io::AsyncWriteExt, process::Command};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::repair::{self, RepairKind};
+use crate::{
+    repair::{self, RepairKind},
+    wire::cidr::Cidr,
+};
 
 /// Comment on every masquerade rule (iptables mode).
 pub const MASQ_COMMENT: &str = "flanneld masq";
@@ -53,10 +56,42 @@ pub const MASQ_COMMENT: &str = "flanneld masq";
 pub const FWD_COMMENT: &str = "flanneld forward";
 /// The nftables table (IPv4).
 pub const NFT_TABLE: &str = "flannel-ipv4";
+/// The nftables table (IPv6).
+pub const NFT_TABLE6: &str = "flannel-ipv6";
 /// kube-proxy's masquerade mark: packets carrying it are left to kube-proxy.
 const KUBE_PROXY_MARK: &str = "0x4000";
-/// IPv4 multicast, never masqueraded.
-const MULTICAST: &str = "224.0.0.0/4";
+
+/// What differs between the IPv4 and IPv6 rule sets (upstream writes the same rules for
+/// both, in `table ip flannel-ipv4` / `table ip6 flannel-ipv6`, or with `iptables` /
+/// `ip6tables`).
+pub trait RuleFamily: Cidr {
+    /// nftables family and address keyword (`ip`, `ip6`).
+    const NFT: &'static str;
+    /// The nftables table.
+    const TABLE: &'static str;
+    /// Multicast, never masqueraded.
+    const MULTICAST: &'static str;
+    /// `iptables` or `ip6tables`.
+    const IPTABLES: &'static str;
+    /// `iptables-restore` or `ip6tables-restore`.
+    const IPTABLES_RESTORE: &'static str;
+}
+
+impl RuleFamily for Ipv4Network {
+    const NFT: &'static str = "ip";
+    const TABLE: &'static str = NFT_TABLE;
+    const MULTICAST: &'static str = "224.0.0.0/4";
+    const IPTABLES: &'static str = "iptables";
+    const IPTABLES_RESTORE: &'static str = "iptables-restore";
+}
+
+impl RuleFamily for Ipv6Network {
+    const NFT: &'static str = "ip6";
+    const TABLE: &'static str = NFT_TABLE6;
+    const MULTICAST: &'static str = "ff00::/8";
+    const IPTABLES: &'static str = "ip6tables";
+    const IPTABLES_RESTORE: &'static str = "ip6tables-restore";
+}
 
 /// Errors of rule management.
 #[derive(Debug, thiserror::Error)]
@@ -85,20 +120,20 @@ pub enum Error {
 /// Result of rule management.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What the rules are built from.
+/// What the rules of one family are built from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MasqConfig {
+pub struct MasqConfig<N = Ipv4Network> {
     /// The cluster network (`C`).
-    pub network: Ipv4Network,
+    pub network: N,
     /// This host's subnet, as a network (`P`, e.g. `10.244.1.0/24`).
-    pub subnet: Ipv4Network,
+    pub subnet: N,
     /// `--random-fully` / `fully-random` (upstream default on).
     pub fully_random: bool,
     /// nftables mode (`EnableNFTables`) rather than iptables.
     pub nftables: bool,
 }
 
-impl MasqConfig {
+impl<N: RuleFamily> MasqConfig<N> {
     fn c(&self) -> String {
         // Normalise to the network address: "10.244.0.0/16", never "10.244.3.7/16".
         crate::wire::cidr::masked(self.network).to_string()
@@ -109,29 +144,31 @@ impl MasqConfig {
 }
 
 /// Install (or rewrite) the masquerade rules.
-pub async fn ensure_masq(cfg: &MasqConfig) -> Result<()> {
+pub async fn ensure_masq<N: RuleFamily>(cfg: &MasqConfig<N>) -> Result<()> {
     if cfg.nftables {
-        teardown_iptables().await?;
+        teardown_iptables::<N>().await?;
         nft(&nft_masq_script(cfg)).await?;
     } else {
-        teardown_nft().await?;
+        teardown_nft::<N>().await?;
         let jump =
-            !iptables_rule_exists("nat", "POSTROUTING", MASQ_COMMENT, "FLANNEL-POSTRTG").await?;
-        iptables_restore(&iptables_masq_script(cfg, jump)).await?;
+            !iptables_rule_exists::<N>("nat", "POSTROUTING", MASQ_COMMENT, "FLANNEL-POSTRTG")
+                .await?;
+        iptables_restore::<N>(&iptables_masq_script(cfg, jump)).await?;
     }
     info!(network = %cfg.network, subnet = %cfg.subnet, nftables = cfg.nftables, "masquerade rules in place");
     Ok(())
 }
 
 /// Install (or rewrite) the forward-accept rules.
-pub async fn ensure_forward(cfg: &MasqConfig) -> Result<()> {
+pub async fn ensure_forward<N: RuleFamily>(cfg: &MasqConfig<N>) -> Result<()> {
     if cfg.nftables {
-        teardown_iptables().await?;
+        teardown_iptables::<N>().await?;
         nft(&nft_forward_script(cfg)).await?;
     } else {
-        teardown_nft().await?;
-        let jump = !iptables_rule_exists("filter", "FORWARD", FWD_COMMENT, "FLANNEL-FWD").await?;
-        iptables_restore(&iptables_forward_script(cfg, jump)).await?;
+        teardown_nft::<N>().await?;
+        let jump =
+            !iptables_rule_exists::<N>("filter", "FORWARD", FWD_COMMENT, "FLANNEL-FWD").await?;
+        iptables_restore::<N>(&iptables_forward_script(cfg, jump)).await?;
     }
     info!(network = %cfg.network, nftables = cfg.nftables, "forward rules in place");
     Ok(())
@@ -139,7 +176,11 @@ pub async fn ensure_forward(cfg: &MasqConfig) -> Result<()> {
 
 /// Install the requested rule sets (masquerade when `ip_masq`, forward-accept when
 /// `forward`), removing the other implementation's objects first.
-pub async fn install(cfg: &MasqConfig, ip_masq: bool, forward: bool) -> Result<()> {
+pub async fn install<N: RuleFamily>(
+    cfg: &MasqConfig<N>,
+    ip_masq: bool,
+    forward: bool,
+) -> Result<()> {
     if ip_masq {
         ensure_masq(cfg).await?;
     }
@@ -157,8 +198,8 @@ pub async fn install(cfg: &MasqConfig, ip_masq: bool, forward: bool) -> Result<(
 /// mode compares the table's listing with the one the kernel printed right after
 /// [`install`] (so nft's own formatting never reads as a difference); upstream does not
 /// resync its nftables table at all, but `nft flush ruleset` is a common firewall reload.
-pub async fn resync_loop(
-    cfg: MasqConfig,
+pub async fn resync_loop<N: RuleFamily>(
+    cfg: MasqConfig<N>,
     ip_masq: bool,
     forward: bool,
     period: Duration,
@@ -168,7 +209,7 @@ pub async fn resync_loop(
         return;
     }
     let mut golden = if cfg.nftables {
-        nft_list_table().await.ok()
+        nft_list_table::<N>().await.ok()
     } else {
         None
     };
@@ -196,8 +237,8 @@ pub async fn resync_loop(
     }
 }
 
-async fn resync_one(cfg: &MasqConfig, table: &str, want: String, what: &str) {
-    let listing = match iptables_list(table).await {
+async fn resync_one<N: RuleFamily>(cfg: &MasqConfig<N>, table: &str, want: String, what: &str) {
+    let listing = match iptables_list::<N>(table).await {
         Ok(l) => l,
         Err(error) => {
             warn!(%error, rules = what, "cannot list iptables rules");
@@ -215,15 +256,23 @@ async fn resync_one(cfg: &MasqConfig, table: &str, want: String, what: &str) {
     match r {
         Ok(()) => repair::record(
             RepairKind::Rules,
-            format!("iptables {what} rules ({table} table) were missing or changed; reinstalled"),
+            format!(
+                "{} {what} rules ({table} table) were missing or changed; reinstalled",
+                N::IPTABLES
+            ),
         ),
         Err(error) => warn!(%error, rules = what, "reinstalling iptables rules failed"),
     }
 }
 
 /// nftables mode: reinstall when our table's listing is not the one after the last install.
-async fn resync_nft(cfg: &MasqConfig, ip_masq: bool, forward: bool, golden: &mut Option<String>) {
-    let now = nft_list_table().await;
+async fn resync_nft<N: RuleFamily>(
+    cfg: &MasqConfig<N>,
+    ip_masq: bool,
+    forward: bool,
+    golden: &mut Option<String>,
+) {
+    let now = nft_list_table::<N>().await;
     if let (Some(g), Ok(l)) = (golden.as_ref(), now.as_ref())
         && g == l
     {
@@ -232,19 +281,24 @@ async fn resync_nft(cfg: &MasqConfig, ip_masq: bool, forward: bool, golden: &mut
     let why = if now.is_err() { "missing" } else { "changed" };
     match install(cfg, ip_masq, forward).await {
         Ok(()) => {
-            *golden = nft_list_table().await.ok();
+            *golden = nft_list_table::<N>().await.ok();
             repair::record(
                 RepairKind::Rules,
-                format!("nftables table ip {NFT_TABLE} was {why}; reinstalled"),
+                format!(
+                    "nftables table {} {} was {why}; reinstalled",
+                    N::NFT,
+                    N::TABLE
+                ),
             );
         }
         Err(error) => warn!(%error, "reinstalling the nftables rules failed"),
     }
 }
 
-/// `nft list table ip flannel-ipv4` (an error when the table does not exist).
-async fn nft_list_table() -> Result<String> {
-    run_tool("nft", &["list", "table", "ip", NFT_TABLE], None).await
+/// `nft list table ip flannel-ipv4` (or `ip6 flannel-ipv6`; an error when the table
+/// does not exist).
+async fn nft_list_table<N: RuleFamily>() -> Result<String> {
+    run_tool("nft", &["list", "table", N::NFT, N::TABLE], None).await
 }
 
 /// Whether every `-A` line of `script` appears in `listing` (`iptables -S`), the chain's own
@@ -268,51 +322,56 @@ fn rules_in_place(script: &str, listing: &str) -> bool {
     own_want == own_have && want.iter().all(|w| listing.lines().any(|l| l == *w))
 }
 
-/// Remove every rule, chain and table of both implementations (absent ones are fine).
+/// Remove every rule, chain and table of both implementations and both families (absent
+/// ones are fine).
 pub async fn teardown() -> Result<()> {
-    teardown_nft().await?;
-    teardown_iptables().await
+    teardown_nft::<Ipv4Network>().await?;
+    teardown_nft::<Ipv6Network>().await?;
+    teardown_iptables::<Ipv4Network>().await?;
+    teardown_iptables::<Ipv6Network>().await
 }
 
 /// The nftables script for the masquerade chain: create-if-absent, flush, refill.
-pub fn nft_masq_script(cfg: &MasqConfig) -> String {
+pub fn nft_masq_script<N: RuleFamily>(cfg: &MasqConfig<N>) -> String {
     let (c, p) = (cfg.c(), cfg.p());
     let masq = if cfg.fully_random {
         "masquerade fully-random"
     } else {
         "masquerade"
     };
-    let t = format!("ip {NFT_TABLE}");
+    let (ip, table, multicast) = (N::NFT, N::TABLE, N::MULTICAST);
+    let t = format!("{ip} {table}");
     format!(
-        "add table {t} {{ comment \"rules for {NFT_TABLE}\" ; }}\n\
+        "add table {t} {{ comment \"rules for {table}\" ; }}\n\
          add chain {t} postrtg {{ type nat hook postrouting priority srcnat ; policy accept ; comment \"chain to manage traffic masquerading by flannel\" ; }}\n\
          flush chain {t} postrtg\n\
          add rule {t} postrtg meta mark {KUBE_PROXY_MARK} return\n\
-         add rule {t} postrtg ip saddr {p} ip daddr {c} return\n\
-         add rule {t} postrtg ip saddr {c} ip daddr {p} return\n\
-         add rule {t} postrtg ip saddr != {p} ip daddr {c} return\n\
-         add rule {t} postrtg ip saddr {c} ip daddr != {MULTICAST} {masq}\n\
-         add rule {t} postrtg ip saddr != {c} ip daddr {c} {masq}\n"
+         add rule {t} postrtg {ip} saddr {p} {ip} daddr {c} return\n\
+         add rule {t} postrtg {ip} saddr {c} {ip} daddr {p} return\n\
+         add rule {t} postrtg {ip} saddr != {p} {ip} daddr {c} return\n\
+         add rule {t} postrtg {ip} saddr {c} {ip} daddr != {multicast} {masq}\n\
+         add rule {t} postrtg {ip} saddr != {c} {ip} daddr {c} {masq}\n"
     )
 }
 
 /// The nftables script for the forward chain.
-pub fn nft_forward_script(cfg: &MasqConfig) -> String {
+pub fn nft_forward_script<N: RuleFamily>(cfg: &MasqConfig<N>) -> String {
     let c = cfg.c();
-    let t = format!("ip {NFT_TABLE}");
+    let (ip, table) = (N::NFT, N::TABLE);
+    let t = format!("{ip} {table}");
     format!(
-        "add table {t} {{ comment \"rules for {NFT_TABLE}\" ; }}\n\
+        "add table {t} {{ comment \"rules for {table}\" ; }}\n\
          add chain {t} forward {{ type filter hook forward priority filter ; policy accept ; comment \"chain to accept flannel traffic\" ; }}\n\
          flush chain {t} forward\n\
-         add rule {t} forward ip saddr {c} accept\n\
-         add rule {t} forward ip daddr {c} accept\n"
+         add rule {t} forward {ip} saddr {c} accept\n\
+         add rule {t} forward {ip} daddr {c} accept\n"
     )
 }
 
 /// The `iptables-restore --noflush` script for `FLANNEL-POSTRTG` (declaring the chain
 /// creates or flushes it); `jump` adds the `POSTROUTING` jump when it is missing.
-pub fn iptables_masq_script(cfg: &MasqConfig, jump: bool) -> String {
-    let (c, p) = (cfg.c(), cfg.p());
+pub fn iptables_masq_script<N: RuleFamily>(cfg: &MasqConfig<N>, jump: bool) -> String {
+    let (c, p, multicast) = (cfg.c(), cfg.p(), N::MULTICAST);
     let m = format!("-m comment --comment \"{MASQ_COMMENT}\"");
     let masq = if cfg.fully_random {
         "MASQUERADE --random-fully"
@@ -325,7 +384,7 @@ pub fn iptables_masq_script(cfg: &MasqConfig, jump: bool) -> String {
          -A FLANNEL-POSTRTG -s {p} -d {c} {m} -j RETURN\n\
          -A FLANNEL-POSTRTG -s {c} -d {p} {m} -j RETURN\n\
          -A FLANNEL-POSTRTG ! -s {c} -d {p} {m} -j RETURN\n\
-         -A FLANNEL-POSTRTG -s {c} ! -d {MULTICAST} {m} -j {masq}\n\
+         -A FLANNEL-POSTRTG -s {c} ! -d {multicast} {m} -j {masq}\n\
          -A FLANNEL-POSTRTG ! -s {c} -d {c} {m} -j {masq}\n"
     );
     if jump {
@@ -336,7 +395,7 @@ pub fn iptables_masq_script(cfg: &MasqConfig, jump: bool) -> String {
 }
 
 /// The `iptables-restore --noflush` script for `FLANNEL-FWD`.
-pub fn iptables_forward_script(cfg: &MasqConfig, jump: bool) -> String {
+pub fn iptables_forward_script<N: RuleFamily>(cfg: &MasqConfig<N>, jump: bool) -> String {
     let c = cfg.c();
     let m = format!("-m comment --comment \"{FWD_COMMENT}\"");
     let mut s = format!(
@@ -393,26 +452,23 @@ fn is_empty_nft_table(json: &str) -> bool {
     })
 }
 
-async fn teardown_nft() -> Result<()> {
+async fn teardown_nft<N: RuleFamily>() -> Result<()> {
     // "add" then "delete" in one transaction: removes the table whether or not it exists,
     // on any nft version (no need for `destroy`, nft ≥ 1.0.8).
-    match nft(&format!(
-        "add table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
-    ))
-    .await
-    {
+    let t = format!("{} {}", N::NFT, N::TABLE);
+    match nft(&format!("add table {t}\ndelete table {t}\n")).await {
         // No nft binary or no nf_tables: there is nothing of ours to remove.
         Err(Error::Spawn { .. }) => Ok(()),
         other => other,
     }
 }
 
-async fn teardown_iptables() -> Result<()> {
+async fn teardown_iptables<N: RuleFamily>() -> Result<()> {
     for (table, parent, comment, chain) in [
         ("nat", "POSTROUTING", MASQ_COMMENT, "FLANNEL-POSTRTG"),
         ("filter", "FORWARD", FWD_COMMENT, "FLANNEL-FWD"),
     ] {
-        let listing = match iptables_list(table).await {
+        let listing = match iptables_list::<N>(table).await {
             Ok(l) => l,
             // No iptables binary: there is nothing of ours to remove.
             Err(Error::Spawn { .. }) => return Ok(()),
@@ -421,11 +477,11 @@ async fn teardown_iptables() -> Result<()> {
         // Remove every jump (duplicates included), then the chain itself.
         let jump = jump_rule(parent, comment, chain);
         for _ in listing.lines().filter(|l| *l == jump) {
-            iptables(&jump_args("-D", table, parent, comment, chain)).await?;
+            iptables::<N>(&jump_args("-D", table, parent, comment, chain)).await?;
         }
         if listing.lines().any(|l| l == format!("-N {chain}")) {
-            iptables(&["-w", "-t", table, "-F", chain]).await?;
-            iptables(&["-w", "-t", table, "-X", chain]).await?;
+            iptables::<N>(&["-w", "-t", table, "-F", chain]).await?;
+            iptables::<N>(&["-w", "-t", table, "-X", chain]).await?;
             debug!(table, chain, "removed iptables chain");
         }
     }
@@ -459,19 +515,19 @@ fn jump_args<'a>(
     ]
 }
 
-async fn iptables_rule_exists(
+async fn iptables_rule_exists<N: RuleFamily>(
     table: &str,
     parent: &str,
     comment: &str,
     chain: &str,
 ) -> Result<bool> {
     let jump = jump_rule(parent, comment, chain);
-    Ok(iptables_list(table).await?.lines().any(|l| l == jump))
+    Ok(iptables_list::<N>(table).await?.lines().any(|l| l == jump))
 }
 
-/// `iptables -t table -S`.
-async fn iptables_list(table: &str) -> Result<String> {
-    run_tool("iptables", &["-w", "-t", table, "-S"], None).await
+/// `iptables -t table -S` (or `ip6tables`).
+async fn iptables_list<N: RuleFamily>(table: &str) -> Result<String> {
+    run_tool(N::IPTABLES, &["-w", "-t", table, "-S"], None).await
 }
 
 /// The one place this agent starts a process to program the kernel: nftables and iptables
@@ -485,13 +541,13 @@ fn tool(program: &'static str) -> Command {
     Command::new(program)
 }
 
-/// Run `iptables args`.
-async fn iptables(args: &[&str]) -> Result<()> {
-    run_tool("iptables", args, None).await.map(drop)
+/// Run `iptables args` (or `ip6tables`).
+async fn iptables<N: RuleFamily>(args: &[&str]) -> Result<()> {
+    run_tool(N::IPTABLES, args, None).await.map(drop)
 }
 
-async fn iptables_restore(script: &str) -> Result<()> {
-    run_tool("iptables-restore", &["--noflush", "--wait"], Some(script))
+async fn iptables_restore<N: RuleFamily>(script: &str) -> Result<()> {
+    run_tool(N::IPTABLES_RESTORE, &["--noflush", "--wait"], Some(script))
         .await
         .map(drop)
 }
@@ -582,6 +638,36 @@ mod tests {
         assert!(s.contains("ip daddr != 224.0.0.0/4 masquerade\n"), "{s}");
         let f = nft_forward_script(&c);
         assert!(f.contains("forward ip saddr 10.244.0.0/16 accept"), "{f}");
+    }
+
+    #[test]
+    fn ipv6_rules_are_upstreams_with_ip6_names() {
+        let c = MasqConfig::<Ipv6Network> {
+            network: "fd00:10:244::/56".parse().unwrap(),
+            subnet: "fd00:10:244:1::/64".parse().unwrap(),
+            fully_random: true,
+            nftables: true,
+        };
+        let s = nft_masq_script(&c);
+        for rule in [
+            "add table ip6 flannel-ipv6 { comment \"rules for flannel-ipv6\" ; }",
+            "add rule ip6 flannel-ipv6 postrtg meta mark 0x4000 return",
+            "add rule ip6 flannel-ipv6 postrtg ip6 saddr fd00:10:244:1::/64 ip6 daddr fd00:10:244::/56 return",
+            "add rule ip6 flannel-ipv6 postrtg ip6 saddr fd00:10:244::/56 ip6 daddr != ff00::/8 masquerade fully-random",
+            "add rule ip6 flannel-ipv6 postrtg ip6 saddr != fd00:10:244::/56 ip6 daddr fd00:10:244::/56 masquerade fully-random",
+        ] {
+            assert!(s.contains(rule), "missing {rule}\n{s}");
+        }
+        let f = nft_forward_script(&c);
+        assert!(
+            f.contains("add rule ip6 flannel-ipv6 forward ip6 daddr fd00:10:244::/56 accept"),
+            "{f}"
+        );
+        let i = iptables_masq_script(&c, false);
+        assert!(
+            i.contains("-A FLANNEL-POSTRTG -s fd00:10:244::/56 ! -d ff00::/8 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully"),
+            "{i}"
+        );
     }
 
     #[test]

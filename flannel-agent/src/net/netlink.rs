@@ -13,10 +13,10 @@
 //! [`Netlink::connect`]; tests rely on that by entering a namespace on a dedicated thread
 //! before building their runtime.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::StreamExt;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
@@ -31,6 +31,67 @@ use rtnetlink::packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
     NetlinkPayload,
 };
+
+use crate::wire::cidr::Cidr;
+
+/// How one address family's addresses appear in rtnetlink messages: everything the
+/// address, route and neighbour helpers below need to be written once for IPv4 and IPv6.
+pub trait NlFamily: Cidr {
+    /// `AF_INET` or `AF_INET6`.
+    const AF: AddressFamily;
+    /// The address as a route attribute value.
+    fn route_addr(addr: Self::Addr) -> RouteAddress;
+    /// The address of a route attribute, when it is of this family.
+    fn of_route_addr(addr: &RouteAddress) -> Option<Self::Addr>;
+    /// The address as a neighbour destination.
+    fn neigh_addr(addr: Self::Addr) -> NeighbourAddress;
+    /// The address, when `ip` is of this family.
+    fn of_ip(ip: IpAddr) -> Option<Self::Addr>;
+}
+
+impl NlFamily for Ipv4Network {
+    const AF: AddressFamily = AddressFamily::Inet;
+    fn route_addr(addr: Ipv4Addr) -> RouteAddress {
+        RouteAddress::Inet(addr)
+    }
+    fn of_route_addr(addr: &RouteAddress) -> Option<Ipv4Addr> {
+        match addr {
+            RouteAddress::Inet(a) => Some(*a),
+            _ => None,
+        }
+    }
+    fn neigh_addr(addr: Ipv4Addr) -> NeighbourAddress {
+        NeighbourAddress::Inet(addr)
+    }
+    fn of_ip(ip: IpAddr) -> Option<Ipv4Addr> {
+        match ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
+    }
+}
+
+impl NlFamily for Ipv6Network {
+    const AF: AddressFamily = AddressFamily::Inet6;
+    fn route_addr(addr: Ipv6Addr) -> RouteAddress {
+        RouteAddress::Inet6(addr)
+    }
+    fn of_route_addr(addr: &RouteAddress) -> Option<Ipv6Addr> {
+        match addr {
+            RouteAddress::Inet6(a) => Some(*a),
+            _ => None,
+        }
+    }
+    fn neigh_addr(addr: Ipv6Addr) -> NeighbourAddress {
+        NeighbourAddress::Inet6(addr)
+    }
+    fn of_ip(ip: IpAddr) -> Option<Ipv6Addr> {
+        match ip {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        }
+    }
+}
 
 /// Errors of netlink operations.
 #[derive(Debug, thiserror::Error)]
@@ -266,8 +327,13 @@ impl Netlink {
 
     /// IPv4 addresses on link `index`, as (address, prefix length).
     pub async fn addresses_v4(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+        self.addresses::<Ipv4Network>(index).await
+    }
+
+    /// Addresses of family `N` on link `index`, as (address, prefix length).
+    pub async fn addresses<N: NlFamily>(&self, index: u32) -> Result<Vec<(N::Addr, u8)>> {
         let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet;
+        msg.header.family = N::AF;
         let replies = self
             .collect(
                 "dump addresses",
@@ -275,20 +341,18 @@ impl Netlink {
                 NLM_F_DUMP,
             )
             .await?;
+        let ip = |a: &AddressMessage, local: bool| {
+            a.attributes.iter().find_map(|at| match at {
+                AddressAttribute::Local(ip) if local => N::of_ip(*ip),
+                AddressAttribute::Address(ip) if !local => N::of_ip(*ip),
+                _ => None,
+            })
+        };
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewAddress(a) if a.header.index == index => {
-                    let addr = a.attributes.iter().find_map(|at| match at {
-                        AddressAttribute::Local(IpAddr::V4(v4)) => Some(*v4),
-                        _ => None,
-                    });
-                    let addr = addr.or_else(|| {
-                        a.attributes.iter().find_map(|at| match at {
-                            AddressAttribute::Address(IpAddr::V4(v4)) => Some(*v4),
-                            _ => None,
-                        })
-                    })?;
+                    let addr = ip(&a, true).or_else(|| ip(&a, false))?;
                     Some((addr, a.header.prefix_len))
                 }
                 _ => None,
@@ -296,23 +360,35 @@ impl Netlink {
             .collect())
     }
 
-    fn addr_msg(index: u32, addr: Ipv4Addr, prefix_len: u8) -> AddressMessage {
+    fn addr_msg<N: NlFamily>(index: u32, addr: N::Addr, prefix_len: u8) -> AddressMessage {
         let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet;
+        msg.header.family = N::AF;
         msg.header.prefix_len = prefix_len;
         msg.header.index = index;
-        msg.attributes
-            .push(AddressAttribute::Local(IpAddr::V4(addr)));
-        msg.attributes
-            .push(AddressAttribute::Address(IpAddr::V4(addr)));
+        // IPv6 has no IFA_LOCAL (the kernel rejects a mismatching pair less kindly).
+        if N::AF == AddressFamily::Inet {
+            msg.attributes.push(AddressAttribute::Local(addr.into()));
+        }
+        msg.attributes.push(AddressAttribute::Address(addr.into()));
         msg
     }
 
     /// Add `addr/prefix_len` to link `index` (no error if it is already there).
     pub async fn addr_replace_v4(&self, index: u32, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        self.addr_replace::<Ipv4Network>(index, addr, prefix_len)
+            .await
+    }
+
+    /// Add `addr/prefix_len` (family `N`) to link `index` (no error if it is already there).
+    pub async fn addr_replace<N: NlFamily>(
+        &self,
+        index: u32,
+        addr: N::Addr,
+        prefix_len: u8,
+    ) -> Result<()> {
         self.ack(
             format!("add address {addr}/{prefix_len} on #{index}"),
-            RouteNetlinkMessage::NewAddress(Self::addr_msg(index, addr, prefix_len)),
+            RouteNetlinkMessage::NewAddress(Self::addr_msg::<N>(index, addr, prefix_len)),
             NLM_F_CREATE | NLM_F_REPLACE,
         )
         .await
@@ -320,10 +396,21 @@ impl Netlink {
 
     /// Remove `addr/prefix_len` from link `index`; `Ok(false)` if it was not there.
     pub async fn addr_del_v4(&self, index: u32, addr: Ipv4Addr, prefix_len: u8) -> Result<bool> {
+        self.addr_del::<Ipv4Network>(index, addr, prefix_len).await
+    }
+
+    /// Remove `addr/prefix_len` (family `N`) from link `index`; `Ok(false)` if it was not
+    /// there.
+    pub async fn addr_del<N: NlFamily>(
+        &self,
+        index: u32,
+        addr: N::Addr,
+        prefix_len: u8,
+    ) -> Result<bool> {
         absent_ok(
             self.ack(
                 format!("delete address {addr}/{prefix_len} on #{index}"),
-                RouteNetlinkMessage::DelAddress(Self::addr_msg(index, addr, prefix_len)),
+                RouteNetlinkMessage::DelAddress(Self::addr_msg::<N>(index, addr, prefix_len)),
                 0,
             )
             .await,
@@ -389,8 +476,13 @@ impl Netlink {
 
     /// Every IPv4 route of the main table.
     pub async fn routes_v4(&self) -> Result<Vec<RouteMessage>> {
+        self.routes::<Ipv4Network>().await
+    }
+
+    /// Every route of family `N` in the main table.
+    pub async fn routes<N: NlFamily>(&self) -> Result<Vec<RouteMessage>> {
         let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
+        msg.header.address_family = N::AF;
         let replies = self
             .collect(
                 "dump routes",
@@ -438,11 +530,16 @@ impl Netlink {
 
     /// The route the kernel would use to reach `dst` (`ip route get`).
     pub async fn route_get_v4(&self, dst: Ipv4Addr) -> Result<RouteMessage> {
+        self.route_get::<Ipv4Network>(dst).await
+    }
+
+    /// The route the kernel would use to reach `dst` of family `N` (`ip route get`).
+    pub async fn route_get<N: NlFamily>(&self, dst: N::Addr) -> Result<RouteMessage> {
         let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        msg.header.destination_prefix_length = 32;
+        msg.header.address_family = N::AF;
+        msg.header.destination_prefix_length = N::BITS;
         msg.attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+            .push(RouteAttribute::Destination(N::route_addr(dst)));
         let op = format!("get route to {dst}");
         self.collect(op.clone(), RouteNetlinkMessage::GetRoute(msg), 0)
             .await?
@@ -461,26 +558,25 @@ impl Netlink {
 pub const RTPROT_FLANNEL: u8 = 0x54;
 
 /// `<subnet> proto 84 table main`: the parts of every route this agent installs.
-pub fn route_base(subnet: Ipv4Network) -> RouteMessage {
+pub fn route_base<N: NlFamily>(subnet: N) -> RouteMessage {
+    let subnet = crate::wire::cidr::masked(subnet);
     let mut r = RouteMessage::default();
-    r.header.address_family = AddressFamily::Inet;
-    r.header.destination_prefix_length = subnet.prefix();
+    r.header.address_family = N::AF;
+    r.header.destination_prefix_length = subnet.prefix_len();
     r.header.table = MAIN_TABLE as u8;
     r.header.protocol = RouteProtocol::from(RTPROT_FLANNEL);
     r.header.scope = RouteScope::Universe;
     r.header.kind = RouteType::Unicast;
     r.attributes
-        .push(RouteAttribute::Destination(RouteAddress::Inet(
-            subnet.network(),
-        )));
+        .push(RouteAttribute::Destination(N::route_addr(subnet.addr())));
     r
 }
 
 /// `<subnet> via <gateway> dev <oif> proto 84`: a host-gw or DirectRouting route.
-pub fn gateway_route(subnet: Ipv4Network, gateway: Ipv4Addr, oif: u32) -> RouteMessage {
+pub fn gateway_route<N: NlFamily>(subnet: N, gateway: N::Addr, oif: u32) -> RouteMessage {
     let mut r = route_base(subnet);
     r.attributes
-        .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+        .push(RouteAttribute::Gateway(N::route_addr(gateway)));
     r.attributes.push(RouteAttribute::Oif(oif));
     r
 }
@@ -572,21 +668,35 @@ pub fn route_table(r: &RouteMessage) -> u32 {
 
 /// An IPv4 route's destination network (`0.0.0.0/0` for a default route).
 pub fn route_dst_v4(r: &RouteMessage) -> Option<Ipv4Network> {
+    route_dst(r)
+}
+
+/// A route's destination network of family `N` (the all-zero network for a default
+/// route), `None` for another family's route.
+pub fn route_dst<N: NlFamily>(r: &RouteMessage) -> Option<N> {
+    if r.header.address_family != N::AF {
+        return None;
+    }
     let addr = r
         .attributes
         .iter()
         .find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(v4)) => Some(*v4),
+            RouteAttribute::Destination(d) => N::of_route_addr(d),
             _ => None,
         })
-        .unwrap_or(Ipv4Addr::UNSPECIFIED);
-    Ipv4Network::new(addr, r.header.destination_prefix_length).ok()
+        .unwrap_or_else(|| N::addr_from_bits(0));
+    N::build(addr, r.header.destination_prefix_length)
 }
 
 /// An IPv4 route's gateway.
 pub fn route_gateway_v4(r: &RouteMessage) -> Option<Ipv4Addr> {
+    route_gateway::<Ipv4Network>(r)
+}
+
+/// A route's gateway of family `N`.
+pub fn route_gateway<N: NlFamily>(r: &RouteMessage) -> Option<N::Addr> {
     r.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Gateway(RouteAddress::Inet(v4)) => Some(*v4),
+        RouteAttribute::Gateway(g) => N::of_route_addr(g),
         _ => None,
     })
 }
@@ -632,9 +742,15 @@ fn describe_neigh(n: &NeighbourMessage) -> String {
 }
 
 fn describe_route(r: &RouteMessage) -> String {
-    let dst = route_dst_v4(r).map(|d| d.to_string()).unwrap_or_default();
+    let dst = route_dst_v4(r)
+        .map(|d| d.to_string())
+        .or_else(|| route_dst::<Ipv6Network>(r).map(|d| d.to_string()))
+        .unwrap_or_default();
     let mut s = dst;
-    if let Some(gw) = route_gateway_v4(r) {
+    let gw = route_gateway_v4(r)
+        .map(|g| g.to_string())
+        .or_else(|| route_gateway::<Ipv6Network>(r).map(|g| g.to_string()));
+    if let Some(gw) = gw {
         s.push_str(&format!(" via {gw}"));
     }
     if let Some(oif) = route_oif(r) {

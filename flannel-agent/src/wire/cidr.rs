@@ -123,6 +123,11 @@ pub fn block_size<N: Cidr>(prefix: u8) -> u128 {
         .unwrap_or(u128::MAX)
 }
 
+/// The network's base address (`10.244.1.7/24` → `10.244.1.0`).
+pub fn base<N: Cidr>(net: N) -> N::Addr {
+    masked(net).addr()
+}
+
 /// The network's base address plus one (`10.244.1.0/24` → `10.244.1.1`): the gateway
 /// address `subnet.env` and the bridge use.
 pub fn first_host<N: Cidr>(net: N) -> N::Addr {

@@ -14,7 +14,7 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::Serialize;
 use serde_json::{Value, value::RawValue};
 
-use super::{gojson::GoObject, mac::MacAddr, truncated};
+use super::{cidr::Cidr, gojson::GoObject, mac::MacAddr, truncated};
 
 /// Why a lease record (etcd key, value or backend data) could not be read. Each names
 /// what was wrong, with the offending text truncated, so the warning for a skipped record
@@ -399,6 +399,48 @@ impl Lease {
                     v6_data: None,
                 },
             },
+        }
+    }
+}
+
+/// One address family's half of a lease (the IPv4 subnet, `PublicIP` and `BackendData`;
+/// or the IPv6 subnet, `PublicIPv6` and `BackendV6Data`), so what programs a family is
+/// written once.
+pub trait LeaseFamily: Cidr {
+    /// The lease's subnet of this family, if it has one.
+    fn subnet(lease: &Lease) -> Option<Self>;
+    /// The underlay address peers send this family's traffic to.
+    fn public_ip(attrs: &LeaseAttrs) -> Option<Self::Addr>;
+    /// This family's VXLAN VTEP, when the lease is a vxlan lease that has one.
+    fn vxlan_data(backend: &BackendAttrs) -> Option<VxlanBackendData>;
+}
+
+impl LeaseFamily for Ipv4Network {
+    fn subnet(lease: &Lease) -> Option<Self> {
+        Some(lease.subnet)
+    }
+    fn public_ip(attrs: &LeaseAttrs) -> Option<Ipv4Addr> {
+        Some(attrs.public_ip)
+    }
+    fn vxlan_data(backend: &BackendAttrs) -> Option<VxlanBackendData> {
+        match backend {
+            BackendAttrs::Vxlan { v4, .. } => *v4,
+            _ => None,
+        }
+    }
+}
+
+impl LeaseFamily for Ipv6Network {
+    fn subnet(lease: &Lease) -> Option<Self> {
+        lease.ipv6_subnet
+    }
+    fn public_ip(attrs: &LeaseAttrs) -> Option<Ipv6Addr> {
+        attrs.public_ipv6
+    }
+    fn vxlan_data(backend: &BackendAttrs) -> Option<VxlanBackendData> {
+        match backend {
+            BackendAttrs::Vxlan { v6, .. } => *v6,
+            _ => None,
         }
     }
 }

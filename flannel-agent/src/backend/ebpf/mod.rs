@@ -40,9 +40,9 @@ pub use tables::{Counters, PeerEntry, Placement};
 use crate::{
     backend::{
         Backend, Error, ExternalInterface, Result,
-        vxlan::{Fixes, KernelVxlan},
+        vxlan::{Fixes, KernelVxlan, VtepMacs},
     },
-    lease::{Lease, LeaseAttrs, MacAddr},
+    lease::{Lease, LeaseAttrs},
     netconf::VxlanConfig,
     repair::{self, RepairKind},
 };
@@ -68,9 +68,10 @@ pub struct EbpfOptions {
     /// [`peer_capacity`] before building the backend; `None` keeps the pinned size (or the
     /// compiled default).
     pub max_peers: Option<u32>,
-    /// The VTEP MAC this host published before, to create `flannel.<VNI>` with (found
-    /// by the agent in its previous lease; `None` in the configuration).
-    pub vtep_mac: Option<MacAddr>,
+    /// The VTEP MACs this host published before, to create `flannel.<VNI>` (and
+    /// `flannel-v6.<VNI>`) with (found by the agent in its previous lease; none in the
+    /// configuration).
+    pub vtep_macs: VtepMacs,
 }
 
 /// The most peers sized for automatically: 262,144 slots of per-CPU counters already cost
@@ -125,7 +126,7 @@ impl EbpfVxlan {
     ) -> std::result::Result<Self, FallbackReason> {
         probe::probe(&options.pin_root)?;
         // The programs ride on the device, which `KernelVxlan::new` creates (or adopts).
-        let mut kernel = KernelVxlan::with_vtep_mac(ext, config, options.vtep_mac)
+        let mut kernel = KernelVxlan::with_vtep_macs(ext, config, options.vtep_macs)
             .await
             .map_err(|e| FallbackReason::Device(e.to_string()))?;
         if options.peer_check {
@@ -180,7 +181,7 @@ impl EbpfVxlan {
             vxlan_ifindex: self.kernel.vxlan_ifindex(),
             ttl: 64,
             // What `flannel.<VNI>` carries: the fast path sends nothing it wouldn't.
-            mtu: u16::try_from(self.kernel.mtu()).unwrap_or(u16::MAX),
+            mtu: u16::try_from(self.kernel.v4_mtu()).unwrap_or(u16::MAX),
             flow_refresh_ms: self.options.flow_refresh_ms,
             ..Default::default()
         }

@@ -1,0 +1,302 @@
+//! Dual stack end to end in etcd mode: three host namespaces with IPv4 and IPv6 underlay
+//! addresses, two pods each with both families, real etcd, one `flanneld` per host.
+//! IPv6 rides `flannel-v6.1` over the IPv6 underlay (vxlan) or IPv6 routes via each
+//! peer's `PublicIPv6` (host-gw); eBPF hosts carry IPv4 in their programs and IPv6 in the
+//! kernel device.
+//!
+//! Needs root and a built agent: `cargo build -p flannel-agent --bin flanneld`, then
+//! `cargo test -p flannel-e2e --test dual_stack`.
+
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    time::Duration,
+};
+
+use flannel_e2e::{
+    cluster::{BpfPins, Cluster, PREFIX, SubnetEnv},
+    netns::{NetNs, host_ip6, wait_until},
+    require_root,
+};
+
+/// 10.244.0.0/16 with /24s and fd00:10:244::/56 with /64s.
+fn dual_conf(backend: &str) -> String {
+    format!(
+        r#"{{"Network":"10.244.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetLen":64,"Backend":{backend}}}"#
+    )
+}
+
+/// A dual-stack cluster of `hosts` hosts, agents running, two pods per host with both
+/// families; returns the cluster and each host's `subnet.env`.
+fn start(hosts: u8, conf: &str, args: impl Fn(u8) -> Vec<String>) -> (Cluster, Vec<SubnetEnv>) {
+    let mut c = Cluster::prepare_each(hosts, conf, args);
+    c.add_ipv6_underlay();
+    for n in &mut c.nodes {
+        n.start();
+    }
+    let envs = c.add_pods(2);
+    c.add_pod_ipv6(&envs);
+    (c, envs)
+}
+
+/// The MAC of `dev` in `ns`.
+fn mac_of(ns: &NetNs, dev: &str) -> String {
+    // `ip`, not /sys/class/net: sysfs shows the namespace it was mounted in.
+    let out = ns.sh(&format!("ip -br link show dev {dev}"));
+    out.split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("no MAC in {out:?}"))
+        .to_owned()
+}
+
+/// What etcd holds under `<prefix>/subnets/` for host `i` (1-based), found by the IPv4
+/// subnet in `env`: its full key and value.
+fn lease_of(c: &Cluster, env: &SubnetEnv) -> (String, String) {
+    let sn6 = env.ipv6_subnet.expect("IPv6 subnet");
+    let key = format!(
+        "{PREFIX}/subnets/{}-{}&{}-{}",
+        env.subnet.network(),
+        env.subnet.prefix(),
+        sn6.network(),
+        sn6.prefix()
+    );
+    let value = c
+        .etcd_get(&key)
+        .unwrap_or_else(|| panic!("no lease at {key}\n{}", c.logs()));
+    (key, value)
+}
+
+#[test]
+fn dual_stack_vxlan_ebpf_and_kernel_hosts_connect_every_pod_over_both_families() {
+    if !require_root() {
+        return;
+    }
+    // Hosts 1–2 eBPF (IPv6 through the kernel device), host 3 kernel VXLAN only.
+    let pins = BpfPins::new("ds", 3);
+    let (c, envs) = start(3, &dual_conf(r#"{"Type":"vxlan"}"#), |i| {
+        if i < 3 {
+            vec!["--dataplane=ebpf".into(), pins.arg(i)]
+        } else {
+            vec!["--dataplane=kernel".into()]
+        }
+    });
+
+    for (i, (n, env)) in c.nodes.iter().zip(&envs).enumerate() {
+        let ns = &n.host.ns;
+        // subnet.env: both families; the MTU fits the IPv6 tunnel (1500 − 70).
+        assert_eq!(env.ipv6_network.unwrap().to_string(), "fd00:10:244::/56");
+        let sn6 = env.ipv6_subnet.unwrap();
+        assert_eq!(sn6.prefix(), 64);
+        assert_eq!(env.mtu, 1430, "{env:?}");
+        let text = std::fs::read_to_string(&n.subnet_file).unwrap();
+        assert!(
+            text.contains(&format!("FLANNEL_IPV6_SUBNET={}1/64\n", sn6.network())),
+            "{text}"
+        );
+        // The lease: key with the IPv6 part, upstream's JSON byte for byte with this
+        // host's addresses and both devices' MACs.
+        let (key, value) = lease_of(&c, env);
+        let want = format!(
+            r#"{{"PublicIP":"198.18.0.{h}","PublicIPv6":"{v6}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{m4}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{m6}"}}}}"#,
+            h = i + 1,
+            v6 = host_ip6(u8::try_from(i + 1).unwrap()),
+            m4 = mac_of(ns, "flannel.1"),
+            m6 = mac_of(ns, "flannel-v6.1"),
+        );
+        assert_eq!(value, want, "{key}");
+        // flannel-v6.1: over the IPv6 underlay, IPv6 checksums on, the subnet base /128,
+        // MTU 1430, no router adverts.
+        let link = ns.sh("ip -d link show flannel-v6.1");
+        assert!(
+            link.contains(&format!("local {}", host_ip6(u8::try_from(i + 1).unwrap())))
+                && link.contains("dstport 8472")
+                && link.contains("mtu 1430")
+                && link.contains(" udpcsum noudp6zerocsumtx noudp6zerocsumrx "),
+            "{link}"
+        );
+        let addrs = ns.sh("ip -6 -o addr show dev flannel-v6.1 scope global");
+        assert!(addrs.contains(&format!("{}/128", sn6.network())), "{addrs}");
+        assert_eq!(
+            ns.sh("cat /proc/sys/net/ipv6/conf/flannel-v6.1/accept_ra")
+                .trim(),
+            "0"
+        );
+        // Per peer: NDP neighbour, FDB entry to its IPv6 address, onlink route.
+        for (j, peer) in envs.iter().enumerate().filter(|(j, _)| *j != i) {
+            let p6 = peer.ipv6_subnet.unwrap();
+            let base = p6.network();
+            let pmac = mac_of(&c.nodes[j].host.ns, "flannel-v6.1");
+            let ok = wait_until(Duration::from_secs(10), || {
+                let state = ns.sh(
+                    "ip -6 neigh show dev flannel-v6.1; bridge fdb show dev flannel-v6.1; ip -6 route show",
+                );
+                state.contains(&format!("{base} lladdr {pmac} PERMANENT"))
+                    && state.contains(&format!(
+                        "{pmac} dst {} self permanent",
+                        host_ip6(u8::try_from(j + 1).unwrap())
+                    ))
+                    && state.contains(&format!(
+                        "{p6} via {base} dev flannel-v6.1 proto 84 metric 1024 onlink"
+                    ))
+            });
+            assert!(
+                ok,
+                "{}: peer {p6} not programmed\n{}\n{}",
+                ns.name(),
+                ns.sh("ip -6 neigh show dev flannel-v6.1; bridge fdb show dev flannel-v6.1; ip -6 route show"),
+                c.logs()
+            );
+        }
+    }
+
+    c.assert_all_pods_reach_each_other();
+    c.assert_all_pods_reach_each_other_v6();
+
+    // MTU: a full-size IPv6 packet at the pod MTU (1382 + 8 ICMPv6 + 40 = 1430) crosses;
+    // a pod with a larger MTU gets ICMPv6 packet-too-big from its host for anything above
+    // the tunnel MTU, and then fits.
+    let (p1, far) = (&c.nodes[0].host.pods[0], &c.nodes[2].host.pods[0]);
+    let far6 = far.ip6.unwrap();
+    p1.ns.sh(&format!("ping -6 -c 1 -W 2 -M do -s 1382 {far6}"));
+    let big = &c.nodes[0].host.pods[1];
+    big.ns.sh("ip link set eth0 mtu 1500");
+    c.nodes[0].host.ns.sh("ip link set veth3 mtu 1500");
+    let mut text = String::new();
+    let told = wait_until(Duration::from_secs(5), || {
+        let out = big
+            .ns
+            .run(&format!("ping -6 -c 1 -W 1 -M do -s 1452 {far6}"));
+        text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        !out.status.success()
+            && ["mtu=1430", "mtu = 1430", "mtu: 1430"]
+                .iter()
+                .any(|m| text.contains(m))
+    });
+    assert!(told, "no packet-too-big with MTU 1430: {text}");
+    big.ns
+        .sh(&format!("ping -6 -c 1 -W 2 -M do -s 1382 {far6}"));
+
+    // IPv6 pod traffic crosses flannel-v6.1 (not some other path): its counters move on
+    // the sending and the receiving host.
+    let (a, b) = (&c.nodes[0].host.pods[0], &c.nodes[2].host.pods[0]);
+    let counter = |n: usize, which: &str| -> u64 {
+        let json = c.nodes[n].host.ns.sh("ip -j -s link show dev flannel-v6.1");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("ip -j");
+        v[0]["stats64"][which]["packets"]
+            .as_u64()
+            .expect("packet counter")
+    };
+    let (tx, rx) = (counter(0, "tx"), counter(2, "rx"));
+    a.ns.sh(&format!("ping -6 -c 5 -i 0.2 -W 1 {}", b.ip6.unwrap()));
+    assert!(
+        counter(0, "tx") >= tx + 5,
+        "host 1 flannel-v6.1 did not send"
+    );
+    assert!(
+        counter(2, "rx") >= rx + 5,
+        "host 3 flannel-v6.1 did not receive"
+    );
+}
+
+#[test]
+fn dual_stack_hostgw_routes_both_families() {
+    if !require_root() {
+        return;
+    }
+    let (c, envs) = start(3, &dual_conf(r#"{"Type":"host-gw"}"#), |_| Vec::new());
+    for (i, n) in c.nodes.iter().enumerate() {
+        for (j, e) in envs.iter().enumerate().filter(|(j, _)| *j != i) {
+            let want = format!(
+                "{} via {} dev eth0 proto 84",
+                e.ipv6_subnet.unwrap(),
+                host_ip6(u8::try_from(j + 1).unwrap())
+            );
+            let ok = wait_until(Duration::from_secs(10), || {
+                n.host.ns.sh("ip -6 route show").contains(&want)
+            });
+            assert!(
+                ok,
+                "{}: no route {want:?}\n{}\n{}",
+                n.host.ns.name(),
+                n.host.ns.sh("ip -6 route show"),
+                c.logs()
+            );
+        }
+    }
+    c.assert_all_pods_reach_each_other();
+    c.assert_all_pods_reach_each_other_v6();
+}
+
+/// The source address a TCP connection from `from` to `to` arrives with at `to`.
+fn seen_source6(from: &NetNs, listen_ns: &NetNs, to: Ipv6Addr) -> IpAddr {
+    let listener = listen_ns
+        .enter(move || std::net::TcpListener::bind((to, 8080)))
+        .unwrap_or_else(|e| panic!("bind [{to}]:8080: {e}"));
+    let _conn = from
+        .enter(move || {
+            std::net::TcpStream::connect_timeout(&(to, 8080).into(), Duration::from_secs(3))
+        })
+        .unwrap_or_else(|e| panic!("connect [{to}]:8080: {e}"));
+    let (_, peer) = listener.accept().expect("accept");
+    peer.ip()
+}
+
+/// IPv6 masquerade in both rule modes: pod → outside leaves with the host's IPv6 address,
+/// pod → pod keeps the pod's; the rules are upstream's `ip6` table / ip6tables chain.
+#[test]
+fn dual_stack_ip_masq_rewrites_ipv6_leaving_the_cluster() {
+    if !require_root() {
+        return;
+    }
+    for nftables in [true, false] {
+        let conf = format!(
+            r#"{{"Network":"10.244.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","EnableNFTables":{nftables},"Backend":{{"Type":"vxlan"}}}}"#
+        );
+        let (mut c, _) = start(2, &conf, |_| {
+            vec!["--dataplane=kernel".into(), "--ip-masq=true".into()]
+        });
+        let outside_ip6: Ipv6Addr = "fd00:198::100".parse().unwrap();
+        let outside = c
+            .underlay
+            .attach("out", "198.18.1.1".parse().unwrap(), 1500);
+        outside.sh(&format!("ip -6 addr add {outside_ip6}/64 dev eth0 nodad"));
+        c.assert_all_pods_reach_each_other_v6();
+        let h1 = &c.nodes[0].host.ns;
+        if nftables {
+            let table = h1.sh("nft list table ip6 flannel-ipv6");
+            assert!(
+                table.contains("ip6 daddr != ff00::/8 masquerade fully-random")
+                    && table.contains("chain forward"),
+                "{table}"
+            );
+        } else {
+            let nat = h1.sh("ip6tables -t nat -S");
+            assert!(
+                nat.contains("-A FLANNEL-POSTRTG -s fd00:10:244::/56 ! -d ff00::/8"),
+                "{nat}"
+            );
+            let filter = h1.sh("ip6tables -t filter -S");
+            assert!(
+                filter.contains("-A FLANNEL-FWD -s fd00:10:244::/56"),
+                "{filter}"
+            );
+        }
+        let (a, b) = (&c.nodes[0].host.pods[0], &c.nodes[1].host.pods[0]);
+        assert_eq!(
+            seen_source6(&a.ns, &outside, outside_ip6),
+            IpAddr::V6(host_ip6(1)),
+            "pod → outside not masqueraded (nftables {nftables})\n{}",
+            c.logs()
+        );
+        let b6 = b.ip6.unwrap();
+        assert_eq!(
+            seen_source6(&a.ns, &b.ns, b6),
+            IpAddr::V6(a.ip6.unwrap()),
+            "pod → pod masqueraded (nftables {nftables})"
+        );
+        drop(outside);
+    }
+}
