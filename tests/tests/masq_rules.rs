@@ -206,15 +206,10 @@ fn masq_rewrites_pod_to_outside_but_not_pod_to_pod() {
     }
 }
 
-#[test]
-fn blackhole_route_is_added_once_and_never_replaces_a_connected_route() {
-    if !require_root() {
-        return;
-    }
-    let ns = NetNs::new("bh");
-    let added = ns.block_on(|| async {
+/// `blackhole::ensure` twice in `ns`: whether each call added the route.
+fn ensure_twice<N: flannel_agent::net::netlink::NlFamily>(ns: &NetNs, subnet: N) -> (bool, bool) {
+    ns.block_on(move || async move {
         let nl = flannel_agent::net::netlink::Netlink::connect().unwrap();
-        let subnet: Ipv4Network = "10.244.1.0/24".parse().unwrap();
         let first = flannel_agent::net::blackhole::ensure(&nl, subnet)
             .await
             .unwrap();
@@ -222,8 +217,17 @@ fn blackhole_route_is_added_once_and_never_replaces_a_connected_route() {
             .await
             .unwrap();
         (first, second)
-    });
-    assert_eq!(added, (true, false));
+    })
+}
+
+#[test]
+fn blackhole_route_is_added_once_and_never_replaces_a_connected_route() {
+    if !require_root() {
+        return;
+    }
+    let ns = NetNs::new("bh");
+    let subnet: Ipv4Network = "10.244.1.0/24".parse().unwrap();
+    assert_eq!(ensure_twice(&ns, subnet), (true, false));
     let routes = ns.sh("ip route show");
     assert_eq!(
         routes.matches("blackhole 10.244.1.0/24 proto 84").count(),
@@ -257,18 +261,8 @@ fn ipv6_blackhole_route_is_added_once() {
     }
     let ns = NetNs::new("bh6");
     ns.sh("ip link set lo up");
-    let added = ns.block_on(|| async {
-        let nl = flannel_agent::net::netlink::Netlink::connect().unwrap();
-        let subnet: ipnetwork::Ipv6Network = "fd00:10:244:1::/64".parse().unwrap();
-        let first = flannel_agent::net::blackhole::ensure(&nl, subnet)
-            .await
-            .unwrap();
-        let second = flannel_agent::net::blackhole::ensure(&nl, subnet)
-            .await
-            .unwrap();
-        (first, second)
-    });
-    assert_eq!(added, (true, false));
+    let subnet: ipnetwork::Ipv6Network = "fd00:10:244:1::/64".parse().unwrap();
+    assert_eq!(ensure_twice(&ns, subnet), (true, false));
     let routes = ns.sh("ip -6 route show");
     assert_eq!(
         routes
