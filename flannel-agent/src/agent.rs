@@ -356,7 +356,7 @@ async fn previous_vtep_macs<M: SubnetManager>(mgr: &M, public_ip: Ipv4Addr) -> V
                 v4: v4.map(|d| d.vtep_mac),
                 v6: v6.map(|d| d.vtep_mac),
             };
-            info!(subnet = %lease.subnet, ?macs, "reusing the VTEP MACs of this host's previous lease");
+            info!(subnet = %lease.subnet, ?macs, "reusing the VTEP MAC of this host's previous lease");
             macs
         }
         _ => VtepMacs::default(),
