@@ -36,6 +36,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("procps", "/usr/sbin/sysctl"),
     // `bpffs()` mounts with it.
     ("mount", "/usr/bin/mount"),
+    // The version test checks the commit flanneld reports against the repository (a
+    // minimal root, like the clean room's, has none).
+    ("git", "/usr/bin/git"),
     // The metrics test scrapes the agent with a real Prometheus and lints with promtool.
     ("prometheus", "/usr/bin/prometheus"),
     ("prometheus", "/usr/bin/promtool"),
