@@ -145,8 +145,9 @@ fn test(extra: &[String]) -> Result<()> {
     // rebuilt between steps.
     util::cargo(&["build", "--all-targets"])?;
     // One test at a time: the privileged tests share two cores and the kernel, and timing
-    // stays honest.
-    let mut args = vec!["test", "--", "--test-threads=1"];
+    // stays honest. `--no-fail-fast`: one failing test binary must not hide the others'
+    // results (cargo still exits non-zero).
+    let mut args = vec!["test", "--no-fail-fast", "--", "--test-threads=1"];
     args.extend(extra.iter().map(String::as_str));
     util::cargo_env(&args, &[("FLANNEL_TEST_PRIVILEGED", "1")])
 }
