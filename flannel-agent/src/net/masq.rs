@@ -3,22 +3,12 @@
 //!
 //! # How the agent calls this
 //!
-//! After the backend is registered and before `subnet.env` is written:
-//!
-//! ```ignore
-//! let masq = net::masq::MasqConfig {
-//!     network: config.network.unwrap(),   // cluster network (C)
-//!     subnet: lease.subnet,               // own subnet as a network, 10.244.1.0/24 (P)
-//!     fully_random: !cli.ip_masq_fully_random_disable,
-//!     nftables: config.enable_nftables,
-//! };
-//! // Once, before subnet.env (logs and returns the error; upstream exits on it):
-//! net::masq::install(&masq, cli.ip_masq, cli.iptables_forward_rules).await?;
-//! // Then, in the background (re-checks every --iptables-resync seconds and rewrites
-//! // only what differs, in both modes):
-//! tokio::spawn(net::masq::resync_loop(masq, cli.ip_masq, cli.iptables_forward_rules,
-//!     Duration::from_secs(cli.iptables_resync), cancel.child_token()));
-//! ```
+//! Per family, after the backend is registered and before `subnet.env` is written
+//! (`agent::install_family_rules`): [`install`] once with a [`MasqConfig`] (the cluster
+//! network, this host's subnet, `--ip-masq-fully-random-disable`, nftables or iptables); an error
+//! stops the start, as upstream exits on it. Then [`resync_loop`], owned by the agent's
+//! shutdown token, re-checks every `--iptables-resync` seconds and rewrites only what
+//! differs, in both modes.
 //!
 //! The lower-level [`ensure_masq`] / [`ensure_forward`] rewrite one chain unconditionally.
 //! Each install first removes the other implementation's objects, as upstream does at start.
