@@ -266,7 +266,7 @@ impl PeerSet {
                     return Vec::new();
                 }
                 match self.peers.get(&lease.id()) {
-                    Some(old) if old.attrs == lease.attrs => Vec::new(),
+                    Some(old) if !old.differs_from(&lease) => Vec::new(),
                     _ => {
                         self.peers.insert(lease.id(), lease.clone());
                         vec![PeerChange::Add(lease)]
@@ -308,7 +308,7 @@ impl PeerSet {
                 changes.extend(
                     fresh
                         .iter()
-                        .filter(|(k, l)| self.peers.get(*k).is_none_or(|old| old.attrs != l.attrs))
+                        .filter(|(k, l)| self.peers.get(*k).is_none_or(|old| old.differs_from(l)))
                         .map(|(_, l)| PeerChange::Add(l.clone())),
                 );
                 self.peers = fresh;
@@ -326,6 +326,7 @@ mod tests {
         Lease {
             subnet: sn.parse().unwrap(),
             ipv6_subnet: None,
+            extra_senders: Vec::new(),
             attrs: LeaseAttrs {
                 public_ip: ip.into(),
                 public_ipv6: None,

@@ -47,8 +47,15 @@ pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
 /// kernel path, and why.
 pub const MAP_PATHS: &str = "PATHS";
 
+/// Most strangers (sources of dropped VXLAN) tracked at once; the least recent go first.
+pub const MAX_STRANGERS: u32 = 1024;
+
+/// LRU hash: outer source IPv4 ([`crate::PeerKey`]) → [`crate::Counter`], VXLAN the
+/// known-peer check dropped.
+pub const MAP_STRANGERS: &str = "STRANGERS";
+
 /// Every map name, for pinning and for cleanup.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_ROUTES,
     MAP_PEERS,
     MAP_ENDPOINTS,
@@ -59,6 +66,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_FLOWS,
     MAP_FLOW_EVENTS,
     MAP_PATHS,
+    MAP_STRANGERS,
 ];
 
 /// Maximum number of local pods the fast path delivers to directly.

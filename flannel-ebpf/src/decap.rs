@@ -3,7 +3,8 @@
 //! First, for anything addressed to our VXLAN port, [`known_peer`]: the outer source must
 //! be an underlay address that holds a lease (the peers map), whatever else the packet
 //! is — options and first fragments included, since the kernel device would accept VXLAN
-//! from anyone once we hand it over. A stranger's VXLAN is dropped and counted; with the
+//! from anyone once we hand it over. A stranger's VXLAN is dropped and counted (in total
+//! and by source address, which the agent logs once per source); with the
 //! check off (`CONFIG_F_ANY_PEER`) it goes to the kernel device, as upstream's does.
 //! Non-first fragments carry no UDP header, so they cannot be told apart from other UDP:
 //! they go to the kernel, which can never complete a stranger's datagram because its first
@@ -187,6 +188,7 @@ fn known_peer(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Peer, Outcome> {
             "dropped VXLAN from unknown peer {:i}",
             u32::from_be_bytes(src)
         );
+        maps::count_stranger(src, ctx.len());
         return Err(Outcome::Drop(DropReason::UnknownPeer));
     };
     if ihl != IPV4_LEN || frag & 0x3fff != 0 {

@@ -3,14 +3,14 @@
 //! `flannel_common::names`; the agent pins them under the versioned pin directory.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use flannel_common::{
     Counter, DatapathConfig, DropReason, Endpoint, EndpointKey, Flow, FlowKey, PassReason,
     PathReason, Peer, PeerKey, PeerStats, Route,
-    names::{DEFAULT_PEER_CAPACITY, MAX_ENDPOINTS, MAX_FLOWS},
+    names::{DEFAULT_PEER_CAPACITY, MAX_ENDPOINTS, MAX_FLOWS, MAX_STRANGERS},
 };
 
 /// The compiled size of the peer-keyed maps; the agent overrides it at load time.
@@ -63,6 +63,36 @@ pub static FLOW_EVENTS: RingBuf<FlowKey, { 64 * 1024 }> = RingBuf::new();
 /// Fast path vs kernel path by `PathReason`.
 #[btf_map]
 pub static PATHS: PerCpuArray<Counter, { PathReason::COUNT as usize }> = PerCpuArray::new();
+
+/// VXLAN the known-peer check dropped, by outer source address: the agent reads it to
+/// name each stranger once, with the remedy (a peer sending from an address its lease
+/// does not list). LRU: a flood of spoofed sources pushes out the oldest, never fails.
+/// Per-CPU, like every counter here: no atomics (the BPF target has no atomic RMW in
+/// `core`), the agent sums the CPUs.
+#[btf_map]
+pub static STRANGERS: LruPerCpuHashMap<PeerKey, Counter, { MAX_STRANGERS as usize }> =
+    LruPerCpuHashMap::new();
+
+/// Count one dropped packet of `bytes` from the stranger `addr`.
+#[inline(always)]
+pub fn count_stranger(addr: [u8; 4], bytes: u32) {
+    let key = PeerKey { addr };
+    match STRANGERS.get_ptr_mut(key) {
+        // SAFETY: this CPU's value, valid for the program's run; nothing else writes it now.
+        Some(c) => unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(bytes);
+        },
+        // A new entry: this CPU's value is set, the other CPUs' start at zero.
+        None => {
+            let first = Counter {
+                packets: 1,
+                bytes: u64::from(bytes),
+            };
+            let _ = STRANGERS.insert(key, first, u64::from(BPF_NOEXIST));
+        }
+    }
+}
 
 /// The datapath configuration, if the agent has enabled it.
 #[inline(always)]

@@ -68,6 +68,8 @@ pub struct KubeApi {
     addr: SocketAddr,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+    /// Ends the serving task gracefully ([`Self::stop`]).
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for KubeApi {
@@ -408,6 +410,28 @@ async fn patch_status(
     patch(s, name, true, headers, body).await
 }
 
+/// Serve the API on `listener` until `shutdown` (graceful: the listener closes at once,
+/// connections when their requests end) or until aborted.
+fn spawn_server(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let app = Router::new()
+        .route("/api/v1/nodes", get(list_or_watch))
+        .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
+        .route(
+            "/api/v1/nodes/{name}/status",
+            get(get_node).patch(patch_status),
+        )
+        .with_state(shared);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    })
+}
+
 impl KubeApi {
     /// Starts a server on 127.0.0.1 (random port) with BOOKMARKs every 500 ms.
     pub async fn start() -> Self {
@@ -442,20 +466,64 @@ impl KubeApi {
             tx,
             bookmark_every: Duration::from_millis(500),
         });
-        let app = Router::new()
-            .route("/api/v1/nodes", get(list_or_watch))
-            .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
-            .route(
-                "/api/v1/nodes/{name}/status",
-                get(get_node).patch(patch_status),
-            )
-            .with_state(Arc::clone(&shared));
         let addr = listener.local_addr().expect("bound socket has an address");
-        let task = tokio::spawn(async move {
-            // Ends only when aborted by Drop.
-            let _ = axum::serve(listener, app).await;
-        });
-        Self { addr, shared, task }
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = spawn_server(listener, Arc::clone(&shared), shutdown.clone());
+        Self {
+            addr,
+            shared,
+            task,
+            shutdown,
+        }
+    }
+
+    /// The address it serves on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stop serving, as an API server going down: the listening socket is closed (new
+    /// connections are refused), open watches end, idle connections close. The objects
+    /// and their history stay, and the test may change them meanwhile ([`Self::annotate`]
+    /// and friends work on the stored state). Needs the server's runtime entered.
+    pub fn stop(&mut self) {
+        self.shutdown.cancel();
+        let _ = self.shared.tx.send(Broadcast::Close);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !self.task.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            // Watches accepted just before the shutdown: end them too.
+            let _ = self.shared.tx.send(Broadcast::Close);
+        }
+        self.task.abort();
+    }
+
+    /// Serve again on `listener` (bound to the same address by the caller) with the
+    /// state kept since [`Self::stop`]. Needs a running tokio runtime.
+    pub fn resume_on(&mut self, listener: std::net::TcpListener) {
+        listener
+            .set_nonblocking(true)
+            .expect("make the listener non-blocking");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("register listener");
+        self.addr = listener.local_addr().expect("bound socket has an address");
+        self.shutdown = tokio_util::sync::CancellationToken::new();
+        self.task = spawn_server(listener, Arc::clone(&self.shared), self.shutdown.clone());
+    }
+
+    /// Replace a node's `status.addresses` (as the kubelet reports them), e.g.
+    /// `[("InternalIP", "198.18.0.2")]`.
+    pub fn set_addresses(&self, name: &str, addresses: &[(&str, &str)]) {
+        let mut inner = self.lock();
+        let Some(mut node) = inner.nodes.get(name).cloned() else {
+            panic!("set_addresses: no node {name}");
+        };
+        let list: Vec<Value> = addresses
+            .iter()
+            .map(|(t, a)| json!({ "type": t, "address": a }))
+            .collect();
+        node["status"]["addresses"] = json!(list);
+        self.shared.publish(&mut inner, "MODIFIED", &mut node);
+        inner.nodes.insert(name.to_owned(), node);
     }
 
     /// `http://<address>:<port>`.

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod craft;
 pub mod etcd;
 pub mod kube_api;
+pub mod kube_cluster;
 pub mod netns;
 pub mod progs;
 pub mod twohost;

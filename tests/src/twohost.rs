@@ -210,11 +210,7 @@ pub fn attach_ebpf_with(host: &Host, peer: &Host, pin_root: &Path, mode: FastPat
         )
     });
     let (local_ip, vtep_mac) = (host.underlay, host.mac);
-    let peer = PeerEntry {
-        underlay: peer.underlay,
-        subnet: peer.subnet,
-        vtep_mac: peer.mac,
-    };
+    let peer = PeerEntry::new(peer.underlay, peer.subnet, peer.mac);
     let layout = PinLayout::new(pin_root);
     let (uplink, vxlan) = (host.ns.ifindex("eth0"), host.ns.ifindex("flannel.1"));
     let veth = host.ns.ifindex("veth0");

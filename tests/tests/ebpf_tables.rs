@@ -76,11 +76,11 @@ fn load(pins: &PathBuf, capacity: u32) -> Datapath {
 }
 
 fn peer(i: u8) -> PeerEntry {
-    PeerEntry {
-        underlay: Ipv4Addr::new(198, 18, 0, 10 + i),
-        subnet: Ipv4Network::new(Ipv4Addr::new(10, 244, i, 0), 24).unwrap(),
-        vtep_mac: [0x02, 0xbb, 0, 0, 0, i],
-    }
+    PeerEntry::new(
+        Ipv4Addr::new(198, 18, 0, 10 + i),
+        Ipv4Network::new(Ipv4Addr::new(10, 244, i, 0), 24).unwrap(),
+        [0x02, 0xbb, 0, 0, 0, i],
+    )
 }
 
 fn config() -> DatapathConfig {
@@ -181,6 +181,66 @@ fn peer_events_are_differences_and_full_maps_leave_the_excess_to_the_kernel() {
             dp.current_peers()
                 .expect("peers")
                 .contains_key(&peer(7).underlay)
+        );
+    });
+}
+
+/// A peer that sends from more addresses than its lease's (kube mode: its node's
+/// addresses): every one is on the allow-list with the peer's own entry (slot, subnet),
+/// follows the peer's changes, goes with it, survives a reconcile that re-reads the maps,
+/// and never makes the peer count twice.
+#[test]
+fn a_peers_other_sending_addresses_share_its_allow_list_entry() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = Pins::new("aliases");
+    let root = pins.0.clone();
+    in_fresh_netns(move || {
+        let mut dp = load(&root, 8);
+        dp.set_config(&config()).expect("config");
+        let second = Ipv4Addr::new(198, 19, 0, 11);
+        let third = Ipv4Addr::new(198, 19, 0, 111);
+        let mut p1 = peer(1);
+        p1.aliases = vec![second, third];
+        dp.upsert_peer(&p1).expect("upsert");
+        dp.upsert_peer(&peer(2)).expect("upsert");
+        let peers = dp.current_peers().expect("peers");
+        assert_eq!(peers.len(), 4, "{peers:?}");
+        assert_eq!(peers[&second], peers[&p1.underlay]);
+        assert_eq!(peers[&third], peers[&p1.underlay]);
+        assert_eq!(
+            dp.counters().expect("counters").peers.len(),
+            2,
+            "one line per peer"
+        );
+
+        // The peer stops listing one; another peer's own address is never an alias.
+        p1.aliases = vec![second, peer(2).underlay];
+        dp.upsert_peer(&p1).expect("upsert");
+        let peers = dp.current_peers().expect("peers");
+        assert!(!peers.contains_key(&third), "{peers:?}");
+        assert_ne!(peers[&peer(2).underlay].slot, peers[&p1.underlay].slot);
+        assert_eq!(dp.full_reads(), 1);
+
+        // A reconcile re-reads the maps, tells the alias from the peer, keeps both.
+        dp.reconcile(&[p1.clone(), peer(2)]).expect("reconcile");
+        let again = dp.current_peers().expect("peers");
+        assert_eq!(again, peers);
+        // And one that no longer lists the alias removes it.
+        let mut plain = p1.clone();
+        plain.aliases.clear();
+        dp.reconcile(&[plain, peer(2)]).expect("reconcile");
+        assert!(!dp.current_peers().expect("peers").contains_key(&second));
+
+        // The peer goes: its aliases go with it.
+        dp.upsert_peer(&p1).expect("upsert");
+        assert!(dp.current_peers().expect("peers").contains_key(&second));
+        dp.remove_peer(p1.subnet).expect("remove");
+        let left = dp.current_peers().expect("peers");
+        assert_eq!(
+            left.keys().copied().collect::<Vec<_>>(),
+            vec![peer(2).underlay]
         );
     });
 }

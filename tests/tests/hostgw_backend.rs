@@ -30,6 +30,7 @@ fn lease(i: u8, public_ip: Ipv4Addr, backend_type: &str) -> Lease {
     Lease {
         subnet: Ipv4Network::new(Ipv4Addr::new(10, 244, i, 0), 24).unwrap(),
         ipv6_subnet: None,
+        extra_senders: Vec::new(),
         attrs: LeaseAttrs {
             public_ip,
             public_ipv6: None,

@@ -121,6 +121,7 @@ fn vxlan_backend_programs_peers_carries_traffic_and_reconciles() {
         leases.push(Lease {
             subnet: subnet(u8::try_from(i).unwrap() + 1),
             ipv6_subnet: None,
+            extra_senders: Vec::new(),
             attrs,
         });
     }
@@ -392,6 +393,7 @@ fn vxlan_direct_routing_uses_plain_routes_to_on_link_peers() {
         leases.push(Lease {
             subnet: subnet(u8::try_from(i).unwrap() + 1),
             ipv6_subnet: None,
+            extra_senders: Vec::new(),
             attrs,
         });
     }
@@ -431,11 +433,13 @@ fn vxlan_reconcile_recreates_a_deleted_device_with_the_advertised_mac() {
     let peer = Lease {
         subnet: subnet(2),
         ipv6_subnet: None,
+        extra_senders: Vec::new(),
         attrs: peer_attrs,
     };
     let own = Lease {
         subnet: subnet(1),
         ipv6_subnet: None,
+        extra_senders: Vec::new(),
         attrs: run_backend(&hosts[0], &config, None, vec![]).0,
     };
     let ext = ext_for(&hosts[0].ns, hosts[0].ip);
@@ -500,6 +504,7 @@ fn vxlan_changed_peer_mac_replaces_its_entries() {
         .map(|(i, h)| Lease {
             subnet: subnet(u8::try_from(i).unwrap() + 1),
             ipv6_subnet: None,
+            extra_senders: Vec::new(),
             attrs: run_backend(h, &config, None, vec![]).0,
         })
         .collect();
@@ -550,6 +555,7 @@ fn vxlan_peer(i: u8, m: u8) -> Lease {
     Lease {
         subnet: subnet(i),
         ipv6_subnet: None,
+        extra_senders: Vec::new(),
         attrs: LeaseAttrs::vxlan(
             Ipv4Addr::new(198, 18, 1, i),
             flannel_agent::lease::VxlanBackendData {
@@ -571,6 +577,7 @@ fn peer_events_after_a_reconcile_read_no_table() {
     let own = Lease {
         subnet: subnet(1),
         ipv6_subnet: None,
+        extra_senders: Vec::new(),
         attrs: vxlan_peer(1, 0).attrs,
     };
     host.ns.block_on(move || async move {

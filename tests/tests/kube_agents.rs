@@ -6,118 +6,14 @@
 //!
 //! Needs the agent built first: `cargo build -p flannel-agent --bin flanneld`.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Stdio,
-    time::Duration,
-};
+use std::time::Duration;
 
 use flannel_e2e::{
-    kube_api::KubeApi,
-    netns::{ChildGuard, Host, NetNs, Underlay, wait_until},
+    kube_cluster::{KubeBench, P, ping, start_agent, wait_for_subnet_env},
+    netns::{Host, wait_until},
     require_root,
 };
 use ipnetwork::Ipv4Network;
-
-const P: &str = "flannel.alpha.coreos.com/";
-const API_IP: &str = "198.18.0.254";
-
-fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps")
-        .join("flanneld");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo build -p flannel-agent --bin flanneld` first",
-        bin.display()
-    );
-    bin
-}
-
-/// A bpffs pin directory, removed on drop. flanneld deliberately leaves its pins (maps and
-/// tcx links) behind on exit so a restart is hitless; a test must not.
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            eprintln!("warning: could not remove {}: {e}", self.0.display());
-        }
-    }
-}
-
-/// Fields drop in order: the process stops first, then its pins and files go.
-struct Agent {
-    _child: ChildGuard,
-    _pins: PinDir,
-    dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn subnet_env(&self) -> PathBuf {
-        self.dir.path().join("subnet.env")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("flanneld.log")).unwrap_or_default()
-    }
-}
-
-fn start_agent(host: &NetNs, node: &str, api: &KubeApi, dataplane: &str) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let net_conf = dir.path().join("net-conf.json");
-    std::fs::write(
-        &net_conf,
-        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#,
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("flanneld.log")).unwrap();
-    let pins = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/flannel-test-{}",
-        host.name()
-    )));
-    let child = host
-        .command(agent_binary().to_str().unwrap())
-        .args([
-            "--kube-subnet-mgr".to_owned(),
-            format!("--kube-api-url={}", api.url()),
-            format!("--net-config-path={}", net_conf.display()),
-            format!("--subnet-file={}", dir.path().join("subnet.env").display()),
-            "--iface=eth0".to_owned(),
-            format!("--dataplane={dataplane}"),
-            format!("--bpf-pin-path={}", pins.0.display()),
-            "--log-level=flannel_agent=debug,info".to_owned(),
-        ])
-        .env("NODE_NAME", node)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("spawn flanneld");
-    Agent {
-        _child: ChildGuard::new(child),
-        _pins: pins,
-        dir,
-    }
-}
-
-fn read_mtu(agent: &Agent) -> u32 {
-    let text = std::fs::read_to_string(agent.subnet_env()).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
-        .expect("FLANNEL_MTU line")
-        .parse()
-        .unwrap()
-}
-
-fn ping(from: &NetNs, to: std::net::Ipv4Addr) -> bool {
-    from.run(&format!("ping -c 1 -W 1 {to}")).status.success()
-}
 
 #[test]
 fn two_kube_agents_connect_their_pods_kernel_vxlan() {
@@ -135,50 +31,8 @@ fn two_kube_agents_connect_their_pods_ebpf() {
     two_kube_agents("ebpf");
 }
 
-/// The API server, reachable from every host at [`API_IP`] on the underlay. Fields drop in
-/// order: server, then underlay, then the server's runtime.
-struct Bench {
-    api: KubeApi,
-    underlay: Underlay,
-    _rt: tokio::runtime::Runtime,
-}
-
-fn bench() -> Bench {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let underlay = Underlay::new();
-    underlay.ns.sh(&format!("ip addr add {API_IP}/15 dev br0"));
-    let listener = underlay
-        .ns
-        .enter(|| std::net::TcpListener::bind(format!("{API_IP}:0")).expect("bind on underlay"));
-    let api = {
-        let _guard = rt.enter();
-        KubeApi::start_on(listener)
-    };
-    Bench {
-        api,
-        underlay,
-        _rt: rt,
-    }
-}
-
-fn wait_for_subnet_env(a1: &Agent, a2: &Agent) {
-    let up = wait_until(Duration::from_secs(30), || {
-        a1.subnet_env().exists() && a2.subnet_env().exists()
-    });
-    assert!(
-        up,
-        "agents did not write subnet.env\n--- h1:\n{}\n--- h2:\n{}",
-        a1.log(),
-        a2.log()
-    );
-}
-
 fn two_kube_agents(dataplane: &str) {
-    let mut bench = bench();
+    let mut bench = KubeBench::new();
     let api = &bench.api;
     let subnets: [Ipv4Network; 2] = [
         "10.244.1.0/24".parse().unwrap(),
@@ -189,13 +43,13 @@ fn two_kube_agents(dataplane: &str) {
 
     let mut h1: Host = bench.underlay.add_host(1);
     let mut h2: Host = bench.underlay.add_host(2);
-    let a1 = start_agent(&h1.ns, "h1", api, dataplane);
-    let a2 = start_agent(&h2.ns, "h2", api, dataplane);
-    wait_for_subnet_env(&a1, &a2);
+    let a1 = start_agent(&h1.ns, "h1", api, dataplane, &[]);
+    let a2 = start_agent(&h2.ns, "h2", api, dataplane, &[]);
+    wait_for_subnet_env(&[&a1, &a2]);
     let env1 = std::fs::read_to_string(a1.subnet_env()).unwrap();
     assert!(env1.contains("FLANNEL_SUBNET=10.244.1.1/24\n"), "{env1}");
     assert!(env1.contains("FLANNEL_NETWORK=10.244.0.0/16\n"), "{env1}");
-    let mtu = read_mtu(&a1);
+    let mtu = a1.mtu();
     assert_eq!(mtu, 1450, "vxlan MTU is the uplink's minus 50");
 
     // Published with upstream's names through the API server.
@@ -275,7 +129,7 @@ fn kube_agents_honour_public_ip_annotations() {
     if !require_root() {
         return;
     }
-    let mut bench = bench();
+    let mut bench = KubeBench::new();
     let api = &bench.api;
     let subnets: [Ipv4Network; 2] = [
         "10.244.1.0/24".parse().unwrap(),
@@ -295,9 +149,9 @@ fn kube_agents_honour_public_ip_annotations() {
     let mut h2: Host = bench.underlay.add_host(2);
     h1.ns.sh("ip addr add 198.18.0.11/15 dev eth0");
     h2.ns.sh("ip addr add 198.18.0.22/15 dev eth0");
-    let a1 = start_agent(&h1.ns, "h1", api, "kernel");
-    let a2 = start_agent(&h2.ns, "h2", api, "kernel");
-    wait_for_subnet_env(&a1, &a2);
+    let a1 = start_agent(&h1.ns, "h1", api, "kernel", &[]);
+    let a2 = start_agent(&h2.ns, "h2", api, "kernel", &[]);
+    wait_for_subnet_env(&[&a1, &a2]);
 
     for (node, ip) in [("h1", "198.18.0.11"), ("h2", "198.18.0.22")] {
         let ok = wait_until(Duration::from_secs(10), || {
@@ -339,15 +193,15 @@ fn kube_agent_restart_keeps_lease_and_traffic() {
     if !require_root() {
         return;
     }
-    let mut bench = bench();
+    let mut bench = KubeBench::new();
     let api = &bench.api;
     api.add_node("h1", &["10.244.1.0/24"]);
     api.add_node("h2", &["10.244.2.0/24"]);
     let mut h1: Host = bench.underlay.add_host(1);
     let mut h2: Host = bench.underlay.add_host(2);
-    let a1 = start_agent(&h1.ns, "h1", api, "kernel");
-    let a2 = start_agent(&h2.ns, "h2", api, "kernel");
-    wait_for_subnet_env(&a1, &a2);
+    let a1 = start_agent(&h1.ns, "h1", api, "kernel", &[]);
+    let a2 = start_agent(&h2.ns, "h2", api, "kernel", &[]);
+    wait_for_subnet_env(&[&a1, &a2]);
     h1.add_pods("10.244.1.0/24".parse().unwrap(), 1450, 1);
     h2.add_pods("10.244.2.0/24".parse().unwrap(), 1450, 1);
     let (p1, p2) = (&h1.pods[0], &h2.pods[0]);
@@ -358,7 +212,7 @@ fn kube_agent_restart_keeps_lease_and_traffic() {
     // Stop h1's agent (SIGTERM): the datapath stays, traffic still flows.
     drop(a1);
     assert!(ping(&p1.ns, p2.ip), "traffic stopped with the agent");
-    let a1 = start_agent(&h1.ns, "h1", api, "kernel");
+    let a1 = start_agent(&h1.ns, "h1", api, "kernel", &[]);
     let up = wait_until(Duration::from_secs(30), || a1.subnet_env().exists());
     assert!(up, "restarted agent not up:\n{}", a1.log());
     assert!(
@@ -391,7 +245,7 @@ fn kube_agent_skips_invalid_nodes_once_and_programs_the_rest() {
     if !require_root() {
         return;
     }
-    let mut bench = bench();
+    let mut bench = KubeBench::new();
     let api = &bench.api;
     let peer =
         |name: &str, cidr: &str, ip: &str, data: &str| api.add_flannel_node(name, cidr, ip, data);
@@ -415,7 +269,7 @@ fn kube_agent_skips_invalid_nodes_once_and_programs_the_rest() {
         peer(name, cidr, ip, data);
     }
     let h1: Host = bench.underlay.add_host(1);
-    let mut a1 = start_agent(&h1.ns, "h1", api, "kernel");
+    let mut a1 = start_agent(&h1.ns, "h1", api, "kernel", &[]);
     let routed = |subnet: &str| {
         h1.ns
             .sh(&format!("ip route show {subnet}"))
@@ -436,7 +290,7 @@ fn kube_agent_skips_invalid_nodes_once_and_programs_the_rest() {
         "valid node after the relist not programmed\n{}",
         a1.log()
     );
-    assert!(a1._child.running(), "agent died\n{}", a1.log());
+    assert!(a1.child.running(), "agent died\n{}", a1.log());
     for (name, cidr, _, _) in bad {
         assert!(!routed(cidr), "{name} ({cidr}) was routed");
     }

@@ -166,6 +166,7 @@ fn masq_rewrites_pod_to_outside_but_not_pod_to_pod() {
         leases.push(Lease {
             subnet: cfg(u8::try_from(i).unwrap() + 1, false).subnet,
             ipv6_subnet: None,
+            extra_senders: Vec::new(),
             attrs,
         });
     }

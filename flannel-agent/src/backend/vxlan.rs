@@ -233,8 +233,11 @@ pub struct VxlanDevice<N: VxlanFamily> {
 }
 
 /// The underlay addresses a VXLAN peer may send from: where its packets to us come from.
+/// The one allow-list both known-peer checks hold — the nftables guard's set and the eBPF
+/// `PEERS` map (the lease's `PublicIP` and, in kube mode, the node's published addresses
+/// and public-ip annotations; see [`Lease::senders`]).
 pub fn sender_addresses(lease: &Lease) -> Vec<Ipv4Addr> {
-    vec![lease.attrs.public_ip]
+    lease.senders()
 }
 
 /// Netlink requests in flight at once while reconciling (pipelined on one socket; the
@@ -1355,6 +1358,7 @@ mod tests {
         Lease {
             subnet: "10.244.2.0/24".parse().unwrap(),
             ipv6_subnet: None,
+            extra_senders: Vec::new(),
             attrs: LeaseAttrs {
                 public_ip: "198.18.0.2".parse().unwrap(),
                 public_ipv6: None,

@@ -511,6 +511,7 @@ impl EtcdSubnetManager {
         Ok(Some(Lease {
             subnet,
             ipv6_subnet,
+            extra_senders: Vec::new(),
             attrs: attrs.clone(),
         }))
     }

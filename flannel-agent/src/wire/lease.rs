@@ -372,9 +372,31 @@ pub struct Lease {
     pub ipv6_subnet: Option<Ipv6Network>,
     /// Published attributes.
     pub attrs: LeaseAttrs,
+    /// Other IPv4 addresses the host may send VXLAN from besides `attrs.public_ip` (kube
+    /// mode: the node's InternalIP/ExternalIP and public-ip annotations; a host whose
+    /// published address is a `public-ip-overwrite` sends from its interface address).
+    /// Not part of the wire value: what the known-peer checks must accept.
+    pub extra_senders: Vec<Ipv4Addr>,
 }
 
 impl Lease {
+    /// Every IPv4 address this host may send VXLAN from: `PublicIP` first, then the extra
+    /// senders, each once, unusable ones (unspecified, loopback, multicast) left out.
+    pub fn senders(&self) -> Vec<Ipv4Addr> {
+        let mut out = Vec::with_capacity(1 + self.extra_senders.len());
+        for ip in std::iter::once(self.attrs.public_ip).chain(self.extra_senders.iter().copied()) {
+            if super::cidr::unusable_unicast(ip.into()).is_none() && !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+        out
+    }
+
+    /// Whether `other` would program the datapath differently (attributes or senders).
+    pub fn differs_from(&self, other: &Lease) -> bool {
+        self.attrs != other.attrs || self.extra_senders != other.extra_senders
+    }
+
     /// The subnet(s) identifying this lease.
     pub fn id(&self) -> SubnetId {
         (self.subnet, self.ipv6_subnet)
@@ -390,6 +412,7 @@ impl Lease {
         Self {
             subnet,
             ipv6_subnet,
+            extra_senders: Vec::new(),
             attrs: LeaseAttrs {
                 public_ip: Ipv4Addr::UNSPECIFIED,
                 public_ipv6: None,
@@ -453,6 +476,8 @@ pub fn parse_record(key: &str, value: &[u8]) -> Result<Lease, Error> {
         subnet,
         ipv6_subnet,
         attrs: LeaseAttrs::from_json(value)?,
+        // Upstream's etcd lease names one IPv4 address, PublicIP: nothing else is known.
+        extra_senders: Vec::new(),
     })
 }
 

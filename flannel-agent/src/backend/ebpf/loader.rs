@@ -4,7 +4,7 @@
 //! Pin layout under `--bpf-pin-path` (default `/sys/fs/bpf/flannel`):
 //!
 //! ```text
-//! <root>/v3/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES,FLOWS,FLOW_EVENTS,PATHS}
+//! <root>/v3/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES,FLOWS,FLOW_EVENTS,PATHS,STRANGERS}
 //! <root>/v3/links/{encap,decap}
 //! <root>/v3/links/pod<ifindex>-{in,out}   # from_pod / to_pod on a pod veth (bpffs names allow no dots)
 //! ```
@@ -22,7 +22,10 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapInfo, PerCpuArray, RingBuf},
+    maps::{
+        Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap,
+        RingBuf,
+    },
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -119,6 +122,8 @@ pub struct Datapath {
     pub flows: HashMap<MapData, FlowKey, Flow>,
     /// Fast path vs kernel path counters.
     pub paths: PerCpuArray<MapData, Counter>,
+    /// VXLAN dropped by the known-peer check, by outer source (a per-CPU LRU hash).
+    pub strangers: PerCpuHashMap<MapData, PeerKey, Counter>,
     /// What was written into the peer-keyed maps, and their capacity.
     pub(super) state: TableState,
     /// Keeps the programs (and their log buffer) loaded while the agent runs; `None` when
@@ -177,6 +182,7 @@ fn assemble(
         passes: typed(&mut get, names::MAP_PASSES)?,
         flows: typed(&mut get, names::MAP_FLOWS)?,
         paths: typed(&mut get, names::MAP_PATHS)?,
+        strangers: typed(&mut get, names::MAP_STRANGERS)?,
         state: TableState::new(capacity),
         _ebpf: None,
         _tasks: None,
@@ -535,7 +541,7 @@ fn carry_over(
 
 impl Datapath {
     /// Every map handle with its pinned name.
-    fn map_handles(&self) -> [(&'static str, &MapData); 9] {
+    fn map_handles(&self) -> [(&'static str, &MapData); 10] {
         [
             (names::MAP_ROUTES, self.routes.map()),
             (names::MAP_PEERS, self.peers.map()),
@@ -546,6 +552,7 @@ impl Datapath {
             (names::MAP_PASSES, self.passes.map()),
             (names::MAP_FLOWS, self.flows.map()),
             (names::MAP_PATHS, self.paths.map()),
+            (names::MAP_STRANGERS, self.strangers.map()),
         ]
     }
 
@@ -645,7 +652,7 @@ impl Datapath {
 /// Returns the pinned maps with their sizes (entries), which may legitimately differ.
 fn check_pinned_maps(layout: &PinLayout) -> Result<Vec<(&'static str, u32)>, FallbackReason> {
     use std::mem::size_of;
-    let expected: [(&'static str, usize, usize); 10] = [
+    let expected: [(&'static str, usize, usize); 11] = [
         (names::MAP_ROUTES, 8, size_of::<Route>()),
         (names::MAP_PEERS, size_of::<PeerKey>(), size_of::<Peer>()),
         (
@@ -660,6 +667,11 @@ fn check_pinned_maps(layout: &PinLayout) -> Result<Vec<(&'static str, u32)>, Fal
         (names::MAP_FLOWS, size_of::<FlowKey>(), size_of::<Flow>()),
         (names::MAP_FLOW_EVENTS, 0, 0),
         (names::MAP_PATHS, 4, size_of::<Counter>()),
+        (
+            names::MAP_STRANGERS,
+            size_of::<PeerKey>(),
+            size_of::<Counter>(),
+        ),
     ];
     let mut pinned = Vec::new();
     for (name, key, value) in expected {

@@ -18,6 +18,7 @@ mod loader;
 mod pods;
 mod probe;
 mod slots;
+mod strangers;
 mod tables;
 
 use std::{net::Ipv4Addr, path::PathBuf};
@@ -268,10 +269,17 @@ fn peer_entry(peer: &Lease) -> Option<PeerEntry> {
         return None;
     }
     let mac = crate::backend::vxlan::peer_vtep_mac(peer)?;
+    // Every address the peer may send from is on the allow-list, the same list the
+    // nftables guard holds (`sender_addresses`).
+    let aliases = crate::backend::vxlan::sender_addresses(peer)
+        .into_iter()
+        .filter(|a| *a != peer.attrs.public_ip)
+        .collect();
     Some(PeerEntry {
         underlay: peer.attrs.public_ip,
         subnet: peer.subnet,
         vtep_mac: mac,
+        aliases,
     })
 }
 
@@ -343,6 +351,12 @@ impl Backend for EbpfVxlan {
         }
         if flow_cache {
             spawn_flow_event_server(self.layout.clone(), self.cancel.child_token());
+        }
+        if o.peer_check {
+            tokio::spawn(strangers::watch(
+                self.layout.clone(),
+                self.cancel.child_token(),
+            ));
         }
         if !o.fast_path {
             // A previous run with the fast path may have left entries: they are inert

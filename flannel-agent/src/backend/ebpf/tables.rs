@@ -21,14 +21,31 @@ use tracing::{error, info, warn};
 use super::{loader::Datapath, slots::Slots};
 
 /// A peer as the datapath needs it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerEntry {
-    /// The peer's underlay address.
+    /// The peer's underlay address: where its traffic is sent, and an address it sends
+    /// from.
     pub underlay: Ipv4Addr,
     /// The peer's pod subnet.
     pub subnet: Ipv4Network,
     /// The peer's VTEP MAC.
     pub vtep_mac: [u8; 6],
+    /// Other addresses the peer may send VXLAN from (kube mode: its node's addresses and
+    /// public-ip annotations). Each gets an allow-list entry sharing the peer's slot, so
+    /// its traffic is accepted and counted as the peer's.
+    pub aliases: Vec<Ipv4Addr>,
+}
+
+impl PeerEntry {
+    /// A peer that sends only from `underlay`.
+    pub fn new(underlay: Ipv4Addr, subnet: Ipv4Network, vtep_mac: [u8; 6]) -> Self {
+        Self {
+            underlay,
+            subnet,
+            vtep_mac,
+            aliases: Vec::new(),
+        }
+    }
 }
 
 /// Counters summed over CPUs, for logs, the demo and tests.
@@ -54,6 +71,11 @@ pub(super) struct Record {
     routes: HashMap<Ipv4Network, Route>,
     /// Peer underlay → the subnets routed to it (to know when its allow-list entry goes).
     routes_of: HashMap<Ipv4Addr, BTreeSet<Ipv4Network>>,
+    /// Alias (another address a peer sends from) → the peer's underlay. Its allow-list
+    /// entry is the peer's, slot included.
+    alias_owner: HashMap<Ipv4Addr, Ipv4Addr>,
+    /// Peer underlay → its aliases.
+    aliases_of: HashMap<Ipv4Addr, BTreeSet<Ipv4Addr>>,
     slots: Slots,
     /// Peers that did not fit: carried by the kernel device alone until a slot frees up.
     overflow: BTreeMap<Ipv4Network, PeerEntry>,
@@ -139,7 +161,7 @@ impl Datapath {
         self.state
             .record
             .as_ref()
-            .map(|r| r.overflow.values().copied().collect())
+            .map(|r| r.overflow.values().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -178,17 +200,41 @@ impl Datapath {
         self.state.full_reads += 1;
         let (peers, routes) = (self.current_peers()?, self.current_routes()?);
         let capacity = self.state.capacity;
-        let mut seen = BTreeSet::new();
-        let valid: HashMap<Ipv4Addr, Peer> = peers
-            .iter()
-            .filter(|(_, p)| p.slot < capacity && seen.insert(p.slot))
-            .map(|(a, p)| (*a, *p))
-            .collect();
+        // Routed-to addresses first: an alias shares its peer's slot, so whichever of two
+        // entries a route names is the peer, the other its alias.
+        let routed: HashSet<Ipv4Addr> =
+            routes.values().map(|r| Ipv4Addr::from(r.peer_ip)).collect();
+        let mut order: Vec<(&Ipv4Addr, &Peer)> = peers.iter().collect();
+        order.sort_by_key(|(a, _)| !routed.contains(a));
+        let mut owner_of_slot: HashMap<u32, (Ipv4Addr, Peer)> = HashMap::new();
+        let mut valid: HashMap<Ipv4Addr, Peer> = HashMap::new();
+        let mut alias_owner = HashMap::new();
+        let mut aliases_of: HashMap<Ipv4Addr, BTreeSet<Ipv4Addr>> = HashMap::new();
+        for (addr, p) in order {
+            if p.slot >= capacity {
+                continue;
+            }
+            match owner_of_slot.get(&p.slot) {
+                None => {
+                    owner_of_slot.insert(p.slot, (*addr, *p));
+                    valid.insert(*addr, *p);
+                }
+                // Same slot, same subnet: an alias of that peer. Anything else sharing a
+                // slot is left out, so the next upsert rewrites it.
+                Some((owner, op)) if op == p => {
+                    alias_owner.insert(*addr, *owner);
+                    aliases_of.entry(*owner).or_default().insert(*addr);
+                }
+                Some(_) => {}
+            }
+        }
         let mut record = Record {
             slots: Slots::with_used(capacity, valid.values().map(|p| p.slot)),
             peers: valid,
             routes: HashMap::new(),
             routes_of: HashMap::new(),
+            alias_owner,
+            aliases_of,
             overflow: self
                 .state
                 .record
@@ -256,6 +302,10 @@ impl Datapath {
         let wanted_routes: HashMap<Ipv4Network, Ipv4Addr> =
             desired.iter().map(|p| (p.subnet, p.underlay)).collect();
         let wanted_peers: HashSet<Ipv4Addr> = desired.iter().map(|p| p.underlay).collect();
+        let wanted_aliases: HashSet<Ipv4Addr> = desired
+            .iter()
+            .flat_map(|p| p.aliases.iter().copied())
+            .collect();
         // Removals first, so their slots are free for the additions.
         for (net, route) in routes {
             if wanted_routes.get(net) != Some(&Ipv4Addr::from(route.peer_ip)) {
@@ -266,14 +316,23 @@ impl Datapath {
             }
         }
         for (underlay, peer) in peers {
-            if !wanted_peers.contains(underlay) {
+            if wanted_peers.contains(underlay) {
+                continue;
+            }
+            // No longer a peer of its own; an address still listed as some peer's alias
+            // keeps its entry, which that peer's upsert below rewrites.
+            if rec.peers.get(underlay) == Some(peer) {
+                rec.peers.remove(underlay);
+                rec.slots.release(peer.slot);
+                for alias in rec.aliases_of.remove(underlay).unwrap_or_default() {
+                    rec.alias_owner.remove(&alias);
+                }
+            }
+            if !wanted_aliases.contains(underlay) {
                 ignore_missing(self.peers.remove(&PeerKey {
                     addr: underlay.octets(),
                 }))?;
-                if rec.peers.get(underlay) == Some(peer) {
-                    rec.peers.remove(underlay);
-                    rec.slots.release(peer.slot);
-                }
+                forget_alias(rec, *underlay);
             }
         }
         for p in desired {
@@ -336,6 +395,10 @@ impl Datapath {
         {
             self.remove_route(p.subnet, rec)?;
         }
+        // The address was another peer's alias: it is a peer of its own now.
+        if rec.alias_owner.contains_key(&p.underlay) {
+            forget_alias(rec, p.underlay);
+        }
         let existing = rec.peers.get(&p.underlay).copied();
         let slot = match existing {
             Some(e) => e.slot,
@@ -374,6 +437,7 @@ impl Datapath {
             }
             rec.peers.insert(p.underlay, peer);
         }
+        let aliases_fit = self.sync_aliases(p, peer, existing != Some(peer), rec)?;
         // A peer that changed subnet leaves its old route behind: drop it.
         let stale: Vec<Ipv4Network> = rec
             .routes_of
@@ -396,7 +460,7 @@ impl Datapath {
                 // The trie is full (only when it is smaller than the peers map): the peer
                 // is accepted on ingress, its egress takes the kernel device.
                 Err(e) if old.is_none() && is_full(&e) => {
-                    rec.overflow.insert(p.subnet, *p);
+                    rec.overflow.insert(p.subnet, p.clone());
                     return Ok(Placement::KernelOnly);
                 }
                 Err(e) => return Err(e),
@@ -407,8 +471,55 @@ impl Datapath {
                 .or_default()
                 .insert(p.subnet);
         }
+        if !aliases_fit {
+            // No room for an alias: while it is out, VXLAN from unknown addresses goes to
+            // the kernel device, whose peer guard knows every alias.
+            rec.overflow.insert(p.subnet, p.clone());
+            return Ok(Placement::KernelOnly);
+        }
         rec.overflow.remove(&p.subnet);
         Ok(Placement::Maps)
+    }
+
+    /// Make the allow-list hold `p`'s aliases with the peer's entry `peer` (rewritten
+    /// when `changed`), and none it no longer lists. `false` when the map had no room for
+    /// one of them.
+    fn sync_aliases(
+        &mut self,
+        p: &PeerEntry,
+        peer: Peer,
+        changed: bool,
+        rec: &mut Record,
+    ) -> Result<bool, MapError> {
+        let want = wanted_aliases(p, rec);
+        let have = rec.aliases_of.get(&p.underlay).cloned().unwrap_or_default();
+        for gone in have.difference(&want) {
+            ignore_missing(self.peers.remove(&PeerKey {
+                addr: gone.octets(),
+            }))?;
+            forget_alias(rec, *gone);
+        }
+        let mut fits = true;
+        for alias in &want {
+            if have.contains(alias) && !changed {
+                continue;
+            }
+            match self.peers.insert(
+                PeerKey {
+                    addr: alias.octets(),
+                },
+                peer,
+                0,
+            ) {
+                Ok(()) => {
+                    rec.alias_owner.insert(*alias, p.underlay);
+                    rec.aliases_of.entry(p.underlay).or_default().insert(*alias);
+                }
+                Err(e) if is_full(&e) => fits = false,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(fits)
     }
 
     /// The maps are full: `p` stays with the kernel device. Whatever the maps still say for
@@ -421,7 +532,7 @@ impl Datapath {
             warn!(subnet = %p.subnet, underlay = %p.underlay, capacity = self.state.capacity,
                   "eBPF peer maps full; this peer is carried by the kernel VXLAN device");
         }
-        rec.overflow.insert(p.subnet, *p);
+        rec.overflow.insert(p.subnet, p.clone());
         Ok(Placement::KernelOnly)
     }
 
@@ -454,6 +565,12 @@ impl Datapath {
             return Ok(());
         }
         if let Some(peer) = rec.peers.get(&underlay).copied() {
+            for alias in rec.aliases_of.remove(&underlay).unwrap_or_default() {
+                ignore_missing(self.peers.remove(&PeerKey {
+                    addr: alias.octets(),
+                }))?;
+                rec.alias_owner.remove(&alias);
+            }
             ignore_missing(self.peers.remove(&PeerKey {
                 addr: underlay.octets(),
             }))?;
@@ -494,7 +611,19 @@ impl Datapath {
     /// Sum the per-CPU counters.
     pub fn counters(&self) -> Result<Counters, MapError> {
         let mut out = Counters::default();
-        for (addr, peer) in self.current_peers()? {
+        // A peer's aliases share its slot: count it once, under the address routes name.
+        let routed: HashSet<Ipv4Addr> = self
+            .current_routes()?
+            .values()
+            .map(|r| Ipv4Addr::from(r.peer_ip))
+            .collect();
+        let mut peers: Vec<(Ipv4Addr, Peer)> = self.current_peers()?.into_iter().collect();
+        peers.sort_by_key(|(a, _)| !routed.contains(a));
+        let mut seen = HashSet::new();
+        for (addr, peer) in peers {
+            if !seen.insert(peer.slot) {
+                continue;
+            }
             let per_cpu = self.peer_stats.get(&peer.slot, 0)?;
             let mut sum = PeerStats::default();
             for s in per_cpu.iter() {
@@ -518,6 +647,16 @@ impl Datapath {
             );
         }
         out.paths = self.path_counters()?;
+        Ok(out)
+    }
+
+    /// VXLAN the known-peer check dropped, by outer source: packets and bytes.
+    pub fn strangers(&self) -> Result<BTreeMap<Ipv4Addr, Counter>, MapError> {
+        let mut out = BTreeMap::new();
+        for entry in self.strangers.iter() {
+            let (k, per_cpu) = entry?;
+            out.insert(Ipv4Addr::from(k.addr), sum_counter(&per_cpu));
+        }
         Ok(out)
     }
 
@@ -548,6 +687,32 @@ fn sum_counter(values: &PerCpuValues<Counter>) -> Counter {
 
 fn route_key(net: Ipv4Network) -> Key<[u8; 4]> {
     Key::new(u32::from(net.prefix()), net.network().octets())
+}
+
+/// The aliases `p` should have: its own list minus its underlay and addresses that are
+/// peers of their own or another peer's aliases (first come keeps it).
+fn wanted_aliases(p: &PeerEntry, rec: &Record) -> BTreeSet<Ipv4Addr> {
+    p.aliases
+        .iter()
+        .copied()
+        .filter(|a| {
+            *a != p.underlay
+                && !rec.peers.contains_key(a)
+                && rec.alias_owner.get(a).is_none_or(|o| *o == p.underlay)
+        })
+        .collect()
+}
+
+/// `alias` is no longer anyone's alias (its map entry is the caller's business).
+fn forget_alias(rec: &mut Record, alias: Ipv4Addr) {
+    if let Some(owner) = rec.alias_owner.remove(&alias)
+        && let Some(set) = rec.aliases_of.get_mut(&owner)
+    {
+        set.remove(&alias);
+        if set.is_empty() {
+            rec.aliases_of.remove(&owner);
+        }
+    }
 }
 
 /// Drop `subnet` from `underlay`'s routed subnets; `true` when none are left.

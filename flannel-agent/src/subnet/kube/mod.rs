@@ -479,6 +479,7 @@ impl KubeSubnetManager {
         let lease = Lease {
             subnet,
             ipv6_subnet,
+            extra_senders: Vec::new(),
             attrs: attrs.clone(),
         };
         let patch = annotations_to_patch(&node, &self.names, self.families, attrs);

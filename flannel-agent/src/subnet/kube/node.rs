@@ -4,7 +4,10 @@
 //! Kept free of I/O so the rules (upstream `nodeToLease` and `AcquireLease`) are unit-tested
 //! without an API server.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use k8s_openapi::api::core::v1::Node;
@@ -227,11 +230,44 @@ pub fn node_to_lease(
     } else {
         None
     };
+    let extra_senders = sending_addresses(node, names)
+        .into_iter()
+        .filter(|ip| *ip != attrs.public_ip)
+        .collect();
     Ok(Lease {
         subnet,
         ipv6_subnet,
+        extra_senders,
         attrs,
     })
+}
+
+/// Every IPv4 address a node may send VXLAN from, as far as its object says: its published
+/// addresses (`status.addresses` InternalIP and ExternalIP) and its `public-ip` and
+/// `public-ip-overwrite` annotations. A node told to publish an overwrite (a NAT address,
+/// a second address) still sends from its interface address, which is normally its
+/// InternalIP; a multi-homed node may send from any of them. Sorted, each once;
+/// unreadable or unusable (loopback, unspecified, multicast) values are left out.
+pub fn sending_addresses(node: &Node, names: &AnnotationNames) -> Vec<Ipv4Addr> {
+    let published = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .map(|a| a.address.as_str());
+    let annotated = [&names.backend_public_ip, &names.backend_public_ip_overwrite]
+        .into_iter()
+        .filter_map(|k| annotation(node, k));
+    let mut out: Vec<Ipv4Addr> = published
+        .chain(annotated)
+        .filter_map(|v| v.trim().parse::<Ipv4Addr>().ok())
+        .filter(|ip| crate::wire::cidr::unusable_unicast((*ip).into()).is_none())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The user's `public-ip-overwrite` / `public-ipv6-overwrite`, if set and valid. An invalid
@@ -273,9 +309,10 @@ pub fn annotations_to_patch(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::{api::core::v1::NodeSpec, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-
-    use std::net::Ipv4Addr;
+    use k8s_openapi::{
+        api::core::v1::{NodeAddress, NodeSpec, NodeStatus},
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
 
     use super::*;
     use crate::wire::{annotations::DEFAULT_PREFIX, lease::BackendAttrs};
@@ -337,6 +374,48 @@ mod tests {
         assert_eq!(lease.attrs.backend_type(), "vxlan");
         assert_eq!(lease.attrs.backend.data_json().unwrap(), VXLAN_DATA);
         assert_eq!(lease.ipv6_subnet, None);
+    }
+
+    #[test]
+    fn a_peer_sends_from_its_published_addresses_and_annotations() {
+        let mut n = good("a");
+        n.metadata.annotations.as_mut().unwrap().insert(
+            "flannel.alpha.coreos.com/public-ip-overwrite".into(),
+            "198.18.0.2".into(),
+        );
+        let addr = |type_: &str, address: &str| NodeAddress {
+            type_: type_.into(),
+            address: address.into(),
+        };
+        n.status = Some(NodeStatus {
+            addresses: Some(vec![
+                addr("InternalIP", "198.18.1.2"),
+                addr("ExternalIP", "203.0.113.7"),
+                addr("Hostname", "a"),
+                addr("InternalIP", "fd00:198::2"),
+                addr("InternalIP", "127.0.0.1"),
+                addr("InternalDNS", "10.9.9.9"),
+            ]),
+            ..Default::default()
+        });
+        let lease = node_to_lease(&n, &names(), V4).unwrap();
+        assert_eq!(lease.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 2));
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            lease.extra_senders,
+            vec![ip("198.18.1.2"), ip("203.0.113.7")]
+        );
+        assert_eq!(
+            lease.senders(),
+            vec![ip("198.18.0.2"), ip("198.18.1.2"), ip("203.0.113.7")]
+        );
+        // Without status addresses: the published address alone.
+        assert!(
+            node_to_lease(&good("b"), &names(), V4)
+                .unwrap()
+                .extra_senders
+                .is_empty()
+        );
     }
 
     #[test]

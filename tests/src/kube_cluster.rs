@@ -1,0 +1,185 @@
+//! Hosts running `flanneld --kube-subnet-mgr` against the in-test API server
+//! ([`crate::kube_api`]), which listens on the underlay so every host reaches it.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use crate::{
+    cluster::flanneld_bin,
+    kube_api::KubeApi,
+    netns::{ChildGuard, NetNs, Underlay, wait_until},
+};
+
+/// The annotation prefix flannel uses by default.
+pub const P: &str = "flannel.alpha.coreos.com/";
+/// Where the API server listens on the underlay.
+pub const API_IP: &str = "198.18.0.254";
+
+/// A bpffs pin directory, removed on drop. flanneld deliberately leaves its pins (maps and
+/// tcx links) behind on exit so a restart is hitless; a test must not.
+pub struct PinDir(pub PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("warning: could not remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// One running agent. Fields drop in order: the process stops first, then its pins and
+/// files go.
+pub struct KubeAgent {
+    /// The flanneld process.
+    pub child: ChildGuard,
+    /// Its pin directory (`--bpf-pin-path`).
+    pub pins: PinDir,
+    /// Its files: net-conf.json, subnet.env, flanneld.log.
+    pub dir: tempfile::TempDir,
+}
+
+impl KubeAgent {
+    /// Path of its `subnet.env`.
+    pub fn subnet_env(&self) -> PathBuf {
+        self.dir.path().join("subnet.env")
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("flanneld.log")).unwrap_or_default()
+    }
+
+    /// The `FLANNEL_MTU` it wrote.
+    pub fn mtu(&self) -> u32 {
+        let text = std::fs::read_to_string(self.subnet_env()).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
+            .expect("FLANNEL_MTU line")
+            .parse()
+            .expect("FLANNEL_MTU is a number")
+    }
+}
+
+/// Start flanneld in `host` as node `node` on `dataplane` (`kernel`, `ebpf`), with
+/// `extra` arguments after the defaults (a repeated flag: the last one wins).
+pub fn start_agent(
+    host: &NetNs,
+    node: &str,
+    api: &KubeApi,
+    dataplane: &str,
+    extra: &[&str],
+) -> KubeAgent {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let net_conf = dir.path().join("net-conf.json");
+    std::fs::write(
+        &net_conf,
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#,
+    )
+    .expect("write net-conf.json");
+    let log = std::fs::File::create(dir.path().join("flanneld.log")).expect("log file");
+    let pins = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/flannel-test-{}",
+        host.name()
+    )));
+    let child = host
+        .command(flanneld_bin().to_str().expect("UTF-8 path"))
+        .args([
+            "--kube-subnet-mgr".to_owned(),
+            format!("--kube-api-url={}", api.url()),
+            format!("--net-config-path={}", net_conf.display()),
+            format!("--subnet-file={}", dir.path().join("subnet.env").display()),
+            "--iface=eth0".to_owned(),
+            format!("--dataplane={dataplane}"),
+            format!("--bpf-pin-path={}", pins.0.display()),
+            "--log-level=flannel_agent=debug,info".to_owned(),
+        ])
+        .args(extra)
+        .env("NODE_NAME", node)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn flanneld");
+    KubeAgent {
+        child: ChildGuard::new(child),
+        pins,
+        dir,
+    }
+}
+
+/// One ping with a one-second deadline.
+pub fn ping(from: &NetNs, to: std::net::Ipv4Addr) -> bool {
+    from.run(&format!("ping -c 1 -W 1 {to}")).status.success()
+}
+
+/// The API server, reachable from every host at [`API_IP`] on the underlay. Fields drop in
+/// order: server, then underlay, then the server's runtime.
+pub struct KubeBench {
+    /// The API server.
+    pub api: KubeApi,
+    /// The underlay bridge the hosts attach to.
+    pub underlay: Underlay,
+    rt: tokio::runtime::Runtime,
+}
+
+impl KubeBench {
+    /// An underlay with the API server on it.
+    pub fn new() -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let underlay = Underlay::new();
+        underlay.ns.sh(&format!("ip addr add {API_IP}/15 dev br0"));
+        let listener = underlay.ns.enter(|| {
+            std::net::TcpListener::bind(format!("{API_IP}:0")).expect("bind on underlay")
+        });
+        let api = {
+            let _guard = rt.enter();
+            KubeApi::start_on(listener)
+        };
+        Self { api, underlay, rt }
+    }
+
+    /// Stop the API server (its port refuses connections, open watches end), keeping its
+    /// objects.
+    pub fn stop_api(&mut self) {
+        let _guard = self.rt.enter();
+        self.api.stop();
+    }
+
+    /// Serve again on the same address, with the objects (and history) it had.
+    pub fn resume_api(&mut self) {
+        let addr = self.api.addr();
+        let listener = self
+            .underlay
+            .ns
+            .enter(move || std::net::TcpListener::bind(addr).expect("rebind the API address"));
+        let _guard = self.rt.enter();
+        self.api.resume_on(listener);
+    }
+}
+
+impl Default for KubeBench {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Wait (30 s) until every agent wrote its `subnet.env`; panics with their logs if not.
+pub fn wait_for_subnet_env(agents: &[&KubeAgent]) {
+    let up = wait_until(Duration::from_secs(30), || {
+        agents.iter().all(|a| a.subnet_env().exists())
+    });
+    assert!(
+        up,
+        "agents did not write subnet.env\n{}",
+        agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("--- agent {}:\n{}\n", i + 1, a.log()))
+            .collect::<String>()
+    );
+}
