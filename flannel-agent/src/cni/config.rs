@@ -90,6 +90,26 @@ pub struct NetConf {
     /// Copied to the delegate's `runtimeConfig`.
     #[serde(rename = "runtimeConfig", default)]
     pub runtime_config: Option<Value>,
+    /// The result of the last ADD (CHECK, and DEL where the runtime has it).
+    #[serde(rename = "prevResult", default)]
+    pub prev_result: Option<Value>,
+    /// GC (CNI 1.1): the attachments that are still valid; everything else may go.
+    #[serde(rename = "cni.dev/valid-attachments", default)]
+    pub valid_attachments: Option<Vec<Attachment>>,
+    /// The same under the name an early 1.1 draft used; libcni 1.2 sends both.
+    #[serde(rename = "cni.dev/attachments", default)]
+    pub attachments: Option<Vec<Attachment>>,
+}
+
+/// One entry of GC's `cni.dev/valid-attachments`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Attachment {
+    /// `CNI_CONTAINERID` of the attachment's ADD.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// `CNI_IFNAME` of the attachment's ADD.
+    #[serde(rename = "ifname")]
+    pub ifname: String,
 }
 
 fn default_subnet_file() -> PathBuf {

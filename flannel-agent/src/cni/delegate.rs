@@ -72,17 +72,29 @@ pub fn find_plugin(plugin: &str, cni_path: &str) -> Result<PathBuf, DelegateErro
 
 /// Runs the delegate with `command` (our environment otherwise, as libcni's `invoke` does)
 /// and `config` on stdin; returns its stdout.
+pub fn invoke(path: &Path, command: &str, config: &[u8]) -> Result<Vec<u8>, DelegateError> {
+    invoke_as(path, command, config, &[])
+}
+
+/// [`invoke`] with some `CNI_*` variables replaced: GC deletes attachments the runtime did
+/// not name in this invocation's environment.
 #[allow(
     clippy::disallowed_methods,
     reason = "CNI delegates by exec, per the CNI spec"
 )]
-pub fn invoke(path: &Path, command: &str, config: &[u8]) -> Result<Vec<u8>, DelegateError> {
+pub fn invoke_as(
+    path: &Path,
+    command: &str,
+    config: &[u8],
+    env: &[(&str, &str)],
+) -> Result<Vec<u8>, DelegateError> {
     let exec = |source| DelegateError::Exec {
         path: path.to_owned(),
         source,
     };
     let mut child = Command::new(path)
         .env("CNI_COMMAND", command)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -104,26 +116,38 @@ pub fn invoke(path: &Path, command: &str, config: &[u8]) -> Result<Vec<u8>, Dele
     Ok(out.stdout)
 }
 
-/// Where the rendered config of `container_id` lives.
+/// The CNI versions the delegate at `path` speaks (its `VERSION` answer).
+pub fn supported_versions(path: &Path) -> Result<Vec<String>, DelegateError> {
+    let out = invoke(path, "VERSION", br#"{"cniVersion":"1.0.0"}"#)?;
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    Ok(v.get("supportedVersions")
+        .and_then(serde_json::Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(serde_json::Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Where the rendered config of `container_id` lives (upstream's layout, so a node can
+/// swap plugins with pods running).
 pub fn scratch_path(data_dir: &Path, container_id: &str) -> PathBuf {
     data_dir.join(container_id)
 }
 
-/// Stores the rendered config (dir 0700, file 0600, fsynced) before ADD.
-pub fn save(data_dir: &Path, container_id: &str, config: &[u8]) -> Result<(), DelegateError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(data_dir)
-        .map_err(|source| DelegateError::Store {
-            op: "creating",
-            path: data_dir.to_owned(),
-            source,
-        })?;
-    let path = scratch_path(data_dir, container_id);
+/// Where the interface name of `container_id`'s attachment lives: GC must name it to the
+/// delegate (host-local releases by container ID *and* interface). A dot directory, because
+/// a container ID never starts with a dot, so it cannot collide with a stored config.
+fn ifname_path(data_dir: &Path, container_id: &str) -> PathBuf {
+    data_dir.join(".ifname").join(container_id)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DelegateError> {
     let store = |source| DelegateError::Store {
         op: "writing",
-        path: path.clone(),
+        path: path.to_owned(),
         source,
     };
     let mut f = std::fs::OpenOptions::new()
@@ -131,10 +155,70 @@ pub fn save(data_dir: &Path, container_id: &str, config: &[u8]) -> Result<(), De
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .map_err(store)?;
-    f.write_all(config).map_err(store)?;
+    f.write_all(bytes).map_err(store)?;
     f.sync_all().map_err(store)
+}
+
+fn create_dir(dir: &Path) -> Result<(), DelegateError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| DelegateError::Store {
+            op: "creating",
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// Stores the rendered config and the attachment's interface name (dirs 0700, files 0600,
+/// fsynced) before ADD.
+pub fn save(
+    data_dir: &Path,
+    container_id: &str,
+    ifname: &str,
+    config: &[u8],
+) -> Result<(), DelegateError> {
+    create_dir(data_dir)?;
+    write_synced(&scratch_path(data_dir, container_id), config)?;
+    let ifname_file = ifname_path(data_dir, container_id);
+    if let Some(dir) = ifname_file.parent() {
+        create_dir(dir)?;
+    }
+    write_synced(&ifname_file, ifname.as_bytes())
+}
+
+/// The interface name stored for `container_id`; `None` for a config stored without one
+/// (by upstream's plugin, or by this one before it recorded them).
+pub fn load_ifname(data_dir: &Path, container_id: &str) -> Option<String> {
+    std::fs::read_to_string(ifname_path(data_dir, container_id))
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// The container IDs with a stored config, in name order.
+pub fn stored_containers(data_dir: &Path) -> Result<Vec<String>, DelegateError> {
+    let entries = match std::fs::read_dir(data_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(DelegateError::Store {
+                op: "listing",
+                path: data_dir.to_owned(),
+                source,
+            });
+        }
+    };
+    let mut ids: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    ids.sort();
+    Ok(ids)
 }
 
 /// The stored config of `container_id`; `None` if there is none (DEL is idempotent).
@@ -153,15 +237,22 @@ pub fn load(data_dir: &Path, container_id: &str) -> Result<Option<Vec<u8>>, Dele
 
 /// Forgets `container_id` after a successful DEL.
 pub fn remove(data_dir: &Path, container_id: &str) -> Result<(), DelegateError> {
-    let path = scratch_path(data_dir, container_id);
-    match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DelegateError::Store {
-            op: "removing",
-            path,
-            source: e,
-        }),
-        _ => Ok(()),
+    for path in [
+        ifname_path(data_dir, container_id),
+        scratch_path(data_dir, container_id),
+    ] {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(DelegateError::Store {
+                    op: "removing",
+                    path,
+                    source: e,
+                });
+            }
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -174,14 +265,24 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("flannel");
         assert_eq!(load(&dir, "abc").unwrap(), None);
-        save(&dir, "abc", b"{}").unwrap();
+        assert_eq!(stored_containers(&dir).unwrap(), Vec::<String>::new());
+        save(&dir, "abc", "eth0", b"{}").unwrap();
+        save(&dir, "a.b", "net1", b"{}").unwrap();
         assert_eq!(load(&dir, "abc").unwrap().as_deref(), Some(&b"{}"[..]));
+        assert_eq!(load_ifname(&dir, "abc").as_deref(), Some("eth0"));
+        assert_eq!(load_ifname(&dir, "a.b").as_deref(), Some("net1"));
+        // The interface names' directory is not a container.
+        assert_eq!(stored_containers(&dir).unwrap(), ["a.b", "abc"]);
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join("abc")), 0o600);
+        assert_eq!(mode(&dir.join(".ifname")), 0o700);
+        assert_eq!(mode(&dir.join(".ifname/abc")), 0o600);
         remove(&dir, "abc").unwrap();
         remove(&dir, "abc").unwrap();
         assert_eq!(load(&dir, "abc").unwrap(), None);
+        assert_eq!(load_ifname(&dir, "abc"), None);
+        assert_eq!(stored_containers(&dir).unwrap(), ["a.b"]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod delegate;
+mod status_gc;
 
 use std::io::{Read as _, Write as _};
 
@@ -15,12 +16,14 @@ use self::{
     delegate::DelegateError,
 };
 
-/// CNI versions this plugin accepts (all that exist up to 1.0.0, like upstream's
-/// `version.All`).
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+/// CNI versions this plugin accepts: all that exist (upstream's `version.All`), 1.1.0
+/// (STATUS and GC) included.
+pub const SUPPORTED_VERSIONS: &[&str] = &[
+    "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0",
+];
 
 /// The newest supported version, used when the input names none.
-pub const CURRENT_VERSION: &str = "1.0.0";
+pub const CURRENT_VERSION: &str = "1.1.0";
 
 /// CNI error codes (CNI spec, "Error" section).
 pub mod code {
@@ -34,6 +37,8 @@ pub mod code {
     pub const INVALID_CONFIG: u32 = 7;
     /// Try again later (flanneld has not written `subnet.env` yet).
     pub const TRY_AGAIN_LATER: u32 = 11;
+    /// STATUS: the plugin cannot serve ADD (CNI 1.1).
+    pub const NOT_AVAILABLE: u32 = 50;
     /// Anything else (libcni's `ErrInternal`).
     pub const INTERNAL: u32 = 999;
 }
@@ -179,6 +184,11 @@ fn version_key(v: &str) -> Option<(u32, u32, u32)> {
     }
 }
 
+/// Whether `v` names `min` or a later version.
+fn at_least(v: &str, min: (u32, u32, u32)) -> bool {
+    version_key(v) >= Some(min)
+}
+
 /// The config's version, checked against [`SUPPORTED_VERSIONS`]; empty means 0.1.0 (libcni).
 fn check_version(v: &str) -> Result<&str, CniError> {
     let v = if v.is_empty() { "0.1.0" } else { v };
@@ -201,6 +211,8 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
         "ADD" => cmd_add(env, stdin),
         "DEL" => cmd_del(env, stdin),
         "CHECK" => cmd_check(env, stdin),
+        "STATUS" => status_gc::cmd_status(env, stdin),
+        "GC" => status_gc::cmd_gc(env, stdin),
         "" => Err(CniError::new(
             code::INVALID_ENV,
             "required env variables [CNI_COMMAND] missing",
@@ -231,16 +243,63 @@ fn cmd_add(env: &CniEnv, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
     let conf = NetConf::parse(stdin)?;
     check_version(&conf.cni_version)?;
     let subnet_env = read_subnet_env(&conf.subnet_file)?;
-    let rendered = render_delegate(&conf, &subnet_env);
+    let mut rendered = render_delegate(&conf, &subnet_env);
     let plugin = rendered
         .get("type")
         .and_then(Value::as_str)
         .unwrap_or("bridge")
         .to_owned();
-    let bytes = serde_json::to_vec(&rendered).expect("JSON values serialise");
-    delegate::save(&conf.data_dir, &env.container_id, &bytes)?;
     let path = delegate::find_plugin(&plugin, &env.path)?;
-    Ok(delegate::invoke(&path, "ADD", &bytes)?)
+    let spoken = delegate_version(&path, &conf.cni_version)?;
+    if spoken != conf.cni_version {
+        rendered.insert("cniVersion".into(), json!(spoken));
+    }
+    let bytes = serde_json::to_vec(&rendered).expect("JSON values serialise");
+    delegate::save(&conf.data_dir, &env.container_id, &env.ifname, &bytes)?;
+    let result = delegate::invoke(&path, "ADD", &bytes)?;
+    Ok(relabel_result(result, &conf.cni_version, &spoken))
+}
+
+/// The version to speak to the delegate for a config of version `wanted`.
+///
+/// A 1.1.0 config reaches plugins that stop at 1.0.0 (Debian's 1.1.1, and every
+/// containernetworking/plugins release before 1.5): they refuse it outright. 1.1.0 only added
+/// verbs and optional result fields to 1.0.0, so such a delegate is spoken to in 1.0.0 and its
+/// result is a valid 1.1.0 result. Versions up to 1.0.0 go through as they are, without
+/// asking (every delegate speaks them; upstream's plugin does the same).
+fn delegate_version(path: &std::path::Path, wanted: &str) -> Result<String, CniError> {
+    if !at_least(wanted, (1, 1, 0)) {
+        return Ok(wanted.to_owned());
+    }
+    let theirs = delegate::supported_versions(path)?;
+    if theirs.iter().any(|v| v == wanted) {
+        Ok(wanted.to_owned())
+    } else if theirs.iter().any(|v| v == "1.0.0") {
+        Ok("1.0.0".to_owned())
+    } else {
+        Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "delegate {} speaks CNI {theirs:?}, neither {wanted} nor 1.0.0",
+                path.display()
+            ),
+        ))
+    }
+}
+
+/// The delegate's result, labelled with the version the runtime asked for when the delegate
+/// spoke an older one (see [`delegate_version`]).
+fn relabel_result(result: Vec<u8>, asked: &str, spoken: &str) -> Vec<u8> {
+    if asked == spoken {
+        return result;
+    }
+    match serde_json::from_slice::<Value>(&result) {
+        Ok(Value::Object(mut m)) => {
+            m.insert("cniVersion".into(), json!(asked));
+            serde_json::to_vec(&m).expect("JSON values serialise")
+        }
+        _ => result,
+    }
 }
 
 /// The delegate type recorded in a stored config.
@@ -271,16 +330,16 @@ fn cmd_del(env: &CniEnv, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
     Ok(Vec::new())
 }
 
-/// CHECK confirms flannel set this container up (its delegate config is stored) and that
-/// the config version allows CHECK. It does not ask the delegate: Debian's/upstream's
-/// `bridge` CHECK rejects host-local routes without a gateway (`Expected Route
-/// {Dst:10.244.0.0/16 GW:<nil>} not found`), which every flannel config has, so delegating
-/// would fail healthy pods. Upstream flannel answers CHECK with success unconditionally.
+/// CHECK hands the delegate the config ADD stored for this container and the runtime's
+/// `prevResult`, as the spec asks of a plugin that delegates: `bridge` then checks the
+/// interface, addresses and routes in the pod and asks `host-local` whether the address is
+/// still reserved. (Upstream's flannel plugin answers CHECK with success unconditionally; a
+/// container it never set up, or a pod that lost its route, is an error here.)
 fn cmd_check(env: &CniEnv, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
     env.require(true)?;
     let conf = NetConf::parse(stdin)?;
     let version = check_version(&conf.cni_version)?;
-    if version_key(version) < Some((0, 4, 0)) {
+    if !at_least(version, (0, 4, 0)) {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
             format!("config version {version:?} does not allow CHECK"),
@@ -295,16 +354,81 @@ fn cmd_check(env: &CniEnv, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
             ),
         ));
     };
-    if stored_type(&bytes).is_none() {
-        return Err(CniError::new(
+    let unreadable = || {
+        CniError::new(
             code::DECODE,
             format!(
                 "stored delegate config {} is unreadable",
                 delegate::scratch_path(&conf.data_dir, &env.container_id).display()
             ),
+        )
+    };
+    let Ok(Value::Object(mut stored)) = serde_json::from_slice::<Value>(&bytes) else {
+        return Err(unreadable());
+    };
+    let Some(plugin) = stored
+        .get("type")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        return Err(unreadable());
+    };
+    let Some(Value::Object(mut prev)) = conf.prev_result.clone() else {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "CHECK needs the runtime's prevResult (the result of the container's ADD)",
         ));
+    };
+    // The delegate parses prevResult in the version it was spoken to at ADD.
+    if let Some(v) = stored.get("cniVersion") {
+        prev.insert("cniVersion".into(), v.clone());
     }
+    with_route_gateways(&mut prev);
+    stored.insert("prevResult".into(), Value::Object(prev));
+    let path = delegate::find_plugin(&plugin, &env.path)?;
+    let config = serde_json::to_vec(&stored).expect("JSON values serialise");
+    delegate::invoke(&path, "CHECK", &config)?;
     Ok(Vec::new())
+}
+
+/// Names, on every route of `result` without a `gw`, the gateway of the address of the same
+/// family: the next hop `ipam.ConfigureIface` installed it with.
+///
+/// containernetworking/plugins before v1.3.0 (Debian ships 1.1.1) look a gateway-less result
+/// route up in the pod as a route *without* a gateway (`ValidateExpectedRoute`, fixed by
+/// containernetworking/plugins#887), so `bridge` CHECK fails every flannel pod with
+/// `Expected Route {Dst:10.244.0.0/16 GW:<nil>} not found`. With the gateway named, old and
+/// fixed plugins both look for exactly the route that is there, and a pod that lost it
+/// still fails CHECK.
+fn with_route_gateways(result: &mut serde_json::Map<String, Value>) {
+    let gateway = |v6: bool| {
+        result.get("ips")?.as_array()?.iter().find_map(|ip| {
+            let addr: ipnetwork::IpNetwork = ip.get("address")?.as_str()?.parse().ok()?;
+            let gw = ip.get("gateway")?.as_str()?;
+            (addr.is_ipv6() == v6).then(|| gw.to_owned())
+        })
+    };
+    let (v4, v6) = (gateway(false), gateway(true));
+    let Some(Value::Array(routes)) = result.get_mut("routes") else {
+        return;
+    };
+    for route in routes.iter_mut().filter_map(Value::as_object_mut) {
+        if route.contains_key("gw") {
+            continue;
+        }
+        let dst = route
+            .get("dst")
+            .and_then(Value::as_str)
+            .and_then(|d| d.parse::<ipnetwork::IpNetwork>().ok());
+        let gw = match dst {
+            Some(d) if d.is_ipv6() => v6.clone(),
+            Some(_) => v4.clone(),
+            None => None,
+        };
+        if let Some(gw) = gw {
+            route.insert("gw".into(), json!(gw));
+        }
+    }
 }
 
 /// The plugin binary's whole life: read env and stdin, run, print, exit 0 or 1.
@@ -351,9 +475,9 @@ mod tests {
         let out: Value =
             serde_json::from_slice(&version_info(br#"{"cniVersion":"0.4.0"}"#)).unwrap();
         assert_eq!(out["cniVersion"], "0.4.0");
-        assert_eq!(out["supportedVersions"].as_array().unwrap().len(), 6);
+        assert_eq!(out["supportedVersions"].as_array().unwrap().len(), 7);
         let out: Value = serde_json::from_slice(&version_info(b"")).unwrap();
-        assert_eq!(out["cniVersion"], "1.0.0");
+        assert_eq!(out["cniVersion"], "1.1.0");
     }
 
     #[test]
@@ -396,5 +520,51 @@ mod tests {
         assert_eq!(c.code, 11);
         assert_eq!(c.details, "d");
         assert!(c.msg.contains("busy"));
+    }
+
+    #[test]
+    fn check_names_the_gateway_of_gatewayless_routes() {
+        let mut prev = json!({
+            "cniVersion": "1.0.0",
+            "ips": [
+                {"interface": 2, "address": "10.244.7.5/24", "gateway": "10.244.7.1"},
+                {"interface": 2, "address": "fd00:10:244:7::5/64", "gateway": "fd00:10:244:7::1"}
+            ],
+            "routes": [
+                {"dst": "10.244.0.0/16"},
+                {"dst": "0.0.0.0/0", "gw": "10.244.7.254"},
+                {"dst": "fd00:10:244::/56"},
+                {"dst": "garbage"}
+            ]
+        });
+        with_route_gateways(prev.as_object_mut().unwrap());
+        assert_eq!(
+            prev["routes"],
+            json!([
+                {"dst": "10.244.0.0/16", "gw": "10.244.7.1"},
+                {"dst": "0.0.0.0/0", "gw": "10.244.7.254"},
+                {"dst": "fd00:10:244::/56", "gw": "fd00:10:244:7::1"},
+                {"dst": "garbage"}
+            ])
+        );
+        // No addresses, no routes: nothing to do, and no panic.
+        let mut empty = serde_json::Map::new();
+        with_route_gateways(&mut empty);
+        assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn results_of_an_older_delegate_carry_the_asked_version() {
+        let out = relabel_result(
+            br#"{"cniVersion":"1.0.0","ips":[]}"#.to_vec(),
+            "1.1.0",
+            "1.0.0",
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, json!({"cniVersion": "1.1.0", "ips": []}));
+        let same = br#"{"cniVersion":"0.3.1"}"#.to_vec();
+        assert_eq!(relabel_result(same.clone(), "0.3.1", "0.3.1"), same);
+        assert!(at_least("1.1.0", (1, 1, 0)) && !at_least("1.0.0", (1, 1, 0)));
+        assert!(!at_least("bogus", (0, 1, 0)));
     }
 }
