@@ -10,7 +10,7 @@
 //! restart is hitless because routes, neighbours and FDB entries stay).
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
     time::Duration,
 };
@@ -25,7 +25,7 @@ use crate::{
     config::{self, Config, ManagerConfig, Plan},
     lease::{BackendAttrs, Lease, LeaseEvent, PeerChange, PeerSet},
     metrics,
-    net::{blackhole::Blackholes, iface, masq, monitor},
+    net::{blackhole::Blackholes, iface, masq, monitor, sockets},
     netconf::NetworkConfig,
     repair::{self, RepairKind},
     server::{self, DatapathStatus, Readiness},
@@ -502,18 +502,75 @@ async fn run_with<M: SubnetManager>(
 
     // What the control plane spends on the datapath (reconciles, per-event latency).
     let stats = backend::Stats::default();
-    tokio::select! {
-        () = cancel.cancelled() => Ok(()),
-        r = mgr.complete_lease(&lease, cancel.child_token()) => match r {
-            Ok(()) => Ok(()),
-            Err(error) => {
+    // The lease as published now: it changes when the uplink's address does (see
+    // `Uplink`), and the renewal must then keep the new one alive, not the old.
+    let (own_tx, mut own_rx) = tokio::sync::watch::channel(lease.clone());
+    let uplink = Uplink {
+        // Upstream semantics: without --public-ip (or node-public-ip), the public IP is
+        // the interface's address, whatever it is now.
+        follow: public.0.is_none(),
+        selector,
+        ext,
+        own_tx,
+    };
+    let peers = watch_peers(mgr, &mut backend, lease, uplink, blackhole, &stats, cancel);
+    tokio::pin!(peers);
+    loop {
+        let current = own_rx.borrow_and_update().clone();
+        let renewal = cancel.child_token();
+        let ended = tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            r = mgr.complete_lease(&current, renewal.clone()) => Some(r),
+            r = &mut peers => return r,
+            Ok(()) = own_rx.changed() => None,
+        };
+        renewal.cancel();
+        match ended {
+            // The lease changed: keep the new one alive from now on.
+            None => continue,
+            Some(Ok(())) => return Ok(()),
+            Some(Err(error)) => {
                 // Upstream: "Lease has been revoked. Shutting down daemon." and exit 0, so a
                 // restart re-acquires (preferring the same subnet via subnet.env).
                 error!(%error, "lease lost; shutting down");
-                Ok(())
+                return Ok(());
             }
-        },
-        r = watch_peers(mgr, &mut backend, &lease, &ext, blackhole, &stats, cancel) => r,
+        }
+    }
+}
+
+/// The uplink as the main loop follows it: how to look it up again, what it was last
+/// time, and where a lease changed by a new address is announced.
+struct Uplink {
+    /// Whether the published address follows the interface's (no explicit public IP).
+    follow: bool,
+    selector: iface::Selector,
+    ext: ExternalInterface,
+    own_tx: tokio::sync::watch::Sender<Lease>,
+}
+
+impl Uplink {
+    /// The uplink now, when its addresses differ from what the agent uses (and it is
+    /// still the same interface); `None` when nothing is to be done.
+    async fn moved(&self) -> Option<ExternalInterface> {
+        if !self.follow {
+            return None;
+        }
+        let now = match iface::lookup_quiet(&self.selector).await {
+            Ok(now) => now,
+            Err(error) => {
+                // Between the old address going and the new one coming, say.
+                debug!(%error, uplink = %self.ext.name, "uplink has no usable address right now; keeping the current one");
+                return None;
+            }
+        };
+        if now.index != self.ext.index {
+            warn!(uplink = %self.ext.name, now = %now.name, "another interface matches the uplink selection now; restart flanneld to move to it");
+            return None;
+        }
+        let addrs =
+            |e: &ExternalInterface| (e.iface_addr, e.public_ip, e.iface_addr6, e.public_ipv6);
+        (addrs(&now) != addrs(&self.ext)).then_some(now)
     }
 }
 
@@ -538,8 +595,8 @@ const RESYNC_DEBOUNCE: Duration = Duration::from_millis(100);
 async fn watch_peers<M: SubnetManager>(
     mgr: &M,
     backend: &mut AnyBackend,
-    own: &Lease,
-    ext: &ExternalInterface,
+    mut own: Lease,
+    mut uplink: Uplink,
     blackhole: (
         Option<ipnetwork::Ipv4Network>,
         Option<ipnetwork::Ipv6Network>,
@@ -553,7 +610,7 @@ async fn watch_peers<M: SubnetManager>(
     tokio::spawn(monitor::run(
         monitor::Watched {
             device: backend.device_name().map(str::to_owned),
-            uplink: ext.index,
+            uplink: uplink.ext.index,
         },
         trigger_tx,
         cancel.child_token(),
@@ -580,6 +637,9 @@ async fn watch_peers<M: SubnetManager>(
     // Set while our own lease is known to be wrong in the store and restoring it failed:
     // retried with every resync.
     let mut restore_pending = false;
+    // Set by an address event on the uplink: the next resync first checks whether the
+    // address the agent sends from and publishes has to follow.
+    let mut uplink_changed = false;
     let mut snapshots = 0u64;
     let schedule = |at: &mut Option<tokio::time::Instant>, delay: Duration| {
         let when = tokio::time::Instant::now() + delay;
@@ -599,7 +659,10 @@ async fn watch_peers<M: SubnetManager>(
             Some(trigger) = triggers.recv() => {
                 match trigger {
                     monitor::Trigger::Kernel(why) => debug!(%why, "owned kernel state changed; resyncing"),
-                    monitor::Trigger::UplinkAddress => debug!(uplink = %ext.name, "uplink addresses changed"),
+                    monitor::Trigger::UplinkAddress => {
+                        debug!(uplink = %uplink.ext.name, "uplink addresses changed");
+                        uplink_changed = true;
+                    }
                 }
                 schedule(&mut resync_at, RESYNC_DEBOUNCE);
                 continue;
@@ -610,8 +673,13 @@ async fn watch_peers<M: SubnetManager>(
             }
             () = sleep_until_opt(resync_at) => {
                 resync_at = None;
+                if std::mem::take(&mut uplink_changed)
+                    && let Some(now) = uplink.moved().await
+                {
+                    restore_pending |= !follow_uplink(mgr, backend, &peers, &mut uplink, &mut own, now).await;
+                }
                 if restore_pending {
-                    restore_pending = !restore_own_lease(mgr, own).await;
+                    restore_pending = !restore_own_lease(mgr, &own).await;
                 }
                 if let Err(error) = resync(backend, &peers, blackhole.as_ref(), stats).await {
                     warn!(%error, retry_in = ?REPAIR_DELAY, "resync failed");
@@ -623,10 +691,10 @@ async fn watch_peers<M: SubnetManager>(
                 continue;
             }
         };
-        if let Some(what) = own_lease_tampering(&event, own) {
+        if let Some(what) = own_lease_tampering(&event, &own) {
             error!(subnet = %own.subnet, public_ip = %own.attrs.public_ip,
                    "own lease was {what}; every host would route this subnet elsewhere; restoring it");
-            restore_pending = !restore_own_lease(mgr, own).await;
+            restore_pending = !restore_own_lease(mgr, &own).await;
             if restore_pending {
                 schedule(&mut resync_at, REPAIR_DELAY);
             }
@@ -646,6 +714,68 @@ async fn watch_peers<M: SubnetManager>(
             schedule(&mut resync_at, REPAIR_DELAY);
         }
         debug!(peers = peers.len(), "peer set updated");
+    }
+}
+
+/// The uplink's address changed to `now`'s: the backend sends from it (VXLAN local
+/// address, eBPF outer source), and the lease names it, published at once and kept alive
+/// from now on. `false` when publishing failed (retried with the next resyncs).
+async fn follow_uplink<M: SubnetManager>(
+    mgr: &M,
+    backend: &mut AnyBackend,
+    peers: &PeerSet,
+    uplink: &mut Uplink,
+    own: &mut Lease,
+    now: ExternalInterface,
+) -> bool {
+    let started = std::time::Instant::now();
+    info!(uplink = %now.name, from = %uplink.ext.iface_addr, to = %now.iface_addr,
+          public_ip = %now.public_ip, "uplink address changed; following it without a restart");
+    if let Err(error) = backend.readdress(&now, &peers.peers()).await {
+        // The periodic resync retries the devices; the lease must follow regardless.
+        warn!(%error, "moving the datapath to the new uplink address failed; retrying on resync");
+    }
+    // Our connections from the old address (API server, etcd) are dead without knowing
+    // it: end them, so the lease update below and every watch go out from the new one.
+    for (old, new) in [
+        (
+            IpAddr::from(uplink.ext.iface_addr),
+            IpAddr::from(now.iface_addr),
+        ),
+        (
+            uplink
+                .ext
+                .iface_addr6
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::from),
+            now.iface_addr6
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::from),
+        ),
+    ] {
+        if old != new && !old.is_unspecified() {
+            sockets::shut_down_tcp_from(old);
+        }
+    }
+    own.attrs.public_ip = now.public_ip;
+    if own.attrs.public_ipv6.is_some() {
+        own.attrs.public_ipv6 = now.public_ipv6;
+    }
+    uplink.ext = now;
+    uplink.own_tx.send_replace(own.clone());
+    metrics::get().set_lease(
+        own.subnet,
+        own.ipv6_subnet.map(|s| s.to_string()),
+        own.attrs.public_ip,
+    );
+    match mgr.restore_lease(own).await {
+        Ok(()) => {
+            info!(subnet = %own.subnet, public_ip = %own.attrs.public_ip, took = ?started.elapsed(),
+                  "lease now names the new address");
+            true
+        }
+        Err(error) => {
+            warn!(subnet = %own.subnet, %error, retry_in = ?REPAIR_DELAY, "publishing the new address failed");
+            false
+        }
     }
 }
 

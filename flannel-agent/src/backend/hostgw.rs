@@ -232,6 +232,13 @@ impl Backend for HostGw {
         Ok(())
     }
 
+    async fn readdress(&mut self, ext: &ExternalInterface, peers: &[Lease]) -> Result<()> {
+        // Routes go via the peers' addresses out of the same uplink: nothing of ours
+        // names our own address; only the lease changes.
+        self.ext = ext.clone();
+        self.check(peers).await.map(drop)
+    }
+
     fn mtu(&self) -> u32 {
         self.ext.mtu
     }

@@ -91,6 +91,16 @@ pub trait Backend: Send {
     /// the netlink monitor reports a change to owned state, and periodically.
     fn resync(&mut self, peers: &[Lease]) -> impl Future<Output = Result<()>> + Send;
 
+    /// The uplink's address changed (and with it the public IP, when that was not set
+    /// explicitly): send from `ext`'s addresses from now on — the VXLAN devices' local
+    /// address (a device whose local address changed is re-created with the same MAC),
+    /// the eBPF outer source — and re-program `peers` on the result.
+    fn readdress(
+        &mut self,
+        ext: &ExternalInterface,
+        peers: &[Lease],
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// The MTU pods must use (written to `subnet.env`).
     fn mtu(&self) -> u32;
 }
@@ -145,6 +155,9 @@ impl Backend for AnyBackend {
     }
     async fn resync(&mut self, peers: &[Lease]) -> Result<()> {
         dispatch!(self, b => b.resync(peers).await)
+    }
+    async fn readdress(&mut self, ext: &ExternalInterface, peers: &[Lease]) -> Result<()> {
+        dispatch!(self, b => b.readdress(ext, peers).await)
     }
     fn mtu(&self) -> u32 {
         dispatch!(self, b => b.mtu())

@@ -292,6 +292,19 @@ impl<N: VxlanFamily> VxlanDevice<N> {
         self.mtu
     }
 
+    /// Send from `ext`'s address of this family from now on (kept when `ext` has none).
+    /// The device itself is fixed by the next [`check`](Self::check), which re-creates
+    /// it (same MAC) when its local address no longer matches.
+    fn set_external(&mut self, ext: &ExternalInterface) {
+        if let Some(local) = ext.local::<N>() {
+            if local != self.local {
+                info!(device = %self.name, from = %self.local, to = %local, "uplink address changed; the VXLAN device follows");
+            }
+            self.local = local;
+        }
+        self.ext = ext.clone();
+    }
+
     /// Index of the device.
     pub fn vxlan_ifindex(&self) -> u32 {
         self.ifindex
@@ -1174,6 +1187,15 @@ impl KernelVxlan {
         &self.v4.ext
     }
 
+    /// Send from `ext`'s addresses from now on (see [`Backend::readdress`]); the devices
+    /// follow on the next [`check`](Self::check).
+    pub fn set_external(&mut self, ext: &ExternalInterface) {
+        self.v4.set_external(ext);
+        if let Some(v6) = &mut self.v6 {
+            v6.set_external(ext);
+        }
+    }
+
     /// The IPv4 device name (`flannel.<VNI>`).
     pub fn device_name(&self) -> &str {
         &self.v4.name
@@ -1308,6 +1330,16 @@ impl Backend for KernelVxlan {
         for (kind, detail) in self.check(peers).await? {
             repair::record(kind, detail);
         }
+        Ok(())
+    }
+
+    async fn readdress(&mut self, ext: &ExternalInterface, peers: &[Lease]) -> Result<()> {
+        self.set_external(ext);
+        let fixes = self.check(peers).await?;
+        debug!(
+            written = fixes.len(),
+            "VXLAN devices follow the new uplink address"
+        );
         Ok(())
     }
 

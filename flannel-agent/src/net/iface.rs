@@ -499,14 +499,20 @@ fn default_route_oif(r: &RouteMessage) -> Option<u32> {
 
 /// Gathers and selects; logs the choice.
 pub async fn lookup(sel: &Selector) -> Result<ExternalInterface> {
-    let host = gather(sel.iface_can_reach).await?;
-    let ext = select(&host, sel)?;
+    let ext = lookup_quiet(sel).await?;
     info!(
         iface = %ext.name, index = ext.index, addr = %ext.iface_addr, public_ip = %ext.public_ip,
         addr6 = ?ext.iface_addr6, public_ipv6 = ?ext.public_ipv6, mtu = ext.mtu,
         "using external interface"
     );
     Ok(ext)
+}
+
+/// [`lookup`] without the log line: what the interface looks like now (the agent asks
+/// again whenever the uplink's addresses change).
+pub async fn lookup_quiet(sel: &Selector) -> Result<ExternalInterface> {
+    let host = gather(sel.iface_can_reach).await?;
+    select(&host, sel)
 }
 
 #[cfg(test)]

@@ -5,4 +5,5 @@ pub mod iface;
 pub mod masq;
 pub mod monitor;
 pub mod netlink;
+pub mod sockets;
 pub mod vxlan_guard;

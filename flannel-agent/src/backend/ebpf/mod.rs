@@ -405,6 +405,15 @@ impl Backend for EbpfVxlan {
         Ok(())
     }
 
+    async fn readdress(&mut self, ext: &ExternalInterface, peers: &[Lease]) -> Result<()> {
+        // The device first (re-created with its new local address), then CONFIG, whose
+        // outer source address and device index come from it.
+        self.kernel.set_external(ext);
+        let fixes = self.check(peers).await?;
+        debug!(written = fixes.len(), local = %ext.iface_addr, "eBPF datapath follows the new uplink address");
+        Ok(())
+    }
+
     fn mtu(&self) -> u32 {
         // Same as the kernel device: pods keep MTU − 50 so encapsulated TSO segments fit
         // the uplink (the programs use FIXED_GSO).
