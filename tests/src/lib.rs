@@ -6,6 +6,7 @@ pub mod craft;
 pub mod etcd;
 pub mod kube_api;
 pub mod kube_cluster;
+pub mod kube_node;
 pub mod netns;
 pub mod progs;
 pub mod twohost;

@@ -20,7 +20,7 @@ use flannel_common::{
 };
 use ipnetwork::Ipv4Network;
 
-use crate::netns::NetNs;
+use crate::{kube_node, netns::NetNs};
 
 /// Run a shell command in `ns`; whether it succeeded, and its stdout and stderr.
 pub fn try_sh(ns: &NetNs, cmd: &str) -> (bool, String) {
@@ -68,8 +68,28 @@ pub fn two_hosts() -> (Host, Host) {
     two_hosts_with(Carrier::Vxlan)
 }
 
+/// What a host is besides its carrier: how its pod hangs off it and what netfilter runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    /// The pod's veth routed directly (no bridge), no netfilter rules (no conntrack): the
+    /// least a test needs.
+    Bare,
+    /// A node as upstream flannel's users run it: the pod behind a `cni0` bridge as the CNI
+    /// bridge plugin sets it up (gateway address on the bridge, hairpin port; the kernel's
+    /// `bridge-nf-call-iptables` is on in every namespace here, as kubeadm requires), and
+    /// the netfilter rules of kube-proxy (iptables mode, [`kube_node::SERVICES`] Services),
+    /// the kubelet and flanneld ([`kube_node::iptables_rules`]), so conntrack runs.
+    Kubernetes,
+}
+
 /// Two hosts on one underlay veth, a pod behind each, connected by `carrier`.
 pub fn two_hosts_with(carrier: Carrier) -> (Host, Host) {
+    two_hosts_on(carrier, Node::Bare)
+}
+
+/// Two hosts on one underlay veth, a pod behind each, connected by `carrier`, each set up
+/// as `node` says.
+pub fn two_hosts_on(carrier: Carrier, node: Node) -> (Host, Host) {
     let pod_mtu = if carrier == Carrier::Vxlan {
         1450
     } else {
@@ -111,10 +131,41 @@ pub fn two_hosts_with(carrier: Carrier) -> (Host, Host) {
         // A pod: veth into its own namespace, with the MTU flannel's CNI gives it.
         let gw = Ipv4Addr::from(u32::from(h.subnet.network()) + 1);
         h.ns.sh(&format!(
-            "ip link add veth0 mtu {pod_mtu} type veth peer name eth0 netns {pod} mtu {pod_mtu} && \
-             ip addr add {gw}/24 dev veth0 && ip link set veth0 up",
+            "ip link add veth0 mtu {pod_mtu} type veth peer name eth0 netns {pod} mtu {pod_mtu}",
             pod = h.pod.name()
         ));
+        match node {
+            Node::Bare => h.ns.sh(&format!(
+                "ip addr add {gw}/24 dev veth0 && ip link set veth0 up"
+            )),
+            // As the bridge plugin does with flannel's delegate config (isGateway,
+            // hairpinMode, the bridge at the pod MTU).
+            Node::Kubernetes => h.ns.sh(&format!(
+                "ip link add cni0 mtu {pod_mtu} type bridge && ip link set cni0 up && \
+                 ip addr add {gw}/24 dev cni0 && ip link set veth0 master cni0 && \
+                 ip link set veth0 type bridge_slave hairpin on && ip link set veth0 up"
+            )),
+        };
+        if node == Node::Kubernetes {
+            let rules = kube_node::iptables_rules(
+                Ipv4Network::new(Ipv4Addr::new(10, 244, 0, 0), 16).expect("network"),
+                h.subnet,
+                kube_node::SERVICES,
+            );
+            let mut child =
+                h.ns.command("iptables-restore")
+                    .stdin(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("spawn iptables-restore");
+            std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), rules.as_bytes())
+                .expect("write rules");
+            drop(child.stdin.take());
+            let st = child.wait().expect("iptables-restore");
+            assert!(
+                st.success(),
+                "iptables-restore of the kube-proxy-like rules failed"
+            );
+        }
         h.pod.sh(&format!(
             "ip addr add {}/24 dev eth0 && ip link set eth0 up && ip route add default via {gw}",
             h.pod_ip()

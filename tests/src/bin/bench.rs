@@ -2,8 +2,10 @@
 //! (no encapsulation) and the bare underlay (the ceiling), side by side in one run, rounds
 //! interleaved so the noise of a shared machine hits every mode alike.
 //!
-//! Each mode is two host namespaces on one veth with a pod behind each (see
-//! `flannel_e2e::twohost`). Per round and mode: iperf3 one stream, iperf3 four streams,
+//! Each mode is two host namespaces on one veth with a pod behind each, every host set up
+//! as a real flannel node is (pod behind `cni0`, kube-proxy's, the kubelet's and flanneld's
+//! iptables rules, so conntrack runs: `twohost::Node::Kubernetes`, `kube_node`), the same
+//! for every mode. Per round and mode: iperf3 one stream, iperf3 four streams,
 //! and a TCP request/response ping-pong (1-byte messages, TCP_NODELAY) for p50/p99, measured
 //! with both ends spinning on non-blocking sockets so VM wake-up latency doesn't dominate.
 
@@ -17,7 +19,8 @@ use flannel_e2e::{
     cluster::BpfPins,
     netns::NetNs,
     twohost::{
-        Carrier, EbpfHost, FastPath, Host, attach_ebpf_with, counters, iperf, two_hosts_with,
+        Carrier, EbpfHost, FastPath, Host, Node, attach_ebpf_with, counters, iperf, try_sh,
+        two_hosts_on,
     },
 };
 
@@ -105,6 +108,20 @@ impl Mode {
         Mode::HostGw,
         Mode::Underlay,
     ];
+    /// What runs without `--modes`. Not the opt-in all-flows fast path: on a node with
+    /// kube-proxy's rules its TCP connections never establish (it delivers the SYN past
+    /// conntrack, so the SYN-ACK crosses FORWARD as INVALID and `KUBE-FORWARD` drops it).
+    const DEFAULT: [Mode; 4] = [Mode::Ebpf, Mode::KernelVxlan, Mode::HostGw, Mode::Underlay];
+    /// The name `--modes` takes.
+    fn flag(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::EbpfAllFlows => "all-flows",
+            Mode::KernelVxlan => "kernel",
+            Mode::HostGw => "host-gw",
+            Mode::Underlay => "underlay",
+        }
+    }
     fn name(self) -> &'static str {
         match self {
             Mode::Ebpf => "eBPF VXLAN (default: per-flow fast path)",
@@ -181,14 +198,28 @@ fn bench(args: &[String]) {
     let rr: usize = flag(args, "--transactions").unwrap_or(20_000);
     assert!(flannel_e2e::require_root(), "the benchmark needs root");
 
+    let modes: Vec<Mode> = match flag::<String>(args, "--modes") {
+        None => Mode::DEFAULT.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|f| {
+                *Mode::ALL.iter().find(|m| m.flag() == f).unwrap_or_else(|| {
+                    panic!(
+                        "--modes: unknown mode {f:?} (ebpf, all-flows, kernel, host-gw, underlay)"
+                    )
+                })
+            })
+            .collect(),
+    };
+
     let mut setups: Vec<(Mode, Setup)> = Vec::new();
-    for mode in Mode::ALL {
+    for &mode in &modes {
         let carrier = if mode == Mode::HostGw {
             Carrier::HostGw
         } else {
             Carrier::Vxlan
         };
-        let (a, b) = two_hosts_with(carrier);
+        let (a, b) = two_hosts_on(carrier, Node::Kubernetes);
         let mut agents = Vec::new();
         let pins = mode.fast_path().map(|fast| {
             let pins = BpfPins::new("bench", 2);
@@ -208,7 +239,7 @@ fn bench(args: &[String]) {
     }
     let exe = std::env::current_exe().expect("own path");
     let mut results: Vec<(Mode, Samples)> =
-        Mode::ALL.iter().map(|m| (*m, Samples::default())).collect();
+        modes.iter().map(|m| (*m, Samples::default())).collect();
 
     for round in 0..rounds {
         // Rotate the order every round so no mode always runs first or last.
@@ -241,23 +272,52 @@ fn bench(args: &[String]) {
         }
     }
 
+    // What netfilter did on host A of each mode: proof that conntrack and the FORWARD
+    // rules ran (and, for the eBPF modes, how much of the traffic skipped them).
+    for (mode, s) in &setups {
+        let (_, ct) = try_sh(&s.a.ns, "cat /proc/sys/net/netfilter/nf_conntrack_count");
+        let (_, fwd) = try_sh(
+            &s.a.ns,
+            "iptables -t filter -L KUBE-FORWARD -v -x -n | awk '/RELATED,ESTABLISHED/ {print $1}'",
+        );
+        let (_, invalid) = try_sh(
+            &s.a.ns,
+            "iptables -t filter -L KUBE-FORWARD -v -x -n | awk '/INVALID/ {print $1}'",
+        );
+        let (_, input) = try_sh(
+            &s.a.ns,
+            "iptables -t filter -L INPUT -v -x -n | awk '/KUBE-FIREWALL/ {print $1}'",
+        );
+        eprintln!(
+            "{}: host A netfilter: {} conntrack entries; FORWARD accepted {} established packets, dropped {} INVALID; INPUT saw {} packets",
+            mode.name(),
+            ct.trim(),
+            fwd.trim(),
+            invalid.trim(),
+            input.trim()
+        );
+    }
     for (mode, pins) in setups
         .iter()
         .filter_map(|(m, s)| s.pins.as_ref().map(|p| (m, p)))
     {
-        let c = counters(pins.root(1));
-        let passes: Vec<_> = c.passes.iter().filter(|(_, v)| v.packets > 0).collect();
-        let paths: Vec<_> = c
-            .paths
-            .iter()
-            .filter(|(_, v)| v.packets > 0)
-            .map(|(k, v)| (k, v.packets))
-            .collect();
-        eprintln!(
-            "{}: host A peer counters {:?}; passed to the kernel {passes:?}; per-flow paths (packets) {paths:?}",
-            mode.name(),
-            c.peers
-        );
+        for (host, root) in [("A (iperf3 client)", 1), ("B (iperf3 server)", 2)] {
+            let c = counters(pins.root(root));
+            let passes: Vec<_> = c.passes.iter().filter(|(_, v)| v.packets > 0).collect();
+            // Packets and bytes per packet: a bulk flow's fast packets should be GSO
+            // aggregates (tens of KB) in the data direction.
+            let paths: Vec<_> = c
+                .paths
+                .iter()
+                .filter(|(_, v)| v.packets > 0)
+                .map(|(k, v)| format!("{k} {} ({} B/pkt)", v.packets, v.bytes / v.packets))
+                .collect();
+            eprintln!(
+                "{}: host {host}: passed to the kernel {passes:?}; per-flow paths {}",
+                mode.name(),
+                paths.join(", ")
+            );
+        }
     }
     report(&results, rounds, secs);
 }
@@ -317,9 +377,13 @@ fn spread(v: &[f64]) -> String {
 }
 
 fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64) {
-    let m = |mode: Mode| &results.iter().find(|(x, _)| *x == mode).expect("mode").1;
+    let m = |mode: Mode| results.iter().find(|(x, _)| *x == mode).map(|(_, s)| s);
     println!(
-        "\n{rounds} interleaved rounds, iperf3 {secs} s per run; medians (min–max); CPU = sys + softirq seconds of the whole machine per GB received\n"
+        "\n{rounds} interleaved rounds, iperf3 {secs} s per run; medians (min–max); CPU = sys + softirq seconds of the whole machine per GB received"
+    );
+    println!(
+        "every host: pod behind cni0 (bridge plugin), iptables rules of kube-proxy ({} Services), the kubelet and flanneld, conntrack on\n",
+        flannel_e2e::kube_node::SERVICES
     );
     println!("| mode | 1 stream Gbit/s | 4 streams Gbit/s | RR p50 µs | RR p99 µs | CPU-s/GB |");
     println!("|---|---|---|---|---|---|");
@@ -339,15 +403,17 @@ fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64) {
             spread3(&s.cpu_per_gb),
         );
     }
-    let (k, h, u) = (m(Mode::KernelVxlan), m(Mode::HostGw), m(Mode::Underlay));
     println!();
     println!("| ratio | 1 stream | 4 streams | RR p50 | RR p99 | CPU/GB |");
     println!("|---|---|---|---|---|---|");
-    for (ours, e) in [
-        ("eBPF", m(Mode::Ebpf)),
-        ("eBPF all-flows", m(Mode::EbpfAllFlows)),
-    ] {
-        for (name, other) in [("kernel VXLAN", k), ("host-gw", h), ("bare underlay", u)] {
+    for (ours, mode) in [("eBPF", Mode::Ebpf), ("eBPF all-flows", Mode::EbpfAllFlows)] {
+        let Some(e) = m(mode) else { continue };
+        for (name, other) in [
+            ("kernel VXLAN", Mode::KernelVxlan),
+            ("host-gw", Mode::HostGw),
+            ("bare underlay", Mode::Underlay),
+        ] {
+            let Some(other) = m(other) else { continue };
             println!(
                 "| {ours} / {name} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
                 ratio(&e.one, &other.one),
@@ -358,7 +424,10 @@ fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64) {
             );
         }
     }
-    let e = m(Mode::Ebpf);
+    let (Some(e), Some(k), Some(h)) = (m(Mode::Ebpf), m(Mode::KernelVxlan), m(Mode::HostGw)) else {
+        println!("\nno verdicts: they need the ebpf, kernel and host-gw modes");
+        return;
+    };
     println!("\nverdicts (default eBPF mode, medians):");
     let at_least = |what: &str, r: f64, target: f64| {
         let (word, by) = if r >= target {
