@@ -21,7 +21,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use flannel_common::{DropReason, PassReason, PeerStats};
+use flannel_common::{DropReason, PassReason, PathReason, PeerStats};
 use ipnetwork::Ipv4Network;
 use prometheus_client::{
     collector::Collector,
@@ -347,6 +347,30 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+/// Labels of `flannel_datapath_packets_total` / `flannel_datapath_bytes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    /// `fast_tx`, `fast_rx` or `kernel`.
+    path: &'static str,
+    /// Why the kernel path (`unverified`, `tcp_control`, …); empty on the fast path.
+    reason: &'static str,
+}
+
+/// The `path` and `reason` labels of a [`PathReason`]: its name is `fast_tx`, `fast_rx` or
+/// `kernel_<reason>`.
+fn path_labels(name: &'static str) -> PathLabels {
+    match name.strip_prefix("kernel_") {
+        Some(reason) => PathLabels {
+            path: "kernel",
+            reason,
+        },
+        None => PathLabels {
+            path: name,
+            reason: "",
+        },
+    }
+}
+
 /// What one scrape read from the maps.
 #[derive(Debug, Default)]
 pub struct MapCounters {
@@ -356,6 +380,9 @@ pub struct MapCounters {
     pub drops: Vec<(&'static str, u64, u64)>,
     /// Per hand-off-to-kernel reason: packets, bytes.
     pub passes: Vec<(&'static str, u64, u64)>,
+    /// Per path a pod's packet took under the per-flow fast path (a [`PathReason`] name):
+    /// packets, bytes.
+    pub paths: Vec<(&'static str, u64, u64)>,
 }
 
 /// Read and sum every counter map: one lookup per peer and per reason.
@@ -390,6 +417,10 @@ pub fn read_map_counters(dp: &Datapath) -> Result<MapCounters, aya::maps::MapErr
     for reason in PassReason::ALL {
         let (p, b) = sum(dp.passes.get(&(reason as u32), 0)?);
         out.passes.push((reason.as_str(), p, b));
+    }
+    for reason in PathReason::ALL {
+        let (p, b) = sum(dp.paths.get(&(reason as u32), 0)?);
+        out.paths.push((reason.as_str(), p, b));
     }
     Ok(out)
 }
@@ -511,6 +542,21 @@ impl Collector for &'static BpfCollector {
                 rows.iter().map(|(r, _, b)| (ReasonLabel { reason: r }, *b)),
             )?;
         }
+        counter_family(
+            &mut encoder,
+            "datapath_packets",
+            "Pod packets by the path they took: the per-flow fast path (fast_tx, fast_rx) or \
+             the kernel path, and why",
+            None,
+            c.paths.iter().map(|(r, p, _)| (path_labels(r), *p)),
+        )?;
+        counter_family(
+            &mut encoder,
+            "datapath",
+            "Bytes of pod packets by the path they took (see flannel_datapath_packets_total)",
+            Some(&Unit::Bytes),
+            c.paths.iter().map(|(r, _, b)| (path_labels(r), *b)),
+        )?;
         Ok(())
     }
 }
@@ -553,5 +599,26 @@ mod tests {
         );
         // No eBPF datapath: no map series, and no error.
         assert!(!text.contains("flannel_peer_"), "{text}");
+    }
+
+    #[test]
+    fn path_reasons_split_into_path_and_reason() {
+        let labels: Vec<(&str, &str)> = PathReason::ALL
+            .iter()
+            .map(|r| {
+                let l = path_labels(r.as_str());
+                (l.path, l.reason)
+            })
+            .collect();
+        assert_eq!(labels[0], ("fast_tx", ""));
+        assert_eq!(labels[1], ("fast_rx", ""));
+        assert!(labels.contains(&("kernel", "unverified")));
+        assert!(labels.contains(&("kernel", "tcp_control")));
+        assert!(
+            labels[2..]
+                .iter()
+                .all(|(p, r)| *p == "kernel" && !r.is_empty()),
+            "{labels:?}"
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! `/metrics`: a real Prometheus (Debian's package) scrapes a running agent on the eBPF
 //! datapath, and a PromQL query through its HTTP API returns the per-peer byte counter of
-//! a peer that just carried iperf3 traffic, equal to what the pinned map says; `promtool
-//! check metrics` accepts the output; and a scrape of a datapath holding the maximum
-//! number of peers is timed.
+//! a peer that just carried iperf3 traffic, equal to what the pinned map says, and the
+//! fast-path and kernel-path counts equal to the PATHS map's; `promtool check metrics`
+//! accepts the output; and a scrape of a datapath holding the maximum number of peers is
+//! timed.
 
 use std::{
     io::{Read, Write},
@@ -144,6 +145,49 @@ fn prometheus_scrapes_per_peer_bytes_after_iperf3() {
     assert!(
         want >= bytes,
         "the map counted {want} inner bytes towards {peer}, iperf3 received {bytes}"
+    );
+
+    // Where the pod traffic went (the PATHS map, summed at scrape time): iperf3's flow left
+    // the kernel path once verified and went fast; Prometheus holds the map's sums.
+    let paths = || {
+        open_pinned(&pins.layout(1))
+            .expect("open pinned maps")
+            .counters()
+            .expect("counters")
+            .paths
+    };
+    for (path, field) in [
+        ("fast_tx", "packets"),
+        ("fast_tx", "bytes"),
+        ("fast_rx", "packets"),
+    ] {
+        let query = format!(r#"flannel_datapath_{field}_total{{path="{path}"}}"#);
+        let (mut seen, mut want) = (None, 0);
+        let matched = wait_until(Duration::from_secs(20), || {
+            let c = paths()[path];
+            want = if field == "bytes" { c.bytes } else { c.packets };
+            seen = promql(ns, &query);
+            seen.is_some_and(|v| v > 0.0 && v == want as f64)
+        });
+        assert!(matched, "PromQL {query} = {seen:?}, PATHS says {want}");
+    }
+    // The flow's first packets took the kernel path until netfilter had seen both ways.
+    assert!(
+        promql(
+            ns,
+            r#"flannel_datapath_packets_total{path="kernel",reason="unverified"} > 0"#
+        )
+        .is_some(),
+        "no kernel-path packets counted as unverified: {:?}",
+        paths()
+    );
+    assert_eq!(
+        promql(
+            ns,
+            "count(count by (path) (flannel_datapath_packets_total))"
+        ),
+        Some(3.0),
+        "paths other than fast_tx, fast_rx and kernel"
     );
 
     // The agent's own view of the datapath, through Prometheus too.
