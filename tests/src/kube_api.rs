@@ -52,6 +52,8 @@ struct Inner {
     /// it is gone; resuming exactly here misses nothing).
     compacted_below: u64,
     patches: Vec<RecordedPatch>,
+    /// While set, changes are stored but not sent to open watches (missed by them).
+    muted: bool,
     lists: usize,
     watches: usize,
     bookmarks: usize,
@@ -159,6 +161,9 @@ impl Shared {
         object["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
         let line = event_line(kind, object);
         inner.history.push((inner.rv, line.clone()));
+        if inner.muted {
+            return;
+        }
         // No receivers is fine: nobody is watching yet.
         let _ = self.tx.send(Broadcast::Event { rv: inner.rv, line });
     }
@@ -459,6 +464,7 @@ impl KubeApi {
                 history: Vec::new(),
                 compacted_below: 0,
                 patches: Vec::new(),
+                muted: false,
                 lists: 0,
                 watches: 0,
                 bookmarks: 0,
@@ -633,18 +639,20 @@ impl KubeApi {
     }
 
     /// Compacts history and ends every open watch with `410 Gone` (`Expired`), as an API
-    /// server does when etcd compacted past a watcher's resourceVersion. `then` runs
-    /// before the watchers can relist, so its changes are only visible through the relist.
+    /// server does when etcd compacted past a watcher's resourceVersion. The changes `then`
+    /// makes are missed by the open watches and compacted: only a relist shows them.
     pub fn expire_watches(&self, then: impl FnOnce(&Self)) {
         {
             let mut inner = self.lock();
             inner.compacted_below = inner.rv;
             inner.history.clear();
+            inner.muted = true;
         }
         then(self);
         {
-            // Changes made by `then` are compacted too: only a relist shows them.
             let mut inner = self.lock();
+            inner.muted = false;
+            // Changes made by `then` are compacted too: only a relist shows them.
             inner.compacted_below = inner.rv;
             inner.history.clear();
         }

@@ -183,3 +183,26 @@ pub fn wait_for_subnet_env(agents: &[&KubeAgent]) {
             .collect::<String>()
     );
 }
+
+/// The port agents started with [`HEALTHZ`] serve `/readyz` on, on their own loopback.
+pub const HEALTHZ_PORT: u16 = 18081;
+/// Flags for an agent's health server on [`HEALTHZ_PORT`].
+pub const HEALTHZ: [&str; 2] = ["--healthz-ip=127.0.0.1", "--healthz-port=18081"];
+
+/// The agent in `ns`'s answer to `GET /readyz` (status line first), or the error.
+pub fn readyz(ns: &NetNs) -> String {
+    use std::io::{Read, Write};
+    ns.enter(|| {
+        let mut s = std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, HEALTHZ_PORT))?;
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        std::io::Result::Ok(out)
+    })
+    .unwrap_or_else(|e| format!("error: {e}"))
+}
+
+/// Whether the agent in `ns` answers `/readyz` with 200.
+pub fn is_ready(ns: &NetNs) -> bool {
+    readyz(ns).starts_with("HTTP/1.1 200")
+}
