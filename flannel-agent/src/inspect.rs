@@ -135,6 +135,9 @@ pub struct Report {
     pub drops: Vec<ReasonRow>,
     /// Hand-offs to the kernel path by reason (eBPF datapath only).
     pub kernel_handoffs: Vec<ReasonRow>,
+    /// Pod packets by the path they took under the per-flow fast path: `fast_tx`,
+    /// `fast_rx`, or `kernel_<reason>` (eBPF datapath only).
+    pub paths: Vec<ReasonRow>,
     /// Why the datastore could not be read, if it could not.
     pub datastore_error: Option<String>,
 }
@@ -228,7 +231,7 @@ pub fn build(subnet_file: &Path, pin_root: &Path, leases: Result<Vec<Lease>, Str
             },
         );
     }
-    let (mut drops, mut kernel_handoffs) = (Vec::new(), Vec::new());
+    let (mut drops, mut kernel_handoffs, mut paths) = (Vec::new(), Vec::new(), Vec::new());
     if let Some(m) = maps {
         for (subnet, route, counters) in m.routes {
             let row = peers.entry(subnet).or_insert_with(|| PeerRow {
@@ -248,6 +251,7 @@ pub fn build(subnet_file: &Path, pin_root: &Path, leases: Result<Vec<Lease>, Str
         }
         drops = m.drops;
         kernel_handoffs = m.passes;
+        paths = m.paths;
     }
     Report {
         lease,
@@ -255,6 +259,7 @@ pub fn build(subnet_file: &Path, pin_root: &Path, leases: Result<Vec<Lease>, Str
         peers: peers.into_values().collect(),
         drops,
         kernel_handoffs,
+        paths,
         datastore_error,
     }
 }
@@ -264,6 +269,7 @@ struct MapState {
     routes: Vec<(Ipv4Network, flannel_common::Route, Option<PeerCounters>)>,
     drops: Vec<ReasonRow>,
     passes: Vec<ReasonRow>,
+    paths: Vec<ReasonRow>,
 }
 
 fn datapath_state(layout: &PinLayout, pin_root: &Path) -> (DatapathReport, Option<MapState>) {
@@ -371,6 +377,7 @@ fn read_state(dp: &Datapath) -> Result<MapState, aya::maps::MapError> {
         routes,
         drops: rows(counters.drops),
         passes: rows(counters.passes),
+        paths: rows(counters.paths),
     })
 }
 
@@ -468,9 +475,10 @@ pub fn render(r: &Report) -> String {
         ],
         &rows,
     );
-    for (title, rows) in [
-        ("Drops", &r.drops),
-        ("Handed to the kernel", &r.kernel_handoffs),
+    for (title, first, rows) in [
+        ("Drops", "REASON", &r.drops),
+        ("Handed to the kernel", "REASON", &r.kernel_handoffs),
+        ("Pod packets by path", "PATH", &r.paths),
     ] {
         if rows.is_empty() {
             continue;
@@ -486,7 +494,7 @@ pub fn render(r: &Report) -> String {
                 ]
             })
             .collect();
-        table(&mut out, &["REASON", "PACKETS", "BYTES"], &rows);
+        table(&mut out, &[first, "PACKETS", "BYTES"], &rows);
     }
     out
 }

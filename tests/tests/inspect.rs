@@ -1,6 +1,6 @@
 //! `flanneld inspect` on a real two-host eBPF cluster: the JSON report's peers, VTEP MACs
-//! and counters equal what bpftool reads from the pinned maps, the table shows the same,
-//! and it keeps working after the agent stopped.
+//! and counters, and its fast-path counts, equal what bpftool reads from the pinned maps,
+//! the table shows the same, and it keeps working after the agent stopped.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, process::Command};
 
@@ -89,6 +89,22 @@ fn peers_per_bpftool(pins: &BpfPins, host: u8) -> BTreeMap<Ipv4Addr, (String, [u
     out
 }
 
+/// bpftool's PATHS, summed over CPUs: index → (packets, bytes).
+fn paths_per_bpftool(pins: &BpfPins, host: u8) -> BTreeMap<u64, (u64, u64)> {
+    let dump = bpftool(&pins.layout(host).map("PATHS"));
+    let mut out = BTreeMap::new();
+    for e in dump.as_array().expect("paths") {
+        let index = e["formatted"]["key"].as_u64().expect("index");
+        let mut sum = (0, 0);
+        for cpu in e["formatted"]["values"].as_array().expect("per-CPU") {
+            sum.0 += cpu["value"]["packets"].as_u64().expect("packets");
+            sum.1 += cpu["value"]["bytes"].as_u64().expect("bytes");
+        }
+        out.insert(index, sum);
+    }
+    out
+}
+
 #[test]
 fn inspect_matches_the_maps_while_running_and_after_stop() {
     if !require_root() {
@@ -134,6 +150,23 @@ fn inspect_matches_the_maps_while_running_and_after_stop() {
             .map(|d| d["reason"].as_str().unwrap())
             .collect();
         assert!(reasons.contains(&"unknown_peer"), "{json}");
+        // Fast vs kernel path: the pod traffic has stopped, so the fast-path rows are stable
+        // and equal bpftool's (indices as in flannel_common::PathReason).
+        let paths = paths_per_bpftool(&pins, 1);
+        for (index, name) in [(0, "fast_tx"), (1, "fast_rx")] {
+            let row = json["paths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["reason"] == name)
+                .unwrap_or_else(|| panic!("no {name} in {json}"));
+            let got = (
+                row["packets"].as_u64().unwrap(),
+                row["bytes"].as_u64().unwrap(),
+            );
+            assert_eq!(got, paths[&index], "{name}: {json}");
+            assert!(got.0 > 0, "iperf3's flow never went fast: {json}");
+        }
 
         let table = inspect(&c.nodes[0], &[]);
         assert!(
@@ -151,6 +184,16 @@ fn inspect_matches_the_maps_while_running_and_after_stop() {
             "{table}"
         );
         assert_eq!(cells[5], counters[1].to_string(), "{table}");
+        let fast_tx = table
+            .lines()
+            .skip_while(|l| *l != "Pod packets by path:")
+            .find(|l| l.starts_with("fast_tx "))
+            .unwrap_or_else(|| panic!("no fast_tx row in\n{table}"));
+        assert_eq!(
+            fast_tx.split_whitespace().nth(1),
+            Some(paths[&0].0.to_string().as_str()),
+            "{table}"
+        );
         eprintln!("{table}");
 
         if running {
