@@ -1,6 +1,9 @@
 //! `flanneld cleanup` leaves a host exactly as it was before flanneld first ran: full
-//! link/address/route/neighbour/FDB, nftables, iptables and bpffs state compared before the
-//! agent started and after cleanup; a second cleanup finds nothing and succeeds.
+//! link/address/route/neighbour/FDB, nftables, iptables, BPF attachment (`bpftool net`)
+//! and bpffs state compared before the agent started and after cleanup, with look-alikes
+//! of flanneld's state that are not its own in place (a VXLAN device, a static route, an
+//! nftables table, an iptables chain), which must survive; a second cleanup finds nothing
+//! and succeeds.
 
 use std::{path::Path, time::Duration};
 
@@ -12,12 +15,15 @@ use flannel_e2e::{
 
 /// Everything flanneld could touch in `ns`, plus the pins under `pin_root`. IPv4
 /// addresses only: the kernel's IPv6 link-local address flips "tentative" during DAD.
-/// iptables-save without its timestamped comments.
+/// iptables-save without its timestamped comments, nftables without counters (packets the
+/// host sends meanwhile count on the look-alike rules). `bpftool net` catches XDP and tc
+/// (clsact) programs left on a device; Debian 12's bpftool 7.1 does not list tcx
+/// attachments, but flanneld's tcx links are pinned, so the pins stand for them.
 fn snapshot(ns: &NetNs, pin_root: &Path) -> String {
     let mut s = ns.sh(
         "ip -d link show; ip -d -4 addr show; ip -d route show table all; \
          ip -d -6 route show table all; ip neigh show; bridge fdb show; \
-         nft list ruleset; iptables-save | grep -v '^#' || true",
+         nft -s list ruleset; iptables-save | grep -v '^#' || true; bpftool net show",
     );
     let pins = std::process::Command::new("find")
         .arg(pin_root)
@@ -58,6 +64,15 @@ fn check(conf: &str, extra: &[&str]) {
         a.extend(extra.iter().map(|s| (*s).to_owned()));
         a
     });
+    // Someone else's state, shaped like flanneld's: cleanup must not touch it.
+    c.nodes[0].host.ns.sh(
+        "ip link add vxlan-other type vxlan id 42 dstport 4789 dev eth0 && \
+         ip link set vxlan-other up && \
+         ip route add 198.19.200.0/24 dev eth0 proto static && \
+         nft add table ip other-ipv4 && \
+         nft add chain ip other-ipv4 post '{ type nat hook postrouting priority 100; }' && \
+         iptables -t nat -N OTHER-POSTRTG && iptables -t nat -A POSTROUTING -j OTHER-POSTRTG",
+    );
     // The kernel adds IPv6 link-local routes when DAD ends: let it end first.
     let settled = wait_until(Duration::from_secs(10), || {
         c.nodes[0]
