@@ -679,7 +679,7 @@ async fn watch_peers<M: SubnetManager>(
                     restore_pending |= !follow_uplink(mgr, backend, &peers, &mut uplink, &mut own, now).await;
                 }
                 if restore_pending {
-                    restore_pending = !restore_own_lease(mgr, &own).await;
+                    restore_pending = !restore_own_lease(mgr, &mut own).await;
                 }
                 if let Err(error) = resync(backend, &peers, blackhole.as_ref(), stats).await {
                     warn!(%error, retry_in = ?REPAIR_DELAY, "resync failed");
@@ -694,7 +694,7 @@ async fn watch_peers<M: SubnetManager>(
         if let Some(what) = own_lease_tampering(&event, &own) {
             error!(subnet = %own.subnet, public_ip = %own.attrs.public_ip,
                    "own lease was {what}; every host would route this subnet elsewhere; restoring it");
-            restore_pending = !restore_own_lease(mgr, &own).await;
+            restore_pending = !restore_own_lease(mgr, &mut own).await;
             if restore_pending {
                 schedule(&mut resync_at, REPAIR_DELAY);
             }
@@ -760,14 +760,10 @@ async fn follow_uplink<M: SubnetManager>(
         own.attrs.public_ipv6 = now.public_ipv6;
     }
     uplink.ext = now;
-    uplink.own_tx.send_replace(own.clone());
-    metrics::get().set_lease(
-        own.subnet,
-        own.ipv6_subnet.map(|s| s.to_string()),
-        own.attrs.public_ip,
-    );
-    match mgr.restore_lease(own).await {
-        Ok(()) => {
+    let published = match mgr.restore_lease(own).await {
+        Ok(published) => {
+            // As peers read it (a kube node's public-ip-overwrite still applies).
+            *own = published;
             info!(subnet = %own.subnet, public_ip = %own.attrs.public_ip, took = ?started.elapsed(),
                   "lease now names the new address");
             true
@@ -776,7 +772,14 @@ async fn follow_uplink<M: SubnetManager>(
             warn!(subnet = %own.subnet, %error, retry_in = ?REPAIR_DELAY, "publishing the new address failed");
             false
         }
-    }
+    };
+    uplink.own_tx.send_replace(own.clone());
+    metrics::get().set_lease(
+        own.subnet,
+        own.ipv6_subnet.map(|s| s.to_string()),
+        own.attrs.public_ip,
+    );
+    published
 }
 
 /// How `event` shows this host's own lease changed by someone else, if it does: deleted
@@ -811,10 +814,12 @@ fn truncated(s: &str, max: usize) -> String {
     }
 }
 
-/// Put our lease back in the store; whether it worked (a failure is retried on resync).
-async fn restore_own_lease<M: SubnetManager>(mgr: &M, own: &Lease) -> bool {
+/// Put our lease back in the store (`own` becomes the lease as published); whether it
+/// worked (a failure is retried on resync).
+async fn restore_own_lease<M: SubnetManager>(mgr: &M, own: &mut Lease) -> bool {
     match mgr.restore_lease(own).await {
-        Ok(()) => {
+        Ok(published) => {
+            *own = published;
             repair::record(
                 RepairKind::Lease,
                 format!(

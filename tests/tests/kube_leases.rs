@@ -231,8 +231,10 @@ async fn annotations_have_upstream_names_and_values_via_status_patch() {
         .acquire_lease(&attrs([198, 18, 0, 1], "0a:00:00:00:00:01"))
         .await
         .unwrap();
-    // The local lease keeps the detected address; peers are told the overwrite.
-    assert_eq!(lease.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 1));
+    // Peers are told the overwrite, and the lease says what they are told: the agent's
+    // own-lease watch compares it with the node (the detected address would read as a
+    // hijack).
+    assert_eq!(lease.attrs.public_ip, Ipv4Addr::new(198, 19, 0, 77));
     let ann = f.api.annotations("node-a");
     assert_eq!(ann[&format!("{P}kube-subnet-manager")], "true");
     assert_eq!(ann[&format!("{P}backend-type")], "vxlan");

@@ -166,6 +166,12 @@ fn peer_sending_from_its_internal_ip(dataplane: &str, extra: &[&str]) {
         "{}",
         h1.ns.sh("nft list set inet flannel-vxlan-guard peers")
     );
+    // h2 reads its own node back with the overwrite it was told to publish: no hijack.
+    assert!(
+        !a2.log().contains("own lease was"),
+        "h2 took its public-ip-overwrite for a hijack\n{}",
+        a2.log()
+    );
     drop((a1, a2));
 }
 

@@ -743,8 +743,9 @@ impl SubnetManager for EtcdSubnetManager {
         Ok(self.complete(lease, cancel).await?)
     }
 
-    async fn restore_lease(&self, lease: &Lease) -> super::Result<()> {
-        Ok(self.restore(lease).await?)
+    async fn restore_lease(&self, lease: &Lease) -> super::Result<Lease> {
+        self.restore(lease).await?;
+        Ok(lease.clone())
     }
 
     async fn previous_lease(&self, public_ip: std::net::Ipv4Addr) -> super::Result<Option<Lease>> {

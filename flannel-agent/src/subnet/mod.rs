@@ -79,7 +79,9 @@ pub trait SubnetManager: Send + Sync {
     ) -> impl Future<Output = Result<Option<Lease>>> + Send;
 
     /// Publish this host's `lease` again exactly as acquired, after someone overwrote or
-    /// deleted it in the store. The subnet stays this host's: its pods hold addresses in
-    /// it, and every peer must keep routing it here.
-    fn restore_lease(&self, lease: &Lease) -> impl Future<Output = Result<()>> + Send;
+    /// deleted it in the store (or with a new address, after the uplink's changed). The
+    /// subnet stays this host's: its pods hold addresses in it, and every peer must keep
+    /// routing it here. Returns the lease as published (kube: with the node's
+    /// `public-ip-overwrite` applied), which the own-lease watch compares with.
+    fn restore_lease(&self, lease: &Lease) -> impl Future<Output = Result<Lease>> + Send;
 }

@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 pub use self::client::{ClientOptions, client_from_options, node_name_from_env};
 use self::{
     annotations::{AnnotationNames, PrefixError},
-    node::{Families, NodeError, annotations_to_patch, node_to_lease, pod_cidrs},
+    node::{Families, NodeError, annotations_to_patch, node_to_lease, pod_cidrs, published_attrs},
 };
 use crate::{
     lease::{Lease, LeaseAttrs, LeaseEvent, LeaseRules},
@@ -476,11 +476,13 @@ impl KubeSubnetManager {
             })
             .await?;
         let (subnet, ipv6_subnet) = self.own_subnets(&node)?;
+        // The lease as peers will read it (overwrites applied): what the agent later
+        // compares its own node with.
         let lease = Lease {
             subnet,
             ipv6_subnet,
             extra_senders: Vec::new(),
-            attrs: attrs.clone(),
+            attrs: published_attrs(&node, &self.names, self.families, attrs),
         };
         let patch = annotations_to_patch(&node, &self.names, self.families, attrs);
         if patch.is_empty() {
@@ -558,7 +560,7 @@ impl SubnetManager for KubeSubnetManager {
         Ok(node.and_then(|n| node_to_lease(&n, &self.names, self.families).ok()))
     }
 
-    async fn restore_lease(&self, lease: &Lease) -> super::Result<()> {
+    async fn restore_lease(&self, lease: &Lease) -> super::Result<Lease> {
         // The subnet is the node's pod CIDR, so publishing the attributes again is the
         // whole restore; a changed pod CIDR is not ours to undo.
         let now = self.acquire(&lease.attrs).await?;
@@ -568,6 +570,6 @@ impl SubnetManager for KubeSubnetManager {
                 self.node_name, now.subnet, lease.subnet
             )));
         }
-        Ok(())
+        Ok(now)
     }
 }

@@ -279,6 +279,28 @@ pub fn overwrite_ip(node: &Node, key: &str, want_v4: bool) -> Result<Option<IpAd
         .map_err(on_node(node))
 }
 
+/// What our node publishes for `attrs`, as peers (and our own lease watch) read it back:
+/// the `public-ip(v6)-overwrite` annotations replace the detected addresses. Invalid
+/// overwrites are ignored here (and warned about by [`annotations_to_patch`]).
+pub fn published_attrs(
+    node: &Node,
+    names: &AnnotationNames,
+    families: Families,
+    attrs: &LeaseAttrs,
+) -> LeaseAttrs {
+    let mut published = attrs.clone();
+    if let Ok(Some(IpAddr::V4(ip))) = overwrite_ip(node, &names.backend_public_ip_overwrite, true) {
+        published.public_ip = ip;
+    }
+    if families.ipv6
+        && let Ok(Some(IpAddr::V6(ip))) =
+            overwrite_ip(node, &names.backend_public_ipv6_overwrite, false)
+    {
+        published.public_ipv6 = Some(ip);
+    }
+    published
+}
+
 /// The annotations our own node must carry to publish `attrs`, minus those it already has
 /// with the right value: an empty map means no patch is needed.
 ///
@@ -575,6 +597,13 @@ mod tests {
         let patch = annotations_to_patch(&n, &names(), V4, &attrs());
         assert_eq!(patch.len(), 1);
         assert_eq!(patch["flannel.alpha.coreos.com/public-ip"], "198.19.7.7");
+        // What the node then says is what our lease is: the own-lease watch compares the
+        // two, and must not see a hijack in the overwrite.
+        let published = published_attrs(&n, &names(), V4, &attrs());
+        assert_eq!(published.public_ip, Ipv4Addr::new(198, 19, 7, 7));
+        n.metadata.annotations.as_mut().unwrap().extend(patch);
+        n.spec.as_mut().unwrap().pod_cidrs = Some(vec!["10.244.9.0/24".into()]);
+        assert_eq!(node_to_lease(&n, &names(), V4).unwrap().attrs, published);
     }
 
     #[test]
