@@ -167,6 +167,79 @@ fn hostgw_routes_pods_and_reconciles_only_its_routes() {
     );
 }
 
+/// Lease events cost their own route requests, never a table read: 200 peers in one
+/// reconcile (two dumps: compare, then sweep), then an add, a move to another gateway and
+/// removals (a recorded one, one never programmed, one already deleted by hand) with no
+/// dump at all, and exactly the expected routes left.
+#[test]
+fn hostgw_events_do_not_read_the_table() {
+    if !require_root() {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let host = underlay.add_host(1);
+    let ext = ext_for(&host.ns, host.ip);
+    // Peers anywhere on the /15 underlay are on-link, whether or not a host answers.
+    let peer = |i: u16| {
+        let mut l = lease(0, Ipv4Addr::new(198, 18, 2, 0), "host-gw");
+        let [hi, lo] = i.to_be_bytes();
+        l.subnet = Ipv4Network::new(Ipv4Addr::new(10, 244, lo, 0), 24).unwrap();
+        l.attrs.public_ip = Ipv4Addr::new(198, 18, 2 + hi, lo);
+        l
+    };
+    let own = peer(1);
+    let ns_path = host.ns.path();
+    host.ns.block_on(move || async move {
+        let mut b = HostGw::new(ext).await.expect("HostGw::new");
+        b.prepare().await.expect("prepare");
+        b.register(&own).await.expect("register");
+        let peers: Vec<Lease> = (2..=201).map(peer).collect();
+        let before = b.netlink().dump_count();
+        b.reconcile(&peers).await.expect("reconcile");
+        assert_eq!(b.programmed_peers(), 200);
+        assert_eq!(
+            b.netlink().dump_count() - before,
+            2,
+            "two dumps per reconcile"
+        );
+
+        let dumps = b.netlink().dump_count();
+        b.add_peer(&peer(202)).await.expect("add");
+        let mut moved = peer(3);
+        moved.attrs.public_ip = Ipv4Addr::new(198, 18, 3, 3);
+        b.add_peer(&moved).await.expect("new gateway");
+        b.remove_peer(&peer(4)).await.expect("remove");
+        b.remove_peer(&peer(250)).await.expect("remove unknown");
+        let st = std::process::Command::new("nsenter")
+            .args([format!("--net={ns_path}").as_str(), "--"])
+            .args(["ip", "route", "del", "10.244.5.0/24"])
+            .status()
+            .expect("spawn ip route del");
+        assert!(st.success(), "ip route del failed");
+        b.remove_peer(&peer(5)).await.expect("remove already gone");
+        assert_eq!(
+            b.netlink().dump_count(),
+            dumps,
+            "a peer event dumped the routing table"
+        );
+        assert_eq!(b.programmed_peers(), 199);
+    });
+    let routes = host.ns.sh("ip route show proto 84");
+    assert_eq!(routes.lines().count(), 199, "{routes}");
+    assert!(
+        routes.contains("10.244.3.0/24 via 198.18.3.3 dev eth0"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("10.244.202.0/24 via 198.18.2.202 dev eth0"),
+        "{routes}"
+    );
+    assert!(
+        !routes.contains("10.244.4.0/24") && !routes.contains("10.244.5.0/24"),
+        "{routes}"
+    );
+}
+
 #[test]
 fn hostgw_refuses_nat() {
     if !require_root() {

@@ -6,12 +6,16 @@
 //!
 //! Routes carry [`RTPROT_FLANNEL`]; reconcile removes such routes whose subnet is no longer
 //! a peer and touches no other route. Nothing is removed on exit.
+//!
+//! The routing table is read at start and on resync only: the backend keeps a record of
+//! the routes it programmed, so a lease event costs its own route requests (one replace
+//! or one delete per family), however many peers there are.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use ipnetwork::{Ipv4Network, Ipv6Network};
-use netlink_packet_route::route::{RouteMessage, RouteType};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use netlink_packet_route::route::{RouteAttribute, RouteMessage, RouteType};
 use tracing::{debug, info, warn};
 
 use super::{Backend, ExternalInterface, Result};
@@ -60,6 +64,10 @@ pub struct HostGw {
     ext: ExternalInterface,
     own: Option<Ipv4Network>,
     own6: Option<Ipv6Network>,
+    /// The route programmed per peer subnet (both families), as written: set from the
+    /// table by every reconcile/resync, kept by each event, so a removal deletes exactly
+    /// that route without dumping the table.
+    programmed: HashMap<IpNetwork, RouteMessage>,
 }
 
 impl HostGw {
@@ -95,7 +103,18 @@ impl HostGw {
             ext,
             own: None,
             own6: None,
+            programmed: HashMap::new(),
         })
+    }
+
+    /// The netlink connection (its dump counter shows what a call read).
+    pub fn netlink(&self) -> &Netlink {
+        &self.nl
+    }
+
+    /// Peer routes this backend has programmed (both families).
+    pub fn programmed_peers(&self) -> usize {
+        self.programmed.len()
     }
 
     /// The route a peer lease's half of family `N` needs, with its subnet; `None` (logged)
@@ -143,15 +162,15 @@ impl HostGw {
     }
 
     /// Both families' routes for a peer.
-    async fn routes_for(&self, lease: &Lease) -> Result<Vec<(String, RouteMessage)>, Error> {
+    async fn routes_for(&self, lease: &Lease) -> Result<Vec<(IpNetwork, RouteMessage)>, Error> {
         let mut out = Vec::new();
         if let Some((s, r)) = self.route_for(lease, self.own).await? {
-            out.push((s.to_string(), r));
+            out.push((s.into(), r));
         }
         if self.ext.iface_addr6.is_some()
             && let Some((s, r)) = self.route_for(lease, self.own6).await?
         {
-            out.push((s.to_string(), r));
+            out.push((s.into(), r));
         }
         Ok(out)
     }
@@ -170,11 +189,25 @@ impl HostGw {
             && u8::from(a.header.protocol) == u8::from(b.header.protocol)
     }
 
-    async fn remove_subnet<N: NlFamily>(&self, subnet: N) -> Result<(), Error> {
-        for r in self.nl.routes::<N>().await? {
-            if Self::is_ours(&r) && netlink::route_dst::<N>(&r) == Some(subnet) {
-                self.nl.route_del(netlink::route_del_from(&r)).await?;
+    /// Remove our route for `subnet`: the recorded one, or (for a subnet the record does
+    /// not know, e.g. a failed reconcile) the one a delete by destination, our protocol,
+    /// type unicast and the uplink matches — the kernel compares the protocol, so no
+    /// route of anyone else (nor the blackhole of our own subnet) can match. One request,
+    /// no table read; "not there" is success.
+    async fn remove_subnet<N: NlFamily + Into<IpNetwork>>(
+        &mut self,
+        subnet: N,
+    ) -> Result<(), Error> {
+        let del = match self.programmed.remove(&subnet.into()) {
+            Some(r) => netlink::route_del_from(&r),
+            None => {
+                let mut r = netlink::route_base(subnet);
+                r.attributes.push(RouteAttribute::Oif(self.ext.index));
+                r
             }
+        };
+        if !self.nl.route_del(del).await? {
+            debug!(%subnet, "peer route was already gone");
         }
         Ok(())
     }
@@ -197,7 +230,11 @@ impl Backend for HostGw {
     async fn add_peer(&mut self, peer: &Lease) -> Result<()> {
         for (subnet, route) in self.routes_for(peer).await? {
             // Replace overwrites a same-destination route of ours with another gateway.
-            self.nl.route_replace(route).await.map_err(Error::from)?;
+            self.nl
+                .route_replace(route.clone())
+                .await
+                .map_err(Error::from)?;
+            self.programmed.insert(subnet, route);
             info!(%subnet, "peer route programmed");
         }
         Ok(())
@@ -255,13 +292,16 @@ impl HostGw {
         Ok(written)
     }
 
-    async fn check_family<N: NlFamily + LeaseFamily>(
-        &self,
+    async fn check_family<N: NlFamily + LeaseFamily + Into<IpNetwork>>(
+        &mut self,
         peers: &[Lease],
         own: Option<N>,
     ) -> Result<Vec<String>> {
         let mut written = Vec::new();
         let mut desired = BTreeMap::new();
+        // Until this check completes, this family's record is unknown; removals fall back
+        // to a delete by destination meanwhile.
+        self.programmed.retain(|k, _| N::of_ip(k.ip()).is_none());
         let mut failed = None;
         for lease in peers {
             match self.route_for::<N>(lease, own).await {
@@ -305,6 +345,8 @@ impl HostGw {
                 .await
                 .map_err(Error::from)?;
         }
+        self.programmed
+            .extend(desired.into_iter().map(|(subnet, r)| (subnet.into(), r)));
         failed.map_or(Ok(written), |e| Err(e.into()))
     }
 }
