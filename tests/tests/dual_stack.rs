@@ -8,12 +8,13 @@
 //! `cargo test -p flannel-e2e --test dual_stack`.
 
 use std::{
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr, UdpSocket},
     time::Duration,
 };
 
 use flannel_e2e::{
     cluster::{BpfPins, Cluster, PREFIX, SubnetEnv},
+    craft,
     netns::{NetNs, host_ip6, wait_until},
     require_root,
 };
@@ -299,4 +300,114 @@ fn dual_stack_ip_masq_rewrites_ipv6_leaving_the_cluster() {
         );
         drop(outside);
     }
+}
+
+/// VXLAN over IPv6 from a stranger: `flannel-v6.1` has no program in front of it, so on an
+/// eBPF host (check on by default) the nftables guard drops it unless it comes from a
+/// peer's `PublicIPv6`; a kernel host with upstream's default takes it (which shows the
+/// probe arrives). The inner frame is IPv4 to the host's pod, which the kernel device
+/// forwards like any decapsulated packet.
+#[test]
+fn stranger_vxlan_over_ipv6_is_dropped_by_the_guard_and_a_peers_arrives() {
+    if !require_root() {
+        return;
+    }
+    let pins = BpfPins::new("ds-guard", 1);
+    let (mut c, _envs) = start(2, &dual_conf(r#"{"Type":"vxlan"}"#), |i| {
+        if i == 1 {
+            vec!["--dataplane=ebpf".into(), pins.arg(1)]
+        } else {
+            vec!["--dataplane=kernel".into()]
+        }
+    });
+    c.assert_all_pods_reach_each_other_v6();
+    let stranger6 = Ipv6Addr::new(0xfd00, 0x198, 0, 0, 0, 0, 0, 0x66);
+    let stranger = c
+        .underlay
+        .attach("x6", std::net::Ipv4Addr::new(198, 18, 1, 66), 1500);
+    stranger.sh(&format!("ip -6 addr add {stranger6}/64 dev eth0 nodad"));
+    const PORT: u16 = 7777;
+    let pods: Vec<std::net::Ipv4Addr> = c.nodes.iter().map(|n| n.host.pods[0].ip).collect();
+    let socks: Vec<UdpSocket> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            let ip = n.host.pods[0].ip;
+            n.host.pods[0]
+                .ns
+                .enter(move || UdpSocket::bind((ip, PORT)))
+                .expect("bind in pod")
+        })
+        .collect();
+    // The guard on host 1 lists host 2's IPv6 address.
+    let set6 = |c: &Cluster| {
+        c.nodes[0]
+            .host
+            .ns
+            .sh("nft -j list set inet flannel-vxlan-guard peers6")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || set6(&c)
+            .contains(&host_ip6(2).to_string())),
+        "{}",
+        set6(&c)
+    );
+    let send = |from: &NetNs, src6: Ipv6Addr, to: usize, tag: &str| {
+        let inner = craft::Inner {
+            dst_mac: mac_bytes(&mac_of(&c.nodes[to].host.ns, "flannel-v6.1")),
+            src_mac: [0x02, 0, 0, 0, 0x66, 0x66],
+            src: pods[1 - to],
+            dst: pods[to],
+            port: PORT,
+            payload: tag.as_bytes().to_vec(),
+        };
+        // The VXLAN payload of the datagram (its UDP header is the socket's).
+        let datagram = craft::vxlan_datagram(1, 8472, &inner);
+        let dst = host_ip6(u8::try_from(to + 1).unwrap());
+        from.enter({
+            let payload = datagram[8..].to_vec();
+            move || {
+                let s = UdpSocket::bind((src6, 0))?;
+                s.send_to(&payload, (dst, 8472)).map(drop)
+            }
+        })
+        .expect("send VXLAN over IPv6");
+    };
+    for to in 0..2 {
+        send(&stranger, stranger6, to, "stranger");
+    }
+    send(&c.nodes[1].host.ns, host_ip6(2), 0, "peer");
+    let got: Vec<Vec<String>> = socks
+        .iter()
+        .map(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(1500)))
+                .unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            while let Ok(n) = s.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            got
+        })
+        .collect();
+    eprintln!("arrived over IPv6 VXLAN: {got:?}");
+    assert_eq!(
+        got[0],
+        vec!["peer".to_owned()],
+        "eBPF host: only the peer's\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        got[1],
+        vec!["stranger".to_owned()],
+        "upstream-default host takes anyone's"
+    );
+}
+
+fn mac_bytes(mac: &str) -> [u8; 6] {
+    let v: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+    v.try_into().expect("6 bytes")
 }

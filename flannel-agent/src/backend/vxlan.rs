@@ -240,6 +240,17 @@ pub fn sender_addresses(lease: &Lease) -> Vec<Ipv4Addr> {
     lease.senders()
 }
 
+/// What the nftables guard lets send VXLAN: [`sender_addresses`] over IPv4 and the
+/// peer's `PublicIPv6` over IPv6 (the guard keeps the IPv6 ones only when this host has
+/// `flannel-v6.<VNI>`).
+fn guarded_senders(lease: &Lease) -> Vec<IpAddr> {
+    sender_addresses(lease)
+        .into_iter()
+        .map(IpAddr::from)
+        .chain(lease.attrs.public_ipv6.map(IpAddr::from))
+        .collect()
+}
+
 /// Netlink requests in flight at once while reconciling (pipelined on one socket; the
 /// bound keeps the socket's receive buffer from overflowing with acknowledgements).
 const NETLINK_BATCH: usize = 64;
@@ -1130,8 +1141,8 @@ impl<N: VxlanFamily> VxlanDevice<N> {
 pub struct KernelVxlan {
     v4: VxlanDevice<Ipv4Network>,
     v6: Option<VxlanDevice<Ipv6Network>>,
-    /// The nftables peer guard, when VXLAN is accepted only from known peers (IPv4
-    /// senders only so far).
+    /// The nftables peer guard, when VXLAN is accepted only from known peers (over IPv6
+    /// too when `flannel-v6.<VNI>` exists).
     guard: Option<PeerGuard>,
 }
 
@@ -1164,7 +1175,7 @@ impl KernelVxlan {
     /// Accept VXLAN only from known peers on the kernel path too: keep the nftables guard
     /// ([`crate::net::vxlan_guard`]) equal to the peer set from now on.
     pub fn enable_peer_guard(&mut self) {
-        self.guard = Some(PeerGuard::new(self.v4.config.port));
+        self.guard = Some(PeerGuard::new(self.v4.config.port, self.v6.is_some()));
     }
 
     /// Index of `flannel.<VNI>`.
@@ -1232,7 +1243,7 @@ impl KernelVxlan {
             let senders = peers
                 .iter()
                 .filter(|l| Some(l.subnet) != own && parse_peer::<Ipv4Network>(l).is_ok())
-                .map(|l| (l.subnet, sender_addresses(l)));
+                .map(|l| (l.subnet, guarded_senders(l)));
             guard.replace_all(senders).await.map_err(Error::from)?;
         }
         let mut fixes = self.v4.check(peers).await;
@@ -1290,7 +1301,7 @@ impl Backend for KernelVxlan {
             && matches!(parse_peer::<Ipv4Network>(peer), Ok(Some(_)))
         {
             guard
-                .set_peer(peer.subnet, sender_addresses(peer))
+                .set_peer(peer.subnet, guarded_senders(peer))
                 .await
                 .map_err(Error::from)?;
         }

@@ -6,15 +6,18 @@
 //! (programs detached or not yet attached, the agent stopped), and the input hook runs
 //! after IP reassembly, so it judges a fragmented datagram as a whole. On by default on the
 //! eBPF datapath, off on `--dataplane=kernel` (upstream accepts anyone) unless
-//! `--vxlan-peer-check=true`.
+//! `--vxlan-peer-check=true`. With IPv6 (`flannel-v6.<VNI>`, which no program guards) the
+//! same holds for VXLAN over IPv6, from the peers' `PublicIPv6`.
 //!
 //! ```text
 //! table inet flannel-vxlan-guard {
 //!     counter dropped { … }
 //!     set peers { type ipv4_addr; elements = { <every peer's sending addresses> } }
+//!     set peers6 { type ipv6_addr; elements = { <their IPv6 addresses> } }   # IPv6 only
 //!     chain input {
 //!         type filter hook input priority filter; policy accept;
 //!         udp dport 8472 ip saddr != @peers counter name "dropped" drop
+//!         udp dport 8472 ip6 saddr != @peers6 counter name "dropped" drop    # IPv6 only
 //!     }
 //! }
 //! ```
@@ -25,7 +28,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use ipnetwork::Ipv4Network;
@@ -40,19 +43,23 @@ pub const TABLE: &str = "flannel-vxlan-guard";
 #[derive(Debug)]
 pub struct PeerGuard {
     port: u16,
+    /// Whether VXLAN over IPv6 is guarded too (the host has `flannel-v6.<VNI>`).
+    ipv6: bool,
     /// Sending addresses per peer subnet (a delete event names only the subnet).
-    senders: BTreeMap<Ipv4Network, BTreeSet<Ipv4Addr>>,
+    senders: BTreeMap<Ipv4Network, BTreeSet<IpAddr>>,
     /// What the kernel holds, as far as we know; `None` forces the next write.
-    applied: Option<BTreeSet<Ipv4Addr>>,
+    applied: Option<BTreeSet<IpAddr>>,
     /// No `nft` binary: warned once, nothing to maintain.
     unavailable: bool,
 }
 
 impl PeerGuard {
-    /// A guard for VXLAN on `port`; nothing is written until the first peer update.
-    pub fn new(port: u16) -> Self {
+    /// A guard for VXLAN on `port` (over IPv6 as well with `ipv6`); nothing is written
+    /// until the first peer update.
+    pub fn new(port: u16, ipv6: bool) -> Self {
         Self {
             port,
+            ipv6,
             senders: BTreeMap::new(),
             applied: None,
             unavailable: false,
@@ -63,7 +70,7 @@ impl PeerGuard {
     pub async fn set_peer(
         &mut self,
         subnet: Ipv4Network,
-        addrs: impl IntoIterator<Item = Ipv4Addr>,
+        addrs: impl IntoIterator<Item = IpAddr>,
     ) -> masq::Result<()> {
         self.senders.insert(subnet, addrs.into_iter().collect());
         self.apply().await
@@ -79,7 +86,7 @@ impl PeerGuard {
     /// flushed ruleset comes back with the next reconcile.
     pub async fn replace_all(
         &mut self,
-        peers: impl IntoIterator<Item = (Ipv4Network, Vec<Ipv4Addr>)>,
+        peers: impl IntoIterator<Item = (Ipv4Network, Vec<IpAddr>)>,
     ) -> masq::Result<()> {
         self.senders = peers
             .into_iter()
@@ -89,9 +96,14 @@ impl PeerGuard {
         self.apply().await
     }
 
-    /// Every address allowed to send.
-    pub fn allowed(&self) -> BTreeSet<Ipv4Addr> {
-        self.senders.values().flatten().copied().collect()
+    /// Every address allowed to send (IPv6 ones only when IPv6 is guarded).
+    pub fn allowed(&self) -> BTreeSet<IpAddr> {
+        self.senders
+            .values()
+            .flatten()
+            .filter(|a| self.ipv6 || a.is_ipv4())
+            .copied()
+            .collect()
     }
 
     async fn apply(&mut self) -> masq::Result<()> {
@@ -111,10 +123,10 @@ impl PeerGuard {
             .map(|applied| delta_script(applied, &want));
         let mut result = match &delta {
             Some(d) => masq::nft(d).await,
-            None => masq::nft(&script(self.port, &want)).await,
+            None => masq::nft(&script(self.port, self.ipv6, &want)).await,
         };
         if delta.is_some() && matches!(result, Err(masq::Error::Failed { .. })) {
-            result = masq::nft(&script(self.port, &want)).await;
+            result = masq::nft(&script(self.port, self.ipv6, &want)).await;
         }
         match result {
             Ok(()) => {}
@@ -129,6 +141,7 @@ impl PeerGuard {
             info!(
                 table = TABLE,
                 port = self.port,
+                ipv6 = self.ipv6,
                 peers = want.len(),
                 "VXLAN peer guard in place"
             );
@@ -138,54 +151,67 @@ impl PeerGuard {
     }
 }
 
-/// The `nft -f` script that makes the table hold exactly `allowed` for `port`.
-pub fn script(port: u16, allowed: &BTreeSet<Ipv4Addr>) -> String {
+/// The `nft -f` script that makes the table hold exactly `allowed` for `port`, over IPv4
+/// and, with `ipv6`, over IPv6.
+pub fn script(port: u16, ipv6: bool, allowed: &BTreeSet<IpAddr>) -> String {
     let t = format!("inet {TABLE}");
     let mut s = format!(
         "add table {t} {{ comment \"flanneld: VXLAN only from known peers\" ; }}\n\
-         add set {t} peers {{ type ipv4_addr ; comment \"addresses peers send VXLAN from\" ; }}\n\
-         add counter {t} dropped\n\
-         add chain {t} input {{ type filter hook input priority filter ; policy accept ; }}\n\
-         flush chain {t} input\n\
-         flush set {t} peers\n"
+         add set {t} peers {{ type ipv4_addr ; comment \"addresses peers send VXLAN from\" ; }}\n"
     );
-    if !allowed.is_empty() {
-        let list: Vec<String> = allowed.iter().map(Ipv4Addr::to_string).collect();
+    if ipv6 {
         s.push_str(&format!(
-            "add element {t} peers {{ {} }}\n",
-            list.join(", ")
+            "add set {t} peers6 {{ type ipv6_addr ; comment \"addresses peers send VXLAN over IPv6 from\" ; }}\n"
         ));
     }
     s.push_str(&format!(
+        "add counter {t} dropped\n\
+         add chain {t} input {{ type filter hook input priority filter ; policy accept ; }}\n\
+         flush chain {t} input\n\
+         flush set {t} peers\n"
+    ));
+    if ipv6 {
+        s.push_str(&format!("flush set {t} peers6\n"));
+    }
+    s.push_str(&elements("add", allowed));
+    s.push_str(&format!(
         "add rule {t} input meta nfproto ipv4 udp dport {port} ip saddr != @peers counter name dropped drop comment \"VXLAN from an address that is no peer's\"\n"
     ));
-    s
-}
-
-/// The `nft -f` script that turns the set from `applied` into `want` (the table, chain and
-/// rule already exist). Adding an element that is there or deleting one that is not fails
-/// the transaction, which the caller answers with the full [`script`].
-pub fn delta_script(applied: &BTreeSet<Ipv4Addr>, want: &BTreeSet<Ipv4Addr>) -> String {
-    let t = format!("inet {TABLE}");
-    let list = |a: Vec<&Ipv4Addr>| {
-        a.iter()
-            .map(|ip| ip.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let added: Vec<&Ipv4Addr> = want.difference(applied).collect();
-    let removed: Vec<&Ipv4Addr> = applied.difference(want).collect();
-    let mut s = String::new();
-    if !added.is_empty() {
-        s.push_str(&format!("add element {t} peers {{ {} }}\n", list(added)));
-    }
-    if !removed.is_empty() {
+    if ipv6 {
         s.push_str(&format!(
-            "delete element {t} peers {{ {} }}\n",
-            list(removed)
+            "add rule {t} input meta nfproto ipv6 udp dport {port} ip6 saddr != @peers6 counter name dropped drop comment \"VXLAN from an address that is no peer's\"\n"
         ));
     }
     s
+}
+
+/// `<verb> element` lines putting `addrs` into (or out of) the set of their family.
+fn elements(verb: &str, addrs: &BTreeSet<IpAddr>) -> String {
+    let t = format!("inet {TABLE}");
+    let mut s = String::new();
+    for (set, v4) in [("peers", true), ("peers6", false)] {
+        let list: Vec<String> = addrs
+            .iter()
+            .filter(|a| a.is_ipv4() == v4)
+            .map(IpAddr::to_string)
+            .collect();
+        if !list.is_empty() {
+            s.push_str(&format!(
+                "{verb} element {t} {set} {{ {} }}\n",
+                list.join(", ")
+            ));
+        }
+    }
+    s
+}
+
+/// The `nft -f` script that turns the sets from `applied` into `want` (the table, chains
+/// and rules already exist). Adding an element that is there or deleting one that is not
+/// fails the transaction, which the caller answers with the full [`script`].
+pub fn delta_script(applied: &BTreeSet<IpAddr>, want: &BTreeSet<IpAddr>) -> String {
+    let added: BTreeSet<IpAddr> = want.difference(applied).copied().collect();
+    let removed: BTreeSet<IpAddr> = applied.difference(want).copied().collect();
+    elements("add", &added) + &elements("delete", &removed)
 }
 
 /// Remove the table (absent is fine): for an explicit uninstall and for tests.
@@ -206,11 +232,11 @@ mod tests {
 
     #[test]
     fn script_lists_every_sender_once_and_drops_the_rest() {
-        let allowed: BTreeSet<Ipv4Addr> = ["198.18.0.3", "198.18.0.2"]
+        let allowed: BTreeSet<IpAddr> = ["198.18.0.3", "198.18.0.2"]
             .iter()
             .map(|a| a.parse().unwrap())
             .collect();
-        let s = script(8472, &allowed);
+        let s = script(8472, false, &allowed);
         assert!(
             s.contains("add element inet flannel-vxlan-guard peers { 198.18.0.2, 198.18.0.3 }"),
             "{s}"
@@ -222,26 +248,55 @@ mod tests {
         // The set is flushed before it is refilled, in the same transaction.
         assert!(s.find("flush set").unwrap() < s.find("add element").unwrap());
         // No peers: no (invalid) empty element list, and everything is dropped.
-        let empty = script(4789, &BTreeSet::new());
+        let empty = script(4789, false, &BTreeSet::new());
         assert!(!empty.contains("add element"), "{empty}");
         assert!(empty.contains("udp dport 4789"), "{empty}");
+        assert!(!s.contains("peers6"), "no IPv6 set without IPv6: {s}");
+    }
+
+    #[test]
+    fn with_ipv6_the_v6_senders_go_into_their_own_set_and_rule() {
+        let allowed: BTreeSet<IpAddr> = ["198.18.0.2", "fd00:198::2"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let s = script(8472, true, &allowed);
+        assert!(
+            s.contains("add element inet flannel-vxlan-guard peers { 198.18.0.2 }"),
+            "{s}"
+        );
+        assert!(
+            s.contains("add element inet flannel-vxlan-guard peers6 { fd00:198::2 }"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "meta nfproto ipv6 udp dport 8472 ip6 saddr != @peers6 counter name dropped drop"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.find("flush set inet flannel-vxlan-guard peers6").unwrap()
+                < s.find("peers6 { fd00").unwrap()
+        );
     }
 
     #[test]
     fn delta_script_adds_and_deletes_only_what_changed() {
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        let applied: BTreeSet<Ipv4Addr> = [ip("198.18.0.2"), ip("198.18.0.3")].into();
-        let want: BTreeSet<Ipv4Addr> = [ip("198.18.0.3"), ip("198.18.0.4")].into();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let applied: BTreeSet<IpAddr> = [ip("198.18.0.2"), ip("198.18.0.3")].into();
+        let want: BTreeSet<IpAddr> = [ip("198.18.0.3"), ip("198.18.0.4"), ip("fd00::4")].into();
         assert_eq!(
             delta_script(&applied, &want),
             "add element inet flannel-vxlan-guard peers { 198.18.0.4 }\n\
+             add element inet flannel-vxlan-guard peers6 { fd00::4 }\n\
              delete element inet flannel-vxlan-guard peers { 198.18.0.2 }\n"
         );
     }
 
     #[tokio::test]
     async fn a_delete_by_subnet_removes_that_peers_addresses() {
-        let mut g = PeerGuard::new(8472);
+        let mut g = PeerGuard::new(8472, false);
         // Without nft writes: pretend nft is unavailable so only the bookkeeping runs.
         g.unavailable = true;
         let a: Ipv4Network = "10.244.1.0/24".parse().unwrap();
@@ -259,7 +314,7 @@ mod tests {
         g.remove_peer(a).await.unwrap();
         assert_eq!(
             g.allowed().into_iter().collect::<Vec<_>>(),
-            vec!["198.18.0.2".parse::<Ipv4Addr>().unwrap()]
+            vec!["198.18.0.2".parse::<IpAddr>().unwrap()]
         );
     }
 }
