@@ -109,8 +109,9 @@ impl Mode {
         Mode::Underlay,
     ];
     /// What runs without `--modes`. Not the opt-in all-flows fast path: on a node with
-    /// kube-proxy's rules its TCP connections never establish (it delivers the SYN past
-    /// conntrack, so the SYN-ACK crosses FORWARD as INVALID and `KUBE-FORWARD` drops it).
+    /// kube-proxy's rules its TCP connections never establish (likely: it delivers the SYN
+    /// past conntrack, so the SYN-ACK crosses FORWARD as INVALID and `KUBE-FORWARD` drops
+    /// it).
     const DEFAULT: [Mode; 4] = [Mode::Ebpf, Mode::KernelVxlan, Mode::HostGw, Mode::Underlay];
     /// The name `--modes` takes.
     fn flag(self) -> &'static str {
