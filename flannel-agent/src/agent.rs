@@ -25,7 +25,7 @@ use crate::{
     config::{self, Config, ManagerConfig, Plan},
     lease::{BackendAttrs, Lease, LeaseEvent, PeerChange, PeerSet},
     metrics,
-    net::{blackhole::Blackholes, iface, masq, monitor, sockets},
+    net::{blackhole::Blackholes, iface, masq, monitor, sockets, vxlan_guard},
     netconf::NetworkConfig,
     repair::{self, RepairKind},
     server::{self, DatapathStatus, Readiness},
@@ -441,6 +441,10 @@ async fn run_with<M: SubnetManager>(
     let ext = iface::lookup(&selector).await?;
     let vtep_macs = previous_vtep_macs(mgr, ext.public_ip).await;
     let mut backend = build_backend(plan, &ext, config, &cfg, ready, cancel, vtep_macs).await?;
+    if let Some(ipv6) = backend.peer_guard() {
+        // What the guard drops is named by source, once, like the eBPF check's strangers.
+        tokio::spawn(vxlan_guard::name_strangers(ipv6, cancel.child_token()));
+    }
     let backend_name = cfg.backend.type_name();
     let attrs = backend.prepare().await.map_err(|source| Error::Backend {
         backend: backend_name,

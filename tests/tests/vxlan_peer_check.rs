@@ -178,6 +178,29 @@ fn stranger_vxlan_as_fragments_or_with_options_never_reaches_a_pod() {
     let guarded = v["nftables"][1]["counter"]["packets"].as_u64().unwrap_or(0);
     assert_eq!(guarded, 3, "guard drops on host 2: {counter}");
     eprintln!("drops: eBPF program {drops} packets, nftables guard {guarded} datagrams");
+    // The guard counts them by source too, and the agent names the source once.
+    let strangers = c.nodes[1]
+        .host
+        .ns
+        .sh("nft -j list set inet flannel-vxlan-guard strangers");
+    assert!(
+        strangers.contains(&format!("\"val\": \"{stranger_ip}\"")),
+        "{strangers}"
+    );
+    let named = |c: &Cluster| {
+        c.nodes[1]
+            .log()
+            .matches(&format!(
+                "VXLAN from {stranger_ip} is not from a known peer"
+            ))
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || named(&c) >= 1),
+        "the kernel host did not name the stranger\n{}",
+        c.nodes[1].log()
+    );
+    assert_eq!(named(&c), 1, "{}", c.nodes[1].log());
 
     // The guard on the eBPF host holds exactly the peers' addresses; the upstream-default
     // host has no guard at all.

@@ -135,6 +135,15 @@ impl AnyBackend {
             Self::HostGw(_) => None,
         }
     }
+
+    /// With the nftables VXLAN peer guard on: whether it guards VXLAN over IPv6 too.
+    pub fn peer_guard(&self) -> Option<bool> {
+        match self {
+            Self::Ebpf(b) => b.peer_guard(),
+            Self::Vxlan(b) => b.peer_guard(),
+            Self::HostGw(_) => None,
+        }
+    }
 }
 
 impl Backend for AnyBackend {

@@ -1183,6 +1183,11 @@ impl KernelVxlan {
         self.v4.ifindex
     }
 
+    /// With the nftables peer guard on: whether it guards VXLAN over IPv6 too.
+    pub fn peer_guard(&self) -> Option<bool> {
+        self.guard.as_ref().map(PeerGuard::ipv6)
+    }
+
     /// The MAC of `flannel.<VNI>`, as advertised in `BackendData.VtepMAC`.
     pub fn vtep_mac(&self) -> [u8; 6] {
         self.v4.mac

@@ -547,6 +547,13 @@ pub(crate) async fn nft(script: &str) -> Result<()> {
     run_tool("nft", &["-f", "-"], Some(script)).await.map(drop)
 }
 
+/// `nft -j <args>`: a listing in nftables' JSON; also used by [`crate::net::vxlan_guard`].
+pub(crate) async fn nft_json(args: &[&str]) -> Result<String> {
+    let mut all = vec!["-j"];
+    all.extend_from_slice(args);
+    run_tool("nft", &all, None).await
+}
+
 /// Run `program args`, with `script` on stdin if given; its stdout on success, its stderr
 /// in the error otherwise.
 async fn run_tool(program: &'static str, args: &[&str], script: Option<&str>) -> Result<String> {

@@ -14,21 +14,27 @@
 //!     counter dropped { … }
 //!     set peers { type ipv4_addr; elements = { <every peer's sending addresses> } }
 //!     set peers6 { type ipv6_addr; elements = { <their IPv6 addresses> } }   # IPv6 only
+//!     set strangers { type ipv4_addr; size 1024; flags dynamic,timeout; timeout 1h; }
+//!     set strangers6 { type ipv6_addr; … }                                   # IPv6 only
 //!     chain input {
 //!         type filter hook input priority filter; policy accept;
-//!         udp dport 8472 ip saddr != @peers counter name "dropped" drop
-//!         udp dport 8472 ip6 saddr != @peers6 counter name "dropped" drop    # IPv6 only
+//!         udp dport 8472 ip saddr != @peers update @strangers { ip saddr counter } counter name "dropped" drop
+//!         udp dport 8472 ip6 saddr != @peers6 update @strangers6 { ip6 saddr counter } counter name "dropped" drop
 //!     }
 //! }
 //! ```
+//!
+//! `strangers` counts what was dropped by source; [`name_strangers`] reads it and logs each
+//! source once with the remedy, as the eBPF datapath does for what its check drops.
 //!
 //! Every change rewrites the set and the rule in one `nft -f` transaction (no window with
 //! an empty set); the named counter survives rewrites. The script runs through
 //! [`crate::net::masq`]'s tool runner, the one place the agent starts `nft`.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
+    time::Duration,
 };
 
 use ipnetwork::Ipv4Network;
@@ -96,6 +102,11 @@ impl PeerGuard {
         self.apply().await
     }
 
+    /// Whether VXLAN over IPv6 is guarded too.
+    pub fn ipv6(&self) -> bool {
+        self.ipv6
+    }
+
     /// Every address allowed to send (IPv6 ones only when IPv6 is guarded).
     pub fn allowed(&self) -> BTreeSet<IpAddr> {
         self.senders
@@ -159,9 +170,14 @@ pub fn script(port: u16, ipv6: bool, allowed: &BTreeSet<IpAddr>) -> String {
         "add table {t} {{ comment \"flanneld: VXLAN only from known peers\" ; }}\n\
          add set {t} peers {{ type ipv4_addr ; comment \"addresses peers send VXLAN from\" ; }}\n"
     );
+    // Dropped VXLAN by source, for the operator; never flushed, so counts survive rewrites.
+    s.push_str(&format!(
+        "add set {t} strangers {{ type ipv4_addr ; size 1024 ; flags dynamic,timeout ; timeout 1h ; }}\n"
+    ));
     if ipv6 {
         s.push_str(&format!(
-            "add set {t} peers6 {{ type ipv6_addr ; comment \"addresses peers send VXLAN over IPv6 from\" ; }}\n"
+            "add set {t} peers6 {{ type ipv6_addr ; comment \"addresses peers send VXLAN over IPv6 from\" ; }}\n\
+             add set {t} strangers6 {{ type ipv6_addr ; size 1024 ; flags dynamic,timeout ; timeout 1h ; }}\n"
         ));
     }
     s.push_str(&format!(
@@ -175,11 +191,11 @@ pub fn script(port: u16, ipv6: bool, allowed: &BTreeSet<IpAddr>) -> String {
     }
     s.push_str(&elements("add", allowed));
     s.push_str(&format!(
-        "add rule {t} input meta nfproto ipv4 udp dport {port} ip saddr != @peers counter name dropped drop comment \"VXLAN from an address that is no peer's\"\n"
+        "add rule {t} input meta nfproto ipv4 udp dport {port} ip saddr != @peers update @strangers {{ ip saddr counter }} counter name dropped drop comment \"VXLAN from an address that is no peer's\"\n"
     ));
     if ipv6 {
         s.push_str(&format!(
-            "add rule {t} input meta nfproto ipv6 udp dport {port} ip6 saddr != @peers6 counter name dropped drop comment \"VXLAN from an address that is no peer's\"\n"
+            "add rule {t} input meta nfproto ipv6 udp dport {port} ip6 saddr != @peers6 update @strangers6 {{ ip6 saddr counter }} counter name dropped drop comment \"VXLAN from an address that is no peer's\"\n"
         ));
     }
     s
@@ -214,6 +230,78 @@ pub fn delta_script(applied: &BTreeSet<IpAddr>, want: &BTreeSet<IpAddr>) -> Stri
     elements("add", &added) + &elements("delete", &removed)
 }
 
+/// The warning for a source of dropped VXLAN, the same whichever check dropped it (`by`):
+/// what to do if it is in fact a flannel host sending from an address its lease does not
+/// name.
+pub fn warn_stranger(src: IpAddr, packets: u64, by: &'static str) {
+    warn!(
+        source = %src,
+        packets,
+        by,
+        "VXLAN from {src} is not from a known peer and is dropped; if it is a flannel \
+         host sending from an address its lease does not name, make that address \
+         known (kube: the node's InternalIP/ExternalIP or its public-ip-overwrite \
+         annotation; etcd: --public-ip on that host), or turn the check off with \
+         --vxlan-peer-check=false"
+    );
+}
+
+/// How often [`name_strangers`] lists the sets (one `nft` run per family).
+const STRANGERS_POLL: Duration = Duration::from_secs(5);
+
+/// Read the `strangers` sets every [`STRANGERS_POLL`] until `cancel`, warning once per
+/// source ([`warn_stranger`]); ends quietly when `nft` cannot run.
+pub async fn name_strangers(ipv6: bool, cancel: tokio_util::sync::CancellationToken) {
+    let mut logged: HashSet<IpAddr> = HashSet::new();
+    let sets: &[&str] = if ipv6 {
+        &["strangers", "strangers6"]
+    } else {
+        &["strangers"]
+    };
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(STRANGERS_POLL) => {}
+        }
+        for set in sets {
+            let json = match masq::nft_json(&["list", "set", "inet", TABLE, set]).await {
+                Ok(json) => json,
+                Err(masq::Error::Spawn { .. }) => return,
+                // The table is being rewritten, or was flushed: the resync puts it back.
+                Err(_) => continue,
+            };
+            for (src, packets) in parse_strangers(&json) {
+                if logged.len() >= 65_536 {
+                    logged.clear();
+                }
+                if logged.insert(src) {
+                    warn_stranger(src, packets, "nftables peer guard");
+                }
+            }
+        }
+    }
+}
+
+/// The elements of a `strangers` set in `nft -j list set` output: each source with its
+/// packet count.
+pub fn parse_strangers(json: &str) -> Vec<(IpAddr, u64)> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["set"]["elem"].as_array())
+        .flatten()
+        .filter_map(|e| {
+            let elem = &e["elem"];
+            let src = elem["val"].as_str()?.parse().ok()?;
+            Some((src, elem["counter"]["packets"].as_u64().unwrap_or(0)))
+        })
+        .collect()
+}
+
 /// Remove the table (absent is fine): for an explicit uninstall and for tests.
 pub async fn teardown() -> masq::Result<()> {
     match masq::nft(&format!(
@@ -242,7 +330,7 @@ mod tests {
             "{s}"
         );
         assert!(
-            s.contains("udp dport 8472 ip saddr != @peers counter name dropped drop"),
+            s.contains("udp dport 8472 ip saddr != @peers update @strangers"),
             "{s}"
         );
         // The set is flushed before it is refilled, in the same transaction.
@@ -271,7 +359,7 @@ mod tests {
         );
         assert!(
             s.contains(
-                "meta nfproto ipv6 udp dport 8472 ip6 saddr != @peers6 counter name dropped drop"
+                "meta nfproto ipv6 udp dport 8472 ip6 saddr != @peers6 update @strangers6 { ip6 saddr counter } counter name dropped drop"
             ),
             "{s}"
         );
@@ -279,6 +367,26 @@ mod tests {
             s.find("flush set inet flannel-vxlan-guard peers6").unwrap()
                 < s.find("peers6 { fd00").unwrap()
         );
+    }
+
+    #[test]
+    fn strangers_are_counted_by_source_and_read_back_from_nft_json() {
+        let s = script(8472, false, &BTreeSet::new());
+        assert!(
+            s.contains("ip saddr != @peers update @strangers { ip saddr counter } counter name dropped drop"),
+            "{s}"
+        );
+        assert!(
+            !s.contains("flush set inet flannel-vxlan-guard strangers"),
+            "{s}"
+        );
+        // nft 1.0.6's listing of such a set.
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {"family": "inet", "name": "strangers", "table": "flannel-vxlan-guard", "type": "ipv4_addr", "elem": [{"elem": {"val": "198.18.1.66", "expires": 3599, "counter": {"packets": 3, "bytes": 87}}}]}}]}"#;
+        assert_eq!(
+            parse_strangers(json),
+            vec![("198.18.1.66".parse().unwrap(), 3)]
+        );
+        assert!(parse_strangers("not json").is_empty());
     }
 
     #[test]

@@ -149,6 +149,11 @@ impl EbpfVxlan {
         })
     }
 
+    /// With the nftables peer guard on: whether it guards VXLAN over IPv6 too.
+    pub fn peer_guard(&self) -> Option<bool> {
+        self.kernel.peer_guard()
+    }
+
     /// The VXLAN device the programs ride on.
     pub fn device_name(&self) -> &str {
         self.kernel.device_name()

@@ -57,14 +57,10 @@ pub async fn watch(layout: PinLayout, cancel: CancellationToken) {
                 logged.clear();
             }
             logged.insert(src);
-            warn!(
-                source = %src,
-                packets = count.packets,
-                "VXLAN from {src} is not from a known peer and is dropped; if it is a flannel \
-                 host sending from an address its lease does not name, make that address \
-                 known (kube: the node's InternalIP/ExternalIP or its public-ip-overwrite \
-                 annotation; etcd: --public-ip on that host), or turn the check off with \
-                 --vxlan-peer-check=false"
+            crate::net::vxlan_guard::warn_stranger(
+                src.into(),
+                count.packets,
+                "eBPF known-peer check",
             );
         }
     }
