@@ -241,13 +241,13 @@ pub fn sender_addresses(lease: &Lease) -> Vec<Ipv4Addr> {
 }
 
 /// What the nftables guard lets send VXLAN: [`sender_addresses`] over IPv4 and the
-/// peer's `PublicIPv6` over IPv6 (the guard keeps the IPv6 ones only when this host has
-/// `flannel-v6.<VNI>`).
+/// peer's IPv6 senders (`PublicIPv6`, in kube mode its node's IPv6 addresses) over IPv6
+/// (the guard keeps the IPv6 ones only when this host has `flannel-v6.<VNI>`).
 fn guarded_senders(lease: &Lease) -> Vec<IpAddr> {
     sender_addresses(lease)
         .into_iter()
         .map(IpAddr::from)
-        .chain(lease.attrs.public_ipv6.map(IpAddr::from))
+        .chain(lease.senders6().into_iter().map(IpAddr::from))
         .collect()
 }
 

@@ -8,7 +8,7 @@
 //! `encoding/json` (field names case-insensitive, unknown fields ignored, `null` = absent);
 //! writing reproduces Go's `json.Marshal` byte for byte (field order, `"PublicIPv6":null`).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::Serialize;
@@ -372,24 +372,33 @@ pub struct Lease {
     pub ipv6_subnet: Option<Ipv6Network>,
     /// Published attributes.
     pub attrs: LeaseAttrs,
-    /// Other IPv4 addresses the host may send VXLAN from besides `attrs.public_ip` (kube
-    /// mode: the node's InternalIP/ExternalIP and public-ip annotations; a host whose
-    /// published address is a `public-ip-overwrite` sends from its interface address).
-    /// Not part of the wire value: what the known-peer checks must accept.
-    pub extra_senders: Vec<Ipv4Addr>,
+    /// Other addresses the host may send VXLAN from besides `attrs.public_ip` and
+    /// `attrs.public_ipv6` (kube mode: the node's InternalIP/ExternalIP and public-ip(v6)
+    /// annotations; a host whose published address is a `public-ip-overwrite` sends from
+    /// its interface address). Not part of the wire value: what the known-peer checks must
+    /// accept.
+    pub extra_senders: Vec<IpAddr>,
 }
 
 impl Lease {
     /// Every IPv4 address this host may send VXLAN from: `PublicIP` first, then the extra
-    /// senders, each once, unusable ones (unspecified, loopback, multicast) left out.
+    /// IPv4 senders, each once, unusable ones (unspecified, loopback, multicast) left out.
     pub fn senders(&self) -> Vec<Ipv4Addr> {
-        let mut out = Vec::with_capacity(1 + self.extra_senders.len());
-        for ip in std::iter::once(self.attrs.public_ip).chain(self.extra_senders.iter().copied()) {
-            if super::cidr::unusable_unicast(ip.into()).is_none() && !out.contains(&ip) {
-                out.push(ip);
-            }
-        }
-        out
+        let extra = self.extra_senders.iter().filter_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        });
+        usable_once(std::iter::once(self.attrs.public_ip).chain(extra))
+    }
+
+    /// Every IPv6 address this host may send VXLAN over IPv6 from: `PublicIPv6` first (if
+    /// any), then the extra IPv6 senders, each once, unusable ones left out.
+    pub fn senders6(&self) -> Vec<Ipv6Addr> {
+        let extra = self.extra_senders.iter().filter_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        });
+        usable_once(self.attrs.public_ipv6.into_iter().chain(extra))
     }
 
     /// Whether `other` would program the datapath differently (attributes or senders).
@@ -424,6 +433,17 @@ impl Lease {
             },
         }
     }
+}
+
+/// The usable unicast addresses of `addrs`, each once, in order.
+fn usable_once<A: Copy + PartialEq + Into<IpAddr>>(addrs: impl Iterator<Item = A>) -> Vec<A> {
+    let mut out = Vec::new();
+    for ip in addrs {
+        if super::cidr::unusable_unicast(ip.into()).is_none() && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
 }
 
 /// One address family's half of a lease (the IPv4 subnet, `PublicIP` and `BackendData`;

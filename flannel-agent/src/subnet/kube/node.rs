@@ -4,10 +4,7 @@
 //! Kept free of I/O so the rules (upstream `nodeToLease` and `AcquireLease`) are unit-tested
 //! without an API server.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use k8s_openapi::api::core::v1::Node;
@@ -232,7 +229,9 @@ pub fn node_to_lease(
     };
     let extra_senders = sending_addresses(node, names)
         .into_iter()
-        .filter(|ip| *ip != attrs.public_ip)
+        .filter(|ip| *ip != IpAddr::from(attrs.public_ip))
+        .filter(|ip| attrs.public_ipv6.is_none_or(|p| *ip != IpAddr::from(p)))
+        .filter(|ip| ip.is_ipv4() || families.ipv6)
         .collect();
     Ok(Lease {
         subnet,
@@ -242,13 +241,13 @@ pub fn node_to_lease(
     })
 }
 
-/// Every IPv4 address a node may send VXLAN from, as far as its object says: its published
-/// addresses (`status.addresses` InternalIP and ExternalIP) and its `public-ip` and
-/// `public-ip-overwrite` annotations. A node told to publish an overwrite (a NAT address,
-/// a second address) still sends from its interface address, which is normally its
-/// InternalIP; a multi-homed node may send from any of them. Sorted, each once;
-/// unreadable or unusable (loopback, unspecified, multicast) values are left out.
-pub fn sending_addresses(node: &Node, names: &AnnotationNames) -> Vec<Ipv4Addr> {
+/// Every address a node may send VXLAN from, as far as its object says: its published
+/// addresses (`status.addresses` InternalIP and ExternalIP, both families) and its
+/// `public-ip(v6)` and `public-ip(v6)-overwrite` annotations. A node told to publish an
+/// overwrite (a NAT address, a second address) still sends from its interface address,
+/// which is normally its InternalIP; a multi-homed node may send from any of them. Sorted,
+/// each once; unreadable or unusable (loopback, unspecified, multicast) values are left out.
+pub fn sending_addresses(node: &Node, names: &AnnotationNames) -> Vec<IpAddr> {
     let published = node
         .status
         .as_ref()
@@ -257,13 +256,18 @@ pub fn sending_addresses(node: &Node, names: &AnnotationNames) -> Vec<Ipv4Addr> 
         .flatten()
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
         .map(|a| a.address.as_str());
-    let annotated = [&names.backend_public_ip, &names.backend_public_ip_overwrite]
-        .into_iter()
-        .filter_map(|k| annotation(node, k));
-    let mut out: Vec<Ipv4Addr> = published
+    let annotated = [
+        &names.backend_public_ip,
+        &names.backend_public_ip_overwrite,
+        &names.backend_public_ipv6,
+        &names.backend_public_ipv6_overwrite,
+    ]
+    .into_iter()
+    .filter_map(|k| annotation(node, k));
+    let mut out: Vec<IpAddr> = published
         .chain(annotated)
-        .filter_map(|v| v.trim().parse::<Ipv4Addr>().ok())
-        .filter(|ip| crate::wire::cidr::unusable_unicast((*ip).into()).is_none())
+        .filter_map(|v| v.trim().parse::<IpAddr>().ok())
+        .filter(|ip| crate::wire::cidr::unusable_unicast(*ip).is_none())
         .collect();
     out.sort();
     out.dedup();
@@ -335,6 +339,8 @@ mod tests {
         api::core::v1::{NodeAddress, NodeSpec, NodeStatus},
         apimachinery::pkg::apis::meta::v1::ObjectMeta,
     };
+
+    use std::net::Ipv4Addr;
 
     use super::*;
     use crate::wire::{annotations::DEFAULT_PREFIX, lease::BackendAttrs};
@@ -423,14 +429,35 @@ mod tests {
         let lease = node_to_lease(&n, &names(), V4).unwrap();
         assert_eq!(lease.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 2));
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        // An IPv4-only network: the node's IPv6 address is no sender.
         assert_eq!(
             lease.extra_senders,
-            vec![ip("198.18.1.2"), ip("203.0.113.7")]
+            vec![
+                IpAddr::from(ip("198.18.1.2")),
+                IpAddr::from(ip("203.0.113.7"))
+            ]
         );
         assert_eq!(
             lease.senders(),
             vec![ip("198.18.0.2"), ip("198.18.1.2"), ip("203.0.113.7")]
         );
+        // Dual stack: the IPv6 InternalIP sends VXLAN over IPv6, next to PublicIPv6.
+        let mut d = n.clone();
+        d.spec.as_mut().unwrap().pod_cidrs =
+            Some(vec!["10.244.1.0/24".into(), "fd00:0:0:1::/64".into()]);
+        d.metadata.annotations.as_mut().unwrap().insert(
+            "flannel.alpha.coreos.com/public-ipv6".into(),
+            "fd18::2".into(),
+        );
+        let dual = node_to_lease(&d, &names(), DUAL).unwrap();
+        assert_eq!(
+            dual.senders6(),
+            vec![
+                "fd18::2".parse::<std::net::Ipv6Addr>().unwrap(),
+                "fd00:198::2".parse().unwrap()
+            ]
+        );
+        assert_eq!(dual.senders(), lease.senders());
         // Without status addresses: the published address alone.
         assert!(
             node_to_lease(&good("b"), &names(), V4)
