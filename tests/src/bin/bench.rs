@@ -197,6 +197,9 @@ fn bench(args: &[String]) {
     let rounds: usize = flag(args, "--rounds").unwrap_or(7);
     let secs: u64 = flag(args, "--seconds").unwrap_or(5);
     let rr: usize = flag(args, "--transactions").unwrap_or(20_000);
+    // The sender's congestion control, set per socket so the machine's sysctl does not
+    // decide it: cubic, the kernel's default and what nodes run unless told otherwise.
+    let cc: String = flag(args, "--cc").unwrap_or_else(|| "cubic".to_owned());
     assert!(flannel_e2e::require_root(), "the benchmark needs root");
 
     let modes: Vec<Mode> = match flag::<String>(args, "--modes") {
@@ -253,10 +256,14 @@ fn bench(args: &[String]) {
                 client,
                 server,
                 addr,
-                &["-t", &t_arg, "-O", "1", "-A", "0,1"],
+                &["-t", &t_arg, "-O", "1", "-A", "0,1", "-C", &cc],
             );
-            let (four, bytes4, cpu4) =
-                measured_iperf(client, server, addr, &["-t", &t_arg, "-O", "1", "-P", "4"]);
+            let (four, bytes4, cpu4) = measured_iperf(
+                client,
+                server,
+                addr,
+                &["-t", &t_arg, "-O", "1", "-P", "4", "-C", &cc],
+            );
             let cpu_per_gb = (cpu1 + cpu4) / ((bytes1 + bytes4) / 1e9);
             let (p50, p99) = request_response(&exe, client, server, addr, rr);
             eprintln!(
@@ -320,7 +327,7 @@ fn bench(args: &[String]) {
             );
         }
     }
-    report(&results, rounds, secs);
+    report(&results, rounds, secs, &cc);
 }
 
 /// Who talks to whom in a mode: pod to pod, or host to host over the bare underlay.
@@ -377,13 +384,13 @@ fn spread(v: &[f64]) -> String {
     format!("{min:.1}–{max:.1}")
 }
 
-fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64) {
+fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64, cc: &str) {
     let m = |mode: Mode| results.iter().find(|(x, _)| *x == mode).map(|(_, s)| s);
     println!(
         "\n{rounds} interleaved rounds, iperf3 {secs} s per run; medians (min–max); CPU = sys + softirq seconds of the whole machine per GB received"
     );
     println!(
-        "every host: pod behind cni0 (bridge plugin), iptables rules of kube-proxy ({} Services), the kubelet and flanneld, conntrack on\n",
+        "every host: pod behind cni0 (bridge plugin), iptables rules of kube-proxy ({} Services), the kubelet and flanneld, conntrack on; iperf3 sender congestion control {cc}\n",
         flannel_e2e::kube_node::SERVICES
     );
     println!("| mode | 1 stream Gbit/s | 4 streams Gbit/s | RR p50 µs | RR p99 µs | CPU-s/GB |");
