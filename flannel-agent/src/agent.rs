@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    backend::{self, AnyBackend, Backend, ExternalInterface, vxlan::VtepMacs},
+    backend::{self, AnyBackend, Backend, ExternalInterface, Touched, vxlan::VtepMacs},
     cli::Cli,
     config::{self, Config, ManagerConfig, Plan},
     lease::{BackendAttrs, Lease, LeaseEvent, PeerChange, PeerSet},
@@ -645,6 +645,8 @@ async fn watch_peers<M: SubnetManager>(
     // address the agent sends from and publishes has to follow.
     let mut uplink_changed = false;
     let mut snapshots = 0u64;
+    // A resync whose kernel reads run as their own task (see `Reading`).
+    let mut reading: Option<Reading> = None;
     let schedule = |at: &mut Option<tokio::time::Instant>, delay: Duration| {
         let when = tokio::time::Instant::now() + delay;
         *at = Some(at.map_or(when, |t| t.min(when)));
@@ -675,7 +677,7 @@ async fn watch_peers<M: SubnetManager>(
                 schedule(&mut resync_at, Duration::ZERO);
                 continue;
             }
-            () = sleep_until_opt(resync_at) => {
+            () = sleep_until_opt(resync_at), if reading.is_none() => {
                 resync_at = None;
                 if std::mem::take(&mut uplink_changed)
                     && let Some(now) = uplink.moved().await
@@ -685,11 +687,35 @@ async fn watch_peers<M: SubnetManager>(
                 if restore_pending {
                     restore_pending = !restore_own_lease(mgr, &mut own).await;
                 }
-                if let Err(error) = resync(backend, &peers, blackhole.as_ref(), stats).await {
-                    warn!(%error, retry_in = ?REPAIR_DELAY, "resync failed");
-                    schedule(&mut resync_at, REPAIR_DELAY);
+                match backend.resync_reader() {
+                    Some(read) => {
+                        reading = Some(Reading {
+                            task: tokio::spawn(read),
+                            touched: Touched::default(),
+                            started: std::time::Instant::now(),
+                        });
+                    }
+                    None => {
+                        if let Err(error) = resync(backend, &peers, blackhole.as_ref(), stats).await {
+                            warn!(%error, retry_in = ?REPAIR_DELAY, "resync failed");
+                            schedule(&mut resync_at, REPAIR_DELAY);
+                        }
+                    }
                 }
                 if restore_pending {
+                    schedule(&mut resync_at, REPAIR_DELAY);
+                }
+                continue;
+            }
+            read = async { (&mut reading.as_mut().expect("branch enabled only while reading").task).await },
+                if reading.is_some() =>
+            {
+                let Reading { touched, started, .. } = reading.take().expect("branch enabled only while reading");
+                let read = read
+                    .map_err(|e| backend::Error::Other(format!("resync read task: {e}")))
+                    .and_then(|r| r);
+                if let Err(error) = finish_resync(backend, &peers, read, &touched, started, blackhole.as_ref(), stats).await {
+                    warn!(%error, retry_in = ?REPAIR_DELAY, "resync failed");
                     schedule(&mut resync_at, REPAIR_DELAY);
                 }
                 continue;
@@ -710,7 +736,21 @@ async fn watch_peers<M: SubnetManager>(
             }
             snapshots += 1;
         }
-        let failed = apply_event(&mut peers, backend, event, stats).await;
+        let snapshot = matches!(event, LeaseEvent::Snapshot(_));
+        let failed = apply_event(
+            &mut peers,
+            backend,
+            event,
+            stats,
+            reading.as_mut().map(|r| &mut r.touched),
+        )
+        .await;
+        if snapshot && let Some(r) = reading.take() {
+            // The reconcile compared everything itself; the reads predate it. Resync
+            // afterwards all the same, so nothing a resync would repair waits a period.
+            r.task.abort();
+            schedule(&mut resync_at, Duration::ZERO);
+        }
         stats.set_peers(peers.len());
         // While a repair is pending the programmed count keeps its last value.
         metrics::get().set_peers(peers.len(), !failed && resync_at.is_none());
@@ -840,6 +880,16 @@ async fn restore_own_lease<M: SubnetManager>(mgr: &M, own: &mut Lease) -> bool {
     }
 }
 
+/// A resync whose kernel reads (thousands of neighbours, FDB entries, routes at cluster
+/// scale) run as their own task: lease events are applied meanwhile instead of waiting,
+/// and the subnets they touch are left alone by the comparison that follows, since the
+/// reads may predate them (the next resync checks them).
+struct Reading {
+    task: tokio::task::JoinHandle<backend::Result<backend::ResyncRead>>,
+    touched: Touched,
+    started: std::time::Instant,
+}
+
 /// One resync: the backend checks and repairs everything it owns, then the blackhole route.
 async fn resync(
     backend: &mut AnyBackend,
@@ -848,10 +898,37 @@ async fn resync(
     stats: &backend::Stats,
 ) -> std::result::Result<(), String> {
     let started = std::time::Instant::now();
-    let result = backend
-        .resync(&peers.peers())
-        .await
-        .map_err(|e| e.to_string());
+    let result = backend.resync(&peers.peers()).await;
+    resynced(result, started, peers, blackhole, stats).await
+}
+
+/// The second half of a resync begun with [`AnyBackend::resync_reader`]: compare with what
+/// was read and repair, then the blackhole route.
+async fn finish_resync(
+    backend: &mut AnyBackend,
+    peers: &PeerSet,
+    read: backend::Result<backend::ResyncRead>,
+    touched: &Touched,
+    started: std::time::Instant,
+    blackhole: Option<&Blackholes>,
+    stats: &backend::Stats,
+) -> std::result::Result<(), String> {
+    let result = match read {
+        Ok(read) => backend.resync_with(&peers.peers(), read, touched).await,
+        Err(e) => Err(e),
+    };
+    resynced(result, started, peers, blackhole, stats).await
+}
+
+/// What every resync ends with: its duration in the stats, then the blackhole route.
+async fn resynced(
+    result: backend::Result<()>,
+    started: std::time::Instant,
+    peers: &PeerSet,
+    blackhole: Option<&Blackholes>,
+    stats: &backend::Stats,
+) -> std::result::Result<(), String> {
+    let result = result.map_err(|e| e.to_string());
     stats.reconciled(started.elapsed(), result.is_ok());
     for (subnet, r) in match blackhole {
         Some(b) => b.ensure_all().await,
@@ -877,11 +954,13 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 
 /// Applies one lease event to the peer set and the backend; `true` if the backend failed.
 /// A snapshot reconciles the whole set; every other event is applied as its difference.
+/// With a resync reading, the subnets changed go into `touched`.
 async fn apply_event(
     peers: &mut PeerSet,
     backend: &mut AnyBackend,
     event: LeaseEvent,
     stats: &backend::Stats,
+    touched: Option<&mut Touched>,
 ) -> bool {
     let started = std::time::Instant::now();
     let snapshot = matches!(event, LeaseEvent::Snapshot(_));
@@ -905,6 +984,12 @@ async fn apply_event(
     }
     if changes.is_empty() {
         return false;
+    }
+    if let Some(touched) = touched {
+        for change in &changes {
+            let (PeerChange::Add(l) | PeerChange::Remove(l)) = change;
+            touched.add(l);
+        }
     }
     let failed = apply_changes(backend, changes).await;
     stats.event(started.elapsed(), !failed);

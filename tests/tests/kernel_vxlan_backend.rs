@@ -7,7 +7,7 @@
 use std::net::Ipv4Addr;
 
 use flannel_agent::{
-    backend::{Backend, ExternalInterface, vxlan::KernelVxlan},
+    backend::{Backend, ExternalInterface, Touched, vxlan::KernelVxlan},
     lease::{BackendAttrs, Lease, LeaseAttrs, MacAddr},
     netconf::VxlanConfig,
 };
@@ -626,4 +626,84 @@ fn peer_events_after_a_reconcile_read_no_table() {
     assert!(!fdb.contains("dst 198.18.1.3 "), "old address left:\n{fdb}");
     assert!(!neigh.contains("10.244.4.0 "), "{neigh}");
     assert!(!routes.contains("10.244.4.0/24"), "{routes}");
+}
+
+/// A resync reads the tables while lease events go on: the comparison afterwards repairs
+/// what was wrong when it read (a neighbour deleted by hand before the read) and leaves
+/// the subnets events changed since (an add, a removal, a new MAC) as the events made
+/// them — the stale read must neither re-program nor report them.
+#[test]
+fn a_resync_read_leaves_subnets_events_touched_since() {
+    if !require_root() {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let host = underlay.add_host(1);
+    let ext = ext_for(&host.ns, host.ip);
+    let own = Lease {
+        subnet: subnet(1),
+        ipv6_subnet: None,
+        extra_senders: Vec::new(),
+        attrs: vxlan_peer(1, 0).attrs,
+    };
+    let ns_path = host.ns.path();
+    host.ns.block_on(move || async move {
+        let mut b = KernelVxlan::new(ext, VxlanConfig::default())
+            .await
+            .expect("KernelVxlan::new");
+        b.prepare().await.expect("prepare");
+        b.register(&own).await.expect("register");
+        let peers: Vec<Lease> = (2..=21).map(|i| vxlan_peer(i, 0)).collect();
+        b.reconcile(&peers).await.expect("reconcile");
+        let st = std::process::Command::new("nsenter")
+            .args([format!("--net={ns_path}").as_str(), "--"])
+            .args(["ip", "neigh", "del", "10.244.6.0", "dev", "flannel.1"])
+            .status()
+            .expect("spawn ip neigh del");
+        assert!(st.success(), "ip neigh del failed");
+
+        let tables = b.tables_reader().await.expect("read tables");
+        let mut touched = Touched::default();
+        for (event, add) in [
+            (vxlan_peer(22, 0), true),
+            (vxlan_peer(3, 0), false),
+            (vxlan_peer(4, 1), true),
+        ] {
+            touched.add(&event);
+            if add {
+                b.add_peer(&event).await.expect("add");
+            } else {
+                b.remove_peer(&event).await.expect("remove");
+            }
+        }
+        let now: Vec<Lease> = (2..=22)
+            .filter(|i| *i != 3)
+            .map(|i| vxlan_peer(i, u8::from(i == 4)))
+            .collect();
+        let fixes = b
+            .check_with(&now, Some(tables), &touched)
+            .await
+            .expect("check");
+        let details: Vec<&str> = fixes.iter().map(|(_, d)| d.as_str()).collect();
+        assert_eq!(
+            details,
+            ["neighbour 10.244.6.0 lladdr 0e:00:00:00:00:06 dev flannel.1"],
+            "{fixes:?}"
+        );
+        assert_eq!(b.programmed_peers(), 20);
+    });
+    let neigh = host.ns.sh("ip neigh show dev flannel.1");
+    let fdb = host.ns.sh("bridge fdb show dev flannel.1");
+    let routes = host.ns.sh("ip route show dev flannel.1");
+    assert_eq!(neigh.lines().count(), 20, "{neigh}");
+    assert_eq!(fdb.lines().filter(|l| l.contains(" dst ")).count(), 20);
+    assert_eq!(routes.lines().count(), 20, "{routes}");
+    assert!(neigh.contains("10.244.6.0 lladdr 0e:00:00:00:00:06 PERMANENT"));
+    assert!(neigh.contains("10.244.4.0 lladdr 0e:00:00:00:01:04 PERMANENT"));
+    assert!(neigh.contains("10.244.22.0 lladdr 0e:00:00:00:00:16 PERMANENT"));
+    assert!(!routes.contains("10.244.3.0/24"), "{routes}");
+    assert!(
+        !fdb.contains("0e:00:00:00:00:04 "),
+        "old MAC's FDB entry left:\n{fdb}"
+    );
 }

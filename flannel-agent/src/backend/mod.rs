@@ -3,11 +3,18 @@
 //! (the kernel device alone, exactly like upstream) and `host-gw` (plain routes).
 
 use std::{
+    collections::BTreeSet,
     future::Future,
     net::{Ipv4Addr, Ipv6Addr},
+    pin::Pin,
 };
 
-use crate::lease::{Lease, LeaseAttrs};
+use ipnetwork::{Ipv4Network, Ipv6Network};
+
+use crate::{
+    lease::{Lease, LeaseAttrs},
+    repair,
+};
 
 pub mod ebpf;
 pub mod hostgw;
@@ -105,6 +112,34 @@ pub trait Backend: Send {
     fn mtu(&self) -> u32;
 }
 
+/// The peer subnets (both families) lease events changed while a resync was reading the
+/// kernel: the read may predate those changes, so the resync leaves them alone.
+#[derive(Debug, Default)]
+pub struct Touched {
+    /// IPv4 subnets.
+    pub v4: BTreeSet<Ipv4Network>,
+    /// IPv6 subnets.
+    pub v6: BTreeSet<Ipv6Network>,
+}
+
+impl Touched {
+    /// An event added, changed or removed `lease`.
+    pub fn add(&mut self, lease: &Lease) {
+        self.v4.insert(lease.subnet);
+        self.v6.extend(lease.ipv6_subnet);
+    }
+}
+
+/// What a resync compares with, read off the event path (see
+/// [`AnyBackend::resync_reader`]).
+pub enum ResyncRead {
+    /// The kernel VXLAN devices' neighbour, FDB and route tables.
+    Vxlan(vxlan::KernelTables),
+}
+
+/// A resync's read, running without a borrow of the backend.
+pub type ResyncReader = Pin<Box<dyn Future<Output = Result<ResyncRead>> + Send>>;
+
 /// The backend this host runs, chosen once at start-up (a closed set: no registry).
 pub enum AnyBackend {
     /// eBPF VXLAN on top of the kernel VXLAN device (boxed: it carries the loaded maps).
@@ -143,6 +178,48 @@ impl AnyBackend {
             Self::Vxlan(b) => b.peer_guard(),
             Self::HostGw(_) => None,
         }
+    }
+
+    /// The kernel reads of a resync as a future that borrows nothing, for backends whose
+    /// resync reads big tables (thousands of neighbours, FDB entries and routes): the
+    /// agent runs it as its own task while lease events go on, then calls
+    /// [`resync_with`](Self::resync_with). `None`: this backend resyncs in one go.
+    pub fn resync_reader(&self) -> Option<ResyncReader> {
+        match self {
+            Self::Ebpf(b) => {
+                let tables = b.kernel_tables_reader();
+                Some(Box::pin(
+                    async move { Ok(ResyncRead::Vxlan(tables.await?)) },
+                ))
+            }
+            Self::Vxlan(b) => {
+                let tables = b.tables_reader();
+                Some(Box::pin(
+                    async move { Ok(ResyncRead::Vxlan(tables.await?)) },
+                ))
+            }
+            Self::HostGw(_) => None,
+        }
+    }
+
+    /// The rest of a resync: compare with `read` and put back what differs, leaving the
+    /// subnets in `touched` (changed by events since the read began) as they are.
+    pub async fn resync_with(
+        &mut self,
+        peers: &[Lease],
+        read: ResyncRead,
+        touched: &Touched,
+    ) -> Result<()> {
+        let ResyncRead::Vxlan(tables) = read;
+        let fixes = match self {
+            Self::Ebpf(b) => b.check_with(peers, Some(tables), touched).await?,
+            Self::Vxlan(b) => b.check_with(peers, Some(tables), touched).await?,
+            Self::HostGw(b) => return b.resync(peers).await,
+        };
+        for (kind, detail) in fixes {
+            repair::record(kind, detail);
+        }
+        Ok(())
     }
 }
 

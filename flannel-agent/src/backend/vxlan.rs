@@ -57,7 +57,7 @@ use netlink_packet_route::{
 };
 use tracing::{debug, info, warn};
 
-use super::{Backend, ExternalInterface, Result};
+use super::{Backend, ExternalInterface, Result, Touched};
 use crate::{
     lease::{BackendAttrs, Lease, LeaseAttrs, LeaseFamily, MacAddr, VxlanBackendData},
     net::{
@@ -751,13 +751,36 @@ impl<N: VxlanFamily> VxlanDevice<N> {
         &self,
         desired: &BTreeMap<N, Target<N::Addr>>,
     ) -> Result<Converged<N>, Error> {
+        let tables = read_tables::<N>(&self.nl, self.ifindex).await?;
+        self.converge_with(tables, desired, &BTreeSet::new()).await
+    }
+
+    /// A future that reads this device's tables without borrowing the device, so lease
+    /// events can go on while a resync reads thousands of entries.
+    fn tables_reader(
+        &self,
+    ) -> impl Future<Output = Result<DeviceTables<N>, Error>> + Send + 'static {
+        let (nl, ifindex) = (self.nl.clone(), self.ifindex);
+        async move { read_tables::<N>(&nl, ifindex).await }
+    }
+
+    /// [`converge`](Self::converge) against tables read earlier. Subnets in `touched` were
+    /// changed by lease events after the read began: the tables may predate those changes,
+    /// so their entries are left as the events made them (and as the record says); the
+    /// next resync checks them.
+    async fn converge_with(
+        &self,
+        tables: DeviceTables<N>,
+        desired: &BTreeMap<N, Target<N::Addr>>,
+        touched: &BTreeSet<N>,
+    ) -> Result<Converged<N>, Error> {
         use futures::{StreamExt, stream};
-        let neighs = self.nl.neighbours(N::AF, self.ifindex).await?;
-        let fdb = self
-            .nl
-            .neighbours(AddressFamily::Bridge, self.ifindex)
-            .await?;
-        let routes = self.nl.routes::<N>().await?;
+        let DeviceTables {
+            neighs,
+            fdb,
+            routes,
+            ..
+        } = tables;
         let mut failed = None;
 
         // 1. Add or fix what differs (entries already right are not rewritten).
@@ -784,6 +807,9 @@ impl<N: VxlanFamily> VxlanDevice<N> {
         let mut to_program: Vec<(N, Target<N::Addr>)> = Vec::new();
         let mut missing: BTreeMap<N, Fixes> = BTreeMap::new();
         for (subnet, target) in desired {
+            if touched.contains(subnet) {
+                continue;
+            }
             let (gw, oif) = self.route_target(*subnet, *target);
             let mut wrong = Fixes::new();
             if !routed.contains(&(*subnet, gw, oif)) {
@@ -822,6 +848,13 @@ impl<N: VxlanFamily> VxlanDevice<N> {
             }
         }
         let mut done: BTreeMap<N, Target<N::Addr>> = desired.clone();
+        for subnet in touched {
+            match self.programmed.as_ref().and_then(|p| p.get(subnet)) {
+                Some(t) => done.insert(*subnet, *t),
+                None => done.remove(subnet),
+            };
+        }
+        let touched_bases: BTreeSet<N::Addr> = touched.iter().map(|s| cidr::base(*s)).collect();
         let mut fixes = Fixes::new();
         let results: Vec<(N, Result<(), Error>)> = stream::iter(to_program)
             .map(|(subnet, target)| async move {
@@ -870,6 +903,9 @@ impl<N: VxlanFamily> VxlanDevice<N> {
             let Some(dst) = netlink::route_dst::<N>(r) else {
                 continue;
             };
+            if touched.contains(&dst) {
+                continue;
+            }
             let wanted = desired
                 .get(&dst)
                 .is_some_and(|t| self.route_matches(r, dst, *t));
@@ -883,6 +919,9 @@ impl<N: VxlanFamily> VxlanDevice<N> {
             let Some(ip) = netlink::neigh_dst(n).and_then(N::of_ip) else {
                 continue;
             };
+            if touched_bases.contains(&ip) {
+                continue;
+            }
             let keep = netlink::neigh_lladdr(n).is_some_and(|mac| want_neigh.contains(&(ip, mac)))
                 && n.header.state == NeighbourState::Permanent;
             if !keep {
@@ -890,6 +929,8 @@ impl<N: VxlanFamily> VxlanDevice<N> {
                 deletions.push(Deletion::Neigh(arp_del::<N>(self.ifindex, ip)));
             }
         }
+        // FDB entries are keyed by MAC, not subnet: one wanted by nobody now is stale even
+        // if an event touched its peer meanwhile (deleting it twice is harmless).
         for n in &fdb {
             // Only VXLAN remote entries (they have a destination); others are the kernel's.
             let (Some(dst), Some(mac)) = (
@@ -980,6 +1021,33 @@ impl<N: VxlanFamily> VxlanDevice<N> {
     }
 }
 
+/// One device's neighbour, FDB and route tables, as a resync read them.
+pub struct DeviceTables<N> {
+    /// The device they were read for (a device re-created since makes them useless).
+    ifindex: u32,
+    neighs: Vec<NeighbourMessage>,
+    fdb: Vec<NeighbourMessage>,
+    routes: Vec<RouteMessage>,
+    family: std::marker::PhantomData<N>,
+}
+
+/// Read the device's neighbours, FDB entries and family-`N` routes: three dumps.
+async fn read_tables<N: VxlanFamily>(nl: &Netlink, ifindex: u32) -> Result<DeviceTables<N>, Error> {
+    Ok(DeviceTables {
+        ifindex,
+        neighs: nl.neighbours(N::AF, ifindex).await?,
+        fdb: nl.neighbours(AddressFamily::Bridge, ifindex).await?,
+        routes: nl.routes::<N>().await?,
+        family: std::marker::PhantomData,
+    })
+}
+
+/// Both devices' tables, read by [`KernelVxlan::tables_reader`].
+pub struct KernelTables {
+    v4: DeviceTables<Ipv4Network>,
+    v6: Option<DeviceTables<Ipv6Network>>,
+}
+
 /// A stale entry to delete.
 enum Deletion {
     Route(RouteMessage),
@@ -1002,12 +1070,27 @@ impl<N: VxlanFamily> VxlanDevice<N> {
     /// replaced), its MTU, MAC, address and up flag, and every peer's neighbour, FDB entry
     /// and route. Returns what had to be written.
     pub async fn check(&mut self, peers: &[Lease]) -> Result<Fixes, Error> {
+        self.check_with(peers, None, &BTreeSet::new()).await
+    }
+
+    /// [`check`](Self::check), comparing the per-peer entries with `tables` when they were
+    /// read for the device as it still is (else read now); see
+    /// [`converge_with`](Self::converge_with) for `touched`.
+    async fn check_with(
+        &mut self,
+        peers: &[Lease],
+        tables: Option<DeviceTables<N>>,
+        touched: &BTreeSet<N>,
+    ) -> Result<Fixes, Error> {
         let mut fixes = self.check_device().await?;
         if let Some(own) = self.own {
             fixes.extend(self.ensure_registered(own).await?);
         }
         let desired = self.desired(peers).await?;
-        let converged = self.converge(&desired).await?;
+        let converged = match tables.filter(|t| t.ifindex == self.ifindex) {
+            Some(t) => self.converge_with(t, &desired, touched).await?,
+            None => self.converge(&desired).await?,
+        };
         self.programmed = Some(converged.done);
         fixes.extend(converged.fixes);
         converged.failed.map_or(Ok(fixes), Err)
@@ -1243,6 +1326,38 @@ impl KernelVxlan {
     /// replaced), their MTU, MAC, address and up flag, and every peer's neighbour, FDB
     /// entry and route. Returns what had to be written.
     pub async fn check(&mut self, peers: &[Lease]) -> Result<Fixes, Error> {
+        self.check_with(peers, None, &Touched::default()).await
+    }
+
+    /// A future that reads both devices' tables without borrowing the backend: the
+    /// expensive part of a resync, run while lease events go on
+    /// ([`check_with`](Self::check_with) compares afterwards).
+    pub fn tables_reader(
+        &self,
+    ) -> impl Future<Output = Result<KernelTables, Error>> + Send + 'static {
+        let v4 = self.v4.tables_reader();
+        let v6 = self.v6.as_ref().map(VxlanDevice::tables_reader);
+        async move {
+            Ok(KernelTables {
+                v4: v4.await?,
+                v6: match v6 {
+                    Some(f) => Some(f.await?),
+                    None => None,
+                },
+            })
+        }
+    }
+
+    /// [`check`](Self::check) against `tables` read earlier by
+    /// [`tables_reader`](Self::tables_reader); the subnets in `touched` were changed by
+    /// lease events since and are left as those made them.
+    pub async fn check_with(
+        &mut self,
+        peers: &[Lease],
+        tables: Option<KernelTables>,
+        touched: &Touched,
+    ) -> Result<Fixes, Error> {
+        let (t4, t6) = tables.map_or((None, None), |t| (Some(t.v4), t.v6));
         if let Some(guard) = &mut self.guard {
             let own = self.v4.own;
             let senders = peers
@@ -1251,10 +1366,10 @@ impl KernelVxlan {
                 .map(|l| (l.subnet, guarded_senders(l)));
             guard.replace_all(senders).await.map_err(Error::from)?;
         }
-        let mut fixes = self.v4.check(peers).await;
+        let mut fixes = self.v4.check_with(peers, t4, &touched.v4).await;
         if let Some(v6) = &mut self.v6 {
             // One family's failure does not keep the other from being repaired.
-            let more = v6.check(peers).await;
+            let more = v6.check_with(peers, t6, &touched.v6).await;
             fixes = match (fixes, more) {
                 (Ok(mut a), Ok(b)) => {
                     a.extend(b);

@@ -40,8 +40,8 @@ pub use tables::{Counters, PeerEntry, Placement};
 
 use crate::{
     backend::{
-        Backend, Error, ExternalInterface, Result,
-        vxlan::{Fixes, KernelVxlan, VtepMacs},
+        Backend, Error, ExternalInterface, Result, Touched,
+        vxlan::{self, Fixes, KernelTables, KernelVxlan, VtepMacs},
     },
     lease::{Lease, LeaseAttrs},
     netconf::VxlanConfig,
@@ -209,7 +209,28 @@ impl EbpfVxlan {
     /// then CONFIG (a re-created device has a new ifindex), then the peer maps. Returns
     /// what had to be written, peer-map entries aside.
     async fn check(&mut self, peers: &[Lease]) -> Result<Fixes> {
-        let mut fixes = self.kernel.check(peers).await?;
+        self.check_with(peers, None, &Touched::default()).await
+    }
+
+    /// The kernel device's tables, read without borrowing the backend (see
+    /// [`KernelVxlan::tables_reader`]).
+    pub fn kernel_tables_reader(
+        &self,
+    ) -> impl std::future::Future<Output = std::result::Result<KernelTables, vxlan::Error>>
+    + Send
+    + 'static {
+        self.kernel.tables_reader()
+    }
+
+    /// [`check`](Self::check), the kernel device's entries compared with `tables` read
+    /// earlier (the maps are read here, as before).
+    pub async fn check_with(
+        &mut self,
+        peers: &[Lease],
+        tables: Option<KernelTables>,
+        touched: &Touched,
+    ) -> Result<Fixes> {
+        let mut fixes = self.kernel.check_with(peers, tables, touched).await?;
         let (device, uplink) = (self.kernel.device_name(), &self.kernel.ext().name);
         fixes.extend(
             self.datapath
