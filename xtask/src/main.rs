@@ -51,7 +51,8 @@ enum Command {
     /// control-plane benchmark instead (N peer leases in etcd, one release agent per
     /// datapath; `--sizes 100,1000,5000,10000`).
     Bench {
-        /// Arguments for the benchmark (--rounds N, --seconds S, --transactions N).
+        /// Arguments for the benchmark (--rounds N, --seconds S, --transactions N, --cc NAME,
+        /// --modes ebpf,kernel,host-gw,underlay[,all-flows]).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
