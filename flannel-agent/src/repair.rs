@@ -36,11 +36,13 @@ pub enum RepairKind {
     DatapathConfig,
     /// This host's own lease in the subnet store (overwritten or deleted).
     Lease,
+    /// The nftables VXLAN peer guard (table, peer sets, chain or rules).
+    PeerGuard,
 }
 
 impl RepairKind {
     /// Every kind, in a stable order (for exporting all counters, zeros included).
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Device,
         Self::DeviceSettings,
         Self::Route,
@@ -52,6 +54,7 @@ impl RepairKind {
         Self::PinnedMap,
         Self::DatapathConfig,
         Self::Lease,
+        Self::PeerGuard,
     ];
 
     /// The label value (`flannel_repairs_total{kind="route"}`).
@@ -68,6 +71,7 @@ impl RepairKind {
             Self::PinnedMap => "pinned_map",
             Self::DatapathConfig => "datapath_config",
             Self::Lease => "lease",
+            Self::PeerGuard => "peer_guard",
         }
     }
 }

@@ -205,6 +205,35 @@ fn vxlan_and_ebpf_state_is_repaired_without_a_restart() {
         times.push((what, took));
     }
 
+    // eBPF only (the known-peer check's default): the nftables VXLAN peer guard, flushed
+    // whole and one element of its peer set deleted. Repaired by the periodic resync.
+    let guard_holds_b = || {
+        let out = a.run("nft list table inet flannel-vxlan-guard");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // The element, and the rule dropping everyone else (`counter dropped` also reads
+        // "drop").
+        out.status.success() && text.contains(&B_IP.to_string()) && text.contains("!= @peers")
+    };
+    // A's `nft flush ruleset` above took the guard too; the periodic resync puts it back.
+    assert!(
+        wait_until(DEADLINE, guard_holds_b),
+        "A's guard lacks B before tampering\n{}",
+        c.logs()
+    );
+    for cmd in [
+        "nft flush table inet flannel-vxlan-guard".to_owned(),
+        format!("nft delete element inet flannel-vxlan-guard peers {{ {B_IP} }}"),
+    ] {
+        let what = format!("A(ebpf) {cmd}");
+        let took = repair_time(
+            &c,
+            &what,
+            || drop(a.sh(&cmd)),
+            || guard_holds_b() && pods_talk_through_ebpf(&c, &pins),
+        );
+        times.push((what, took));
+    }
+
     // eBPF only: the pinned tcx links (removing them detaches the programs) and map pins.
     let layout = pins.layout(1);
     let links = [layout.link("encap"), layout.link("decap")];
@@ -264,6 +293,25 @@ fn vxlan_and_ebpf_state_is_repaired_without_a_restart() {
     ] {
         assert!(log_a.contains(kind), "A log lacks {kind:?}\n{log_a}");
     }
+    // The guard's repairs, named: the table, and the element that was missing.
+    let guard_lines: Vec<&str> = log_a
+        .lines()
+        .filter(|l| l.contains("repaired peer_guard") && l.contains("flannel-vxlan-guard"))
+        .collect();
+    assert!(
+        guard_lines.len() >= 2,
+        "A log lacks the guard repairs\n{log_a}"
+    );
+    assert!(
+        guard_lines.iter().any(|l| l.contains("rules changed")),
+        "A log does not name the flushed rules\n{log_a}"
+    );
+    assert!(
+        guard_lines
+            .iter()
+            .any(|l| l.contains(&format!("set peers lacked {B_IP}"))),
+        "A log does not name the deleted element\n{log_a}"
+    );
     for (name, log) in [("A", &log_a), ("B", &log_b)] {
         let lines: Vec<&str> = log.lines().filter(|l| l.contains("repaired ")).collect();
         eprintln!("{name}: {} repair log lines", lines.len());

@@ -27,9 +27,13 @@
 //! `strangers` counts what was dropped by source; [`name_strangers`] reads it and logs each
 //! source once with the remedy, as the eBPF datapath does for what its check drops.
 //!
-//! Every change rewrites the set and the rule in one `nft -f` transaction (no window with
-//! an empty set); the named counter survives rewrites. The script runs through
-//! [`crate::net::masq`]'s tool runner, the one place the agent starts `nft`.
+//! A peer event writes only the addresses that changed; the first write (and every repair)
+//! rewrites the set and the rules in one `nft -f` transaction (no window with an empty
+//! set); the named counter survives rewrites. The periodic resync ([`PeerGuard::replace_all`])
+//! reads the table back (`nft -j list table`) and rewrites it only when it is not what was
+//! written — a flushed table, a deleted element, an edited rule — recording the repair.
+//! The scripts run through [`crate::net::masq`]'s tool runner, the one place the agent
+//! starts `nft`.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -41,6 +45,7 @@ use ipnetwork::Ipv4Network;
 use tracing::{info, warn};
 
 use super::masq;
+use crate::repair::{self, RepairKind};
 
 /// The table (family `inet`).
 pub const TABLE: &str = "flannel-vxlan-guard";
@@ -55,6 +60,9 @@ pub struct PeerGuard {
     senders: BTreeMap<Ipv4Network, BTreeSet<IpAddr>>,
     /// What the kernel holds, as far as we know; `None` forces the next write.
     applied: Option<BTreeSet<IpAddr>>,
+    /// The chain and its rules as the kernel listed them right after the last full write
+    /// (so nft's own rendering never reads as a difference); peer events leave them alone.
+    golden_rules: Option<Vec<serde_json::Value>>,
     /// No `nft` binary: warned once, nothing to maintain.
     unavailable: bool,
 }
@@ -68,6 +76,7 @@ impl PeerGuard {
             ipv6,
             senders: BTreeMap::new(),
             applied: None,
+            golden_rules: None,
             unavailable: false,
         }
     }
@@ -88,8 +97,10 @@ impl PeerGuard {
         self.apply().await
     }
 
-    /// The peer set is exactly `peers`; rewrites the table even if nothing changed, so a
-    /// flushed ruleset comes back with the next reconcile.
+    /// The peer set is exactly `peers`: reads the table back and, when it is not what was
+    /// written (flushed, an element deleted or added, the chain or a rule changed),
+    /// rewrites it whole and records the repair. A mere change of peers since the last
+    /// write is applied as a delta, not counted as a repair.
     pub async fn replace_all(
         &mut self,
         peers: impl IntoIterator<Item = (Ipv4Network, Vec<IpAddr>)>,
@@ -98,6 +109,29 @@ impl PeerGuard {
             .into_iter()
             .map(|(net, addrs)| (net, addrs.into_iter().collect()))
             .collect();
+        if self.unavailable {
+            return Ok(());
+        }
+        if let (Some(applied), Some(golden)) = (&self.applied, &self.golden_rules) {
+            let listing = match masq::nft_json(&["list", "table", "inet", TABLE]).await {
+                Ok(json) => Listing::parse(&json),
+                // No table: `nft` says so with an error.
+                Err(masq::Error::Failed { .. }) => Listing::default(),
+                Err(e) => return Err(e),
+            };
+            match listing.differs(self.ipv6, applied, golden) {
+                None => return self.apply().await,
+                Some(what) => {
+                    self.applied = None;
+                    self.apply().await?;
+                    repair::record(
+                        RepairKind::PeerGuard,
+                        format!("nftables table inet {TABLE}: {what}; rewritten"),
+                    );
+                    return Ok(());
+                }
+            }
+        }
         self.applied = None;
         self.apply().await
     }
@@ -136,8 +170,10 @@ impl PeerGuard {
             Some(d) => masq::nft(d).await,
             None => masq::nft(&script(self.port, self.ipv6, &want)).await,
         };
+        let mut full = delta.is_none();
         if delta.is_some() && matches!(result, Err(masq::Error::Failed { .. })) {
             result = masq::nft(&script(self.port, self.ipv6, &want)).await;
+            full = true;
         }
         match result {
             Ok(()) => {}
@@ -157,8 +193,117 @@ impl PeerGuard {
                 "VXLAN peer guard in place"
             );
         }
+        if full {
+            // What the rules look like now, for the resync to compare with.
+            self.golden_rules = match masq::nft_json(&["list", "table", "inet", TABLE]).await {
+                Ok(json) => Some(Listing::parse(&json).rules),
+                Err(_) => None,
+            };
+        }
         self.applied = Some(want);
         Ok(())
+    }
+}
+
+/// What `nft -j list table inet flannel-vxlan-guard` shows of the guard: the peer sets'
+/// elements and the chain with its rules (handles left out: a rewrite renumbers them).
+/// The `strangers` sets and the counter are not compared: they are state, and the rules
+/// referring to them cannot exist without them.
+#[derive(Debug, Default, PartialEq)]
+pub struct Listing {
+    /// `peers` (IPv4), `None` when the set is missing.
+    pub peers: Option<BTreeSet<IpAddr>>,
+    /// `peers6`, `None` when missing.
+    pub peers6: Option<BTreeSet<IpAddr>>,
+    /// The `input` chain and its rules, in order (empty when the chain is missing).
+    pub rules: Vec<serde_json::Value>,
+}
+
+impl Listing {
+    /// Parse `nft -j list table` output (anything unreadable is an empty listing).
+    pub fn parse(json: &str) -> Self {
+        let mut l = Self::default();
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+            return l;
+        };
+        for o in v["nftables"].as_array().into_iter().flatten() {
+            if let Some(set) = o.get("set") {
+                let elems: BTreeSet<IpAddr> = set["elem"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| {
+                        // Plain sets list bare values; sets with per-element state objects.
+                        e.as_str()
+                            .or_else(|| e["elem"]["val"].as_str())?
+                            .parse()
+                            .ok()
+                    })
+                    .collect();
+                match set["name"].as_str() {
+                    Some("peers") => l.peers = Some(elems),
+                    Some("peers6") => l.peers6 = Some(elems),
+                    _ => {}
+                }
+            }
+            for kind in ["chain", "rule"] {
+                if let Some(obj) = o.get(kind)
+                    && obj["name"].as_str().or(obj["chain"].as_str()) == Some("input")
+                {
+                    let mut obj = obj.clone();
+                    if let Some(m) = obj.as_object_mut() {
+                        m.remove("handle");
+                    }
+                    l.rules.push(serde_json::json!({ kind: obj }));
+                }
+            }
+        }
+        l
+    }
+
+    /// Why this listing is not the guard as written (`applied` in the sets, the chain and
+    /// rules as `golden`), or `None` when it is.
+    pub fn differs(
+        &self,
+        ipv6: bool,
+        applied: &BTreeSet<IpAddr>,
+        golden: &[serde_json::Value],
+    ) -> Option<String> {
+        if self.peers.is_none() && self.rules.is_empty() {
+            return Some("missing".to_owned());
+        }
+        let mut wrong = Vec::new();
+        let families: &[(&str, bool, &Option<BTreeSet<IpAddr>>)] = if ipv6 {
+            &[
+                ("peers", true, &self.peers),
+                ("peers6", false, &self.peers6),
+            ]
+        } else {
+            &[("peers", true, &self.peers)]
+        };
+        for (name, v4, have) in families {
+            let want: BTreeSet<IpAddr> = applied
+                .iter()
+                .filter(|a| a.is_ipv4() == *v4)
+                .copied()
+                .collect();
+            let Some(have) = have else {
+                wrong.push(format!("set {name} missing"));
+                continue;
+            };
+            let lacked: Vec<String> = want.difference(have).map(IpAddr::to_string).collect();
+            let extra: Vec<String> = have.difference(&want).map(IpAddr::to_string).collect();
+            if !lacked.is_empty() {
+                wrong.push(format!("set {name} lacked {}", lacked.join(", ")));
+            }
+            if !extra.is_empty() {
+                wrong.push(format!("set {name} held {}", extra.join(", ")));
+            }
+        }
+        if self.rules != golden {
+            wrong.push("chain input or its rules changed".to_owned());
+        }
+        (!wrong.is_empty()).then(|| wrong.join("; "))
     }
 }
 
@@ -399,6 +544,45 @@ mod tests {
             "add element inet flannel-vxlan-guard peers { 198.18.0.4 }\n\
              add element inet flannel-vxlan-guard peers6 { fd00::4 }\n\
              delete element inet flannel-vxlan-guard peers { 198.18.0.2 }\n"
+        );
+    }
+
+    #[test]
+    fn the_resync_tells_a_tampered_table_from_the_one_written() {
+        // nft 1.0.6's listing of the table as `script` writes it (one peer, IPv4 only).
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"table": {"family": "inet", "name": "flannel-vxlan-guard", "handle": 1}}, {"counter": {"family": "inet", "name": "dropped", "table": "flannel-vxlan-guard", "handle": 4, "packets": 0, "bytes": 0}}, {"set": {"family": "inet", "name": "peers", "table": "flannel-vxlan-guard", "type": "ipv4_addr", "handle": 1, "elem": ["198.18.0.2", "198.18.0.3"]}}, {"set": {"family": "inet", "name": "strangers", "table": "flannel-vxlan-guard", "type": "ipv4_addr", "handle": 2, "size": 1024, "flags": ["timeout"], "timeout": 3600}}, {"chain": {"family": "inet", "table": "flannel-vxlan-guard", "name": "input", "handle": 5, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}}, {"rule": {"family": "inet", "table": "flannel-vxlan-guard", "chain": "input", "handle": 6, "expr": [{"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@peers"}}, {"drop": null}]}}]}"#;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let l = Listing::parse(json);
+        let golden = l.rules.clone();
+        assert_eq!(golden.len(), 2, "{golden:?}");
+        let applied: BTreeSet<IpAddr> = [ip("198.18.0.2"), ip("198.18.0.3")].into();
+        assert_eq!(l.differs(false, &applied, &golden), None);
+        // A rewrite renumbers handles: not a difference.
+        let renumbered = Listing::parse(&json.replace("\"handle\": 6", "\"handle\": 9"));
+        assert_eq!(renumbered.differs(false, &applied, &golden), None);
+        // One element deleted.
+        let fewer: BTreeSet<IpAddr> = [ip("198.18.0.2"), ip("198.18.0.3"), ip("198.18.0.4")].into();
+        assert_eq!(
+            l.differs(false, &fewer, &golden).as_deref(),
+            Some("set peers lacked 198.18.0.4")
+        );
+        // The rule turned into an accept.
+        let edited = Listing::parse(&json.replace("\"drop\"", "\"accept\""));
+        assert_eq!(
+            edited.differs(false, &applied, &golden).as_deref(),
+            Some("chain input or its rules changed")
+        );
+        // Flushed (nft fails to list it).
+        assert_eq!(
+            Listing::default()
+                .differs(false, &applied, &golden)
+                .as_deref(),
+            Some("missing")
+        );
+        // Guarding IPv6 too, a missing peers6 set is a difference.
+        assert_eq!(
+            l.differs(true, &applied, &golden).as_deref(),
+            Some("set peers6 missing")
         );
     }
 
