@@ -611,6 +611,14 @@ async fn watch_peers<M: SubnetManager>(
     let mut peers = PeerSet::new(own.subnet);
     let mut events = mgr.watch_leases();
     let (trigger_tx, mut triggers) = tokio::sync::mpsc::channel(16);
+    let pins = backend.pin_paths();
+    if !pins.is_empty() {
+        tokio::spawn(monitor::watch_pins(
+            pins,
+            trigger_tx.clone(),
+            cancel.child_token(),
+        ));
+    }
     tokio::spawn(monitor::run(
         monitor::Watched {
             device: backend.device_name().map(str::to_owned),

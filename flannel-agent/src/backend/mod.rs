@@ -171,6 +171,15 @@ impl AnyBackend {
         }
     }
 
+    /// The pinned maps and links the eBPF datapath keeps (none for the other backends):
+    /// what the agent watches for removal, since no netlink event reports it.
+    pub fn pin_paths(&self) -> Vec<std::path::PathBuf> {
+        match self {
+            Self::Ebpf(b) => b.pin_paths(),
+            Self::Vxlan(_) | Self::HostGw(_) => Vec::new(),
+        }
+    }
+
     /// With the nftables VXLAN peer guard on: whether it guards VXLAN over IPv6 too.
     pub fn peer_guard(&self) -> Option<bool> {
         match self {

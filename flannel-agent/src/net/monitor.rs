@@ -12,7 +12,9 @@
 //! - any deleted route carrying this agent's protocol ([`RTPROT_FLANNEL`]): per-peer VXLAN
 //!   and direct routes, host-gw routes, the blackhole route;
 //! - address changes on the uplink ([`Trigger::UplinkAddress`]): the published public IP
-//!   may have to follow.
+//!   may have to follow;
+//! - and, outside netlink, the eBPF datapath's pins ([`watch_pins`]): a removed or replaced
+//!   map or link pin (bpffs has no netlink event; one `stat` per pin per second).
 //!
 //! Changes that replace one of our entries with a different one (not a deletion) are left
 //! to the periodic resync: reacting to every `RTM_NEWROUTE` would also react to each of the
@@ -73,6 +75,38 @@ pub async fn run(watched: Watched, tx: mpsc::Sender<Trigger>, cancel: Cancellati
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// How often [`watch_pins`] looks at the pins.
+pub const PIN_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Until `cancel`, every [`PIN_POLL`]: asks for a resync when one of `paths` is gone or
+/// is another file than before (a pin replaced by a different map). Only the change is
+/// reported, once; the pin coming back (the repair itself) is not.
+pub async fn watch_pins(
+    paths: Vec<std::path::PathBuf>,
+    tx: mpsc::Sender<Trigger>,
+    cancel: CancellationToken,
+) {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let mut seen: Vec<_> = paths.iter().map(|p| identity(p)).collect();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(PIN_POLL) => {}
+        }
+        for (path, seen) in paths.iter().zip(&mut seen) {
+            let now = identity(path);
+            if let Some(before) = *seen
+                && now != Some(before)
+            {
+                let what = if now.is_none() { "removed" } else { "replaced" };
+                let _ = tx.try_send(Trigger::Kernel(format!("pin {} {what}", path.display())));
+            }
+            *seen = now;
         }
     }
 }

@@ -541,6 +541,16 @@ fn carry_over(
 
 impl Datapath {
     /// Every map handle with its pinned name.
+    /// Every pin this datapath keeps: its maps' and its links' (what [`Self::repair_pins`]
+    /// puts back), for the agent's watch on them.
+    pub fn pin_paths(&self, layout: &PinLayout) -> Vec<PathBuf> {
+        self.map_handles()
+            .iter()
+            .map(|(name, _)| layout.map(name))
+            .chain(attachments("", "").iter().map(|a| layout.link(a.link)))
+            .collect()
+    }
+
     fn map_handles(&self) -> [(&'static str, &MapData); 10] {
         [
             (names::MAP_ROUTES, self.routes.map()),

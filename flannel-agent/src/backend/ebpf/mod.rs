@@ -154,6 +154,11 @@ impl EbpfVxlan {
         self.kernel.peer_guard()
     }
 
+    /// The datapath's pinned maps and links (bpffs paths).
+    pub fn pin_paths(&self) -> Vec<PathBuf> {
+        self.datapath.pin_paths(&self.layout)
+    }
+
     /// The VXLAN device the programs ride on.
     pub fn device_name(&self) -> &str {
         self.kernel.device_name()
