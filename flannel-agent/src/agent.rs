@@ -619,6 +619,12 @@ async fn watch_peers<M: SubnetManager>(
             cancel.child_token(),
         ));
     }
+    if backend.peer_guard().is_some() {
+        tokio::spawn(vxlan_guard::watch_chain(
+            trigger_tx.clone(),
+            cancel.child_token(),
+        ));
+    }
     tokio::spawn(monitor::run(
         monitor::Watched {
             device: backend.device_name().map(str::to_owned),

@@ -554,6 +554,11 @@ pub(crate) async fn nft_json(args: &[&str]) -> Result<String> {
     run_tool("nft", &all, None).await
 }
 
+/// `nft <args>`: a listing in nftables' text form; also used by [`crate::net::vxlan_guard`].
+pub(crate) async fn nft_list(args: &[&str]) -> Result<String> {
+    run_tool("nft", args, None).await
+}
+
 /// Run `program args`, with `script` on stdin if given; its stdout on success, its stderr
 /// in the error otherwise.
 async fn run_tool(program: &'static str, args: &[&str], script: Option<&str>) -> Result<String> {

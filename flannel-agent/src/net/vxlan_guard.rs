@@ -427,6 +427,41 @@ pub async fn name_strangers(ipv6: bool, cancel: tokio_util::sync::CancellationTo
     }
 }
 
+/// How often [`watch_chain`] lists the guard's chain.
+pub const CHAIN_POLL: Duration = Duration::from_secs(2);
+
+/// Until `cancel`, every [`CHAIN_POLL`]: asks for a resync when the guard's chain is gone
+/// or reads differently from the poll before (`nft flush ruleset`, a firewall reload, an
+/// edited rule), so those are repaired in seconds rather than at the periodic resync
+/// (which compares everything and decides whether anything is to be repaired). Only the
+/// change is reported, so a chain that stays different asks once, not every poll. The
+/// listing is a few lines whatever the number of peers (the set is named, not listed); a
+/// deleted element is left to the periodic resync. Ends quietly when `nft` cannot run.
+pub async fn watch_chain(
+    tx: tokio::sync::mpsc::Sender<super::monitor::Trigger>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut last: Option<String> = None;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(CHAIN_POLL) => {}
+        }
+        let now = match masq::nft_list(&["list", "chain", "inet", TABLE, "input"]).await {
+            Ok(listing) => Some(listing),
+            Err(masq::Error::Spawn { .. }) => return,
+            // Not written yet (no peer update so far), or gone.
+            Err(_) => None,
+        };
+        if last.is_some() && now != last {
+            let _ = tx.try_send(super::monitor::Trigger::Kernel(format!(
+                "nftables chain inet {TABLE} input missing or changed"
+            )));
+        }
+        last = now;
+    }
+}
+
 /// The elements of a `strangers` set in `nft -j list set` output: each source with its
 /// packet count.
 pub fn parse_strangers(json: &str) -> Vec<(IpAddr, u64)> {
