@@ -8,8 +8,9 @@
 //!
 //! Repair times are printed (`repair time <what>: …`); the deadline asserted is generous
 //! ([`DEADLINE`]) because the point tested is "repaired at all, without a restart"; the
-//! agent's target (a netlink event: well under a second; the periodic resync: 10 s) is in
-//! the notes, not in a timed assertion.
+//! agent's target (a netlink event: well under a second; a removed pin: the 1 s pin poll; a
+//! flushed or edited peer-guard chain: the 2 s chain poll; anything else: the periodic
+//! resync, 10 s) is in the notes, not in a timed assertion.
 
 use std::{
     net::Ipv4Addr,
