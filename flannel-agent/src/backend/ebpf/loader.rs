@@ -277,25 +277,11 @@ pub fn load_sized(
         }
     };
 
-    // Log statements below the agent's level cost the programs one branch, nothing more.
-    let log_level = ebpf_log_level();
-    let mut loader = EbpfLoader::new();
-    loader.override_global("AYA_LOG_LEVEL", &log_level, false);
-    let paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
-        .iter()
-        .map(|name| (*name, layout.map(name)))
-        .collect();
-    for (name, path) in &paths {
-        loader.map_pin_path(name, path.as_path());
-    }
-    for name in names::PEER_MAPS {
-        loader.map_max_entries(name, capacity);
-    }
-    let mut ebpf = match loader.load(OBJECT) {
+    let mut ebpf = match load_object(layout, capacity) {
         Ok(ebpf) => ebpf,
         Err(e) => {
             restore_pins(&resized);
-            return Err(FallbackReason::Load(format!("{e:#}")));
+            return Err(e);
         }
     };
     if let Err(e) = carry_over(&mut ebpf, resized, capacity) {
@@ -356,22 +342,7 @@ impl PodPrograms {
     pub fn load(layout: &PinLayout, cancel: &CancellationToken) -> Result<Self, FallbackReason> {
         let pinned = check_pinned_maps(layout)?;
         let capacity = pinned_capacity(&pinned).unwrap_or(DEFAULT_PEER_CAPACITY);
-        let log_level = ebpf_log_level();
-        let mut loader = EbpfLoader::new();
-        loader.override_global("AYA_LOG_LEVEL", &log_level, false);
-        let paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
-            .iter()
-            .map(|name| (*name, layout.map(name)))
-            .collect();
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        for name in names::PEER_MAPS {
-            loader.map_max_entries(name, capacity);
-        }
-        let mut ebpf = loader
-            .load(OBJECT)
-            .map_err(|e| FallbackReason::Load(format!("{e:#}")))?;
+        let mut ebpf = load_object(layout, capacity)?;
         for program in [names::PROG_FROM_POD, names::PROG_TO_POD] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(program)
@@ -782,6 +753,43 @@ fn replace_in_pinned_link(prog: &mut SchedClassifier, pin: &Path) -> Result<(), 
 }
 
 /// The agent's log level as aya-log's level number (0 = off, 1 = error … 5 = trace).
+/// [`OBJECT`] loaded (programs not yet) against the pinned maps of `layout`, the peer-keyed
+/// maps sized for `capacity` peers: the one way both the datapath and the pod programs
+/// open the object, so they always agree on the maps.
+fn load_object(layout: &PinLayout, capacity: u32) -> Result<Ebpf, FallbackReason> {
+    // Log statements below the agent's level cost the programs one branch, nothing more.
+    let log_level = ebpf_log_level();
+    let paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
+        .iter()
+        .map(|name| (*name, layout.map(name)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    loader.override_global("AYA_LOG_LEVEL", &log_level, false);
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    for name in names::PEER_MAPS {
+        loader.map_max_entries(name, capacity);
+    }
+    let loaded = loader
+        .load(OBJECT)
+        .map_err(|e| FallbackReason::Load(format!("{e:#}")));
+    drop(loader);
+    release_freed_memory();
+    loaded
+}
+
+/// Every load parses the kernel's BTF (`/sys/kernel/btf/vmlinux`, 5 MB, several times
+/// that once parsed) and frees it again, and glibc keeps freed pages in its arenas: hand
+/// them back, so the agent's resident size is what it holds, not its start-up peak.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers; it only walks the allocator's free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn ebpf_log_level() -> u8 {
     use tracing::level_filters::LevelFilter;
     match LevelFilter::current() {
