@@ -177,6 +177,16 @@ pub fn parse_subnet_env(text: &str, path: &std::path::Path) -> Result<SubnetEnv,
     })
 }
 
+/// The plugin a rendered delegate config names (`type`), `bridge` when it names none, as
+/// upstream's plugin defaults.
+pub fn delegate_type(rendered: &Map<String, Value>) -> String {
+    rendered
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("bridge")
+        .to_owned()
+}
+
 /// Renders the delegate netconf (upstream `doCmdAdd` + `getDelegateIPAM`): the user's
 /// `delegate` keys win, flannel fills `name`, `type` (bridge), `ipMasq` (the inverse of
 /// flanneld's: whoever does not masquerade leaves it to the other), `mtu`, `isGateway`,

@@ -12,7 +12,7 @@ use std::io::{Read as _, Write as _};
 use serde_json::{Value, json};
 
 use self::{
-    config::{ConfigError, NetConf, read_subnet_env, render_delegate},
+    config::{ConfigError, NetConf, delegate_type, read_subnet_env, render_delegate},
     delegate::DelegateError,
 };
 
@@ -244,11 +244,7 @@ fn cmd_add(env: &CniEnv, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
     check_version(&conf.cni_version)?;
     let subnet_env = read_subnet_env(&conf.subnet_file)?;
     let mut rendered = render_delegate(&conf, &subnet_env);
-    let plugin = rendered
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("bridge")
-        .to_owned();
+    let plugin = delegate_type(&rendered);
     let path = delegate::find_plugin(&plugin, &env.path)?;
     let spoken = delegate_version(&path, &conf.cni_version)?;
     if spoken != conf.cni_version {

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::{
     CniEnv, CniError, at_least, check_version, code,
-    config::{Attachment, NetConf, read_subnet_env, render_delegate},
+    config::{Attachment, NetConf, delegate_type, read_subnet_env, render_delegate},
     delegate, stored_type,
 };
 
@@ -50,14 +50,13 @@ pub fn cmd_status(env: &CniEnv, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
     let subnet_env =
         read_subnet_env(&conf.subnet_file).map_err(|e| not_available(e.to_string()))?;
     let mut rendered = render_delegate(&conf, &subnet_env);
-    let type_of = |v: Option<&Value>, default: &str| {
-        v.and_then(|v| v.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or(default)
-            .to_owned()
-    };
-    let plugin = type_of(Some(&Value::Object(rendered.clone())), "bridge");
-    let ipam = type_of(rendered.get("ipam"), "host-local");
+    let plugin = delegate_type(&rendered);
+    let ipam = rendered
+        .get("ipam")
+        .and_then(|i| i.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("host-local")
+        .to_owned();
     let path = delegate::find_plugin(&plugin, &env.path)
         .map_err(|e| not_available(format!("delegate: {e}")))?;
     delegate::find_plugin(&ipam, &env.path)
@@ -168,11 +167,7 @@ fn forward_gc(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
         }
     };
     let mut rendered = render_delegate(conf, &subnet_env);
-    let plugin = rendered
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("bridge")
-        .to_owned();
+    let plugin = delegate_type(&rendered);
     let path = delegate::find_plugin(&plugin, &env.path)?;
     if !speaks_1_1(&path)? {
         eprintln!(
