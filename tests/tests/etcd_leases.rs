@@ -664,6 +664,47 @@ async fn dual_stack_leases_use_upstream_keys() -> Result<()> {
     Ok(())
 }
 
+/// A dual-stack key names both subnets, so two hosts that drew the same IPv4 subnet with
+/// different IPv6 ones (or the reverse) used to both win their create and then overwrite each
+/// other's lease forever. Narrow ranges in both families make such draws frequent here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_dual_stack_managers_get_distinct_subnets_in_both_families() -> Result<()> {
+    let etcd = EtcdServer::start()?;
+    put_config(
+        &etcd,
+        r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.49.0","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetLen":64,"IPv6SubnetMin":"fd00:10:244:10::","IPv6SubnetMax":"fd00:10:244:37::","Backend":{"Type":"vxlan"}}"#,
+    )
+    .await?;
+    const HOSTS: u8 = 30;
+    let mut managers = Vec::new();
+    for _ in 0..HOSTS {
+        managers.push(manager(&etcd).await?);
+    }
+    let leases = futures::future::join_all(managers.iter().enumerate().map(|(i, m)| async move {
+        let mut a = attrs(host(i as u8 + 1));
+        a.public_ipv6 = Some(format!("fd00:198::{}", i + 1).parse()?);
+        anyhow::Ok(m.acquire_lease(&a).await?)
+    }))
+    .await;
+    let (mut v4s, mut v6s, mut keys) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for (i, lease) in leases.into_iter().enumerate() {
+        let lease = lease.with_context(|| format!("manager {i}"))?;
+        let v6 = lease.ipv6_subnet.context("dual-stack lease without IPv6")?;
+        assert!(
+            v4s.insert(lease.subnet),
+            "IPv4 subnet {} handed out twice",
+            lease.subnet
+        );
+        assert!(v6s.insert(v6), "IPv6 subnet {v6} handed out twice");
+        keys.insert(format!("{PREFIX}/subnets/{}", lease.key()));
+    }
+    // Exactly the winners' keys are in etcd: every withdrawn create was deleted.
+    let stored: BTreeSet<String> = stored(&etcd).await?.into_keys().collect();
+    assert_eq!(stored, keys);
+    assert_eq!(stored.len(), usize::from(HOSTS));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservation_is_reused_and_stays_without_ttl() -> Result<()> {
     let etcd = EtcdServer::start()?;

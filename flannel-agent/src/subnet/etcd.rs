@@ -3,8 +3,10 @@
 //! mixed clusters work.
 //!
 //! Deliberate differences from upstream: a lost create race is retried (upstream's retry
-//! never fires), the lease watch resyncs with a fresh snapshot after any disconnect (not only
-//! after compaction), and renewal refuses to resurrect a key someone deleted.
+//! never fires), a dual-stack create also loses when another key holds either of its
+//! subnets (upstream checks only the exact key, so two hosts can win one IPv4 subnet), the
+//! lease watch resyncs with a fresh snapshot after any disconnect (not only after
+//! compaction), and renewal refuses to resurrect a key someone deleted.
 
 use std::{
     path::PathBuf,
@@ -450,19 +452,93 @@ impl EtcdSubnetManager {
 
     /// [`Self::put_if`], optionally without a TTL (re-putting a reservation keeps it one).
     async fn put_if_with(&self, key: &str, value: String, cmp: Compare, ttl: bool) -> Result<bool> {
+        Ok(self.put_when(key, value, vec![cmp], ttl).await?.is_some())
+    }
+
+    /// Puts `value` at `key` if every comparison holds: the store revision of the put and
+    /// the etcd lease it is under (0 for none), or `None` when a comparison did not hold.
+    async fn put_when(
+        &self,
+        key: &str,
+        value: String,
+        cmps: Vec<Compare>,
+        ttl: bool,
+    ) -> Result<Option<(i64, i64)>> {
         let id = if ttl { self.grant().await? } else { 0 };
         let opts = (id != 0).then(|| PutOptions::new().with_lease(id));
         let txn = Txn::new()
-            .when([cmp])
+            .when(cmps)
             .and_then([TxnOp::put(key, value, opts)]);
         let resp = call(format!("txn put {key}"), self.client.clone().txn(txn)).await?;
-        if !resp.succeeded() && id != 0 {
-            self.revoke(id).await;
+        if !resp.succeeded() {
+            if id != 0 {
+                self.revoke(id).await;
+            }
+            return Ok(None);
         }
-        Ok(resp.succeeded())
+        Ok(Some((resp.header().map_or(0, |h| h.revision()), id)))
     }
 
-    /// One acquisition attempt; `None` when another host changed the chosen key first.
+    /// Creates the lease key of `subnet`/`ipv6_subnet`: `false` when another host took either
+    /// half first.
+    ///
+    /// A dual-stack key names both subnets, so "the key is absent" (upstream's only check)
+    /// lets two hosts that drew the same IPv4 subnet with different IPv6 ones both win. The
+    /// IPv4 half is guarded inside the transaction: no key may start with it, with or without
+    /// an IPv6 half. The IPv6 half sits after `&`, out of reach of a key-range comparison, so
+    /// it is checked right after the create: of two keys sharing it, the one created first
+    /// stays and the later one withdraws. The later creator always sees the earlier key (its
+    /// check lists after its own create), so exactly one of them withdraws.
+    async fn create(
+        &self,
+        subnet: Ipv4Network,
+        ipv6_subnet: Option<Ipv6Network>,
+        value: String,
+    ) -> Result<bool> {
+        let key = self.lease_key(subnet, ipv6_subnet);
+        let v4_key = self.lease_key(subnet, None);
+        let guards = vec![
+            Compare::version(key.as_str(), CompareOp::Equal, 0),
+            Compare::version(v4_key.as_str(), CompareOp::Equal, 0),
+            Compare::version(format!("{v4_key}&"), CompareOp::Equal, 0).with_prefix(),
+        ];
+        let Some((created, etcd_lease)) = self.put_when(&key, value, guards, true).await? else {
+            return Ok(false);
+        };
+        let Some(v6) = ipv6_subnet else {
+            return Ok(true);
+        };
+        let prefix = self.subnets_prefix();
+        let resp = call(
+            format!("list {prefix}"),
+            self.client.clone().get(
+                prefix.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
+        )
+        .await?;
+        let earlier = resp.kvs().iter().find(|kv| {
+            kv.create_revision() < created
+                && kv.key_str().is_ok_and(|k| {
+                    parse_subnet_key(k)
+                        .is_ok_and(|(_, other)| other.is_some_and(|o| overlaps(o, v6)))
+                })
+        });
+        let Some(earlier) = earlier else {
+            return Ok(true);
+        };
+        info!(%key, earlier = %String::from_utf8_lossy(earlier.key()),
+              "another host created a lease with the same IPv6 subnet first; withdrawing ours");
+        // Revoking the etcd lease deletes the key with it, and only if it is still ours.
+        call(
+            format!("withdraw {key}"),
+            self.client.clone().lease_revoke(etcd_lease),
+        )
+        .await?;
+        Ok(false)
+    }
+
+    /// One acquisition attempt; `None` when another host took the chosen subnets first.
     async fn try_acquire(&self, cfg: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Option<Lease>> {
         let (records, mut used, _) = self.list(None).await?;
         let value = attrs.to_json();
@@ -497,15 +573,7 @@ impl EtcdSubnetManager {
 
         // 2. The subnet of the previous run, if still free; 3. otherwise a random free one.
         let (subnet, ipv6_subnet) = self.choose(cfg, &used)?;
-        let key = self.lease_key(subnet, ipv6_subnet);
-        if !self
-            .put_if(
-                &key,
-                value,
-                Compare::version(key.as_str(), CompareOp::Equal, 0),
-            )
-            .await?
-        {
+        if !self.create(subnet, ipv6_subnet, value).await? {
             return Ok(None);
         }
         Ok(Some(Lease {
