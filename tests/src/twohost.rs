@@ -5,7 +5,7 @@
 //! ([`crate::cluster::BpfPins`]).
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::Path,
     sync::{
         Arc,
@@ -48,6 +48,19 @@ impl Host {
     /// The pod's address (`.2` of the subnet; `.1` is the host side).
     pub fn pod_ip(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.subnet.network()) + 2)
+    }
+
+    /// Handles everything arriving on the underlay on `cpu` (RPS), as a real node's NIC
+    /// interrupts land on that node's own CPUs. A veth otherwise runs the receiver's whole
+    /// stack on the sender's CPU, so two "hosts" on one machine would share one CPU.
+    pub fn steer_underlay_receive_to(&self, cpu: usize) {
+        // /sys shows the namespace that mounted it: mount a fresh one in a private mount
+        // namespace (what `ip netns exec` does, without touching the caller's /sys).
+        self.ns.sh(&format!(
+            "unshare --mount sh -c 'mount -t sysfs sysfs /sys && \
+             echo {:x} > /sys/class/net/eth0/queues/rx-0/rps_cpus'",
+            1u64 << cpu
+        ));
     }
 }
 
@@ -357,7 +370,13 @@ pub fn iperf_bytes(from: &Host, to: &Host) -> u64 {
 /// An iperf3 server in `server` (one test) and a client in `client` towards `addr` (the
 /// server's address, or a service address that reaches it), with extra client arguments;
 /// returns iperf3's JSON report.
-pub fn iperf(client: &NetNs, server: &NetNs, addr: Ipv4Addr, args: &[&str]) -> serde_json::Value {
+pub fn iperf(
+    client: &NetNs,
+    server: &NetNs,
+    addr: impl Into<IpAddr>,
+    args: &[&str],
+) -> serde_json::Value {
+    let addr = addr.into();
     let _server = server.spawn_server("iperf3", &["-s", "-1", "-p", "5201"], 5201);
     let (ok, out) = try_sh(
         client,

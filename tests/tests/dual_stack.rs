@@ -202,6 +202,65 @@ fn dual_stack_vxlan_ebpf_and_kernel_hosts_connect_every_pod_over_both_families()
     );
 }
 
+/// A ClusterIP-style IPv6 Service address: inside the test underlay's on-link range but
+/// owned by no host, so only the client host's DNAT makes it reachable.
+const SERVICE_IP6: &str = "fd00:198::ffff:10";
+
+/// kube-proxy-style IPv6 Services: DNAT on the client's host (ip6tables on one, an nft
+/// `ip6` table on the other) to a pod on the other host, an eBPF host and a kernel-VXLAN
+/// host; bulk data crosses in both directions, so the replies are un-NATed by the client
+/// host's conntrack after crossing the tunnel.
+#[test]
+fn ipv6_services_dnat_to_a_pod_on_another_host_both_directions() {
+    if !require_root() {
+        return;
+    }
+    let pins = BpfPins::new("ds-svc", 1);
+    let (c, _envs) = start(2, &dual_conf(r#"{"Type":"vxlan"}"#), |i| {
+        if i == 1 {
+            vec!["--dataplane=ebpf".into(), pins.arg(1)]
+        } else {
+            vec!["--dataplane=kernel".into()]
+        }
+    });
+    c.assert_all_pods_reach_each_other_v6();
+    let service: Ipv6Addr = SERVICE_IP6.parse().unwrap();
+    let pod = |h: usize| &c.nodes[h].host.pods[0];
+    let dnat = [
+        (
+            0,
+            format!(
+                "ip6tables -t nat -A PREROUTING -d {SERVICE_IP6}/128 -p tcp --dport 5201 -j DNAT --to-destination [{}]:5201",
+                pod(1).ip6.unwrap()
+            ),
+            "ip6tables -t nat -F PREROUTING".to_owned(),
+        ),
+        (
+            1,
+            format!(
+                "nft 'add table ip6 svc; add chain ip6 svc pre {{ type nat hook prerouting priority dstnat; }}; add rule ip6 svc pre ip6 daddr {SERVICE_IP6} tcp dport 5201 dnat to [{}]:5201'",
+                pod(0).ip6.unwrap()
+            ),
+            "nft delete table ip6 svc".to_owned(),
+        ),
+    ];
+    for (client, add, remove) in dnat {
+        let (from, to) = (pod(client), pod(1 - client));
+        c.nodes[client].host.ns.sh(&add);
+        for args in [&["-t", "1"][..], &["-t", "1", "-R"][..]] {
+            let report = flannel_e2e::twohost::iperf(&from.ns, &to.ns, service, args);
+            let bytes = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+            assert!(
+                bytes > 5_000_000,
+                "host {} IPv6 service, iperf3 {args:?}: only {bytes} bytes\n{}",
+                client + 1,
+                c.logs()
+            );
+        }
+        c.nodes[client].host.ns.sh(&remove);
+    }
+}
+
 #[test]
 fn dual_stack_hostgw_routes_both_families() {
     if !require_root() {
