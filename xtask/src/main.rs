@@ -52,7 +52,7 @@ enum Command {
     /// datapath; `--sizes 100,1000,5000,10000`).
     Bench {
         /// Arguments for the benchmark (--rounds N, --seconds S, --transactions N, --cc NAME,
-        /// --modes ebpf,kernel,host-gw,underlay[,all-flows]).
+        /// --placement per-host|shared, --modes ebpf,kernel,host-gw,underlay[,all-flows]).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

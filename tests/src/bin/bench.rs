@@ -200,6 +200,15 @@ fn bench(args: &[String]) {
     // The sender's congestion control, set per socket so the machine's sysctl does not
     // decide it: cubic, the kernel's default and what nodes run unless told otherwise.
     let cc: String = flag(args, "--cc").unwrap_or_else(|| "cubic".to_owned());
+    // Where each host's receive work runs. `per-host`: host a's on CPU 0 (with the iperf3
+    // client), host b's on CPU 1 (with the server), as on two real nodes. `shared`: where
+    // the veth puts it, which is the sending CPU, so one CPU does both hosts' work.
+    let placement: String = flag(args, "--placement").unwrap_or_else(|| "per-host".to_owned());
+    let per_host = match placement.as_str() {
+        "per-host" => true,
+        "shared" => false,
+        other => panic!("--placement: unknown value {other:?} (per-host, shared)"),
+    };
     assert!(flannel_e2e::require_root(), "the benchmark needs root");
 
     let modes: Vec<Mode> = match flag::<String>(args, "--modes") {
@@ -224,6 +233,10 @@ fn bench(args: &[String]) {
             Carrier::Vxlan
         };
         let (a, b) = two_hosts_on(carrier, Node::Kubernetes);
+        if per_host {
+            a.steer_underlay_receive_to(0);
+            b.steer_underlay_receive_to(1);
+        }
         let mut agents = Vec::new();
         let pins = mode.fast_path().map(|fast| {
             let pins = BpfPins::new("bench", 2);
@@ -327,7 +340,7 @@ fn bench(args: &[String]) {
             );
         }
     }
-    report(&results, rounds, secs, &cc);
+    report(&results, rounds, secs, &cc, &placement);
 }
 
 /// Who talks to whom in a mode: pod to pod, or host to host over the bare underlay.
@@ -384,13 +397,13 @@ fn spread(v: &[f64]) -> String {
     format!("{min:.1}–{max:.1}")
 }
 
-fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64, cc: &str) {
+fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64, cc: &str, placement: &str) {
     let m = |mode: Mode| results.iter().find(|(x, _)| *x == mode).map(|(_, s)| s);
     println!(
         "\n{rounds} interleaved rounds, iperf3 {secs} s per run; medians (min–max); CPU = sys + softirq seconds of the whole machine per GB received"
     );
     println!(
-        "every host: pod behind cni0 (bridge plugin), iptables rules of kube-proxy ({} Services), the kubelet and flanneld, conntrack on; iperf3 sender congestion control {cc}\n",
+        "every host: pod behind cni0 (bridge plugin), iptables rules of kube-proxy ({} Services), the kubelet and flanneld, conntrack on; iperf3 sender congestion control {cc}; iperf3 client on CPU 0, server on CPU 1, receive placement {placement}\n",
         flannel_e2e::kube_node::SERVICES
     );
     println!("| mode | 1 stream Gbit/s | 4 streams Gbit/s | RR p50 µs | RR p99 µs | CPU-s/GB |");
