@@ -707,3 +707,59 @@ fn a_resync_read_leaves_subnets_events_touched_since() {
         "old MAC's FDB entry left:\n{fdb}"
     );
 }
+
+/// `peer`'s dual-stack lease: IPv6 subnet `fd00:10:244:<i>::/64`, PublicIPv6
+/// `fd00:198::1:<i>`, the same MAC for both devices (what matters is that each is set).
+fn dual_peer(i: u8) -> Lease {
+    let mut l = vxlan_peer(i, 0);
+    let data = flannel_agent::lease::VxlanBackendData {
+        vni: 1,
+        vtep_mac: MacAddr([0x0e, 6, 0, 0, 0, i]),
+    };
+    l.ipv6_subnet = Some(format!("fd00:10:244:{i:x}::/64").parse().unwrap());
+    l.attrs.public_ipv6 = Some(format!("fd00:198::1:{i:x}").parse().unwrap());
+    if let BackendAttrs::Vxlan { v6, .. } = &mut l.attrs.backend {
+        *v6 = Some(data);
+    }
+    l
+}
+
+/// The kernel reports an IPv6 route written without a metric at metric 1024: a resync must
+/// see it as ours and right. (It once took 1024 for "someone changed it", rewrote the route
+/// and then deleted it as stale, so every IPv6 peer lost its route at the first resync.)
+#[test]
+fn ipv6_peers_are_left_alone_by_a_resync() {
+    if !require_root() {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let host = underlay.add_host(1);
+    host.ns.sh("ip -6 addr add fd00:198::1:1/64 dev eth0 nodad");
+    let mut ext = ext_for(&host.ns, host.ip);
+    ext.iface_addr6 = Some("fd00:198::1:1".parse().unwrap());
+    ext.public_ipv6 = ext.iface_addr6;
+    let own = dual_peer(1);
+    host.ns.block_on(move || async move {
+        let mut b = KernelVxlan::new(ext, VxlanConfig::default())
+            .await
+            .expect("KernelVxlan::new");
+        b.prepare().await.expect("prepare");
+        b.register(&own).await.expect("register");
+        let peers: Vec<Lease> = (2..=5).map(dual_peer).collect();
+        b.reconcile(&peers).await.expect("reconcile");
+        let fixes = b
+            .check_with(&peers, None, &Touched::default())
+            .await
+            .expect("check");
+        assert!(
+            fixes.is_empty(),
+            "a resync changed correct entries: {fixes:?}"
+        );
+    });
+    let routes = host.ns.sh("ip -6 route show dev flannel-v6.1 proto 84");
+    assert_eq!(routes.lines().count(), 4, "{routes}");
+    assert!(
+        routes.contains("fd00:10:244:5::/64 via fd00:10:244:5:: metric 1024 onlink"),
+        "{routes}"
+    );
+}

@@ -981,7 +981,7 @@ impl<N: VxlanFamily> VxlanDevice<N> {
             && !r
                 .attributes
                 .iter()
-                .any(|a| matches!(a, RouteAttribute::Priority(p) if *p != 0))
+                .any(|a| matches!(a, RouteAttribute::Priority(p) if *p != N::DEFAULT_METRIC))
     }
 
     /// The desired state for `peers`, skipping (with a warning) leases we can't program.

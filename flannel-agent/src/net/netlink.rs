@@ -39,6 +39,9 @@ use crate::wire::cidr::Cidr;
 pub trait NlFamily: Cidr {
     /// `AF_INET` or `AF_INET6`.
     const AF: AddressFamily;
+    /// The metric the kernel gives a route added without one: 0 for IPv4, 1024 for IPv6
+    /// (`IP6_RT_PRIO_USER`), so a dump of a route we wrote shows it.
+    const DEFAULT_METRIC: u32;
     /// The address as a route attribute value.
     fn route_addr(addr: Self::Addr) -> RouteAddress;
     /// The address of a route attribute, when it is of this family.
@@ -51,6 +54,7 @@ pub trait NlFamily: Cidr {
 
 impl NlFamily for Ipv4Network {
     const AF: AddressFamily = AddressFamily::Inet;
+    const DEFAULT_METRIC: u32 = 0;
     fn route_addr(addr: Ipv4Addr) -> RouteAddress {
         RouteAddress::Inet(addr)
     }
@@ -73,6 +77,7 @@ impl NlFamily for Ipv4Network {
 
 impl NlFamily for Ipv6Network {
     const AF: AddressFamily = AddressFamily::Inet6;
+    const DEFAULT_METRIC: u32 = 1024;
     fn route_addr(addr: Ipv6Addr) -> RouteAddress {
         RouteAddress::Inet6(addr)
     }
