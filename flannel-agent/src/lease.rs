@@ -267,7 +267,17 @@ impl PeerSet {
                 }
                 match self.peers.get(&lease.id()) {
                     Some(old) if !old.differs_from(&lease) => Vec::new(),
-                    _ => {
+                    Some(_) => {
+                        self.peers.insert(lease.id(), lease.clone());
+                        vec![PeerChange::Add(lease)]
+                    }
+                    None => {
+                        // A host that replaced its lease (same IPv4 subnet, an IPv6 subnet
+                        // gained or changed): the new lease takes the old one's place. The
+                        // backends program a peer by subnet, so the add overwrites what the
+                        // old lease had; an IPv6 subnet it no longer has is removed by the
+                        // next resync.
+                        self.peers.retain(|(v4, _), _| *v4 != lease.subnet);
                         self.peers.insert(lease.id(), lease.clone());
                         vec![PeerChange::Add(lease)]
                     }
@@ -361,6 +371,25 @@ mod tests {
         );
         assert_eq!(set.apply(LeaseEvent::Removed(bare("10.0.2.0/24"))), vec![]);
         assert_eq!(set.apply(LeaseEvent::Removed(bare("10.0.1.0/24"))), vec![]);
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn peer_set_replaces_a_peer_that_gained_an_ipv6_subnet_in_one_change() {
+        let mut set = PeerSet::new("10.0.1.0/24".parse().unwrap());
+        let v4_only = lease("10.0.2.0/24", [1, 1, 1, 2]);
+        set.apply(LeaseEvent::Added(v4_only));
+        let mut dual = lease("10.0.2.0/24", [1, 1, 1, 2]);
+        dual.ipv6_subnet = Some("fd00:0:0:2::/64".parse().unwrap());
+        assert_eq!(
+            set.apply(LeaseEvent::Added(dual.clone())),
+            vec![PeerChange::Add(dual.clone())]
+        );
+        assert_eq!(set.peers(), vec![dual.clone()]);
+        assert_eq!(
+            set.apply(LeaseEvent::Removed(bare("10.0.2.0/24"))),
+            vec![PeerChange::Remove(dual)]
+        );
         assert!(set.is_empty());
     }
 

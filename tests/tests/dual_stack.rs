@@ -261,6 +261,162 @@ fn ipv6_services_dnat_to_a_pod_on_another_host_both_directions() {
     }
 }
 
+/// `ping` from `from` to `to` every 50 ms until stopped; its summary is read at the end.
+struct Pinger {
+    guard: flannel_e2e::netns::ChildGuard,
+    out: std::process::ChildStdout,
+    what: String,
+}
+
+impl Pinger {
+    fn start(from: &NetNs, to: std::net::Ipv4Addr) -> Self {
+        let mut child = from
+            .command("ping")
+            .args(["-n", "-i", "0.05", "-W", "1", &to.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ping");
+        let out = child.stdout.take().expect("ping stdout");
+        Self {
+            guard: flannel_e2e::netns::ChildGuard::new(child),
+            out,
+            what: format!("{} -> {to}", from.name()),
+        }
+    }
+
+    /// Stops it (SIGINT: ping prints its summary) and returns (sent, received, output).
+    fn finish(mut self) -> (u64, u64, String) {
+        use std::io::Read;
+        self.guard.stop(libc::SIGINT, Duration::from_secs(5));
+        let mut text = String::new();
+        self.out.read_to_string(&mut text).expect("ping output");
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("{}: no ping summary in {text}", self.what));
+        let num = |word: &str| -> u64 {
+            let before = &line[..line.find(word).expect("summary field")];
+            before
+                .split_whitespace()
+                .last()
+                .and_then(|n| n.parse().ok())
+                .expect("count")
+        };
+        (
+            num(" packets transmitted"),
+            num(" received"),
+            format!("{}: {line}", self.what),
+        )
+    }
+}
+
+/// The upgrade an operator does: a running IPv4-only cluster (two eBPF hosts, one kernel
+/// host) gets `EnableIPv6` in its etcd config and its agents are restarted one at a time.
+/// Pods keep pinging each other over IPv4 throughout and lose nothing; each restarted host
+/// keeps its IPv4 subnet, gains an IPv6 one, and in the end every pod pair talks over both.
+#[test]
+fn upgrading_ipv4_only_to_dual_stack_one_host_at_a_time_never_stops_ipv4() {
+    if !require_root() {
+        return;
+    }
+    let v4_conf = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
+    let pins = BpfPins::new("ds-up", 3);
+    let mut c = Cluster::prepare_each(3, v4_conf, |i| {
+        if i < 3 {
+            vec!["--dataplane=ebpf".into(), pins.arg(i)]
+        } else {
+            vec!["--dataplane=kernel".into()]
+        }
+    });
+    // The hosts already have IPv6 underlay addresses (an operator enables dual stack on a
+    // network that has it); the IPv4-only agents ignore them.
+    c.add_ipv6_underlay();
+    for n in &mut c.nodes {
+        n.start();
+    }
+    let before = c.add_pods(1);
+    assert!(before.iter().all(|e| e.ipv6_subnet.is_none()), "{before:?}");
+    c.assert_all_pods_reach_each_other();
+
+    let pingers: Vec<Pinger> = (0..3)
+        .map(|i| {
+            let (from, to) = (&c.nodes[i].host.pods[0], &c.nodes[(i + 1) % 3].host.pods[0]);
+            Pinger::start(&from.ns, to.ip)
+        })
+        .collect();
+    c.etcd_put(
+        &format!("{PREFIX}/config"),
+        &dual_conf(r#"{"Type":"vxlan"}"#),
+    );
+    let mut after = Vec::new();
+    for (i, (n, was)) in c.nodes.iter_mut().zip(&before).enumerate() {
+        n.stop();
+        n.start();
+        let mut env = None;
+        let upgraded = wait_until(Duration::from_secs(30), || {
+            env = n.subnet_env().filter(|e| e.ipv6_subnet.is_some());
+            env.is_some()
+        });
+        assert!(
+            upgraded,
+            "host {} wrote no dual-stack subnet.env\n{}",
+            i + 1,
+            n.log()
+        );
+        let env = env.unwrap();
+        assert_eq!(
+            env.subnet,
+            was.subnet,
+            "host {} changed its IPv4 subnet",
+            i + 1
+        );
+        assert!(env.ipv6_subnet.is_some(), "host {}: {env:?}", i + 1);
+        after.push(env);
+    }
+    // Everyone is upgraded: let the pings run a little longer over the final state.
+    let all_v6 = wait_until(Duration::from_secs(15), || {
+        (0..3).all(|i| {
+            let sn6 = after[(i + 1) % 3].ipv6_subnet.unwrap();
+            c.nodes[i]
+                .host
+                .ns
+                .sh("ip -6 route show")
+                .contains(&sn6.to_string())
+        })
+    });
+    assert!(
+        all_v6,
+        "IPv6 routes missing after the upgrade\n{}\n{}",
+        c.nodes
+            .iter()
+            .map(|n| n
+                .host
+                .ns
+                .sh("ip -6 route show; ip -6 neigh show dev flannel-v6.1"))
+            .collect::<Vec<_>>()
+            .join("---\n"),
+        c.logs()
+    );
+    let mut lost = Vec::new();
+    for p in pingers {
+        let (sent, received, line) = p.finish();
+        assert!(sent > 20, "{line}");
+        if received != sent {
+            lost.push(line);
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "IPv4 pings lost during the upgrade:\n{}\n{}",
+        lost.join("\n"),
+        c.logs()
+    );
+    c.add_pod_ipv6(&after);
+    c.assert_all_pods_reach_each_other();
+    c.assert_all_pods_reach_each_other_v6();
+}
+
 #[test]
 fn dual_stack_hostgw_routes_both_families() {
     if !require_root() {

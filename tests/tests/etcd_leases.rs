@@ -295,6 +295,37 @@ async fn restart_reuses_the_subnet() -> Result<()> {
     Ok(())
 }
 
+/// Enabling IPv6 makes an IPv4-only lease incompatible; it is replaced by a dual-stack one
+/// that keeps its IPv4 subnet (the host's pods hold addresses in it), even with no
+/// subnet.env to remember it by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enabling_ipv6_keeps_the_ipv4_subnet_of_the_lease() -> Result<()> {
+    let etcd = EtcdServer::start()?;
+    put_config(&etcd, CONFIG).await?;
+    let mut a = attrs(host(7));
+    let first = manager(&etcd).await?.acquire_lease(&a).await?;
+    assert_eq!(first.ipv6_subnet, None);
+    put_config(
+        &etcd,
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetLen":64,"Backend":{"Type":"vxlan"}}"#,
+    )
+    .await?;
+    a.public_ipv6 = Some("fd00:198::7".parse()?);
+    let second = manager(&etcd).await?.acquire_lease(&a).await?;
+    assert_eq!(second.subnet, first.subnet);
+    let v6 = second.ipv6_subnet.context("an IPv6 subnet")?;
+    let keys: Vec<String> = stored(&etcd).await?.into_keys().collect();
+    assert_eq!(
+        keys,
+        [format!(
+            "{PREFIX}/subnets/{}-24&{}-64",
+            first.subnet.ip(),
+            v6.ip()
+        )]
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_expires_unless_renewed_and_loss_is_detected() -> Result<()> {
     let etcd = EtcdServer::start()?;

@@ -464,11 +464,24 @@ impl EtcdSubnetManager {
         cmps: Vec<Compare>,
         ttl: bool,
     ) -> Result<Option<(i64, i64)>> {
+        self.replace_when(None, key, value, cmps, ttl).await
+    }
+
+    /// [`Self::put_when`], deleting `old` in the same transaction when given: watchers see
+    /// the delete and the put at one revision.
+    async fn replace_when(
+        &self,
+        old: Option<&str>,
+        key: &str,
+        value: String,
+        cmps: Vec<Compare>,
+        ttl: bool,
+    ) -> Result<Option<(i64, i64)>> {
         let id = if ttl { self.grant().await? } else { 0 };
         let opts = (id != 0).then(|| PutOptions::new().with_lease(id));
-        let txn = Txn::new()
-            .when(cmps)
-            .and_then([TxnOp::put(key, value, opts)]);
+        let mut ops: Vec<TxnOp> = old.map(|k| TxnOp::delete(k, None)).into_iter().collect();
+        ops.push(TxnOp::put(key, value, opts));
+        let txn = Txn::new().when(cmps).and_then(ops);
         let resp = call(format!("txn put {key}"), self.client.clone().txn(txn)).await?;
         if !resp.succeeded() {
             if id != 0 {
@@ -479,8 +492,9 @@ impl EtcdSubnetManager {
         Ok(Some((resp.header().map_or(0, |h| h.revision()), id)))
     }
 
-    /// Creates the lease key of `subnet`/`ipv6_subnet`: `false` when another host took either
-    /// half first.
+    /// Creates the lease key of `subnet`/`ipv6_subnet`, replacing `replacing` (our own lease
+    /// that no longer fits the config) in the same transaction: `false` when another host
+    /// took either half first, or changed the replaced lease.
     ///
     /// A dual-stack key names both subnets, so "the key is absent" (upstream's only check)
     /// lets two hosts that drew the same IPv4 subnet with different IPv6 ones both win. The
@@ -494,15 +508,37 @@ impl EtcdSubnetManager {
         subnet: Ipv4Network,
         ipv6_subnet: Option<Ipv6Network>,
         value: String,
+        replacing: Option<&Record>,
     ) -> Result<bool> {
         let key = self.lease_key(subnet, ipv6_subnet);
         let v4_key = self.lease_key(subnet, None);
-        let guards = vec![
-            Compare::version(key.as_str(), CompareOp::Equal, 0),
-            Compare::version(v4_key.as_str(), CompareOp::Equal, 0),
-            Compare::version(format!("{v4_key}&"), CompareOp::Equal, 0).with_prefix(),
-        ];
-        let Some((created, etcd_lease)) = self.put_when(&key, value, guards, true).await? else {
+        let old = replacing.map(|r| r.key.as_str());
+        let mut guards = vec![Compare::version(key.as_str(), CompareOp::Equal, 0)];
+        if let Some(rec) = replacing {
+            guards.push(Compare::mod_revision(
+                rec.key.as_str(),
+                CompareOp::Equal,
+                rec.mod_revision,
+            ));
+        }
+        // Keys holding the IPv4 half: `<v4>` itself and everything under `<v4>&`; the
+        // replaced lease may be one of them and is left out of the comparison.
+        if old != Some(v4_key.as_str()) {
+            guards.push(Compare::version(v4_key.as_str(), CompareOp::Equal, 0));
+        }
+        let dual = format!("{v4_key}&");
+        let dual_end = format!("{v4_key}'"); // '&' + 1: the end of the `<v4>&` prefix
+        match old.filter(|k| k.starts_with(&dual)) {
+            None => guards.push(Compare::version(dual, CompareOp::Equal, 0).with_range(dual_end)),
+            Some(old) => {
+                guards.push(Compare::version(dual, CompareOp::Equal, 0).with_range(old));
+                guards.push(
+                    Compare::version(format!("{old}\0"), CompareOp::Equal, 0).with_range(dual_end),
+                );
+            }
+        }
+        let Some((created, etcd_lease)) = self.replace_when(old, &key, value, guards, true).await?
+        else {
             return Ok(false);
         };
         let Some(v6) = ipv6_subnet else {
@@ -539,9 +575,18 @@ impl EtcdSubnetManager {
     }
 
     /// One acquisition attempt; `None` when another host took the chosen subnets first.
-    async fn try_acquire(&self, cfg: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Option<Lease>> {
+    ///
+    /// `previous` holds the subnets to prefer; an own lease replaced here adds its own, so
+    /// they are still preferred by the next attempt.
+    async fn try_acquire(
+        &self,
+        cfg: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        previous: &mut PreviousSubnets,
+    ) -> Result<Option<Lease>> {
         let (records, mut used, _) = self.list(None).await?;
         let value = attrs.to_json();
+        let mut replacing = None;
 
         // 1. Reuse the lease already published for our public IP.
         if let Some(rec) = records
@@ -550,8 +595,9 @@ impl EtcdSubnetManager {
         {
             let compatible =
                 cfg.v4_compatible(rec.lease.subnet) && cfg.v6_compatible(rec.lease.ipv6_subnet);
-            let cmp = Compare::mod_revision(rec.key.as_str(), CompareOp::Equal, rec.mod_revision);
             if compatible {
+                let cmp =
+                    Compare::mod_revision(rec.key.as_str(), CompareOp::Equal, rec.mod_revision);
                 // A reservation (key without TTL) stays one, as upstream documents.
                 let ttl = rec.etcd_lease != 0;
                 if !self.put_if_with(&rec.key, value, cmp, ttl).await? {
@@ -563,17 +609,18 @@ impl EtcdSubnetManager {
                     ..rec.lease.clone()
                 }));
             }
-            warn!(key = %rec.key, "lease of this public IP is incompatible with the network config; deleting it");
-            let txn = Txn::new()
-                .when([cmp])
-                .and_then([TxnOp::delete(rec.key.as_str(), None)]);
-            call(format!("delete {}", rec.key), self.client.clone().txn(txn)).await?;
+            warn!(key = %rec.key, "lease of this public IP is incompatible with the network config; replacing it");
             used.retain(|id| *id != rec.lease.id());
+            // What still fits of the replaced lease is kept: enabling IPv6 on a running
+            // cluster must not renumber a host's IPv4 pods, even without a subnet.env.
+            previous.subnet = previous.subnet.or(Some(rec.lease.subnet));
+            previous.ipv6_subnet = previous.ipv6_subnet.or(rec.lease.ipv6_subnet);
+            replacing = Some(rec);
         }
 
         // 2. The subnet of the previous run, if still free; 3. otherwise a random free one.
-        let (subnet, ipv6_subnet) = self.choose(cfg, &used)?;
-        if !self.create(subnet, ipv6_subnet, value).await? {
+        let (subnet, ipv6_subnet) = self.choose(cfg, &used, *previous)?;
+        if !self.create(subnet, ipv6_subnet, value, replacing).await? {
             return Ok(None);
         }
         Ok(Some(Lease {
@@ -588,20 +635,20 @@ impl EtcdSubnetManager {
         &self,
         cfg: &NetworkConfig,
         used: &[SubnetId],
+        previous: PreviousSubnets,
     ) -> Result<(Ipv4Network, Option<Ipv6Network>)> {
         let used4: Vec<Ipv4Network> = used.iter().map(|(v4, _)| *v4).collect();
         let used6: Vec<Ipv6Network> = used.iter().filter_map(|(_, v6)| *v6).collect();
         let v4_free =
             |sn: Ipv4Network| cfg.v4_compatible(sn) && !used4.iter().any(|u| overlaps(*u, sn));
-        let prev4 = self.previous.subnet.filter(|sn| v4_free(*sn));
-        let prev6 = self
-            .previous
+        let prev4 = previous.subnet.filter(|sn| v4_free(*sn));
+        let prev6 = previous
             .ipv6_subnet
             .filter(|sn| cfg.v6_compatible(Some(*sn)) && !used6.iter().any(|u| overlaps(*u, *sn)));
         let mut rng = rand::rng();
         let subnet = match prev4 {
             Some(sn) => {
-                info!(subnet = %sn, "reusing the subnet of the previous run (from subnet.env)");
+                info!(subnet = %sn, "reusing the subnet of the previous run");
                 sn
             }
             None => *alloc::free_v4(cfg, &used4, alloc::CANDIDATES)
@@ -780,12 +827,13 @@ impl SubnetManager for EtcdSubnetManager {
     }
 
     async fn acquire_lease(&self, attrs: &LeaseAttrs) -> super::Result<Lease> {
+        let mut previous = self.previous;
         for attempt in 1..=ACQUIRE_ATTEMPTS {
             let cfg = self.read_config().await?;
             if !cfg.enable_ipv4 {
                 return Err(Error::Ipv6Only.into());
             }
-            if let Some(lease) = self.try_acquire(&cfg, attrs).await? {
+            if let Some(lease) = self.try_acquire(&cfg, attrs, &mut previous).await? {
                 info!(subnet = %lease.subnet, ipv6_subnet = ?lease.ipv6_subnet, key = %lease.key(), "acquired lease");
                 return Ok(lease);
             }

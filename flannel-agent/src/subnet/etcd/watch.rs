@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use etcd_client::WatchStream;
 use futures::{StreamExt, stream::BoxStream};
+use ipnetwork::Ipv4Network;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -141,16 +142,35 @@ async fn forward(
             return false;
         }
         backoff.reset();
-        for ev in resp.events() {
-            let Some(kv) = ev.kv() else { continue };
-            let event = if is_delete(ev) {
-                removed_lease(kv).map(LeaseEvent::Removed)
-            } else {
-                mgr.read_record(Some(rules), kv).map(LeaseEvent::Added)
-            };
-            if let Some(event) = event
-                && tx.send(Ok(event)).await.is_err()
-            {
+        let events: Vec<(i64, LeaseEvent)> = resp
+            .events()
+            .iter()
+            .filter_map(|ev| {
+                let kv = ev.kv()?;
+                let event = if is_delete(ev) {
+                    LeaseEvent::Removed(removed_lease(kv)?)
+                } else {
+                    LeaseEvent::Added(mgr.read_record(Some(rules), kv)?)
+                };
+                Some((kv.mod_revision(), event))
+            })
+            .collect();
+        // A host replacing its own lease (say, gaining an IPv6 subnet) deletes the old key
+        // and puts the new one in one transaction. Its IPv4 subnet lives on in the new
+        // lease, so that delete is not passed on: the put replaces the peer in one step and
+        // its routes never go away meanwhile.
+        let replaced: Vec<(i64, Ipv4Network)> = events
+            .iter()
+            .filter_map(|(rev, ev)| match ev {
+                LeaseEvent::Added(l) => Some((*rev, l.subnet)),
+                _ => None,
+            })
+            .collect();
+        for (rev, event) in events {
+            if matches!(&event, LeaseEvent::Removed(l) if replaced.contains(&(rev, l.subnet))) {
+                continue;
+            }
+            if tx.send(Ok(event)).await.is_err() {
                 return true;
             }
         }
