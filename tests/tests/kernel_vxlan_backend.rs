@@ -68,13 +68,19 @@ where
     let ext = ext_for(&host.ns, host.ip);
     let config = config.clone();
     host.ns.block_on(move || async move {
-        let mut b = KernelVxlan::new(ext, config)
-            .await
-            .expect("KernelVxlan::new");
-        b.prepare().await.expect("prepare");
-        b.register(&own).await.expect("register");
+        let mut b = started(ext, config, &own).await;
         op(&mut b).await;
     });
+}
+
+/// The backend after start-up with `own` as this host's lease and no peers yet.
+async fn started(ext: ExternalInterface, config: VxlanConfig, own: &Lease) -> KernelVxlan {
+    let mut b = KernelVxlan::new(ext, config)
+        .await
+        .expect("KernelVxlan::new");
+    b.prepare().await.expect("prepare");
+    b.register(own).await.expect("register");
+    b
 }
 
 fn mac_of(attrs: &LeaseAttrs) -> String {
@@ -581,11 +587,7 @@ fn peer_events_after_a_reconcile_read_no_table() {
         attrs: vxlan_peer(1, 0).attrs,
     };
     host.ns.block_on(move || async move {
-        let mut b = KernelVxlan::new(ext, VxlanConfig::default())
-            .await
-            .expect("KernelVxlan::new");
-        b.prepare().await.expect("prepare");
-        b.register(&own).await.expect("register");
+        let mut b = started(ext, VxlanConfig::default(), &own).await;
         // 200 peers in one reconcile: batched requests, one dump per table (the device's
         // addresses, neighbours, FDB, routes).
         let peers: Vec<Lease> = (2..=201).map(|i| vxlan_peer(i, 0)).collect();
@@ -648,11 +650,7 @@ fn a_resync_read_leaves_subnets_events_touched_since() {
     };
     let ns_path = host.ns.path();
     host.ns.block_on(move || async move {
-        let mut b = KernelVxlan::new(ext, VxlanConfig::default())
-            .await
-            .expect("KernelVxlan::new");
-        b.prepare().await.expect("prepare");
-        b.register(&own).await.expect("register");
+        let mut b = started(ext, VxlanConfig::default(), &own).await;
         let peers: Vec<Lease> = (2..=21).map(|i| vxlan_peer(i, 0)).collect();
         b.reconcile(&peers).await.expect("reconcile");
         let st = std::process::Command::new("nsenter")
@@ -740,11 +738,7 @@ fn ipv6_peers_are_left_alone_by_a_resync() {
     ext.public_ipv6 = ext.iface_addr6;
     let own = dual_peer(1);
     host.ns.block_on(move || async move {
-        let mut b = KernelVxlan::new(ext, VxlanConfig::default())
-            .await
-            .expect("KernelVxlan::new");
-        b.prepare().await.expect("prepare");
-        b.register(&own).await.expect("register");
+        let mut b = started(ext, VxlanConfig::default(), &own).await;
         let peers: Vec<Lease> = (2..=5).map(dual_peer).collect();
         b.reconcile(&peers).await.expect("reconcile");
         let fixes = b
