@@ -627,7 +627,7 @@ async fn watch_peers<M: SubnetManager>(
     }
     tokio::spawn(monitor::run(
         monitor::Watched {
-            device: backend.device_name().map(str::to_owned),
+            devices: backend.device_names(),
             uplink: uplink.ext.index,
         },
         trigger_tx,

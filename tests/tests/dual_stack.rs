@@ -417,6 +417,68 @@ fn upgrading_ipv4_only_to_dual_stack_one_host_at_a_time_never_stops_ipv4() {
     c.assert_all_pods_reach_each_other_v6();
 }
 
+/// What the agent owns on `flannel-v6.1` is put back as soon as the kernel reports it gone
+/// (netlink events for IPv6 routes, addresses, neighbours and the device), not only by the
+/// periodic resync: the agent's log names the event that triggered each repair.
+#[test]
+fn ipv6_device_state_is_repaired_on_netlink_events() {
+    if !require_root() {
+        return;
+    }
+    let (c, envs) = start(2, &dual_conf(r#"{"Type":"vxlan"}"#), |_| {
+        vec![
+            "--dataplane=kernel".into(),
+            "--log-level=flannel_agent::agent=debug,info".into(),
+        ]
+    });
+    c.assert_all_pods_reach_each_other_v6();
+    let ns = &c.nodes[0].host.ns;
+    let peer6 = envs[1].ipv6_subnet.unwrap();
+    let base = peer6.network();
+    let programmed = || {
+        let state = ns.run(
+            "ip -6 route show dev flannel-v6.1; ip -6 neigh show dev flannel-v6.1; ip -6 addr show dev flannel-v6.1",
+        );
+        let text = String::from_utf8_lossy(&state.stdout);
+        state.status.success()
+            && text.contains(&format!("{peer6} via {base}"))
+            && text.contains(&format!("{base} lladdr"))
+            && text.contains(&format!("{}/128", envs[0].ipv6_subnet.unwrap().network()))
+    };
+    assert!(programmed(), "{}", c.logs());
+    for (tamper, event) in [
+        (
+            format!("ip -6 route del {peer6} dev flannel-v6.1"),
+            format!("route {peer6} deleted"),
+        ),
+        (
+            format!("ip -6 neigh del {base} dev flannel-v6.1"),
+            format!("neighbour {base} deleted"),
+        ),
+        (
+            "ip -6 addr flush dev flannel-v6.1 scope global".to_owned(),
+            "address deleted".to_owned(),
+        ),
+        (
+            "ip link del flannel-v6.1".to_owned(),
+            "link flannel-v6.1 deleted".to_owned(),
+        ),
+    ] {
+        let t0 = std::time::Instant::now();
+        ns.sh(&tamper);
+        let back = wait_until(Duration::from_secs(15), programmed);
+        assert!(back, "`{tamper}` not repaired\n{}", c.logs());
+        eprintln!("repair time `{tamper}`: {:.2?}", t0.elapsed());
+        let log = c.nodes[0].log();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("owned kernel state changed; resyncing") && l.contains(&event)),
+            "no netlink-triggered resync for `{tamper}` (wanted {event:?}):\n{log}"
+        );
+    }
+    c.assert_all_pods_reach_each_other_v6();
+}
+
 #[test]
 fn dual_stack_hostgw_routes_both_families() {
     if !require_root() {

@@ -161,14 +161,19 @@ macro_rules! dispatch {
 }
 
 impl AnyBackend {
-    /// The VXLAN device this backend owns (`flannel.<VNI>`), if any: what the netlink
-    /// monitor watches besides the agent's routes.
-    pub fn device_name(&self) -> Option<&str> {
-        match self {
-            Self::Ebpf(b) => Some(b.device_name()),
-            Self::Vxlan(b) => Some(b.device_name()),
-            Self::HostGw(_) => None,
-        }
+    /// Every VXLAN device this backend owns: `flannel.<VNI>` and, with IPv6,
+    /// `flannel-v6.<VNI>` (none for host-gw): what the netlink monitor watches besides the
+    /// agent's routes.
+    pub fn device_names(&self) -> Vec<String> {
+        let kernel = match self {
+            Self::Ebpf(b) => b.kernel(),
+            Self::Vxlan(b) => b,
+            Self::HostGw(_) => return Vec::new(),
+        };
+        std::iter::once(kernel.device_name())
+            .chain(kernel.v6_device_name())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The pinned maps and links the eBPF datapath keeps (none for the other backends):

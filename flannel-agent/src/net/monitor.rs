@@ -1,18 +1,19 @@
 //! The netlink monitor: notices when something this agent owns is deleted or changed under
 //! it, so the main loop can resync at once instead of at the next periodic check.
 //!
-//! Subscribes (rtnetlink multicast, like `ip monitor`) to links, IPv4 addresses, IPv4
-//! routes and neighbours (the FDB included: bridge-family neighbour messages). It does not
-//! decide what to fix — the backends' resync compares the kernel with what they want — it
-//! only says "look now", and why. The filter is deliberately coarse and cheap:
+//! Subscribes (rtnetlink multicast, like `ip monitor`) to links, addresses and routes of
+//! both families and neighbours (the FDB included: bridge-family neighbour messages). It
+//! does not decide what to fix — the backends' resync compares the kernel with what they
+//! want — it only says "look now", and why. The filter is deliberately coarse and cheap:
 //!
-//! - the VXLAN device (by name, so a re-created device is still ours): deleted, or any
-//!   change of its flags, MTU or MAC (`RTM_NEWLINK`);
-//! - addresses, neighbours and FDB entries deleted from the device;
+//! - the VXLAN devices (`flannel.<VNI>`, and `flannel-v6.<VNI>` with IPv6; by name, so a
+//!   re-created device is still ours): deleted, or any change of its flags, MTU or MAC
+//!   (`RTM_NEWLINK`);
+//! - addresses, neighbours and FDB entries deleted from a device;
 //! - any deleted route carrying this agent's protocol ([`RTPROT_FLANNEL`]): per-peer VXLAN
 //!   and direct routes, host-gw routes, the blackhole route;
-//! - address changes on the uplink ([`Trigger::UplinkAddress`]): the published public IP
-//!   may have to follow;
+//! - IPv4 address changes on the uplink ([`Trigger::UplinkAddress`]): the published public
+//!   IP may have to follow;
 //! - and, outside netlink, the eBPF datapath's pins ([`watch_pins`]): a removed or replaced
 //!   map or link pin (bpffs has no netlink event; one `stat` per pin per second).
 //!
@@ -20,10 +21,9 @@
 //! to the periodic resync: reacting to every `RTM_NEWROUTE` would also react to each of the
 //! agent's own writes. A lost burst of events (socket overrun) costs at most one period too.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU32, Ordering},
-};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use netlink_packet_route::AddressFamily;
 
 use futures::StreamExt;
 use netlink_packet_route::{
@@ -50,8 +50,8 @@ pub enum Trigger {
 /// What the monitor watches.
 #[derive(Clone, Debug)]
 pub struct Watched {
-    /// The VXLAN device's name (`flannel.<VNI>`), if the backend has one.
-    pub device: Option<String>,
+    /// The VXLAN devices' names (`flannel.<VNI>`, `flannel-v6.<VNI>`); none for host-gw.
+    pub devices: Vec<String>,
     /// The uplink's interface index.
     pub uplink: u32,
 }
@@ -62,8 +62,11 @@ pub struct Watched {
 /// been missed meanwhile.
 pub async fn run(watched: Watched, tx: mpsc::Sender<Trigger>, cancel: CancellationToken) {
     let filter = Filter {
-        device: watched.device,
-        device_index: Arc::new(AtomicU32::new(0)),
+        devices: watched
+            .devices
+            .into_iter()
+            .map(|name| (name, AtomicU32::new(0)))
+            .collect(),
         uplink: watched.uplink,
     };
     loop {
@@ -112,10 +115,9 @@ pub async fn watch_pins(
 }
 
 struct Filter {
-    device: Option<String>,
-    /// The device's current index, learnt from its link messages (it changes when the
-    /// device is re-created); 0 until the first one.
-    device_index: Arc<AtomicU32>,
+    /// Each device's name and current index, learnt from its link messages (it changes
+    /// when the device is re-created); 0 until the first one.
+    devices: Vec<(String, AtomicU32)>,
     uplink: u32,
 }
 
@@ -125,7 +127,9 @@ impl Filter {
         let groups = [
             MulticastGroup::Link,
             MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv6Ifaddr,
             MulticastGroup::Ipv4Route,
+            MulticastGroup::Ipv6Route,
             MulticastGroup::Neigh,
         ];
         let (conn, handle, mut messages) = match rtnetlink::new_multicast_connection(&groups) {
@@ -150,54 +154,62 @@ impl Filter {
         conn.abort();
     }
 
-    /// Seed the device index (events about the device's neighbours carry only the index).
+    /// Seed the device indexes (events about a device's neighbours carry only the index).
     async fn learn_device_index(&self) {
-        let Some(name) = &self.device else { return };
         let Ok(nl) = crate::net::netlink::Netlink::connect() else {
             return;
         };
-        if let Ok(Some(link)) = nl.link_by_name(name).await {
-            self.device_index
-                .store(link.header.index, Ordering::Relaxed);
+        for (name, index) in &self.devices {
+            if let Ok(Some(link)) = nl.link_by_name(name).await {
+                index.store(link.header.index, Ordering::Relaxed);
+            }
         }
     }
 
-    fn is_device(&self, link: &LinkMessage) -> bool {
-        self.device
-            .as_deref()
-            .is_some_and(|d| link_name(link) == Some(d))
+    /// The watched device `link` is, with its index slot.
+    fn device(&self, link: &LinkMessage) -> Option<&(String, AtomicU32)> {
+        let name = link_name(link)?;
+        self.devices.iter().find(|(d, _)| d == name)
     }
 
     fn on_device(&self, index: u32) -> bool {
-        let dev = self.device_index.load(Ordering::Relaxed);
-        dev != 0 && index == dev
+        index != 0
+            && self
+                .devices
+                .iter()
+                .any(|(_, i)| i.load(Ordering::Relaxed) == index)
     }
 
     /// The trigger for one kernel notification, if it concerns what we own.
     fn classify(&self, msg: &RouteNetlinkMessage) -> Option<Trigger> {
         let kernel = |s: String| Some(Trigger::Kernel(s));
         match msg {
-            RouteNetlinkMessage::NewLink(l) if self.is_device(l) => {
-                self.device_index.store(l.header.index, Ordering::Relaxed);
-                kernel(format!("link {} changed", self.device.as_deref()?))
+            RouteNetlinkMessage::NewLink(l) => {
+                let (name, index) = self.device(l)?;
+                index.store(l.header.index, Ordering::Relaxed);
+                kernel(format!("link {name} changed"))
             }
-            RouteNetlinkMessage::DelLink(l) if self.is_device(l) => {
-                kernel(format!("link {} deleted", self.device.as_deref()?))
+            RouteNetlinkMessage::DelLink(l) => {
+                let (name, _) = self.device(l)?;
+                kernel(format!("link {name} deleted"))
             }
+            // The public IP follows the uplink's IPv4 address only (see the agent).
             RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a)
                 if a.header.index == self.uplink =>
             {
-                Some(Trigger::UplinkAddress)
+                (a.header.family == AddressFamily::Inet).then_some(Trigger::UplinkAddress)
             }
             RouteNetlinkMessage::DelAddress(a) if self.on_device(a.header.index) => {
                 kernel(describe_addr(a))
             }
             RouteNetlinkMessage::DelRoute(r) if is_ours(r) || self.on_device_route(r) => {
-                kernel(format!(
-                    "route {} deleted",
-                    crate::net::netlink::route_dst_v4(r)
-                        .map_or_else(|| "?".into(), |d| d.to_string())
-                ))
+                let dst = crate::net::netlink::route_dst::<ipnetwork::Ipv4Network>(r)
+                    .map(|d| d.to_string())
+                    .or_else(|| {
+                        crate::net::netlink::route_dst::<ipnetwork::Ipv6Network>(r)
+                            .map(|d| d.to_string())
+                    });
+                kernel(format!("route {} deleted", dst.as_deref().unwrap_or("?")))
             }
             RouteNetlinkMessage::DelNeighbour(n) if self.on_device(n.header.ifindex) => {
                 kernel(describe_neigh(n))
@@ -239,8 +251,10 @@ mod tests {
 
     fn filter() -> Filter {
         Filter {
-            device: Some("flannel.1".into()),
-            device_index: Arc::new(AtomicU32::new(7)),
+            devices: vec![
+                ("flannel.1".into(), AtomicU32::new(7)),
+                ("flannel-v6.1".into(), AtomicU32::new(8)),
+            ],
             uplink: 2,
         }
     }
@@ -278,6 +292,28 @@ mod tests {
     }
 
     #[test]
+    fn the_ipv6_device_is_watched_too() {
+        let f = filter();
+        assert!(
+            f.classify(&RouteNetlinkMessage::DelLink(link("flannel-v6.1", 8)))
+                .is_some()
+        );
+        let mut n = NeighbourMessage::default();
+        n.header.ifindex = 8;
+        assert!(f.classify(&RouteNetlinkMessage::DelNeighbour(n)).is_some());
+        let mut a = AddressMessage::default();
+        a.header.index = 8;
+        a.header.family = AddressFamily::Inet6;
+        assert!(f.classify(&RouteNetlinkMessage::DelAddress(a)).is_some());
+        // IPv6 address churn on the uplink (DAD, privacy addresses) is not a public IP
+        // change.
+        let mut a = AddressMessage::default();
+        a.header.index = 2;
+        a.header.family = AddressFamily::Inet6;
+        assert_eq!(f.classify(&RouteNetlinkMessage::NewAddress(a)), None);
+    }
+
+    #[test]
     fn only_our_deleted_routes_trigger() {
         let f = filter();
         let mut r = RouteMessage::default();
@@ -301,6 +337,7 @@ mod tests {
         let f = filter();
         let mut a = AddressMessage::default();
         a.header.index = 2;
+        a.header.family = AddressFamily::Inet;
         assert_eq!(
             f.classify(&RouteNetlinkMessage::NewAddress(a)),
             Some(Trigger::UplinkAddress)

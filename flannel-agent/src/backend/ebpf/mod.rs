@@ -159,9 +159,9 @@ impl EbpfVxlan {
         self.datapath.pin_paths(&self.layout)
     }
 
-    /// The VXLAN device the programs ride on.
-    pub fn device_name(&self) -> &str {
-        self.kernel.device_name()
+    /// The kernel VXLAN devices under the programs (the fallback path, and IPv6).
+    pub fn kernel(&self) -> &KernelVxlan {
+        &self.kernel
     }
 
     fn datapath_config(&self) -> DatapathConfig {
