@@ -356,7 +356,7 @@ async fn previous_vtep_macs<M: SubnetManager>(mgr: &M, public_ip: Ipv4Addr) -> V
                 v4: v4.map(|d| d.vtep_mac),
                 v6: v6.map(|d| d.vtep_mac),
             };
-            info!(subnet = %lease.subnet, ?macs, "reusing the VTEP MAC of this host's previous lease");
+            info!(subnet = %lease.subnets(), ?macs, "reusing the VTEP MAC of this host's previous lease");
             macs
         }
         _ => VtepMacs::default(),
@@ -469,7 +469,7 @@ async fn run_with<M: SubnetManager>(
     let previous = env_file::read_previous(&config.subnet_file);
     let rules = TrafficRules {
         network: cfg.network.filter(|_| cfg.enable_ipv4),
-        subnet: Some(lease.subnet).filter(|_| cfg.enable_ipv4),
+        subnet: lease.subnet.filter(|_| cfg.enable_ipv4),
         ipv6_network: cfg.ipv6_network.filter(|_| cfg.enable_ipv6),
         ipv6_subnet: lease.ipv6_subnet.filter(|_| cfg.enable_ipv6),
         ip_masq: config.traffic.ip_masq,
@@ -496,7 +496,7 @@ async fn run_with<M: SubnetManager>(
     };
     match env_file::write(&config.subnet_file, &env) {
         Ok(()) => {
-            info!(path = %config.subnet_file.display(), subnet = %lease.subnet, mtu = backend.mtu(), "wrote subnet.env");
+            info!(path = %config.subnet_file.display(), subnet = %lease.subnets(), mtu = backend.mtu(), "wrote subnet.env");
             ready.mark_ready();
             sd_notify_ready();
         }
@@ -608,7 +608,7 @@ async fn watch_peers<M: SubnetManager>(
     stats: &backend::Stats,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let mut peers = PeerSet::new(own.subnet);
+    let mut peers = PeerSet::new(own.id());
     let mut events = mgr.watch_leases();
     let (trigger_tx, mut triggers) = tokio::sync::mpsc::channel(16);
     let pins = backend.pin_paths();
@@ -736,7 +736,7 @@ async fn watch_peers<M: SubnetManager>(
             }
         };
         if let Some(what) = own_lease_tampering(&event, &own) {
-            error!(subnet = %own.subnet, public_ip = %own.attrs.public_ip,
+            error!(subnet = %own.subnets(), public_ip = %own.attrs.public_ip, public_ipv6 = ?own.attrs.public_ipv6,
                    "own lease was {what}; every host would route this subnet elsewhere; restoring it");
             restore_pending = !restore_own_lease(mgr, &mut own).await;
             if restore_pending {
@@ -822,12 +822,12 @@ async fn follow_uplink<M: SubnetManager>(
         Ok(published) => {
             // As peers read it (a kube node's public-ip-overwrite still applies).
             *own = published;
-            info!(subnet = %own.subnet, public_ip = %own.attrs.public_ip, took = ?started.elapsed(),
+            info!(subnet = %own.subnets(), public_ip = %own.attrs.public_ip, public_ipv6 = ?own.attrs.public_ipv6, took = ?started.elapsed(),
                   "lease now names the new address");
             true
         }
         Err(error) => {
-            warn!(subnet = %own.subnet, %error, retry_in = ?REPAIR_DELAY, "publishing the new address failed");
+            warn!(subnet = %own.subnets(), %error, retry_in = ?REPAIR_DELAY, "publishing the new address failed");
             false
         }
     };
@@ -854,9 +854,9 @@ fn own_lease_tampering(event: &LeaseEvent, own: &Lease) -> Option<String> {
         })
     };
     match event {
-        LeaseEvent::Added(l) if l.subnet == own.subnet => overwritten(l),
-        LeaseEvent::Removed(l) if l.subnet == own.subnet => Some("deleted".into()),
-        LeaseEvent::Snapshot(all) => match all.iter().find(|l| l.subnet == own.subnet) {
+        LeaseEvent::Added(l) if l.same_subnet(own) => overwritten(l),
+        LeaseEvent::Removed(l) if l.same_subnet(own) => Some("deleted".into()),
+        LeaseEvent::Snapshot(all) => match all.iter().find(|l| l.same_subnet(own)) {
             Some(l) => overwritten(l),
             None => Some("missing from the store".into()),
         },
@@ -882,13 +882,14 @@ async fn restore_own_lease<M: SubnetManager>(mgr: &M, own: &mut Lease) -> bool {
                 RepairKind::Lease,
                 format!(
                     "own lease {} restored (PublicIP {})",
-                    own.subnet, own.attrs.public_ip
+                    own.subnets(),
+                    own.attrs.public_ip
                 ),
             );
             true
         }
         Err(error) => {
-            error!(subnet = %own.subnet, %error, retry_in = ?REPAIR_DELAY, "restoring own lease failed");
+            error!(subnet = %own.subnets(), %error, retry_in = ?REPAIR_DELAY, "restoring own lease failed");
             false
         }
     }
@@ -1016,16 +1017,16 @@ async fn apply_changes(backend: &mut AnyBackend, changes: Vec<PeerChange>) -> bo
     for change in changes {
         match change {
             PeerChange::Add(l) => {
-                info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer added");
+                info!(subnet = %l.subnets(), public_ip = %l.attrs.public_ip, public_ipv6 = ?l.attrs.public_ipv6, "peer added");
                 if let Err(error) = backend.add_peer(&l).await {
-                    warn!(subnet = %l.subnet, %error, "programming peer failed");
+                    warn!(subnet = %l.subnets(), %error, "programming peer failed");
                     failed = true;
                 }
             }
             PeerChange::Remove(l) => {
-                info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer removed");
+                info!(subnet = %l.subnets(), public_ip = %l.attrs.public_ip, public_ipv6 = ?l.attrs.public_ipv6, "peer removed");
                 if let Err(error) = backend.remove_peer(&l).await {
-                    warn!(subnet = %l.subnet, %error, "removing peer failed");
+                    warn!(subnet = %l.subnets(), %error, "removing peer failed");
                     failed = true;
                 }
             }

@@ -203,7 +203,7 @@ pub fn build(subnet_file: &Path, pin_root: &Path, leases: Result<Vec<Lease>, Str
     let own = leases
         .iter()
         .flatten()
-        .find(|l| Some(l.subnet) == prev.subnet);
+        .find(|l| l.subnet.is_some() && l.subnet == prev.subnet);
     let lease = OwnLease {
         subnet: prev.subnet,
         ipv6_subnet: prev.ipv6_subnet.map(|s| s.to_string()),
@@ -215,13 +215,14 @@ pub fn build(subnet_file: &Path, pin_root: &Path, leases: Result<Vec<Lease>, Str
 
     let mut peers: BTreeMap<Ipv4Network, PeerRow> = BTreeMap::new();
     for l in leases.iter().flatten() {
-        if Some(l.subnet) == prev.subnet {
+        // The table is by IPv4 subnet, as the eBPF maps are (etcd leases always have one).
+        let Some(subnet) = l.subnet.filter(|s| Some(*s) != prev.subnet) else {
             continue;
-        }
+        };
         peers.insert(
-            l.subnet,
+            subnet,
             PeerRow {
-                subnet: l.subnet,
+                subnet,
                 public_ip: Some(l.attrs.public_ip),
                 vtep_mac: peer_vtep_mac(l).map(|m| MacAddr(m).to_string()),
                 backend: Some(l.attrs.backend_type().to_owned()),

@@ -14,8 +14,8 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 
 pub use crate::wire::{
     lease::{
-        BackendAttrs, Error, Lease, LeaseAttrs, LeaseFamily, SubnetId, VxlanBackendData,
-        make_subnet_key, parse_record, parse_subnet_key,
+        BackendAttrs, Error, KeySubnets, Lease, LeaseAttrs, LeaseFamily, SubnetId, Subnets,
+        VxlanBackendData, make_subnet_key, parse_record, parse_subnet_key, same_subnet,
     },
     mac::MacAddr,
 };
@@ -80,8 +80,26 @@ pub enum Invalid {
         why: &'static str,
     },
     /// A vxlan lease without the VTEP peers need.
-    #[error("vxlan lease has no BackendData (VtepMAC) for IPv4")]
-    MissingVtep,
+    #[error("vxlan lease has no {field} (VtepMAC) for {family}")]
+    MissingVtep {
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+        /// `BackendData` or `BackendV6Data`.
+        field: &'static str,
+    },
+    /// An IPv6-only lease without the address peers tunnel to.
+    #[error("lease has no {field}, which an IPv6-only network needs")]
+    MissingPublicIp {
+        /// `PublicIPv6`.
+        field: &'static str,
+    },
+    /// The lease has no subnet of a family the network needs: an IPv4 network's lease
+    /// without an IPv4 subnet, or an IPv6-only network's lease without an IPv6 one.
+    #[error("lease has no {family} subnet but the network enables {family}")]
+    MissingSubnet {
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+    },
 }
 
 /// What a lease must satisfy to reach a datapath, from the network configuration.
@@ -158,16 +176,42 @@ impl LeaseRules {
     /// routed on every host.
     pub fn check(&self, lease: &Lease) -> Result<(), Invalid> {
         if let Some(v4) = &self.v4 {
-            v4.check(lease.subnet)?;
+            let subnet = lease
+                .subnet
+                .ok_or(Invalid::MissingSubnet { family: "IPv4" })?;
+            v4.check(subnet)?;
             unicast("PublicIP", lease.attrs.public_ip.into())?;
             if matches!(lease.attrs.backend, BackendAttrs::Vxlan { v4: None, .. }) {
-                return Err(Invalid::MissingVtep);
+                return Err(Invalid::MissingVtep {
+                    family: "IPv4",
+                    field: "BackendData",
+                });
             }
         }
-        // An IPv6 part is checked where IPv6 is enabled; a host without one is an
-        // IPv4-only peer (upstream programs each family on its own).
-        if let (Some(v6), Some(subnet)) = (&self.v6, lease.ipv6_subnet) {
-            v6.check(subnet)?;
+        // An IPv6 part is checked where IPv6 is enabled; in dual stack a host without one
+        // is an IPv4-only peer (upstream programs each family on its own). On an IPv6-only
+        // network the IPv6 part is all there is, so it must be complete.
+        if let Some(v6) = &self.v6 {
+            match lease.ipv6_subnet {
+                Some(subnet) => v6.check(subnet)?,
+                None if self.v4.is_none() => {
+                    return Err(Invalid::MissingSubnet { family: "IPv6" });
+                }
+                None => {}
+            }
+            if self.v4.is_none() {
+                if lease.attrs.public_ipv6.is_none() {
+                    return Err(Invalid::MissingPublicIp {
+                        field: "PublicIPv6",
+                    });
+                }
+                if matches!(lease.attrs.backend, BackendAttrs::Vxlan { v6: None, .. }) {
+                    return Err(Invalid::MissingVtep {
+                        family: "IPv6",
+                        field: "BackendV6Data",
+                    });
+                }
+            }
         }
         if let Some(ip) = lease.attrs.public_ipv6 {
             unicast("PublicIPv6", ip.into())?;
@@ -219,20 +263,21 @@ pub enum PeerChange {
 /// The set of peers (every lease but our own), maintained from [`LeaseEvent`]s.
 ///
 /// Pure, so the rules that decide what the backend is told are unit-tested without etcd:
-/// the own lease is filtered out (by IPv4 subnet, as upstream does for etcd), a removal is
+/// the own lease is filtered out (by IPv4 subnet, as upstream does for etcd; by IPv6 subnet
+/// on an IPv6-only network, see [`Lease::same_subnet`]), a removal is
 /// reported with the cached lease (delete events carry no value), a snapshot is diffed
 /// against the cache, and unlike upstream a snapshot whose entry changed attributes yields
 /// an [`PeerChange::Add`] so a peer that re-registered with a new VTEP MAC during a
 /// disconnect is re-programmed.
 #[derive(Clone, Debug)]
 pub struct PeerSet {
-    own: Ipv4Network,
+    own: SubnetId,
     peers: std::collections::BTreeMap<SubnetId, Lease>,
 }
 
 impl PeerSet {
-    /// An empty set for the host whose lease has IPv4 subnet `own`.
-    pub fn new(own: Ipv4Network) -> Self {
+    /// An empty set for the host whose lease has the subnet(s) `own` ([`Lease::id`]).
+    pub fn new(own: SubnetId) -> Self {
         Self {
             own,
             peers: Default::default(),
@@ -255,7 +300,7 @@ impl PeerSet {
     }
 
     fn is_own(&self, lease: &Lease) -> bool {
-        lease.subnet == self.own
+        same_subnet(self.own, lease.id())
     }
 
     /// Applies one event and returns what changed, in a deterministic order (by subnet).
@@ -277,7 +322,7 @@ impl PeerSet {
                         // backends program a peer by subnet, so the add overwrites what the
                         // old lease had; an IPv6 subnet it no longer has is removed by the
                         // next resync.
-                        self.peers.retain(|(v4, _), _| *v4 != lease.subnet);
+                        self.peers.retain(|id, _| !same_subnet(*id, lease.id()));
                         self.peers.insert(lease.id(), lease.clone());
                         vec![PeerChange::Add(lease)]
                     }
@@ -294,7 +339,7 @@ impl PeerSet {
                     .or_else(|| {
                         self.peers
                             .keys()
-                            .find(|(v4, _)| *v4 == lease.subnet)
+                            .find(|id| same_subnet(**id, lease.id()))
                             .copied()
                     });
                 key.and_then(|k| self.peers.remove(&k))
@@ -334,7 +379,7 @@ mod tests {
 
     fn lease(sn: &str, ip: [u8; 4]) -> Lease {
         Lease {
-            subnet: sn.parse().unwrap(),
+            subnet: Some(sn.parse().unwrap()),
             ipv6_subnet: None,
             extra_senders: Vec::new(),
             attrs: LeaseAttrs {
@@ -351,7 +396,7 @@ mod tests {
 
     #[test]
     fn peer_set_filters_own_and_uses_cache_on_remove() {
-        let mut set = PeerSet::new("10.0.1.0/24".parse().unwrap());
+        let mut set = PeerSet::new((Some("10.0.1.0/24".parse().unwrap()), None));
         let a = lease("10.0.2.0/24", [1, 1, 1, 2]);
         assert_eq!(set.apply(LeaseEvent::Added(bare("10.0.1.0/24"))), vec![]);
         assert_eq!(
@@ -376,7 +421,7 @@ mod tests {
 
     #[test]
     fn peer_set_replaces_a_peer_that_gained_an_ipv6_subnet_in_one_change() {
-        let mut set = PeerSet::new("10.0.1.0/24".parse().unwrap());
+        let mut set = PeerSet::new((Some("10.0.1.0/24".parse().unwrap()), None));
         let v4_only = lease("10.0.2.0/24", [1, 1, 1, 2]);
         set.apply(LeaseEvent::Added(v4_only));
         let mut dual = lease("10.0.2.0/24", [1, 1, 1, 2]);
@@ -395,7 +440,7 @@ mod tests {
 
     #[test]
     fn peer_set_snapshot_diff() {
-        let mut set = PeerSet::new("10.0.1.0/24".parse().unwrap());
+        let mut set = PeerSet::new((Some("10.0.1.0/24".parse().unwrap()), None));
         let a = lease("10.0.2.0/24", [1, 1, 1, 2]);
         let b = lease("10.0.3.0/24", [1, 1, 1, 3]);
         let c = lease("10.0.4.0/24", [1, 1, 1, 4]);
@@ -476,7 +521,13 @@ mod tests {
         }
         let mut no_vtep = vxlan("10.244.7.0/24", [198, 18, 0, 2]);
         no_vtep.attrs.backend = BackendAttrs::Vxlan { v4: None, v6: None };
-        assert_eq!(r.check(&no_vtep), Err(Invalid::MissingVtep));
+        assert_eq!(
+            r.check(&no_vtep),
+            Err(Invalid::MissingVtep {
+                family: "IPv4",
+                field: "BackendData"
+            })
+        );
         // Kube mode ignores SubnetLen (the controller manager sizes pod CIDRs).
         assert_eq!(
             r.clone()
@@ -521,6 +572,80 @@ mod tests {
                 "{ip}"
             );
         }
+    }
+
+    fn v6_only(sn6: &str, ip6: &str) -> Lease {
+        let mut l = vxlan("10.244.0.0/24", [0, 0, 0, 0]);
+        l.subnet = None;
+        l.ipv6_subnet = Some(sn6.parse().unwrap());
+        l.attrs.public_ip = std::net::Ipv4Addr::UNSPECIFIED;
+        l.attrs.public_ipv6 = Some(ip6.parse().unwrap());
+        l.attrs.backend = BackendAttrs::Vxlan {
+            v4: None,
+            v6: Some(VxlanBackendData {
+                vni: 1,
+                vtep_mac: MacAddr([2, 0, 0, 0, 0, 6]),
+            }),
+        };
+        l
+    }
+
+    #[test]
+    fn validation_of_an_ipv6_only_lease() {
+        let r = rules(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56",
+                "Backend":{"Type":"vxlan"}}"#,
+        );
+        let l = v6_only("fd00:10:244:7::/64", "fd00:198::2");
+        assert_eq!(r.check(&l), Ok(()), "no IPv4 subnet, no PublicIP: fine");
+        let mut no_subnet = l.clone();
+        no_subnet.ipv6_subnet = None;
+        assert_eq!(
+            r.check(&no_subnet),
+            Err(Invalid::MissingSubnet { family: "IPv6" })
+        );
+        let mut no_ip = l.clone();
+        no_ip.attrs.public_ipv6 = None;
+        assert_eq!(
+            r.check(&no_ip),
+            Err(Invalid::MissingPublicIp {
+                field: "PublicIPv6"
+            })
+        );
+        let mut no_vtep = l.clone();
+        no_vtep.attrs.backend = BackendAttrs::Vxlan { v4: None, v6: None };
+        assert_eq!(
+            r.check(&no_vtep),
+            Err(Invalid::MissingVtep {
+                family: "IPv6",
+                field: "BackendV6Data"
+            })
+        );
+        // And an IPv4 network refuses a lease without an IPv4 subnet.
+        let r4 = rules(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#);
+        assert_eq!(r4.check(&l), Err(Invalid::MissingSubnet { family: "IPv4" }));
+    }
+
+    #[test]
+    fn ipv6_only_peer_set_filters_own_by_ipv6_subnet() {
+        let own = v6_only("fd00:10:244:1::/64", "fd00:198::1");
+        let a = v6_only("fd00:10:244:2::/64", "fd00:198::2");
+        let mut set = PeerSet::new(own.id());
+        assert_eq!(set.apply(LeaseEvent::Added(own.clone())), vec![]);
+        assert_eq!(
+            set.apply(LeaseEvent::Added(a.clone())),
+            vec![PeerChange::Add(a.clone())]
+        );
+        let gone = Lease::bare(None, a.ipv6_subnet);
+        assert_eq!(
+            set.apply(LeaseEvent::Removed(gone)),
+            vec![PeerChange::Remove(a.clone())]
+        );
+        assert_eq!(
+            set.apply(LeaseEvent::Snapshot(vec![own, a.clone()])),
+            vec![PeerChange::Add(a)]
+        );
+        assert_eq!(set.len(), 1);
     }
 
     #[test]

@@ -259,11 +259,17 @@ impl Metrics {
     }
 
     /// Record the lease this host holds.
-    pub fn set_lease(&self, subnet: Ipv4Network, ipv6_subnet: Option<String>, public_ip: Ipv4Addr) {
+    pub fn set_lease(
+        &self,
+        subnet: Option<Ipv4Network>,
+        ipv6_subnet: Option<String>,
+        public_ip: Ipv4Addr,
+    ) {
         self.lease_info.clear();
         self.lease_info
             .get_or_create(&LeaseLabels {
-                subnet: subnet.to_string(),
+                // Empty on an IPv6-only network, like `ipv6_subnet` without IPv6.
+                subnet: subnet.map(|s| s.to_string()).unwrap_or_default(),
                 ipv6_subnet: ipv6_subnet.unwrap_or_default(),
                 public_ip: public_ip.to_string(),
             })
@@ -569,7 +575,7 @@ mod tests {
     fn names_follow_prometheus_conventions() {
         let m = get();
         m.set_lease(
-            "10.244.7.0/24".parse().unwrap(),
+            Some("10.244.7.0/24".parse().unwrap()),
             None,
             Ipv4Addr::new(198, 18, 0, 7),
         );

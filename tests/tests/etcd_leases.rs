@@ -84,6 +84,21 @@ async fn stored(etcd: &EtcdServer) -> Result<BTreeMap<String, Vec<u8>>> {
         .collect())
 }
 
+/// An etcd lease's IPv4 half, which every etcd lease has (its key names it).
+trait EtcdLease {
+    fn v4(&self) -> Ipv4Network;
+    fn v4_key(&self) -> String;
+}
+
+impl EtcdLease for Lease {
+    fn v4(&self) -> Ipv4Network {
+        self.subnet.expect("an etcd lease has an IPv4 subnet")
+    }
+    fn v4_key(&self) -> String {
+        self.key().expect("an etcd lease has a key")
+    }
+}
+
 fn key_of(subnet: &str) -> String {
     let n: Ipv4Network = subnet.parse().unwrap();
     format!("{PREFIX}/subnets/{}-{}", n.ip(), n.prefix())
@@ -143,16 +158,16 @@ async fn fifty_concurrent_managers_get_distinct_subnets_in_range() -> Result<()>
     let (min, max) = (Ipv4Addr::new(10, 244, 10, 0), Ipv4Addr::new(10, 244, 69, 0));
     for (i, lease) in leases.into_iter().enumerate() {
         let lease = lease.with_context(|| format!("manager {i}"))?;
-        assert_eq!(lease.subnet.prefix(), 24);
+        assert_eq!(lease.v4().prefix(), 24);
         assert!(
-            lease.subnet.ip() >= min && lease.subnet.ip() <= max,
+            lease.v4().ip() >= min && lease.v4().ip() <= max,
             "{lease:?}"
         );
         assert_eq!(lease.attrs.public_ip, host(i as u8 + 1));
         assert!(
-            subnets.insert(lease.subnet),
+            subnets.insert(lease.v4()),
             "subnet {} handed out twice",
-            lease.subnet
+            lease.v4()
         );
     }
     assert_eq!(subnets.len(), 50);
@@ -179,7 +194,7 @@ async fn exhaustion_is_a_clear_error() -> Result<()> {
     let m = manager(&etcd).await?;
     let mut got = BTreeSet::new();
     for i in 1..=3 {
-        got.insert(m.acquire_lease(&attrs(host(i))).await?.subnet.to_string());
+        got.insert(m.acquire_lease(&attrs(host(i))).await?.v4().to_string());
     }
     assert_eq!(
         got,
@@ -248,7 +263,7 @@ async fn restart_reuses_the_subnet() -> Result<()> {
     let keys = stored(&etcd).await?;
     assert_eq!(keys.len(), 1);
     assert_eq!(
-        LeaseAttrs::from_json(&keys[&key_of(&first.subnet.to_string())])?,
+        LeaseAttrs::from_json(&keys[&key_of(&first.v4().to_string())])?,
         changed
     );
 
@@ -260,7 +275,7 @@ async fn restart_reuses_the_subnet() -> Result<()> {
     // New public IP, but subnet.env remembers the subnet and it is free again.
     raw(&etcd)
         .await?
-        .delete(key_of(&first.subnet.to_string()), None)
+        .delete(key_of(&first.v4().to_string()), None)
         .await?;
     let dir = tempfile::tempdir()?;
     let env = dir.path().join("subnet.env");
@@ -268,11 +283,11 @@ async fn restart_reuses_the_subnet() -> Result<()> {
         &env,
         format!(
             "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={}/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
-            Ipv4Addr::from(u32::from(first.subnet.ip()) + 1)
+            Ipv4Addr::from(u32::from(first.v4().ip()) + 1)
         ),
     )?;
     let previous = subnet::env_file::read_previous(&env);
-    assert_eq!(previous.subnet, Some(first.subnet));
+    assert_eq!(previous.subnet, Some(first.v4()));
     let m = EtcdSubnetManager::connect(EtcdOptions {
         previous,
         ..options(&etcd, etcd_mgr::DEFAULT_TTL)
@@ -284,7 +299,7 @@ async fn restart_reuses_the_subnet() -> Result<()> {
     // A remembered subnet someone else holds now is not stolen.
     let other = EtcdSubnetManager::connect(EtcdOptions {
         previous: PreviousSubnets {
-            subnet: Some(first.subnet),
+            subnet: first.subnet,
             ..Default::default()
         },
         ..options(&etcd, etcd_mgr::DEFAULT_TTL)
@@ -319,7 +334,7 @@ async fn enabling_ipv6_keeps_the_ipv4_subnet_of_the_lease() -> Result<()> {
         keys,
         [format!(
             "{PREFIX}/subnets/{}-24&{}-64",
-            first.subnet.ip(),
+            first.v4().ip(),
             v6.ip()
         )]
     );
@@ -335,7 +350,7 @@ async fn lease_expires_unless_renewed_and_loss_is_detected() -> Result<()> {
 
     // Not renewed: gone after the TTL.
     let lapsed = short.acquire_lease(&attrs(host(1))).await?;
-    let lapsed_key = key_of(&lapsed.subnet.to_string());
+    let lapsed_key = key_of(&lapsed.v4().to_string());
     assert!(stored(&etcd).await?.contains_key(&lapsed_key));
     let started = Instant::now();
     eventually(
@@ -351,7 +366,7 @@ async fn lease_expires_unless_renewed_and_loss_is_detected() -> Result<()> {
 
     // Renewed (margin 60 min >= TTL, so every TTL/2): survives several TTLs.
     let kept = short.acquire_lease(&attrs(host(2))).await?;
-    let kept_key = key_of(&kept.subnet.to_string());
+    let kept_key = key_of(&kept.v4().to_string());
     let cancel = CancellationToken::new();
     let renewer = {
         let (m, l, c) = (short.clone(), kept.clone(), cancel.clone());
@@ -383,7 +398,7 @@ async fn lease_expires_unless_renewed_and_loss_is_detected() -> Result<()> {
     // puts the lease back exactly as acquired (with a TTL), deleted or overwritten.
     let long = EtcdSubnetManager::connect(options(&etcd, Duration::from_secs(60))).await?;
     let mine = long.acquire_lease(&attrs(host(3))).await?;
-    let mine_key = key_of(&mine.subnet.to_string());
+    let mine_key = key_of(&mine.v4().to_string());
     let cancel = CancellationToken::new();
     let watcher = {
         let (m, l, c) = (long.clone(), mine.clone(), cancel.clone());
@@ -430,7 +445,7 @@ async fn watchers_see_snapshot_add_and_remove() -> Result<()> {
 
     raw(&etcd)
         .await?
-        .delete(key_of(&b.subnet.to_string()), None)
+        .delete(key_of(&b.v4().to_string()), None)
         .await?;
     let LeaseEvent::Removed(gone) = next_event(&mut events, Duration::from_secs(5)).await? else {
         bail!("expected a removal");
@@ -438,7 +453,7 @@ async fn watchers_see_snapshot_add_and_remove() -> Result<()> {
     assert_eq!(gone.subnet, b.subnet);
 
     // The reducer turns that into backend changes with the cached attributes.
-    let mut peers = PeerSet::new(a.subnet);
+    let mut peers = PeerSet::new(a.id());
     peers.apply(LeaseEvent::Snapshot(snap));
     peers.apply(LeaseEvent::Added(b.clone()));
     let changes = peers.apply(LeaseEvent::Removed(gone));
@@ -454,7 +469,7 @@ async fn etcd_restart_mid_watch_loses_no_event() -> Result<()> {
     let a = m.acquire_lease(&attrs(host(1))).await?;
     let b = m.acquire_lease(&attrs(host(2))).await?;
     // The watcher's own subnet is outside the range, so every lease is a peer.
-    let mut peers = PeerSet::new("10.244.0.0/24".parse()?);
+    let mut peers = PeerSet::new((Some("10.244.0.0/24".parse()?), None));
     let mut events = m.watch_leases();
     peers.apply(next_event(&mut events, Duration::from_secs(5)).await?);
     assert_eq!(peers.len(), 2);
@@ -467,7 +482,7 @@ async fn etcd_restart_mid_watch_loses_no_event() -> Result<()> {
     let writer = manager(&etcd).await?;
     raw(&etcd)
         .await?
-        .delete(key_of(&b.subnet.to_string()), None)
+        .delete(key_of(&b.v4().to_string()), None)
         .await?;
     let c = writer.acquire_lease(&attrs(host(3))).await?;
 
@@ -579,8 +594,8 @@ async fn malformed_records_are_skipped_good_ones_arrive() -> Result<()> {
 
     // Keys with bad values still occupy their subnets: acquisition never picks them.
     for (k, _) in &bad {
-        assert_ne!(k, &key_of(&good.subnet.to_string()));
-        assert_ne!(k, &key_of(&late.subnet.to_string()));
+        assert_ne!(k, &key_of(&good.v4().to_string()));
+        assert_ne!(k, &key_of(&late.v4().to_string()));
     }
     Ok(())
 }
@@ -611,7 +626,10 @@ async fn golden_upstream_lease_round_trip() -> Result<()> {
         bail!("expected snapshot");
     };
     let [upstream]: [Lease; 1] = leases.try_into().map_err(|l| anyhow::anyhow!("{l:?}"))?;
-    assert_eq!(upstream.subnet, "10.244.7.0/24".parse::<Ipv4Network>()?);
+    assert_eq!(
+        upstream.subnet,
+        Some("10.244.7.0/24".parse::<Ipv4Network>()?)
+    );
     assert_eq!(upstream.attrs.public_ip, Ipv4Addr::new(192, 168, 64, 3));
     let data = upstream
         .attrs
@@ -641,7 +659,7 @@ async fn golden_upstream_lease_round_trip() -> Result<()> {
     let fresh = m.acquire_lease(&attrs(host(5))).await?;
     let value = stored(&etcd)
         .await?
-        .remove(&key_of(&fresh.subnet.to_string()))
+        .remove(&key_of(&fresh.v4().to_string()))
         .unwrap();
     let text = String::from_utf8(value)?;
     assert!(text.starts_with(r#"{"PublicIP":"198.18.0.5","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:2a:c6:12:00:05"}}"#), "{text}");
@@ -675,7 +693,7 @@ async fn dual_stack_leases_use_upstream_keys() -> Result<()> {
         .context("dual-stack lease has an IPv6 subnet")?;
     assert_eq!(v6.prefix(), 56);
     assert!(v6.ip().segments()[..2] == [0xfd00, 0x12]);
-    let key = format!("{PREFIX}/subnets/{}-24&{}-56", lease.subnet.ip(), v6.ip());
+    let key = format!("{PREFIX}/subnets/{}-24&{}-56", lease.v4().ip(), v6.ip());
     let keys = stored(&etcd).await?;
     let value = String::from_utf8(
         keys.get(&key)
@@ -722,12 +740,12 @@ async fn concurrent_dual_stack_managers_get_distinct_subnets_in_both_families() 
         let lease = lease.with_context(|| format!("manager {i}"))?;
         let v6 = lease.ipv6_subnet.context("dual-stack lease without IPv6")?;
         assert!(
-            v4s.insert(lease.subnet),
+            v4s.insert(lease.v4()),
             "IPv4 subnet {} handed out twice",
-            lease.subnet
+            lease.v4()
         );
         assert!(v6s.insert(v6), "IPv6 subnet {v6} handed out twice");
-        keys.insert(format!("{PREFIX}/subnets/{}", lease.key()));
+        keys.insert(format!("{PREFIX}/subnets/{}", lease.v4_key()));
     }
     // Exactly the winners' keys are in etcd: every withdrawn create was deleted.
     let stored: BTreeSet<String> = stored(&etcd).await?.into_keys().collect();
@@ -754,7 +772,7 @@ async fn reservation_is_reused_and_stays_without_ttl() -> Result<()> {
     let ttl = Duration::from_secs(3);
     let m = EtcdSubnetManager::connect(options(&etcd, ttl)).await?;
     let lease = m.acquire_lease(&attrs(host(42))).await?;
-    assert_eq!(lease.subnet, "10.244.42.0/24".parse::<Ipv4Network>()?);
+    assert_eq!(lease.subnet, Some("10.244.42.0/24".parse::<Ipv4Network>()?));
     let cancel = CancellationToken::new();
     let keeper = {
         let (m, l, c) = (m.clone(), lease.clone(), cancel.clone());
@@ -792,7 +810,7 @@ async fn etcd_auth_credentials_are_used() -> Result<()> {
     };
     let m = EtcdSubnetManager::connect(with("root", "s3cret")).await?;
     let lease = m.acquire_lease(&attrs(host(1))).await?;
-    assert_eq!(lease.subnet.prefix(), 24);
+    assert_eq!(lease.v4().prefix(), 24);
 
     // Wrong password: a permanent error, not something to retry forever.
     let err = match EtcdSubnetManager::connect(with("root", "wrong")).await {
@@ -869,10 +887,10 @@ async fn incompatible_old_lease_is_replaced() -> Result<()> {
     )
     .await?;
     let new = m.acquire_lease(&attrs(host(1))).await?;
-    assert_eq!(new.subnet.prefix(), 25);
+    assert_eq!(new.v4().prefix(), 25);
     let keys = stored(&etcd).await?;
     assert!(
-        !keys.contains_key(&key_of(&old.subnet.to_string())),
+        !keys.contains_key(&key_of(&old.v4().to_string())),
         "{keys:?}"
     );
     assert_eq!(keys.len(), 1);

@@ -28,7 +28,7 @@ fn ext_for(ns: &NetNs, ip: Ipv4Addr) -> ExternalInterface {
 
 fn lease(i: u8, public_ip: Ipv4Addr, backend_type: &str) -> Lease {
     Lease {
-        subnet: Ipv4Network::new(Ipv4Addr::new(10, 244, i, 0), 24).unwrap(),
+        subnet: Some(Ipv4Network::new(Ipv4Addr::new(10, 244, i, 0), 24).unwrap()),
         ipv6_subnet: None,
         extra_senders: Vec::new(),
         attrs: LeaseAttrs {
@@ -79,7 +79,7 @@ fn hostgw_routes_pods_and_reconciles_only_its_routes() {
         assert_eq!(mtu, 1500);
     }
     for (i, h) in hosts.iter_mut().enumerate() {
-        h.add_pods(leases[i].subnet, 1500, 2);
+        h.add_pods(leases[i].subnet.unwrap(), 1500, 2);
     }
     let routes = hosts[0].ns.sh("ip route show");
     assert!(
@@ -126,7 +126,7 @@ fn hostgw_routes_pods_and_reconciles_only_its_routes() {
         .sh("ip route add 10.244.9.0/24 via 198.18.0.2 proto 84 && \
          ip route add 10.244.8.0/24 via 198.18.0.2");
     let mut other = lease(4, Ipv4Addr::new(198, 18, 0, 2), "vxlan");
-    other.subnet = "10.244.4.0/24".parse().unwrap();
+    other.subnet = Some("10.244.4.0/24".parse().unwrap());
     run(&hosts[0], leases[0].clone(), vec![leases[1].clone(), other])
         .0
         .expect("reconcile");
@@ -183,7 +183,7 @@ fn hostgw_events_do_not_read_the_table() {
     let peer = |i: u16| {
         let mut l = lease(0, Ipv4Addr::new(198, 18, 2, 0), "host-gw");
         let [hi, lo] = i.to_be_bytes();
-        l.subnet = Ipv4Network::new(Ipv4Addr::new(10, 244, lo, 0), 24).unwrap();
+        l.subnet = Some(Ipv4Network::new(Ipv4Addr::new(10, 244, lo, 0), 24).unwrap());
         l.attrs.public_ip = Ipv4Addr::new(198, 18, 2 + hi, lo);
         l
     };

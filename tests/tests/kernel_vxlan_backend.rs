@@ -125,7 +125,7 @@ fn vxlan_backend_programs_peers_carries_traffic_and_reconciles() {
             "{data}"
         );
         leases.push(Lease {
-            subnet: subnet(u8::try_from(i).unwrap() + 1),
+            subnet: Some(subnet(u8::try_from(i).unwrap() + 1)),
             ipv6_subnet: None,
             extra_senders: Vec::new(),
             attrs,
@@ -259,7 +259,7 @@ fn vxlan_backend_programs_peers_carries_traffic_and_reconciles() {
     assert_eq!(before, after, "restart changed kernel state");
 
     // Host 3 leaves: a removal carries only the subnet (etcd delete events have no value).
-    let gone = Lease::bare(subnet(3), None);
+    let gone = Lease::bare(Some(subnet(3)), None);
     let mac3 = mac_of(&leases[2].attrs);
     for h in &hosts[..2] {
         let g = gone.clone();
@@ -291,11 +291,11 @@ fn vxlan_backend_programs_peers_carries_traffic_and_reconciles() {
          ip route add 10.99.0.0/16 via 198.18.0.2"
     ));
     let mut bad_type = leases[1].clone();
-    bad_type.subnet = subnet(20);
+    bad_type.subnet = Some(subnet(20));
     bad_type.attrs.backend = BackendAttrs::HostGw;
     // (A malformed VtepMAC no longer reaches a backend: the lease codec refuses it.)
     let mut no_data = leases[1].clone();
-    no_data.subnet = subnet(22);
+    no_data.subnet = Some(subnet(22));
     no_data.attrs.backend = BackendAttrs::Vxlan { v4: None, v6: None };
     let peers = vec![leases[1].clone(), bad_type, no_data];
     with_backend(&hosts[0], &config, leases[0].clone(), move |b| {
@@ -397,7 +397,7 @@ fn vxlan_direct_routing_uses_plain_routes_to_on_link_peers() {
     for (i, h) in hosts.iter().enumerate() {
         let (attrs, _) = run_backend(h, &config, None, vec![]);
         leases.push(Lease {
-            subnet: subnet(u8::try_from(i).unwrap() + 1),
+            subnet: Some(subnet(u8::try_from(i).unwrap() + 1)),
             ipv6_subnet: None,
             extra_senders: Vec::new(),
             attrs,
@@ -437,13 +437,13 @@ fn vxlan_reconcile_recreates_a_deleted_device_with_the_advertised_mac() {
     let config = VxlanConfig::default();
     let (peer_attrs, _) = run_backend(&hosts[1], &config, None, vec![]);
     let peer = Lease {
-        subnet: subnet(2),
+        subnet: Some(subnet(2)),
         ipv6_subnet: None,
         extra_senders: Vec::new(),
         attrs: peer_attrs,
     };
     let own = Lease {
-        subnet: subnet(1),
+        subnet: Some(subnet(1)),
         ipv6_subnet: None,
         extra_senders: Vec::new(),
         attrs: run_backend(&hosts[0], &config, None, vec![]).0,
@@ -508,7 +508,7 @@ fn vxlan_changed_peer_mac_replaces_its_entries() {
         .iter()
         .enumerate()
         .map(|(i, h)| Lease {
-            subnet: subnet(u8::try_from(i).unwrap() + 1),
+            subnet: Some(subnet(u8::try_from(i).unwrap() + 1)),
             ipv6_subnet: None,
             extra_senders: Vec::new(),
             attrs: run_backend(h, &config, None, vec![]).0,
@@ -559,7 +559,7 @@ fn vxlan_changed_peer_mac_replaces_its_entries() {
 /// A VXLAN peer lease for subnet `10.244.<i>.0/24` on `198.18.1.<i>` with MAC `0e:00:00:00:<m>:<i>`.
 fn vxlan_peer(i: u8, m: u8) -> Lease {
     Lease {
-        subnet: subnet(i),
+        subnet: Some(subnet(i)),
         ipv6_subnet: None,
         extra_senders: Vec::new(),
         attrs: LeaseAttrs::vxlan(
@@ -581,7 +581,7 @@ fn peer_events_after_a_reconcile_read_no_table() {
     let host = underlay.add_host(1);
     let ext = ext_for(&host.ns, host.ip);
     let own = Lease {
-        subnet: subnet(1),
+        subnet: Some(subnet(1)),
         ipv6_subnet: None,
         extra_senders: Vec::new(),
         attrs: vxlan_peer(1, 0).attrs,
@@ -643,7 +643,7 @@ fn a_resync_read_leaves_subnets_events_touched_since() {
     let host = underlay.add_host(1);
     let ext = ext_for(&host.ns, host.ip);
     let own = Lease {
-        subnet: subnet(1),
+        subnet: Some(subnet(1)),
         ipv6_subnet: None,
         extra_senders: Vec::new(),
         attrs: vxlan_peer(1, 0).attrs,

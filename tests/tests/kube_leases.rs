@@ -145,7 +145,7 @@ async fn node_a_watching_alone(
 }
 
 fn subnets(leases: &[Lease]) -> Vec<String> {
-    leases.iter().map(|l| l.subnet.to_string()).collect()
+    leases.iter().map(|l| l.subnets().to_string()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,7 +160,7 @@ async fn two_nodes_see_each_other_and_removal() {
         .acquire_lease(&attrs([198, 18, 0, 1], "0a:00:00:00:00:01"))
         .await
         .unwrap();
-    assert_eq!(lease_a.subnet.to_string(), "10.244.1.0/24");
+    assert_eq!(lease_a.subnets().to_string(), "10.244.1.0/24");
     assert_eq!(lease_a.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 1));
 
     // b starts watching before it has published: the snapshot holds only a.
@@ -185,12 +185,12 @@ async fn two_nodes_see_each_other_and_removal() {
         .acquire_lease(&attrs([198, 18, 0, 2], "0a:00:00:00:00:02"))
         .await
         .unwrap();
-    assert_eq!(lease_b.subnet.to_string(), "10.244.2.0/24");
+    assert_eq!(lease_b.subnets().to_string(), "10.244.2.0/24");
     // a learns about b through the watch.
     let ev = wait_for(
         &mut watch_a,
         "b added",
-        |e| matches!(e, LeaseEvent::Added(l) if l.subnet.to_string() == "10.244.2.0/24"),
+        |e| matches!(e, LeaseEvent::Added(l) if l.subnets().to_string() == "10.244.2.0/24"),
     )
     .await;
     let LeaseEvent::Added(seen) = ev else {
@@ -201,7 +201,7 @@ async fn two_nodes_see_each_other_and_removal() {
     wait_for(
         &mut watch_b,
         "own lease",
-        |e| matches!(e, LeaseEvent::Added(l) if l.subnet.to_string() == "10.244.2.0/24"),
+        |e| matches!(e, LeaseEvent::Added(l) if l.subnets().to_string() == "10.244.2.0/24"),
     )
     .await;
 
@@ -372,7 +372,7 @@ async fn malformed_and_unmanaged_nodes_are_skipped() {
         .annotate("bad-ip", &[(&format!("{P}public-ip"), Some("198.18.0.3"))]);
     let ev = next(&mut watch).await;
     assert!(
-        matches!(&ev, LeaseEvent::Added(l) if l.subnet.to_string() == "10.244.3.0/24"),
+        matches!(&ev, LeaseEvent::Added(l) if l.subnets().to_string() == "10.244.3.0/24"),
         "{ev:?}"
     );
     // Breaking a known node's data keeps its last good lease (no event), and the stream
@@ -388,7 +388,7 @@ async fn malformed_and_unmanaged_nodes_are_skipped() {
     );
     let ev = next(&mut watch).await;
     assert!(
-        matches!(&ev, LeaseEvent::Added(l) if l.subnet.to_string() == "10.244.4.0/24"),
+        matches!(&ev, LeaseEvent::Added(l) if l.subnets().to_string() == "10.244.4.0/24"),
         "{ev:?}"
     );
     // Taking flannel off a known node removes it.
@@ -396,7 +396,7 @@ async fn malformed_and_unmanaged_nodes_are_skipped() {
         .annotate("bad-ip", &[(&format!("{P}kube-subnet-manager"), None)]);
     let ev = next(&mut watch).await;
     assert!(
-        matches!(&ev, LeaseEvent::Removed(l) if l.subnet.to_string() == "10.244.3.0/24"),
+        matches!(&ev, LeaseEvent::Removed(l) if l.subnets().to_string() == "10.244.3.0/24"),
         "{ev:?}"
     );
 }
@@ -445,7 +445,7 @@ async fn invalid_leases_are_skipped_logged_once_truncated() {
     let ev = wait_for(
         &mut watch,
         "the valid node",
-        |e| matches!(e, LeaseEvent::Added(l) if l.subnet.to_string() == "10.244.12.0/24"),
+        |e| matches!(e, LeaseEvent::Added(l) if l.subnets().to_string() == "10.244.12.0/24"),
     )
     .await;
     assert!(matches!(ev, LeaseEvent::Added(_)));
@@ -551,7 +551,7 @@ async fn gone_mid_watch_relists_without_losing_a_change() {
     );
     let b_lease = snap
         .iter()
-        .find(|l| l.subnet.to_string() == "10.244.2.0/24")
+        .find(|l| l.subnet == Some("10.244.2.0/24".parse().unwrap()))
         .unwrap();
     assert_eq!(
         b_lease.attrs.backend.data_json().unwrap(),
@@ -564,7 +564,7 @@ async fn gone_mid_watch_relists_without_losing_a_change() {
         matches!(e, LeaseEvent::Removed(_))
     })
     .await;
-    assert!(matches!(&ev, LeaseEvent::Removed(l) if l.subnet.to_string() == "10.244.3.0/24"));
+    assert!(matches!(&ev, LeaseEvent::Removed(l) if l.subnets().to_string() == "10.244.3.0/24"));
     assert!(
         f.api.watch_count() > watches_before,
         "a new watch followed the relist"
@@ -659,7 +659,7 @@ async fn closed_watch_resumes_without_relist() {
         .unwrap();
     let ev = next(&mut watch).await;
     assert!(
-        matches!(&ev, LeaseEvent::Added(l) if l.subnet.to_string() == "10.244.2.0/24"),
+        matches!(&ev, LeaseEvent::Added(l) if l.subnets().to_string() == "10.244.2.0/24"),
         "{ev:?}"
     );
     assert!(f.api.watch_count() > watches, "the watcher re-watched");
@@ -721,7 +721,7 @@ async fn dual_stack_publishes_and_sees_ipv6() {
     };
     let peer = snap
         .iter()
-        .find(|l| l.subnet.to_string() == "10.244.2.0/24")
+        .find(|l| l.subnet == Some("10.244.2.0/24".parse().unwrap()))
         .unwrap();
     assert_eq!(peer.ipv6_subnet.unwrap().to_string(), "fd00:10:244:2::/64");
     assert_eq!(peer.attrs.public_ipv6, Some("fd18::2".parse().unwrap()));

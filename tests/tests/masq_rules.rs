@@ -164,7 +164,7 @@ fn masq_rewrites_pod_to_outside_but_not_pod_to_pod() {
             b.prepare().await.unwrap()
         });
         leases.push(Lease {
-            subnet: cfg(u8::try_from(i).unwrap() + 1, false).subnet,
+            subnet: Some(cfg(u8::try_from(i).unwrap() + 1, false).subnet),
             ipv6_subnet: None,
             extra_senders: Vec::new(),
             attrs,
@@ -180,7 +180,7 @@ fn masq_rewrites_pod_to_outside_but_not_pod_to_pod() {
         });
     }
     for (i, h) in hosts.iter_mut().enumerate() {
-        h.add_pods(leases[i].subnet, 1450, 1);
+        h.add_pods(leases[i].subnet.unwrap(), 1450, 1);
     }
     let pod1 = &hosts[0].pods[0];
     let pod2 = &hosts[1].pods[0];

@@ -222,7 +222,7 @@ impl Backend for HostGw {
     }
 
     async fn register(&mut self, own: &Lease) -> Result<()> {
-        self.own = Some(own.subnet);
+        self.own = own.subnet;
         self.own6 = own.ipv6_subnet;
         Ok(())
     }
@@ -241,14 +241,16 @@ impl Backend for HostGw {
     }
 
     async fn remove_peer(&mut self, peer: &Lease) -> Result<()> {
-        if Some(peer.subnet) == self.own {
+        if peer.subnet.is_some() && peer.subnet == self.own {
             return Ok(());
         }
-        self.remove_subnet(peer.subnet).await?;
+        if let Some(sn) = peer.subnet {
+            self.remove_subnet(sn).await?;
+        }
         if let Some(sn6) = peer.ipv6_subnet.filter(|s| Some(*s) != self.own6) {
             self.remove_subnet(sn6).await?;
         }
-        info!(subnet = %peer.subnet, ipv6_subnet = ?peer.ipv6_subnet, "peer route removed");
+        info!(subnet = %peer.subnets(), "peer route removed");
         Ok(())
     }
 
@@ -310,7 +312,7 @@ impl HostGw {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    warn!(subnet = %lease.subnet, error = %e, "cannot route to peer");
+                    warn!(subnet = %lease.subnets(), error = %e, "cannot route to peer");
                     failed = Some(e);
                 }
             }

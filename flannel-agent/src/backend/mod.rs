@@ -125,7 +125,7 @@ pub struct Touched {
 impl Touched {
     /// An event added, changed or removed `lease`.
     pub fn add(&mut self, lease: &Lease) {
-        self.v4.insert(lease.subnet);
+        self.v4.extend(lease.subnet);
         self.v6.extend(lease.ipv6_subnet);
     }
 }

@@ -59,7 +59,10 @@ use tracing::{debug, info, warn};
 
 use super::{Backend, ExternalInterface, Result, Touched};
 use crate::{
-    lease::{BackendAttrs, Lease, LeaseAttrs, LeaseFamily, MacAddr, VxlanBackendData},
+    lease::{
+        BackendAttrs, Lease, LeaseAttrs, LeaseFamily, MacAddr, SubnetId, VxlanBackendData,
+        same_subnet,
+    },
     net::{
         netlink::{self, Netlink, NlFamily},
         vxlan_guard::PeerGuard,
@@ -175,7 +178,7 @@ pub fn peer_vtep_mac(peer: &Lease) -> Option<[u8; 6]> {
     match parse_peer::<Ipv4Network>(peer) {
         Ok(p) => p.map(|p| p.vtep_mac),
         Err(e) => {
-            warn!(subnet = %peer.subnet, error = %e, "skipping peer");
+            warn!(subnet = %peer.subnets(), error = %e, "skipping peer");
             None
         }
     }
@@ -1227,6 +1230,20 @@ pub struct KernelVxlan {
     /// The nftables peer guard, when VXLAN is accepted only from known peers (over IPv6
     /// too when `flannel-v6.<VNI>` exists).
     guard: Option<PeerGuard>,
+    /// Our own lease's subnet(s), once registered.
+    own: Option<SubnetId>,
+}
+
+/// Whether `lease` is our own (`own`, once registered).
+fn is_own(own: Option<SubnetId>, lease: &Lease) -> bool {
+    own.is_some_and(|o| same_subnet(o, lease.id()))
+}
+
+/// Whether the guard accepts `lease`'s VXLAN: it is a vxlan peer with a VTEP of either
+/// family.
+fn guarded(lease: &Lease) -> bool {
+    matches!(parse_peer::<Ipv4Network>(lease), Ok(Some(_)))
+        || matches!(parse_peer::<Ipv6Network>(lease), Ok(Some(_)))
 }
 
 impl KernelVxlan {
@@ -1252,6 +1269,7 @@ impl KernelVxlan {
             v4: VxlanDevice::new(ext, config, macs.v4).await?,
             v6,
             guard: None,
+            own: None,
         })
     }
 
@@ -1359,11 +1377,11 @@ impl KernelVxlan {
     ) -> Result<Fixes, Error> {
         let (t4, t6) = tables.map_or((None, None), |t| (Some(t.v4), t.v6));
         if let Some(guard) = &mut self.guard {
-            let own = self.v4.own;
+            let own = self.own;
             let senders = peers
                 .iter()
-                .filter(|l| Some(l.subnet) != own && parse_peer::<Ipv4Network>(l).is_ok())
-                .map(|l| (l.subnet, guarded_senders(l)));
+                .filter(|l| !is_own(own, l) && guarded(l))
+                .map(|l| (l.id(), guarded_senders(l)));
             guard.replace_all(senders).await.map_err(Error::from)?;
         }
         let mut fixes = self.v4.check_with(peers, t4, &touched.v4).await;
@@ -1407,7 +1425,10 @@ impl Backend for KernelVxlan {
     }
 
     async fn register(&mut self, own: &Lease) -> Result<()> {
-        self.v4.register(own.subnet).await?;
+        self.own = Some(own.id());
+        if let Some(sn) = own.subnet {
+            self.v4.register(sn).await?;
+        }
         if let (Some(d), Some(sn6)) = (&mut self.v6, own.ipv6_subnet) {
             d.register(sn6).await?;
         }
@@ -1417,11 +1438,11 @@ impl Backend for KernelVxlan {
     async fn add_peer(&mut self, peer: &Lease) -> Result<()> {
         // Accepted before we send to it, so its first replies get through.
         if let Some(guard) = &mut self.guard
-            && Some(peer.subnet) != self.v4.own
-            && matches!(parse_peer::<Ipv4Network>(peer), Ok(Some(_)))
+            && !is_own(self.own, peer)
+            && guarded(peer)
         {
             guard
-                .set_peer(peer.subnet, guarded_senders(peer))
+                .set_peer(peer.id(), guarded_senders(peer))
                 .await
                 .map_err(Error::from)?;
         }
@@ -1433,7 +1454,7 @@ impl Backend for KernelVxlan {
     }
 
     async fn remove_peer(&mut self, peer: &Lease) -> Result<()> {
-        if Some(peer.subnet) == self.v4.own {
+        if is_own(self.own, peer) {
             return Ok(());
         }
         self.v4.remove_peer(peer).await?;
@@ -1442,7 +1463,7 @@ impl Backend for KernelVxlan {
         }
         // Stop accepting its VXLAN only once nothing routes to it any more.
         if let Some(guard) = &mut self.guard {
-            guard.remove_peer(peer.subnet).await.map_err(Error::from)?;
+            guard.remove_peer(peer.id()).await.map_err(Error::from)?;
         }
         Ok(())
     }
@@ -1519,7 +1540,7 @@ mod tests {
 
     fn lease(backend_type: &str, data: Option<&str>) -> Lease {
         Lease {
-            subnet: "10.244.2.0/24".parse().unwrap(),
+            subnet: Some("10.244.2.0/24".parse().unwrap()),
             ipv6_subnet: None,
             extra_senders: Vec::new(),
             attrs: LeaseAttrs {

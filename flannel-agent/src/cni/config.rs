@@ -319,6 +319,26 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_only_hands_host_local_the_ipv6_range_alone() {
+        let conf = NetConf::parse(STOCK_NETCONF.as_bytes()).unwrap();
+        let e = env(
+            "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\n\
+             FLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
+        let rendered = Value::Object(render_delegate(&conf, &e));
+        assert_eq!(
+            rendered["ipam"],
+            json!({
+                "ranges": [[{"subnet": "fd00:10:244:1::/64"}]],
+                "routes": [{"dst": "fd00:10:244::/56"}],
+                "type": "host-local"
+            })
+        );
+        assert_eq!(rendered["mtu"], json!(1430));
+    }
+
+    #[test]
     fn delegate_keys_win_and_non_bridge_has_no_gateway() {
         let conf = NetConf::parse(
             br#"{"name":"n","type":"flannel","delegate":{"type":"macvlan","ipMasq":true,"mtu":9000},

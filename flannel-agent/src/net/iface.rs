@@ -298,12 +298,16 @@ pub fn select(host: &HostNet, sel: &Selector) -> Result<ExternalInterface> {
             name: link.name.clone(),
         });
     }
-    let iface_addr = iface_addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    // A disabled family's address is neither sent from nor published: an IPv6-only host
+    // publishes PublicIP 0.0.0.0, as upstream's zero `ip.IP4`.
+    let iface_addr = iface_addr
+        .filter(|_| sel.ipv4)
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
     Ok(ExternalInterface {
         name: link.name.clone(),
         index,
         iface_addr,
-        public_ip: sel.public_ip.unwrap_or(iface_addr),
+        public_ip: sel.public_ip.filter(|_| sel.ipv4).unwrap_or(iface_addr),
         iface_addr6: iface_addr6.filter(|_| sel.ipv6),
         public_ipv6: sel.public_ipv6.or(iface_addr6).filter(|_| sel.ipv6),
         mtu: link.mtu,

@@ -41,11 +41,13 @@ use std::{
     time::Duration,
 };
 
-use ipnetwork::Ipv4Network;
 use tracing::{info, warn};
 
 use super::masq;
-use crate::repair::{self, RepairKind};
+use crate::{
+    lease::SubnetId,
+    repair::{self, RepairKind},
+};
 
 /// The table (family `inet`).
 pub const TABLE: &str = "flannel-vxlan-guard";
@@ -56,8 +58,8 @@ pub struct PeerGuard {
     port: u16,
     /// Whether VXLAN over IPv6 is guarded too (the host has `flannel-v6.<VNI>`).
     ipv6: bool,
-    /// Sending addresses per peer subnet (a delete event names only the subnet).
-    senders: BTreeMap<Ipv4Network, BTreeSet<IpAddr>>,
+    /// Sending addresses per peer, by its subnet(s) (a delete event names only those).
+    senders: BTreeMap<SubnetId, BTreeSet<IpAddr>>,
     /// What the kernel holds, as far as we know; `None` forces the next write.
     applied: Option<BTreeSet<IpAddr>>,
     /// The chain and its rules as the kernel listed them right after the last full write
@@ -84,7 +86,7 @@ impl PeerGuard {
     /// The peer owning `subnet` sends from `addrs` (added or changed).
     pub async fn set_peer(
         &mut self,
-        subnet: Ipv4Network,
+        subnet: SubnetId,
         addrs: impl IntoIterator<Item = IpAddr>,
     ) -> masq::Result<()> {
         self.senders.insert(subnet, addrs.into_iter().collect());
@@ -92,7 +94,7 @@ impl PeerGuard {
     }
 
     /// The peer owning `subnet` is gone.
-    pub async fn remove_peer(&mut self, subnet: Ipv4Network) -> masq::Result<()> {
+    pub async fn remove_peer(&mut self, subnet: SubnetId) -> masq::Result<()> {
         self.senders.remove(&subnet);
         self.apply().await
     }
@@ -103,7 +105,7 @@ impl PeerGuard {
     /// write is applied as a delta, not counted as a repair.
     pub async fn replace_all(
         &mut self,
-        peers: impl IntoIterator<Item = (Ipv4Network, Vec<IpAddr>)>,
+        peers: impl IntoIterator<Item = (SubnetId, Vec<IpAddr>)>,
     ) -> masq::Result<()> {
         self.senders = peers
             .into_iter()
@@ -626,8 +628,8 @@ mod tests {
         let mut g = PeerGuard::new(8472, false);
         // Without nft writes: pretend nft is unavailable so only the bookkeeping runs.
         g.unavailable = true;
-        let a: Ipv4Network = "10.244.1.0/24".parse().unwrap();
-        let b: Ipv4Network = "10.244.2.0/24".parse().unwrap();
+        let a: SubnetId = (Some("10.244.1.0/24".parse().unwrap()), None);
+        let b: SubnetId = (None, Some("fd00:10:244:2::/64".parse().unwrap()));
         g.set_peer(
             a,
             ["198.18.0.1".parse().unwrap(), "192.0.2.1".parse().unwrap()],

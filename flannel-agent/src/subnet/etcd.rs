@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 use super::{SubnetManager, env_file::PreviousSubnets};
 use crate::{
     lease::{
-        Lease, LeaseAttrs, LeaseEvent, LeaseRules, SkipLog, SubnetId, make_subnet_key,
+        KeySubnets, Lease, LeaseAttrs, LeaseEvent, LeaseRules, SkipLog, make_subnet_key,
         parse_record, parse_subnet_key,
     },
     netconf::{self, NetworkConfig},
@@ -343,6 +343,13 @@ impl EtcdSubnetManager {
         format!("{}{}", self.subnets_prefix(), make_subnet_key(subnet, ipv6))
     }
 
+    /// The full etcd key of `lease` and its IPv4 subnet; a lease without one (IPv6-only,
+    /// which this manager never hands out) has no key.
+    fn key_of(&self, lease: &Lease) -> Result<(String, Ipv4Network)> {
+        let subnet = lease.subnet.ok_or(Error::Ipv6Only)?;
+        Ok((self.lease_key(subnet, lease.ipv6_subnet), subnet))
+    }
+
     async fn read_config(&self) -> Result<NetworkConfig> {
         let key = self.config_key();
         let resp = call(
@@ -398,7 +405,10 @@ impl EtcdSubnetManager {
     /// `rules` (what the watch uses) also drops leases no datapath may see; acquisition
     /// lists without them, so an own lease made incompatible by a config change is still
     /// found and replaced.
-    async fn list(&self, rules: Option<&LeaseRules>) -> Result<(Vec<Record>, Vec<SubnetId>, i64)> {
+    async fn list(
+        &self,
+        rules: Option<&LeaseRules>,
+    ) -> Result<(Vec<Record>, Vec<KeySubnets>, i64)> {
         let prefix = self.subnets_prefix();
         let resp = call(
             format!("list {prefix}"),
@@ -593,8 +603,9 @@ impl EtcdSubnetManager {
             .iter()
             .find(|r| r.lease.attrs.public_ip == attrs.public_ip)
         {
-            let compatible =
-                cfg.v4_compatible(rec.lease.subnet) && cfg.v6_compatible(rec.lease.ipv6_subnet);
+            // Records come from keys, which always have an IPv4 part.
+            let compatible = rec.lease.subnet.is_some_and(|sn| cfg.v4_compatible(sn))
+                && cfg.v6_compatible(rec.lease.ipv6_subnet);
             if compatible {
                 let cmp =
                     Compare::mod_revision(rec.key.as_str(), CompareOp::Equal, rec.mod_revision);
@@ -610,10 +621,10 @@ impl EtcdSubnetManager {
                 }));
             }
             warn!(key = %rec.key, "lease of this public IP is incompatible with the network config; replacing it");
-            used.retain(|id| *id != rec.lease.id());
+            used.retain(|(v4, v6)| (Some(*v4), *v6) != rec.lease.id());
             // What still fits of the replaced lease is kept: enabling IPv6 on a running
             // cluster must not renumber a host's IPv4 pods, even without a subnet.env.
-            previous.subnet = previous.subnet.or(Some(rec.lease.subnet));
+            previous.subnet = previous.subnet.or(rec.lease.subnet);
             previous.ipv6_subnet = previous.ipv6_subnet.or(rec.lease.ipv6_subnet);
             replacing = Some(rec);
         }
@@ -624,7 +635,7 @@ impl EtcdSubnetManager {
             return Ok(None);
         }
         Ok(Some(Lease {
-            subnet,
+            subnet: Some(subnet),
             ipv6_subnet,
             extra_senders: Vec::new(),
             attrs: attrs.clone(),
@@ -634,7 +645,7 @@ impl EtcdSubnetManager {
     fn choose(
         &self,
         cfg: &NetworkConfig,
-        used: &[SubnetId],
+        used: &[KeySubnets],
         previous: PreviousSubnets,
     ) -> Result<(Ipv4Network, Option<Ipv6Network>)> {
         let used4: Vec<Ipv4Network> = used.iter().map(|(v4, _)| *v4).collect();
@@ -689,7 +700,7 @@ impl EtcdSubnetManager {
     /// then is put back, loudly: the subnet is still this host's (its pods hold addresses
     /// in it); the agent's own-lease guard normally restores it long before.
     async fn renew(&self, lease: &Lease) -> Result<()> {
-        let key = self.lease_key(lease.subnet, lease.ipv6_subnet);
+        let (key, _) = self.key_of(lease)?;
         let cmp = Compare::version(key.as_str(), CompareOp::Greater, 0);
         if self.put_if(&key, lease.attrs.to_json(), cmp).await? {
             debug!(%key, ttl = ?self.ttl, "renewed lease");
@@ -703,7 +714,7 @@ impl EtcdSubnetManager {
     /// or overwritten with another host's attributes). A reservation (a key without TTL)
     /// stays one; anything else gets a fresh TTL.
     async fn restore(&self, lease: &Lease) -> Result<()> {
-        let key = self.lease_key(lease.subnet, lease.ipv6_subnet);
+        let (key, _) = self.key_of(lease)?;
         let resp = call(
             format!("get {key}"),
             self.client.clone().get(key.as_str(), None),
@@ -747,7 +758,7 @@ impl EtcdSubnetManager {
     }
 
     async fn complete(&self, lease: &Lease, cancel: CancellationToken) -> Result<()> {
-        let key = self.lease_key(lease.subnet, lease.ipv6_subnet);
+        let (key, subnet) = self.key_of(lease)?;
         let retry = renew_retry(self.ttl);
         let renew_in = renew_after(self.ttl, self.renew_margin);
         // etcd may be briefly unreachable right now: that is not a lost lease.
@@ -777,7 +788,7 @@ impl EtcdSubnetManager {
         };
         let renewing = left.is_some();
         if let Some(left) = left {
-            crate::metrics::get().set_lease_expiry(lease.subnet, left);
+            crate::metrics::get().set_lease_expiry(subnet, left);
         }
         // When the current grant leaves less than the margin, renew right away.
         let mut next_renewal =
@@ -795,7 +806,7 @@ impl EtcdSubnetManager {
                         Ok(()) => {
                             next_renewal = Instant::now() + renew_in;
                             crate::metrics::get().lease_renewals.inc();
-                            crate::metrics::get().set_lease_expiry(lease.subnet, self.ttl);
+                            crate::metrics::get().set_lease_expiry(subnet, self.ttl);
                         }
                         Err(error) => {
                             crate::metrics::get().datastore_error("renew_lease");
@@ -813,7 +824,7 @@ impl EtcdSubnetManager {
 fn removed_lease(kv: &KeyValue) -> Option<Lease> {
     let key = String::from_utf8_lossy(kv.key());
     match parse_subnet_key(&key) {
-        Ok((subnet, ipv6_subnet)) => Some(Lease::bare(subnet, ipv6_subnet)),
+        Ok((subnet, ipv6_subnet)) => Some(Lease::bare(Some(subnet), ipv6_subnet)),
         Err(error) => {
             debug!(%error, "ignoring delete of a bad subnet key");
             None
@@ -834,7 +845,7 @@ impl SubnetManager for EtcdSubnetManager {
                 return Err(Error::Ipv6Only.into());
             }
             if let Some(lease) = self.try_acquire(&cfg, attrs, &mut previous).await? {
-                info!(subnet = %lease.subnet, ipv6_subnet = ?lease.ipv6_subnet, key = %lease.key(), "acquired lease");
+                info!(subnet = %lease.subnets(), key = ?lease.key(), "acquired lease");
                 return Ok(lease);
             }
             let pause = Duration::from_millis(rand::random_range(10..100) * u64::from(attempt));

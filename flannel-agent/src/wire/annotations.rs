@@ -253,11 +253,16 @@ pub fn parse_lease_attrs<'a>(
 }
 
 /// The annotations a node publishing `attrs` carries (upstream `AcquireLease`):
-/// `kube-subnet-manager` and `backend-type` always; with IPv4, `public-ip` and
-/// `backend-data` (`null` when the backend has none) unless a vxlan host has no IPv4 VTEP;
-/// with IPv6, `public-ipv6` whenever the host has an IPv6 address, and `backend-v6-data`
-/// when the backend has IPv6 data or is not vxlan. The overwrite annotations replace the
-/// published addresses.
+/// `kube-subnet-manager` and `backend-type` always; `public-ip` and `backend-data` (`null`
+/// when the backend has none) unless a vxlan host has no IPv4 VTEP; with IPv6,
+/// `public-ipv6` whenever the host has an IPv6 address, and `backend-v6-data` when the
+/// backend has IPv6 data or is not vxlan. The overwrite annotations replace the published
+/// addresses.
+///
+/// Upstream's IPv4 condition does not look at `EnableIPv4`: an IPv6-only vxlan host has no
+/// IPv4 VTEP and so writes neither, but an IPv6-only host-gw host writes
+/// `backend-data: null` and `public-ip: 0.0.0.0` (its zero `PublicIP`). Kept, so a node
+/// looks the same whichever implementation runs on it; no peer reads them.
 pub fn lease_annotations(
     names: &AnnotationNames,
     families: Families,
@@ -269,7 +274,7 @@ pub fn lease_annotations(
     want.insert(names.subnet_kube_managed.clone(), "true".to_owned());
     want.insert(names.backend_type.clone(), attrs.backend_type().to_owned());
     let data = attrs.backend.data_json();
-    if families.ipv4 && (!is_vxlan || data.is_some()) {
+    if !is_vxlan || data.is_some() {
         want.insert(
             names.backend_data.clone(),
             data.unwrap_or_else(|| "null".into()),

@@ -47,8 +47,13 @@ pub enum Error {
     },
 }
 
-/// The subnet(s) a lease is keyed by: the IPv4 subnet and, for dual stack, the IPv6 one.
-pub type SubnetId = (Ipv4Network, Option<Ipv6Network>);
+/// The subnet(s) identifying a lease: the IPv4 subnet, the IPv6 one, or both (dual stack).
+/// At least one is set; an IPv6-only (kube mode) lease has no IPv4 part.
+pub type SubnetId = (Option<Ipv4Network>, Option<Ipv6Network>);
+
+/// The subnet(s) an etcd key names: upstream's keys always carry an IPv4 part
+/// (`a.b.c.d-N[&v6-M]`), which is why etcd mode cannot be IPv6-only.
+pub type KeySubnets = (Ipv4Network, Option<Ipv6Network>);
 
 /// Upstream's `ParseSubnetKey` pattern. Unanchored at the start on purpose (upstream applies
 /// it to the full etcd key); `[0-9]` rather than `\d` because Go's RE2 `\d` is ASCII only.
@@ -75,7 +80,7 @@ pub fn make_subnet_key(subnet: Ipv4Network, ipv6_subnet: Option<Ipv6Network>) ->
 /// Parses a subnet key (or a full etcd key ending in one), as upstream's `ParseSubnetKey`:
 /// the IPv4 prefix must fit 5 bits (so at most 31) and the IPv6 one 7 bits. Host bits are
 /// kept as written, so validation can refuse `10.244.117.7-24`.
-pub fn parse_subnet_key(key: &str) -> Result<SubnetId, Error> {
+pub fn parse_subnet_key(key: &str) -> Result<KeySubnets, Error> {
     let bad = || Error::BadKey {
         key: truncated(key.as_bytes()),
     };
@@ -366,8 +371,9 @@ impl LeaseAttrs {
 /// A host's lease: its subnet(s) and attributes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
-    /// The IPv4 pod subnet (e.g. 10.244.7.0/24).
-    pub subnet: Ipv4Network,
+    /// The IPv4 pod subnet (e.g. 10.244.7.0/24), when IPv4 is enabled. Always set in etcd
+    /// mode (the key has an IPv4 part); `None` for an IPv6-only kube node.
+    pub subnet: Option<Ipv4Network>,
     /// The IPv6 pod subnet, when IPv6 is enabled.
     pub ipv6_subnet: Option<Ipv6Network>,
     /// Published attributes.
@@ -411,13 +417,27 @@ impl Lease {
         (self.subnet, self.ipv6_subnet)
     }
 
-    /// The etcd key suffix of this lease.
-    pub fn key(&self) -> String {
-        make_subnet_key(self.subnet, self.ipv6_subnet)
+    /// The etcd key suffix of this lease; `None` for an IPv6-only lease, which no etcd
+    /// key can name.
+    pub fn key(&self) -> Option<String> {
+        self.subnet.map(|v4| make_subnet_key(v4, self.ipv6_subnet))
+    }
+
+    /// The subnet(s) for a log line: `10.244.7.0/24`, `fd00:10:244:7::/64` or both,
+    /// joined by `&` as in an etcd key.
+    pub fn subnets(&self) -> Subnets {
+        Subnets(self.id())
+    }
+
+    /// Whether `other` names the same host as this lease by subnet, as upstream's
+    /// `LeaseWatcher` compares them: by the IPv4 subnet when both have one (etcd events
+    /// compare only that), otherwise by the IPv6 subnet.
+    pub fn same_subnet(&self, other: &Lease) -> bool {
+        same_subnet(self.id(), other.id())
     }
 
     /// A lease that is only a subnet (what an etcd delete event carries).
-    pub fn bare(subnet: Ipv4Network, ipv6_subnet: Option<Ipv6Network>) -> Self {
+    pub fn bare(subnet: Option<Ipv4Network>, ipv6_subnet: Option<Ipv6Network>) -> Self {
         Self {
             subnet,
             ipv6_subnet,
@@ -431,6 +451,29 @@ impl Lease {
                     v6_data: None,
                 },
             },
+        }
+    }
+}
+
+/// Whether two subnet ids name the same host (see [`Lease::same_subnet`]).
+pub fn same_subnet(a: SubnetId, b: SubnetId) -> bool {
+    match (a, b) {
+        ((Some(a4), _), (Some(b4), _)) => a4 == b4,
+        ((_, a6), (_, b6)) => a6.is_some() && a6 == b6,
+    }
+}
+
+/// A lease's subnet(s), displayed for logs and errors (see [`Lease::subnets`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subnets(pub SubnetId);
+
+impl std::fmt::Display for Subnets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            (Some(v4), Some(v6)) => write!(f, "{v4}&{v6}"),
+            (Some(v4), None) => write!(f, "{v4}"),
+            (None, Some(v6)) => write!(f, "{v6}"),
+            (None, None) => f.write_str("(no subnet)"),
         }
     }
 }
@@ -460,7 +503,7 @@ pub trait LeaseFamily: Cidr {
 
 impl LeaseFamily for Ipv4Network {
     fn subnet(lease: &Lease) -> Option<Self> {
-        Some(lease.subnet)
+        lease.subnet
     }
     fn public_ip(attrs: &LeaseAttrs) -> Option<Ipv4Addr> {
         Some(attrs.public_ip)
@@ -493,7 +536,7 @@ impl LeaseFamily for Ipv6Network {
 pub fn parse_record(key: &str, value: &[u8]) -> Result<Lease, Error> {
     let (subnet, ipv6_subnet) = parse_subnet_key(key)?;
     Ok(Lease {
-        subnet,
+        subnet: Some(subnet),
         ipv6_subnet,
         attrs: LeaseAttrs::from_json(value)?,
         // Upstream's etcd lease names one IPv4 address, PublicIP: nothing else is known.

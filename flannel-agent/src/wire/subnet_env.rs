@@ -243,6 +243,22 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_only_has_no_ipv4_lines() {
+        // Upstream writes FLANNEL_NETWORK/FLANNEL_SUBNET only with EnableIPv4: four lines.
+        let env = SubnetEnv {
+            ipv6_networks: vec!["fd00:10:244::/56".parse().unwrap()],
+            ipv6_subnet: Some("fd00:10:244:1::/64".parse().unwrap()),
+            mtu: Some(1430),
+            ip_masq: Some(true),
+            ..Default::default()
+        };
+        let text = "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\n\
+                    FLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n";
+        assert_eq!(env.render(), text);
+        assert_eq!(SubnetEnv::parse(text, Dialect::Strict).unwrap(), env);
+    }
+
+    #[test]
     fn strict_parser() {
         let e = SubnetEnv::parse(
             "FLANNEL_NETWORK=10.244.0.0/16,10.245.0.0/16,10.244.0.0/16\n\

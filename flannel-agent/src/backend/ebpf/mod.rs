@@ -308,7 +308,7 @@ fn peer_entry(peer: &Lease) -> Option<PeerEntry> {
         .collect();
     Some(PeerEntry {
         underlay: peer.attrs.public_ip,
-        subnet: peer.subnet,
+        subnet: peer.subnet?,
         vtep_mac: mac,
         aliases,
     })
@@ -369,12 +369,12 @@ impl Backend for EbpfVxlan {
                 "eBPF all-flows fast path on: traffic to local pods bypasses this host's routing and netfilter (kube-proxy, NetworkPolicy)"
             );
         }
-        if flow_cache || o.fast_path {
+        if let Some(subnet) = own.subnet.filter(|_| flow_cache || o.fast_path) {
             tokio::spawn(pods::watch(
                 pods::PodWatch {
                     layout: self.layout.clone(),
                     bridge: endpoints::BRIDGE.to_owned(),
-                    subnet: own.subnet,
+                    subnet,
                     endpoints: o.fast_path,
                 },
                 self.cancel.child_token(),
@@ -402,7 +402,7 @@ impl Backend for EbpfVxlan {
     async fn add_peer(&mut self, peer: &Lease) -> Result<()> {
         self.kernel.add_peer(peer).await?;
         let Some(entry) = peer_entry(peer) else {
-            warn!(subnet = %peer.subnet, "peer not usable by the eBPF datapath; kernel path only");
+            warn!(subnet = %peer.subnets(), "peer not usable by the eBPF datapath; kernel path only");
             return Ok(());
         };
         self.datapath
@@ -413,9 +413,11 @@ impl Backend for EbpfVxlan {
 
     async fn remove_peer(&mut self, peer: &Lease) -> Result<()> {
         // By subnet: etcd delete events carry no value, so the lease may lack the address.
-        self.datapath
-            .remove_peer(peer.subnet)
-            .map_err(|e| Self::map_err("remove peer", e))?;
+        if let Some(subnet) = peer.subnet {
+            self.datapath
+                .remove_peer(subnet)
+                .map_err(|e| Self::map_err("remove peer", e))?;
+        }
         self.kernel.remove_peer(peer).await
     }
 

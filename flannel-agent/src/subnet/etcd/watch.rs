@@ -159,7 +159,7 @@ async fn forward(
         // and puts the new one in one transaction. Its IPv4 subnet lives on in the new
         // lease, so that delete is not passed on: the put replaces the peer in one step and
         // its routes never go away meanwhile.
-        let replaced: Vec<(i64, Ipv4Network)> = events
+        let replaced: Vec<(i64, Option<Ipv4Network>)> = events
             .iter()
             .filter_map(|(rev, ev)| match ev {
                 LeaseEvent::Added(l) => Some((*rev, l.subnet)),

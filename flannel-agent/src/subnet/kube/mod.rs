@@ -20,7 +20,6 @@ use std::{
 };
 
 use futures::stream::BoxStream;
-use ipnetwork::{Ipv4Network, Ipv6Network};
 use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Client,
@@ -36,9 +35,10 @@ use self::{
     node::{Families, NodeError, annotations_to_patch, node_to_lease, pod_cidrs, published_attrs},
 };
 use crate::{
-    lease::{Lease, LeaseAttrs, LeaseEvent, LeaseRules},
+    lease::{Lease, LeaseAttrs, LeaseEvent, LeaseRules, SubnetId},
     netconf::NetworkConfig,
     subnet::SubnetManager,
+    wire::cidr::{self, Cidr},
 };
 
 /// Errors of the Kubernetes subnet manager.
@@ -425,42 +425,40 @@ impl KubeSubnetManager {
         }
     }
 
-    /// Our subnets: the node's pod CIDRs, which must lie inside the configured networks.
-    fn own_subnets(&self, node: &Node) -> Result<(Ipv4Network, Option<Ipv6Network>), Error> {
+    /// Our subnets: the node's pod CIDR of each enabled family, which must lie inside that
+    /// family's configured network. A disabled family's pod CIDR is not ours to use (an
+    /// IPv6-only network on a dual-stack node leases the IPv6 one only).
+    fn own_subnets(&self, node: &Node) -> Result<SubnetId, Error> {
         let cidrs = pod_cidrs(node)?;
-        let name = || self.node_name.clone();
-        let subnet = cidrs.v4.ok_or_else(|| NodeError::MissingFamily {
-            node: name(),
-            family: "IPv4",
+        let subnet = if self.families.ipv4 {
+            Some(self.own_family(cidrs.v4, self.config.network)?)
+        } else {
+            None
+        };
+        let ipv6_subnet = if self.families.ipv6 {
+            Some(self.own_family(cidrs.v6, self.config.ipv6_network)?)
+        } else {
+            None
+        };
+        Ok((subnet, ipv6_subnet))
+    }
+
+    /// One enabled family's pod CIDR, checked against its network.
+    fn own_family<N: Cidr>(&self, cidr: Option<N>, network: Option<N>) -> Result<N, Error> {
+        let cidr = cidr.ok_or_else(|| NodeError::MissingFamily {
+            node: self.node_name.clone(),
+            family: N::FAMILY,
         })?;
-        if self.families.ipv4
-            && let Some(network) = self.config.network
-            && !(network.contains(subnet.network()) && subnet.prefix() >= network.prefix())
+        if let Some(network) = network
+            && !cidr::contains(network, cidr)
         {
             return Err(Error::PodCidrOutsideNetwork {
-                node: name(),
-                pod_cidr: subnet.to_string(),
+                node: self.node_name.clone(),
+                pod_cidr: cidr.to_string(),
                 network: network.to_string(),
             });
         }
-        let mut ipv6_subnet = None;
-        if self.families.ipv6 {
-            let v6 = cidrs.v6.ok_or_else(|| NodeError::MissingFamily {
-                node: name(),
-                family: "IPv6",
-            })?;
-            if let Some(network) = self.config.ipv6_network
-                && !(network.contains(v6.network()) && v6.prefix() >= network.prefix())
-            {
-                return Err(Error::PodCidrOutsideNetwork {
-                    node: name(),
-                    pod_cidr: v6.to_string(),
-                    network: network.to_string(),
-                });
-            }
-            ipv6_subnet = Some(v6);
-        }
-        Ok((subnet, ipv6_subnet))
+        Ok(cidr)
     }
 
     async fn acquire(&self, attrs: &LeaseAttrs) -> Result<Lease, Error> {
@@ -493,7 +491,7 @@ impl KubeSubnetManager {
             self.patch_status(&serde_json::json!({ "metadata": { "annotations": patch } }))
                 .await?;
         }
-        info!(node = %self.node_name, subnet = %lease.subnet, ipv6_subnet = ?lease.ipv6_subnet, "lease acquired");
+        info!(node = %self.node_name, subnet = %lease.subnets(), "lease acquired");
         Ok(lease)
     }
 
@@ -564,10 +562,12 @@ impl SubnetManager for KubeSubnetManager {
         // The subnet is the node's pod CIDR, so publishing the attributes again is the
         // whole restore; a changed pod CIDR is not ours to undo.
         let now = self.acquire(&lease.attrs).await?;
-        if now.subnet != lease.subnet {
+        if now.id() != lease.id() {
             return Err(super::Error::Other(format!(
                 "node {}: pod CIDR is now {} instead of {}; restart flanneld to re-register",
-                self.node_name, now.subnet, lease.subnet
+                self.node_name,
+                now.subnets(),
+                lease.subnets()
             )));
         }
         Ok(now)

@@ -221,7 +221,13 @@ pub fn node_to_lease(
         node: node_name(node),
         family,
     };
-    let subnet = cidrs.v4.ok_or_else(|| missing("IPv4"))?;
+    // Each enabled family needs its pod CIDR; a disabled one is not read (an IPv6-only
+    // network ignores a node's IPv4 pod CIDR, as upstream's `nodeToLease`).
+    let subnet = if families.ipv4 {
+        Some(cidrs.v4.ok_or_else(|| missing("IPv4"))?)
+    } else {
+        None
+    };
     let ipv6_subnet = if families.ipv6 {
         Some(cidrs.v6.ok_or_else(|| missing("IPv6"))?)
     } else {
@@ -231,7 +237,13 @@ pub fn node_to_lease(
         .into_iter()
         .filter(|ip| *ip != IpAddr::from(attrs.public_ip))
         .filter(|ip| attrs.public_ipv6.is_none_or(|p| *ip != IpAddr::from(p)))
-        .filter(|ip| ip.is_ipv4() || families.ipv6)
+        .filter(|ip| {
+            if ip.is_ipv4() {
+                families.ipv4
+            } else {
+                families.ipv6
+            }
+        })
         .collect();
     Ok(Lease {
         subnet,
@@ -293,7 +305,12 @@ pub fn published_attrs(
     attrs: &LeaseAttrs,
 ) -> LeaseAttrs {
     let mut published = attrs.clone();
-    if let Ok(Some(IpAddr::V4(ip))) = overwrite_ip(node, &names.backend_public_ip_overwrite, true) {
+    // Peers of an IPv6-only network do not read `public-ip`, so an IPv4 overwrite changes
+    // nothing they see.
+    if families.ipv4
+        && let Ok(Some(IpAddr::V4(ip))) =
+            overwrite_ip(node, &names.backend_public_ip_overwrite, true)
+    {
         published.public_ip = ip;
     }
     if families.ipv6
@@ -397,7 +414,7 @@ mod tests {
     #[test]
     fn peer_lease_from_upstream_annotations() {
         let lease = node_to_lease(&good("a"), &names(), V4).unwrap();
-        assert_eq!(lease.subnet, "10.244.1.0/24".parse().unwrap());
+        assert_eq!(lease.subnet, Some("10.244.1.0/24".parse().unwrap()));
         assert_eq!(lease.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 2));
         assert_eq!(lease.attrs.backend_type(), "vxlan");
         assert_eq!(lease.attrs.backend.data_json().unwrap(), VXLAN_DATA);
@@ -577,6 +594,166 @@ mod tests {
         let lease = node_to_lease(&n, &names(), DUAL).unwrap();
         assert_eq!(lease.ipv6_subnet, Some("fd00:0:0:5::/64".parse().unwrap()));
         assert_eq!(lease.attrs.public_ipv6, Some("fd18::5".parse().unwrap()));
+    }
+
+    const V6_ONLY: Families = Families {
+        ipv4: false,
+        ipv6: true,
+    };
+    const VXLAN6_DATA: &str = r#"{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e6"}"#;
+
+    #[test]
+    fn ipv6_only_peer_reads_the_ipv6_half_alone() {
+        // A dual-stack node object on an IPv6-only network: the IPv4 pod CIDR and
+        // annotations are not read (upstream `nodeToLease` with EnableIPv4 false).
+        let n = node(
+            "v6",
+            &["10.244.5.0/24", "fd00:10:244:5::/64"],
+            &[
+                ("kube-subnet-manager", "true"),
+                ("backend-type", "vxlan"),
+                ("backend-v6-data", VXLAN6_DATA),
+                ("public-ipv6", "fd00:198::5"),
+            ],
+        );
+        let lease = node_to_lease(&n, &names(), V6_ONLY).unwrap();
+        assert_eq!(lease.subnet, None);
+        assert_eq!(
+            lease.ipv6_subnet,
+            Some("fd00:10:244:5::/64".parse().unwrap())
+        );
+        assert_eq!(lease.attrs.public_ip, Ipv4Addr::UNSPECIFIED);
+        assert_eq!(
+            lease.attrs.public_ipv6,
+            Some("fd00:198::5".parse().unwrap())
+        );
+        assert_eq!(lease.attrs.backend.v6_data_json().unwrap(), VXLAN6_DATA);
+        assert_eq!(lease.attrs.backend.data_json(), None);
+        // An IPv6-only node object (podCIDRs has the IPv6 entry only) reads the same.
+        let only = node("v6", &["fd00:10:244:5::/64"], &[]);
+        let mut only = only;
+        only.metadata.annotations = n.metadata.annotations.clone();
+        assert_eq!(node_to_lease(&only, &names(), V6_ONLY).unwrap(), lease);
+        // Without an IPv6 pod CIDR it is no peer, named.
+        let v4_only = node("x", &["10.244.5.0/24"], &[]);
+        let mut v4_only = v4_only;
+        v4_only.metadata.annotations = n.metadata.annotations.clone();
+        assert!(matches!(
+            node_to_lease(&v4_only, &names(), V6_ONLY),
+            Err(NodeError::MissingFamily { family: "IPv6", .. })
+        ));
+        // Without public-ipv6 neither.
+        let mut no_ip = n.clone();
+        no_ip
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove("flannel.alpha.coreos.com/public-ipv6");
+        assert!(matches!(
+            node_to_lease(&no_ip, &names(), V6_ONLY),
+            Err(NodeError::MissingAnnotation { annotation, .. }) if annotation.ends_with("/public-ipv6")
+        ));
+    }
+
+    #[test]
+    fn ipv6_only_vxlan_node_publishes_upstreams_annotations() {
+        let n = node("me", &["fd00:10:244:9::/64"], &[]);
+        let a = LeaseAttrs {
+            public_ip: Ipv4Addr::UNSPECIFIED,
+            public_ipv6: Some("fd00:198::9".parse().unwrap()),
+            backend: BackendAttrs::parse("vxlan", None, Some(VXLAN6_DATA)).unwrap(),
+        };
+        let patch = annotations_to_patch(&n, &names(), V6_ONLY, &a);
+        let expect: BTreeMap<String, String> = [
+            ("flannel.alpha.coreos.com/kube-subnet-manager", "true"),
+            ("flannel.alpha.coreos.com/backend-type", "vxlan"),
+            ("flannel.alpha.coreos.com/backend-v6-data", VXLAN6_DATA),
+            ("flannel.alpha.coreos.com/public-ipv6", "fd00:198::9"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(patch, expect);
+        // The overwrite replaces the published IPv6 address, and our lease says so.
+        let mut n = n;
+        n.metadata.annotations.as_mut().unwrap().insert(
+            "flannel.alpha.coreos.com/public-ipv6-overwrite".into(),
+            "fd00:198::99".into(),
+        );
+        let patch = annotations_to_patch(&n, &names(), V6_ONLY, &a);
+        assert_eq!(
+            patch["flannel.alpha.coreos.com/public-ipv6"],
+            "fd00:198::99"
+        );
+        let published = published_attrs(&n, &names(), V6_ONLY, &a);
+        n.metadata.annotations.as_mut().unwrap().extend(patch);
+        assert_eq!(
+            node_to_lease(&n, &names(), V6_ONLY).unwrap().attrs,
+            published
+        );
+    }
+
+    #[test]
+    fn ipv6_only_host_gw_node_publishes_upstreams_annotations() {
+        // Upstream writes backend-data/public-ip for every non-vxlan backend, whatever the
+        // families: an IPv6-only host-gw node says `null` and its zero PublicIP.
+        let n = node("me", &["fd00:10:244:9::/64"], &[]);
+        let a = LeaseAttrs {
+            public_ip: Ipv4Addr::UNSPECIFIED,
+            public_ipv6: Some("fd00:198::9".parse().unwrap()),
+            backend: BackendAttrs::HostGw,
+        };
+        let patch = annotations_to_patch(&n, &names(), V6_ONLY, &a);
+        let expect: BTreeMap<String, String> = [
+            ("flannel.alpha.coreos.com/kube-subnet-manager", "true"),
+            ("flannel.alpha.coreos.com/backend-type", "host-gw"),
+            ("flannel.alpha.coreos.com/backend-data", "null"),
+            ("flannel.alpha.coreos.com/public-ip", "0.0.0.0"),
+            ("flannel.alpha.coreos.com/backend-v6-data", "null"),
+            ("flannel.alpha.coreos.com/public-ipv6", "fd00:198::9"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(patch, expect);
+        let mut n = n;
+        n.metadata.annotations.as_mut().unwrap().extend(patch);
+        let lease = node_to_lease(&n, &names(), V6_ONLY).unwrap();
+        assert_eq!(lease.attrs.backend, BackendAttrs::HostGw);
+        assert_eq!(lease.attrs, a);
+    }
+
+    #[test]
+    fn dual_stack_vxlan_node_publishes_both_halves() {
+        let n = node("me", &["10.244.9.0/24", "fd00:10:244:9::/64"], &[]);
+        let a = LeaseAttrs {
+            public_ip: Ipv4Addr::new(198, 18, 0, 9),
+            public_ipv6: Some("fd00:198::9".parse().unwrap()),
+            backend: BackendAttrs::parse("vxlan", Some(VXLAN_DATA), Some(VXLAN6_DATA)).unwrap(),
+        };
+        let patch = annotations_to_patch(&n, &names(), DUAL, &a);
+        let expect: BTreeMap<String, String> = [
+            ("flannel.alpha.coreos.com/kube-subnet-manager", "true"),
+            ("flannel.alpha.coreos.com/backend-type", "vxlan"),
+            ("flannel.alpha.coreos.com/backend-data", VXLAN_DATA),
+            ("flannel.alpha.coreos.com/public-ip", "198.18.0.9"),
+            ("flannel.alpha.coreos.com/backend-v6-data", VXLAN6_DATA),
+            ("flannel.alpha.coreos.com/public-ipv6", "fd00:198::9"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(patch, expect);
+        let mut n = n;
+        n.metadata.annotations.as_mut().unwrap().extend(patch);
+        let lease = node_to_lease(&n, &names(), DUAL).unwrap();
+        assert_eq!(lease.attrs, a);
+        assert_eq!(lease.subnet, Some("10.244.9.0/24".parse().unwrap()));
+        assert_eq!(
+            lease.ipv6_subnet,
+            Some("fd00:10:244:9::/64".parse().unwrap())
+        );
     }
 
     fn attrs() -> LeaseAttrs {

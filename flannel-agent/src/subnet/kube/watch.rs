@@ -121,7 +121,7 @@ impl LeaseTracker {
                     }
                 }
                 let mut leases: Vec<Lease> = self.known.values().cloned().collect();
-                leases.sort_by_key(|l| l.subnet);
+                leases.sort_by_key(Lease::id);
                 debug!(leases = leases.len(), "node list complete");
                 vec![LeaseEvent::Snapshot(leases)]
             }
@@ -132,7 +132,7 @@ impl LeaseTracker {
                         // Heartbeats, resyncs, unrelated fields: nothing to tell.
                         Some(old) if old == new => Vec::new(),
                         // A new pod CIDR (upstream misses this): the old subnet is gone.
-                        Some(old) if old.subnet != new.subnet => {
+                        Some(old) if old.id() != new.id() => {
                             vec![LeaseEvent::Removed(old), LeaseEvent::Added(new)]
                         }
                         _ => vec![LeaseEvent::Added(new)],
@@ -224,8 +224,8 @@ mod tests {
             .iter()
             .map(|e| match e {
                 LeaseEvent::Snapshot(l) => format!("snapshot {}", l.len()),
-                LeaseEvent::Added(l) => format!("added {}", l.subnet),
-                LeaseEvent::Removed(l) => format!("removed {}", l.subnet),
+                LeaseEvent::Added(l) => format!("added {}", l.subnets()),
+                LeaseEvent::Removed(l) => format!("removed {}", l.subnets()),
             })
             .collect()
     }
@@ -246,7 +246,7 @@ mod tests {
             panic!("{ev:?}")
         };
         assert_eq!(leases.len(), 2);
-        assert!(leases[0].subnet < leases[1].subnet, "sorted by subnet");
+        assert!(leases[0].id() < leases[1].id(), "sorted by subnet");
 
         // Unchanged: silent. New MAC: Added. New pod CIDR: Removed old, Added new.
         assert!(feed(&mut w, &mut t, watcher::Event::Apply(a.clone())).is_empty());
@@ -278,7 +278,7 @@ mod tests {
         feed(&mut w, &mut t, watcher::Event::InitApply(b.clone()));
         let ev = feed(&mut w, &mut t, watcher::Event::InitDone);
         assert!(
-            matches!(&ev[..], [LeaseEvent::Snapshot(l)] if l.len() == 1 && l[0].subnet.to_string() == "10.244.2.0/24")
+            matches!(&ev[..], [LeaseEvent::Snapshot(l)] if l.len() == 1 && l[0].subnets().to_string() == "10.244.2.0/24")
         );
     }
 }
