@@ -454,7 +454,7 @@ fn vxlan_reconcile_recreates_a_deleted_device_with_the_advertised_mac() {
         b.prepare().await.unwrap();
         b.register(&own).await.unwrap();
         b.reconcile(std::slice::from_ref(&peer)).await.unwrap();
-        let before = b.vtep_mac();
+        let before = b.vtep_mac().expect("an IPv4 device");
         // This thread is inside the host namespace, so `ip` runs there too.
         let st = std::process::Command::new("ip")
             .args(["link", "del", "flannel.1"])
@@ -462,7 +462,7 @@ fn vxlan_reconcile_recreates_a_deleted_device_with_the_advertised_mac() {
             .unwrap();
         assert!(st.success());
         b.reconcile(std::slice::from_ref(&peer)).await.unwrap();
-        (before, b.vtep_mac())
+        (before, b.vtep_mac().expect("an IPv4 device"))
     });
     assert_eq!(mac_before, mac_after);
     let state = kernel_state(&hosts[0].ns, "flannel.1");

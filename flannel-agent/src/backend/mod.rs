@@ -45,7 +45,9 @@ pub struct ExternalInterface {
 impl ExternalInterface {
     /// The uplink's own address of family `N` (the VXLAN local address).
     pub fn local<N: crate::net::netlink::NlFamily>(&self) -> Option<N::Addr> {
-        N::of_ip(self.iface_addr.into())
+        // 0.0.0.0: IPv4 is not in use (an IPv6-only network).
+        let v4 = Some(self.iface_addr).filter(|a| !a.is_unspecified());
+        v4.and_then(|a| N::of_ip(a.into()))
             .or_else(|| self.iface_addr6.and_then(|a| N::of_ip(a.into())))
     }
 }
@@ -170,10 +172,7 @@ impl AnyBackend {
             Self::Vxlan(b) => b,
             Self::HostGw(_) => return Vec::new(),
         };
-        std::iter::once(kernel.device_name())
-            .chain(kernel.v6_device_name())
-            .map(str::to_owned)
-            .collect()
+        kernel.device_names()
     }
 
     /// The pinned maps and links the eBPF datapath keeps (none for the other backends):

@@ -1047,7 +1047,7 @@ async fn read_tables<N: VxlanFamily>(nl: &Netlink, ifindex: u32) -> Result<Devic
 
 /// Both devices' tables, read by [`KernelVxlan::tables_reader`].
 pub struct KernelTables {
-    v4: DeviceTables<Ipv4Network>,
+    v4: Option<DeviceTables<Ipv4Network>>,
     v6: Option<DeviceTables<Ipv6Network>>,
 }
 
@@ -1225,8 +1225,17 @@ impl<N: VxlanFamily> VxlanDevice<N> {
 /// The kernel VXLAN backend: `flannel.<VNI>` and, with IPv6 enabled (the uplink has an
 /// IPv6 address in [`ExternalInterface`]), `flannel-v6.<VNI>`.
 pub struct KernelVxlan {
-    v4: VxlanDevice<Ipv4Network>,
+    /// `flannel.<VNI>`, unless the network is IPv6-only.
+    v4: Option<VxlanDevice<Ipv4Network>>,
+    /// `flannel-v6.<VNI>`, when IPv6 is enabled.
     v6: Option<VxlanDevice<Ipv6Network>>,
+    /// The uplink, as the devices send through it.
+    ext: ExternalInterface,
+    config: VxlanConfig,
+    /// The first device's name and netlink connection (IPv4, else IPv6): what the agent's
+    /// monitor watches and what tests count requests on.
+    device: String,
+    nl: Netlink,
     /// The nftables peer guard, when VXLAN is accepted only from known peers (over IPv6
     /// too when `flannel-v6.<VNI>` exists).
     guard: Option<PeerGuard>,
@@ -1261,13 +1270,34 @@ impl KernelVxlan {
         config: VxlanConfig,
         macs: VtepMacs,
     ) -> Result<Self> {
-        let v6 = match ext.iface_addr6 {
+        // One device per family the uplink has an address of, i.e. per enabled family
+        // (`iface::lookup` leaves a disabled family's address out).
+        let v4 = match ext.local::<Ipv4Network>() {
+            Some(_) => Some(VxlanDevice::new(ext.clone(), config.clone(), macs.v4).await?),
+            None => None,
+        };
+        let v6 = match ext.local::<Ipv6Network>() {
             Some(_) => Some(VxlanDevice::new(ext.clone(), config.clone(), macs.v6).await?),
             None => None,
         };
+        let (device, nl) = match (&v4, &v6) {
+            (Some(d), _) => (d.name.clone(), d.nl.clone()),
+            (None, Some(d)) => (d.name.clone(), d.nl.clone()),
+            (None, None) => {
+                return Err(Error::Device {
+                    device: format!("flannel.{}", config.vni),
+                    reason: format!("uplink {} has no address of an enabled family", ext.name),
+                }
+                .into());
+            }
+        };
         Ok(Self {
-            v4: VxlanDevice::new(ext, config, macs.v4).await?,
+            v4,
             v6,
+            ext,
+            config,
+            device,
+            nl,
             guard: None,
             own: None,
         })
@@ -1276,12 +1306,12 @@ impl KernelVxlan {
     /// Accept VXLAN only from known peers on the kernel path too: keep the nftables guard
     /// ([`crate::net::vxlan_guard`]) equal to the peer set from now on.
     pub fn enable_peer_guard(&mut self) {
-        self.guard = Some(PeerGuard::new(self.v4.config.port, self.v6.is_some()));
+        self.guard = Some(PeerGuard::new(self.config.port, self.v6.is_some()));
     }
 
-    /// Index of `flannel.<VNI>`.
-    pub fn vxlan_ifindex(&self) -> u32 {
-        self.v4.ifindex
+    /// Index of `flannel.<VNI>` (`None` on an IPv6-only host).
+    pub fn vxlan_ifindex(&self) -> Option<u32> {
+        self.v4.as_ref().map(|d| d.ifindex)
     }
 
     /// With the nftables peer guard on: whether it guards VXLAN over IPv6 too.
@@ -1290,32 +1320,48 @@ impl KernelVxlan {
     }
 
     /// The MAC of `flannel.<VNI>`, as advertised in `BackendData.VtepMAC`.
-    pub fn vtep_mac(&self) -> [u8; 6] {
-        self.v4.mac
+    pub fn vtep_mac(&self) -> Option<[u8; 6]> {
+        self.v4.as_ref().map(|d| d.mac)
+    }
+
+    /// The MAC of `flannel-v6.<VNI>`, as advertised in `BackendV6Data.VtepMAC`.
+    pub fn vtep_mac6(&self) -> Option<[u8; 6]> {
+        self.v6.as_ref().map(|d| d.mac)
     }
 
     /// The MTU of `flannel.<VNI>`.
-    pub fn v4_mtu(&self) -> u32 {
-        self.v4.mtu
+    pub fn v4_mtu(&self) -> Option<u32> {
+        self.v4.as_ref().map(|d| d.mtu)
     }
 
     /// The uplink this backend sends through.
     pub fn ext(&self) -> &ExternalInterface {
-        &self.v4.ext
+        &self.ext
     }
 
     /// Send from `ext`'s addresses from now on (see [`Backend::readdress`]); the devices
     /// follow on the next [`check`](Self::check).
     pub fn set_external(&mut self, ext: &ExternalInterface) {
-        self.v4.set_external(ext);
+        if let Some(v4) = &mut self.v4 {
+            v4.set_external(ext);
+        }
         if let Some(v6) = &mut self.v6 {
             v6.set_external(ext);
         }
+        self.ext = ext.clone();
     }
 
-    /// The IPv4 device name (`flannel.<VNI>`).
+    /// The first device's name: `flannel.<VNI>`, or `flannel-v6.<VNI>` on an IPv6-only
+    /// host.
     pub fn device_name(&self) -> &str {
-        &self.v4.name
+        &self.device
+    }
+
+    /// Every device's name: `flannel.<VNI>` unless IPv6-only, `flannel-v6.<VNI>` with
+    /// IPv6.
+    pub fn device_names(&self) -> Vec<String> {
+        let v4 = self.v4.iter().map(|d| d.name.clone());
+        v4.chain(self.v6.iter().map(|d| d.name.clone())).collect()
     }
 
     /// The IPv6 device name (`flannel-v6.<VNI>`), when IPv6 is enabled.
@@ -1325,18 +1371,19 @@ impl KernelVxlan {
 
     /// The backend options the devices were built with.
     pub fn config(&self) -> &VxlanConfig {
-        &self.v4.config
+        &self.config
     }
 
-    /// The IPv4 device's netlink connection (its request counters show what steady state
-    /// costs).
+    /// The first device's netlink connection (its request counters show what steady
+    /// state costs).
     pub fn netlink(&self) -> &Netlink {
-        &self.v4.nl
+        &self.nl
     }
 
     /// Peer subnets this backend has programmed (both families).
     pub fn programmed_peers(&self) -> usize {
-        self.v4.programmed_peers() + self.v6.as_ref().map_or(0, VxlanDevice::programmed_peers)
+        self.v4.as_ref().map_or(0, VxlanDevice::programmed_peers)
+            + self.v6.as_ref().map_or(0, VxlanDevice::programmed_peers)
     }
 
     /// Compare everything this backend owns with the kernel and put back what differs:
@@ -1353,11 +1400,14 @@ impl KernelVxlan {
     pub fn tables_reader(
         &self,
     ) -> impl Future<Output = Result<KernelTables, Error>> + Send + 'static {
-        let v4 = self.v4.tables_reader();
+        let v4 = self.v4.as_ref().map(VxlanDevice::tables_reader);
         let v6 = self.v6.as_ref().map(VxlanDevice::tables_reader);
         async move {
             Ok(KernelTables {
-                v4: v4.await?,
+                v4: match v4 {
+                    Some(f) => Some(f.await?),
+                    None => None,
+                },
                 v6: match v6 {
                     Some(f) => Some(f.await?),
                     None => None,
@@ -1375,7 +1425,7 @@ impl KernelVxlan {
         tables: Option<KernelTables>,
         touched: &Touched,
     ) -> Result<Fixes, Error> {
-        let (t4, t6) = tables.map_or((None, None), |t| (Some(t.v4), t.v6));
+        let (t4, t6) = tables.map_or((None, None), |t| (t.v4, t.v6));
         if let Some(guard) = &mut self.guard {
             let own = self.own;
             let senders = peers
@@ -1384,7 +1434,10 @@ impl KernelVxlan {
                 .map(|l| (l.id(), guarded_senders(l)));
             guard.replace_all(senders).await.map_err(Error::from)?;
         }
-        let mut fixes = self.v4.check_with(peers, t4, &touched.v4).await;
+        let mut fixes = match &mut self.v4 {
+            Some(v4) => v4.check_with(peers, t4, &touched.v4).await,
+            None => Ok(Fixes::new()),
+        };
         if let Some(v6) = &mut self.v6 {
             // One family's failure does not keep the other from being repaired.
             let more = v6.check_with(peers, t6, &touched.v6).await;
@@ -1411,23 +1464,27 @@ pub struct VtepMacs {
 
 impl Backend for KernelVxlan {
     async fn prepare(&mut self) -> Result<LeaseAttrs> {
-        let v4 = self.v4.prepare().await?;
+        let v4 = match &mut self.v4 {
+            Some(d) => Some(d.prepare().await?),
+            None => None,
+        };
         let v6 = match &mut self.v6 {
             Some(d) => Some(d.prepare().await?),
             None => None,
         };
-        let ext = &self.v4.ext;
+        let ext = &self.ext;
         Ok(LeaseAttrs {
+            // 0.0.0.0 on an IPv6-only host, as upstream's zero `PublicIP`.
             public_ip: ext.public_ip,
             public_ipv6: ext.public_ipv6.filter(|_| v6.is_some()),
-            backend: BackendAttrs::Vxlan { v4: Some(v4), v6 },
+            backend: BackendAttrs::Vxlan { v4, v6 },
         })
     }
 
     async fn register(&mut self, own: &Lease) -> Result<()> {
         self.own = Some(own.id());
-        if let Some(sn) = own.subnet {
-            self.v4.register(sn).await?;
+        if let (Some(d), Some(sn)) = (&mut self.v4, own.subnet) {
+            d.register(sn).await?;
         }
         if let (Some(d), Some(sn6)) = (&mut self.v6, own.ipv6_subnet) {
             d.register(sn6).await?;
@@ -1446,7 +1503,9 @@ impl Backend for KernelVxlan {
                 .await
                 .map_err(Error::from)?;
         }
-        self.v4.add_peer(peer).await?;
+        if let Some(d) = &mut self.v4 {
+            d.add_peer(peer).await?;
+        }
         if let Some(d) = &mut self.v6 {
             d.add_peer(peer).await?;
         }
@@ -1457,7 +1516,9 @@ impl Backend for KernelVxlan {
         if is_own(self.own, peer) {
             return Ok(());
         }
-        self.v4.remove_peer(peer).await?;
+        if let Some(d) = &mut self.v4 {
+            d.remove_peer(peer).await?;
+        }
         if let Some(d) = &mut self.v6 {
             d.remove_peer(peer).await?;
         }
@@ -1497,9 +1558,13 @@ impl Backend for KernelVxlan {
 
     /// The smaller device MTU: pods' packets of either family then fit.
     fn mtu(&self) -> u32 {
-        self.v6
-            .as_ref()
-            .map_or(self.v4.mtu, |d| d.mtu.min(self.v4.mtu))
+        let mtus = self
+            .v4
+            .iter()
+            .map(|d| d.mtu)
+            .chain(self.v6.iter().map(|d| d.mtu));
+        // `new` refuses to build a backend without a device.
+        mtus.min().unwrap_or_default()
     }
 }
 

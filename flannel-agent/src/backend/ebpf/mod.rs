@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 pub use flows::serve_flow_events;
 pub use loader::{Datapath, OBJECT, PinLayout, PodPrograms, load, load_sized, open_pinned};
-pub use probe::{FallbackReason, probe};
+pub use probe::{FallbackReason, probe, supports};
 pub use tables::{Counters, PeerEntry, Placement};
 
 use crate::{
@@ -125,6 +125,8 @@ impl EbpfVxlan {
         options: EbpfOptions,
         cancel: CancellationToken,
     ) -> std::result::Result<Self, FallbackReason> {
+        // Decided before anything is created (the agent's plan has checked this already).
+        probe::supports(ext.local::<ipnetwork::Ipv4Network>().is_some())?;
         probe::probe(&options.pin_root)?;
         // The programs ride on the device, which `KernelVxlan::new` creates (or adopts).
         let mut kernel = KernelVxlan::with_vtep_macs(ext, config, options.vtep_macs)
@@ -187,12 +189,13 @@ impl EbpfVxlan {
             // The VXLAN local address is the interface address, as upstream's device uses
             // (`--public-ip` is only what peers are told; behind NAT it isn't local).
             local_ip: ext.iface_addr.octets(),
-            vtep_mac: self.kernel.vtep_mac(),
+            // `try_new` refuses a host without `flannel.<VNI>`, so these are set.
+            vtep_mac: self.kernel.vtep_mac().unwrap_or_default(),
             uplink_ifindex: ext.index,
-            vxlan_ifindex: self.kernel.vxlan_ifindex(),
+            vxlan_ifindex: self.kernel.vxlan_ifindex().unwrap_or_default(),
             ttl: 64,
             // What `flannel.<VNI>` carries: the fast path sends nothing it wouldn't.
-            mtu: u16::try_from(self.kernel.v4_mtu()).unwrap_or(u16::MAX),
+            mtu: u16::try_from(self.kernel.v4_mtu().unwrap_or_default()).unwrap_or(u16::MAX),
             flow_refresh_ms: self.options.flow_refresh_ms,
             ..Default::default()
         }

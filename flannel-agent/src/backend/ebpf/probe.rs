@@ -39,11 +39,15 @@ pub enum FallbackReason {
     /// The kernel VXLAN device the programs ride on could not be set up.
     #[error("kernel VXLAN device: {0}")]
     Device(String),
+    /// The network is IPv6-only and the programs carry IPv4 only: without
+    /// `flannel.<VNI>` there is nothing for them to ride on.
+    #[error("the network is IPv6-only (EnableIPv4: false) and the eBPF datapath carries IPv4 only")]
+    Ipv6Only,
 }
 
 impl FallbackReason {
     /// A stable, low-cardinality name of the reason (for logs, readiness and metrics
-    /// labels): `no_bpffs`, `no_btf`, `load`, `attach`, `pin`, `device`.
+    /// labels): `no_bpffs`, `no_btf`, `load`, `attach`, `pin`, `device`, `ipv6_only`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::NoBpffs { .. } => "no_bpffs",
@@ -52,7 +56,18 @@ impl FallbackReason {
             Self::Attach { .. } => "attach",
             Self::Pin { .. } => "pin",
             Self::Device(_) => "device",
+            Self::Ipv6Only => "ipv6_only",
         }
+    }
+}
+
+/// Whether the datapath can carry the network's families; decided from the configuration
+/// alone, before anything is created.
+pub fn supports(enable_ipv4: bool) -> Result<(), FallbackReason> {
+    if enable_ipv4 {
+        Ok(())
+    } else {
+        Err(FallbackReason::Ipv6Only)
     }
 }
 
