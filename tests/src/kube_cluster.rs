@@ -70,13 +70,28 @@ pub fn start_agent(
     dataplane: &str,
     extra: &[&str],
 ) -> KubeAgent {
+    start_agent_with(
+        host,
+        node,
+        api,
+        dataplane,
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#,
+        extra,
+    )
+}
+
+/// [`start_agent`] with `net_conf` as its `net-conf.json`.
+pub fn start_agent_with(
+    host: &NetNs,
+    node: &str,
+    api: &KubeApi,
+    dataplane: &str,
+    net_conf_json: &str,
+    extra: &[&str],
+) -> KubeAgent {
     let dir = tempfile::tempdir().expect("temp dir");
     let net_conf = dir.path().join("net-conf.json");
-    std::fs::write(
-        &net_conf,
-        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#,
-    )
-    .expect("write net-conf.json");
+    std::fs::write(&net_conf, net_conf_json).expect("write net-conf.json");
     let log = std::fs::File::create(dir.path().join("flanneld.log")).expect("log file");
     let pins = PinDir(PathBuf::from(format!(
         "/sys/fs/bpf/flannel-test-{}",

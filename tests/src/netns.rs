@@ -427,6 +427,45 @@ impl Host {
 }
 
 impl Host {
+    /// [`Host::add_pods`] for an IPv6-only network: `cni0` with `subnet6`'s `::1`, pods at
+    /// `::2`, `::3`, … with a default IPv6 route via it and no IPv4 address (their `ip`
+    /// is 0.0.0.0).
+    pub fn add_pods_v6_only(&mut self, subnet6: Ipv6Network, mtu: u32, count: usize) {
+        let gw = nth6(subnet6, 1);
+        let len = subnet6.prefix();
+        if self.pods.is_empty() {
+            self.ns.sh(&format!(
+                "ip link add cni0 mtu {mtu} type bridge && \
+                 ip -6 addr add {gw}/{len} dev cni0 nodad && ip link set cni0 up"
+            ));
+        }
+        for _ in 0..count {
+            let i = self.pods.len() + 2;
+            let ip6 = nth6(subnet6, u32::try_from(i).expect("few pods"));
+            let ns = NetNs::new(&format!(
+                "{}p{i}",
+                self.ns.name().rsplit('-').next().unwrap_or("h")
+            ));
+            let veth = format!("veth{i}");
+            self.ns.sh(&format!(
+                "ip link add {veth} mtu {mtu} type veth peer name eth0 netns {pod} && \
+                 ip link set {veth} master cni0 && ip link set {veth} up",
+                pod = ns.name()
+            ));
+            ns.sh(&format!(
+                "ip link set eth0 mtu {mtu} && ip -6 addr add {ip6}/{len} dev eth0 nodad && \
+                 ip link set eth0 up && ip -6 route add default via {gw}"
+            ));
+            self.pods.push(Pod {
+                ns,
+                ip: Ipv4Addr::UNSPECIFIED,
+                ip6: Some(ip6),
+            });
+        }
+    }
+}
+
+impl Host {
     /// Delete pod `index` (its namespace and veth) and at once create another with the same
     /// IP, on a new veth: what a pod restart with a sticky IP looks like to the node.
     pub fn replace_pod(&mut self, index: usize, subnet: Ipv4Network, mtu: u32) {

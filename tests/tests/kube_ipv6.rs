@@ -1,0 +1,450 @@
+//! IPv6 in kube mode, end to end: three host namespaces (IPv4 underlay for the API
+//! server, IPv6 underlay fd00:198::/64 for the data), the in-test API server, one
+//! `flanneld --kube-subnet-mgr` per host, pods behind each.
+//!
+//! * IPv6-only (`EnableIPv4: false`), kernel vxlan and host-gw: node objects with an IPv6
+//!   pod CIDR only, pods with IPv6 only, `flannel-v6.1` and no `flannel.1`, upstream's
+//!   four-line `subnet.env`, upstream's annotations on the Node objects; every pod pair
+//!   pings. `--dataplane=auto` falls back to the kernel device with the typed reason
+//!   `ipv6_only`; `--dataplane=ebpf` is refused before anything is created.
+//! * Dual stack: `spec.podCIDRs` with both families, one eBPF host and two kernel hosts,
+//!   one host publishing a `public-ipv6-overwrite`; every pod pair pings over both
+//!   families, and the annotations match upstream's byte for byte.
+//!
+//! Needs root and a built agent: `cargo build --bins`, then
+//! `cargo test -p flannel-e2e --test kube_ipv6`.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use flannel_e2e::{
+    kube_api::KubeApi,
+    kube_cluster::{
+        HEALTHZ, KubeAgent, KubeBench, P, readyz, start_agent_with, wait_for_subnet_env,
+    },
+    netns::{Host, NetNs, host_ip, host_ip6, wait_until},
+    require_root,
+};
+use ipnetwork::{Ipv4Network, Ipv6Network};
+
+const V6_NETWORK: &str = "fd00:10:244::/56";
+
+fn v6_only_conf(backend: &str) -> String {
+    format!(
+        r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"{V6_NETWORK}","Backend":{{"Type":"{backend}"}}}}"#
+    )
+}
+
+fn subnet6(i: u8) -> Ipv6Network {
+    format!("fd00:10:244:{i}::/64").parse().unwrap()
+}
+
+fn subnet4(i: u8) -> Ipv4Network {
+    format!("10.244.{i}.0/24").parse().unwrap()
+}
+
+/// The MAC of `dev` in `ns`.
+fn mac_of(ns: &NetNs, dev: &str) -> String {
+    // `ip`, not /sys/class/net: sysfs shows the namespace it was mounted in.
+    let out = ns.sh(&format!("ip -br link show dev {dev}"));
+    out.split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("no MAC in {out:?}"))
+        .to_owned()
+}
+
+fn has_link(ns: &NetNs, dev: &str) -> bool {
+    ns.run(&format!("ip link show dev {dev}")).status.success()
+}
+
+/// The flannel annotations of `node` (default prefix), sorted.
+fn flannel_annotations(api: &KubeApi, node: &str) -> BTreeMap<String, String> {
+    api.annotations(node)
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(P)?.to_owned(), v)))
+        .collect()
+}
+
+fn expect(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}
+
+fn logs(agents: &[&KubeAgent]) -> String {
+    agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("--- agent {}:\n{}\n", i + 1, a.log()))
+        .collect()
+}
+
+/// Every pod pings every pod over IPv6.
+fn assert_all_pods_reach_each_other_v6(hosts: &[Host], agents: &[&KubeAgent]) {
+    let pods: Vec<_> = hosts.iter().flat_map(|h| h.pods.iter()).collect();
+    for from in &pods {
+        for to in &pods {
+            let to6 = to.ip6.expect("pod has an IPv6 address");
+            let ok = wait_until(Duration::from_secs(15), || {
+                from.ns
+                    .run(&format!("ping -6 -c 1 -W 1 {to6}"))
+                    .status
+                    .success()
+            });
+            assert!(
+                ok,
+                "{} cannot reach {to6}\n{}",
+                from.ns.name(),
+                logs(agents)
+            );
+        }
+    }
+}
+
+/// Every pod pings every pod over IPv4.
+fn assert_all_pods_reach_each_other_v4(hosts: &[Host], agents: &[&KubeAgent]) {
+    let pods: Vec<_> = hosts.iter().flat_map(|h| h.pods.iter()).collect();
+    for from in &pods {
+        for to in &pods {
+            let ok = wait_until(Duration::from_secs(15), || {
+                from.ns
+                    .run(&format!("ping -c 1 -W 1 {}", to.ip))
+                    .status
+                    .success()
+            });
+            assert!(
+                ok,
+                "{} cannot reach {}\n{}",
+                from.ns.name(),
+                to.ip,
+                logs(agents)
+            );
+        }
+    }
+}
+
+/// Three IPv6-only hosts of `backend`; host 1 runs `--dataplane=auto`, the others
+/// `kernel`. Returns the bench, hosts (two IPv6-only pods each) and agents.
+fn v6_only_cluster(backend: &str) -> (KubeBench, Vec<Host>, Vec<KubeAgent>) {
+    let mut bench = KubeBench::new();
+    let mut hosts = Vec::new();
+    let mut agents = Vec::new();
+    for i in 1..=3u8 {
+        bench
+            .api
+            .add_node(&format!("h{i}"), &[&subnet6(i).to_string()]);
+        // What the kubelet reports: the node's IPv6 address.
+        bench.api.set_addresses(
+            &format!("h{i}"),
+            &[("InternalIP", &host_ip6(i).to_string())],
+        );
+        let mut h = bench.underlay.add_host(i);
+        h.add_ipv6(i);
+        hosts.push(h);
+    }
+    for (i, h) in hosts.iter().enumerate() {
+        let dataplane = if i == 0 { "auto" } else { "kernel" };
+        agents.push(start_agent_with(
+            &h.ns,
+            &format!("h{}", i + 1),
+            &bench.api,
+            dataplane,
+            &v6_only_conf(backend),
+            &HEALTHZ,
+        ));
+    }
+    wait_for_subnet_env(&agents.iter().collect::<Vec<_>>());
+    for (i, (h, a)) in hosts.iter_mut().zip(&agents).enumerate() {
+        h.add_pods_v6_only(subnet6(u8::try_from(i + 1).unwrap()), a.mtu(), 2);
+    }
+    (bench, hosts, agents)
+}
+
+#[test]
+fn kube_ipv6_only_vxlan_three_hosts_every_pod_pair_pings() {
+    if !require_root() {
+        return;
+    }
+    let (bench, hosts, agents) = v6_only_cluster("vxlan");
+    let all: Vec<&KubeAgent> = agents.iter().collect();
+    for (i, (h, a)) in hosts.iter().zip(&agents).enumerate() {
+        let n = u8::try_from(i + 1).unwrap();
+        // Upstream's subnet.env with IPv4 off: no FLANNEL_NETWORK/FLANNEL_SUBNET.
+        let env = std::fs::read_to_string(a.subnet_env()).unwrap();
+        assert_eq!(
+            env,
+            format!(
+                "FLANNEL_IPV6_NETWORK={V6_NETWORK}\nFLANNEL_IPV6_SUBNET=fd00:10:244:{n}::1/64\n\
+                 FLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n"
+            )
+        );
+        // The IPv6 device only, over the IPv6 underlay.
+        assert!(!has_link(&h.ns, "flannel.1"), "{}", h.ns.sh("ip link"));
+        let link = h.ns.sh("ip -d link show flannel-v6.1");
+        assert!(
+            link.contains(&format!("local {}", host_ip6(n))) && link.contains("mtu 1430"),
+            "{link}"
+        );
+        // Upstream's annotations, byte for byte: no backend-data/public-ip (a vxlan host
+        // without an IPv4 VTEP writes neither).
+        let want = expect(&[
+            ("backend-type", "vxlan".into()),
+            (
+                "backend-v6-data",
+                format!(
+                    r#"{{"VNI":1,"VtepMAC":"{}"}}"#,
+                    mac_of(&h.ns, "flannel-v6.1")
+                ),
+            ),
+            ("kube-subnet-manager", "true".into()),
+            ("public-ipv6", host_ip6(n).to_string()),
+        ]);
+        let name = format!("h{n}");
+        let ok = wait_until(Duration::from_secs(10), || {
+            flannel_annotations(&bench.api, &name) == want
+        });
+        assert!(
+            ok,
+            "{name}: {:?}\nwant {want:?}",
+            flannel_annotations(&bench.api, &name)
+        );
+    }
+    // Host 1 asked for auto: the kernel device, with the reason typed.
+    let ready = readyz(&hosts[0].ns);
+    assert!(
+        ready.contains("x-flannel-datapath: kernel-fallback:ipv6_only"),
+        "{ready}"
+    );
+    assert!(
+        agents[0].log().contains("fallback=\"ipv6_only\""),
+        "{}",
+        agents[0].log()
+    );
+    assert!(readyz(&hosts[1].ns).contains("x-flannel-datapath: kernel"));
+
+    assert_all_pods_reach_each_other_v6(&hosts, &all);
+
+    // The traffic crossed flannel-v6.1: its counters moved on both ends, and nothing
+    // IPv4 was routed to a peer.
+    let counter = |h: &Host, which: &str| -> u64 {
+        let json = h.ns.sh("ip -j -s link show dev flannel-v6.1");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("ip -j");
+        v[0]["stats64"][which]["packets"]
+            .as_u64()
+            .expect("packet counter")
+    };
+    let (tx, rx) = (counter(&hosts[0], "tx"), counter(&hosts[2], "rx"));
+    let far = hosts[2].pods[0].ip6.unwrap();
+    hosts[0].pods[0]
+        .ns
+        .sh(&format!("ping -6 -c 5 -i 0.2 -W 1 {far}"));
+    assert!(counter(&hosts[0], "tx") >= tx + 5);
+    assert!(counter(&hosts[2], "rx") >= rx + 5);
+    for h in &hosts {
+        let v4 = h.ns.sh("ip -4 route show proto 84");
+        assert!(v4.trim().is_empty(), "IPv4 peer routes: {v4}");
+    }
+}
+
+#[test]
+fn kube_ipv6_only_host_gw_three_hosts_every_pod_pair_pings() {
+    if !require_root() {
+        return;
+    }
+    let (bench, hosts, agents) = v6_only_cluster("host-gw");
+    let all: Vec<&KubeAgent> = agents.iter().collect();
+    for (i, (h, a)) in hosts.iter().zip(&agents).enumerate() {
+        let n = u8::try_from(i + 1).unwrap();
+        assert_eq!(a.mtu(), 1500, "host-gw: the uplink MTU");
+        for j in (1..=3u8).filter(|j| *j != n) {
+            let want = format!("{} via {} dev eth0 proto 84", subnet6(j), host_ip6(j));
+            let ok = wait_until(Duration::from_secs(10), || {
+                h.ns.sh("ip -6 route show").contains(&want)
+            });
+            assert!(
+                ok,
+                "{}: no route {want:?}\n{}\n{}",
+                h.ns.name(),
+                h.ns.sh("ip -6 route show"),
+                logs(&all)
+            );
+        }
+        // Upstream writes backend-data/public-ip for a non-vxlan backend whatever the
+        // families: `null` and its zero PublicIP.
+        let want = expect(&[
+            ("backend-data", "null".into()),
+            ("backend-type", "host-gw".into()),
+            ("backend-v6-data", "null".into()),
+            ("kube-subnet-manager", "true".into()),
+            ("public-ip", "0.0.0.0".into()),
+            ("public-ipv6", host_ip6(n).to_string()),
+        ]);
+        let name = format!("h{n}");
+        let ok = wait_until(Duration::from_secs(10), || {
+            flannel_annotations(&bench.api, &name) == want
+        });
+        assert!(
+            ok,
+            "{name}: {:?}\nwant {want:?}",
+            flannel_annotations(&bench.api, &name)
+        );
+        assert!(!has_link(&h.ns, "flannel.1") && !has_link(&h.ns, "flannel-v6.1"));
+    }
+    // host-gw needs no eBPF: auto is host-gw.
+    assert!(readyz(&hosts[0].ns).contains("x-flannel-datapath: host-gw"));
+    assert_all_pods_reach_each_other_v6(&hosts, &all);
+}
+
+#[test]
+fn kube_ipv6_only_with_dataplane_ebpf_is_refused_before_anything_is_created() {
+    if !require_root() {
+        return;
+    }
+    let mut bench = KubeBench::new();
+    bench.api.add_node("h1", &[&subnet6(1).to_string()]);
+    let mut h = bench.underlay.add_host(1);
+    h.add_ipv6(1);
+    let mut a = start_agent_with(&h.ns, "h1", &bench.api, "ebpf", &v6_only_conf("vxlan"), &[]);
+    let exited = wait_until(Duration::from_secs(20), || !a.child.running());
+    assert!(exited, "flanneld kept running:\n{}", a.log());
+    assert!(
+        !a.child.exit_status().expect("exited").success(),
+        "{}",
+        a.log()
+    );
+    let log = a.log();
+    assert!(
+        log.contains("--dataplane=ebpf") && log.contains("IPv6-only"),
+        "{log}"
+    );
+    // Nothing was created: no device, no pins, no subnet.env, no annotations.
+    assert!(!has_link(&h.ns, "flannel.1") && !has_link(&h.ns, "flannel-v6.1"));
+    assert!(!a.pins.0.exists(), "pins at {}", a.pins.0.display());
+    assert!(!a.subnet_env().exists());
+    assert!(flannel_annotations(&bench.api, "h1").is_empty());
+}
+
+#[test]
+fn kube_dual_stack_ebpf_and_kernel_hosts_every_pod_pair_pings_over_both_families() {
+    if !require_root() {
+        return;
+    }
+    let mut bench = KubeBench::new();
+    let mut hosts = Vec::new();
+    for i in 1..=3u8 {
+        let name = format!("h{i}");
+        bench
+            .api
+            .add_node(&name, &[&subnet4(i).to_string(), &subnet6(i).to_string()]);
+        bench.api.set_addresses(
+            &name,
+            &[
+                ("InternalIP", &host_ip(i).to_string()),
+                ("InternalIP", &host_ip6(i).to_string()),
+            ],
+        );
+        let mut h = bench.underlay.add_host(i);
+        h.add_ipv6(i);
+        hosts.push(h);
+    }
+    // Host 3 tells its peers to tunnel IPv6 to a second address of its own (a NAT
+    // address in real life).
+    let overwrite6 = "fd00:198::103";
+    hosts[2]
+        .ns
+        .sh(&format!("ip -6 addr add {overwrite6}/64 dev eth0 nodad"));
+    bench.api.annotate(
+        "h3",
+        &[(&format!("{P}public-ipv6-overwrite"), Some(overwrite6))],
+    );
+    let conf = format!(
+        r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"{V6_NETWORK}","Backend":{{"Type":"vxlan"}}}}"#
+    );
+    let agents: Vec<KubeAgent> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let dataplane = if i == 0 { "ebpf" } else { "kernel" };
+            start_agent_with(
+                &h.ns,
+                &format!("h{}", i + 1),
+                &bench.api,
+                dataplane,
+                &conf,
+                &HEALTHZ,
+            )
+        })
+        .collect();
+    let all: Vec<&KubeAgent> = agents.iter().collect();
+    wait_for_subnet_env(&all);
+    for (i, (h, a)) in hosts.iter_mut().zip(&agents).enumerate() {
+        let n = u8::try_from(i + 1).unwrap();
+        let env = std::fs::read_to_string(a.subnet_env()).unwrap();
+        assert_eq!(
+            env,
+            format!(
+                "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{n}.1/24\n\
+                 FLANNEL_IPV6_NETWORK={V6_NETWORK}\nFLANNEL_IPV6_SUBNET=fd00:10:244:{n}::1/64\n\
+                 FLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n"
+            )
+        );
+        h.add_pods(subnet4(n), a.mtu(), 2);
+        h.add_pod_ipv6(subnet6(n));
+    }
+    assert!(readyz(&hosts[0].ns).contains("x-flannel-datapath: ebpf"));
+    for (i, h) in hosts.iter().enumerate() {
+        let n = u8::try_from(i + 1).unwrap();
+        let public6 = if n == 3 {
+            overwrite6.to_owned()
+        } else {
+            host_ip6(n).to_string()
+        };
+        // Upstream's six annotations, byte for byte (and the user's overwrite kept).
+        let mut want = expect(&[
+            (
+                "backend-data",
+                format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, mac_of(&h.ns, "flannel.1")),
+            ),
+            ("backend-type", "vxlan".into()),
+            (
+                "backend-v6-data",
+                format!(
+                    r#"{{"VNI":1,"VtepMAC":"{}"}}"#,
+                    mac_of(&h.ns, "flannel-v6.1")
+                ),
+            ),
+            ("kube-subnet-manager", "true".into()),
+            ("public-ip", host_ip(n).to_string()),
+            ("public-ipv6", public6.clone()),
+        ]);
+        if n == 3 {
+            want.insert("public-ipv6-overwrite".into(), overwrite6.into());
+        }
+        let name = format!("h{n}");
+        let ok = wait_until(Duration::from_secs(10), || {
+            flannel_annotations(&bench.api, &name) == want
+        });
+        assert!(
+            ok,
+            "{name}: {:?}\nwant {want:?}",
+            flannel_annotations(&bench.api, &name)
+        );
+        // Read back by the peers: their FDB sends this host's IPv6 VXLAN to public-ipv6.
+        let mac6 = mac_of(&h.ns, "flannel-v6.1");
+        for (j, peer) in hosts.iter().enumerate().filter(|(j, _)| *j != i) {
+            let ok = wait_until(Duration::from_secs(10), || {
+                peer.ns
+                    .sh("bridge fdb show dev flannel-v6.1")
+                    .contains(&format!("{mac6} dst {public6} self permanent"))
+            });
+            assert!(
+                ok,
+                "h{}: no FDB entry for {name}\n{}",
+                j + 1,
+                peer.ns.sh("bridge fdb show dev flannel-v6.1")
+            );
+        }
+    }
+    assert_all_pods_reach_each_other_v4(&hosts, &all);
+    assert_all_pods_reach_each_other_v6(&hosts, &all);
+}
