@@ -14,7 +14,11 @@
 //! Needs root and a built agent: `cargo build --bins`, then
 //! `cargo test -p flannel-e2e --test kube_ipv6`.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr},
+    time::Duration,
+};
 
 use flannel_e2e::{
     kube_api::KubeApi,
@@ -31,6 +35,12 @@ const V6_NETWORK: &str = "fd00:10:244::/56";
 fn v6_only_conf(backend: &str) -> String {
     format!(
         r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"{V6_NETWORK}","Backend":{{"Type":"{backend}"}}}}"#
+    )
+}
+
+fn v6_only_conf_nft(nftables: bool) -> String {
+    format!(
+        r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"{V6_NETWORK}","EnableNFTables":{nftables},"Backend":{{"Type":"vxlan"}}}}"#
     )
 }
 
@@ -123,9 +133,10 @@ fn assert_all_pods_reach_each_other_v4(hosts: &[Host], agents: &[&KubeAgent]) {
     }
 }
 
-/// Three IPv6-only hosts of `backend`; host 1 runs `--dataplane=auto`, the others
-/// `kernel`. Returns the bench, hosts (two IPv6-only pods each) and agents.
-fn v6_only_cluster(backend: &str) -> (KubeBench, Vec<Host>, Vec<KubeAgent>) {
+/// Three IPv6-only hosts with net-conf `conf`; host 1 runs `--dataplane=auto`, the others
+/// `kernel`, all with `extra` flags. Returns the bench, hosts (two IPv6-only pods each)
+/// and agents.
+fn v6_only_cluster(conf: &str, extra: &[&str]) -> (KubeBench, Vec<Host>, Vec<KubeAgent>) {
     let mut bench = KubeBench::new();
     let mut hosts = Vec::new();
     let mut agents = Vec::new();
@@ -142,6 +153,11 @@ fn v6_only_cluster(backend: &str) -> (KubeBench, Vec<Host>, Vec<KubeAgent>) {
         h.add_ipv6(i);
         hosts.push(h);
     }
+    let args: Vec<&str> = HEALTHZ
+        .iter()
+        .copied()
+        .chain(extra.iter().copied())
+        .collect();
     for (i, h) in hosts.iter().enumerate() {
         let dataplane = if i == 0 { "auto" } else { "kernel" };
         agents.push(start_agent_with(
@@ -149,8 +165,8 @@ fn v6_only_cluster(backend: &str) -> (KubeBench, Vec<Host>, Vec<KubeAgent>) {
             &format!("h{}", i + 1),
             &bench.api,
             dataplane,
-            &v6_only_conf(backend),
-            &HEALTHZ,
+            conf,
+            &args,
         ));
     }
     wait_for_subnet_env(&agents.iter().collect::<Vec<_>>());
@@ -165,7 +181,7 @@ fn kube_ipv6_only_vxlan_three_hosts_every_pod_pair_pings() {
     if !require_root() {
         return;
     }
-    let (bench, hosts, agents) = v6_only_cluster("vxlan");
+    let (bench, hosts, agents) = v6_only_cluster(&v6_only_conf("vxlan"), &[]);
     let all: Vec<&KubeAgent> = agents.iter().collect();
     for (i, (h, a)) in hosts.iter().zip(&agents).enumerate() {
         let n = u8::try_from(i + 1).unwrap();
@@ -251,7 +267,7 @@ fn kube_ipv6_only_host_gw_three_hosts_every_pod_pair_pings() {
     if !require_root() {
         return;
     }
-    let (bench, hosts, agents) = v6_only_cluster("host-gw");
+    let (bench, hosts, agents) = v6_only_cluster(&v6_only_conf("host-gw"), &[]);
     let all: Vec<&KubeAgent> = agents.iter().collect();
     for (i, (h, a)) in hosts.iter().zip(&agents).enumerate() {
         let n = u8::try_from(i + 1).unwrap();
@@ -447,4 +463,84 @@ fn kube_dual_stack_ebpf_and_kernel_hosts_every_pod_pair_pings_over_both_families
     }
     assert_all_pods_reach_each_other_v4(&hosts, &all);
     assert_all_pods_reach_each_other_v6(&hosts, &all);
+}
+
+/// The source address a TCP connection from `from` to `to` arrives with at `to`.
+fn seen_source6(from: &NetNs, listen_ns: &NetNs, to: Ipv6Addr) -> IpAddr {
+    let listener = listen_ns
+        .enter(move || std::net::TcpListener::bind((to, 8080)))
+        .unwrap_or_else(|e| panic!("bind [{to}]:8080: {e}"));
+    let _conn = from
+        .enter(move || {
+            std::net::TcpStream::connect_timeout(&(to, 8080).into(), Duration::from_secs(3))
+        })
+        .unwrap_or_else(|e| panic!("connect [{to}]:8080: {e}"));
+    let (_, peer) = listener.accept().expect("accept");
+    peer.ip()
+}
+
+/// IPv6-only with `--ip-masq`: the IPv6 rules (ip6tables chains or the nft `ip6` table)
+/// and no IPv4 ones; pod → outside leaves with the host's IPv6 address, pod → pod keeps
+/// the pod's.
+#[test]
+fn kube_ipv6_only_ip_masq_installs_ipv6_rules_only() {
+    if !require_root() {
+        return;
+    }
+    for nftables in [false, true] {
+        let (mut bench, hosts, agents) =
+            v6_only_cluster(&v6_only_conf_nft(nftables), &["--ip-masq=true"]);
+        let all: Vec<&KubeAgent> = agents.iter().collect();
+        let outside_ip6: Ipv6Addr = "fd00:198::200".parse().unwrap();
+        let outside = bench
+            .underlay
+            .attach("out", "198.18.1.2".parse().unwrap(), 1500);
+        outside.sh(&format!("ip -6 addr add {outside_ip6}/64 dev eth0 nodad"));
+        assert_all_pods_reach_each_other_v6(&hosts, &all);
+        let h1 = &hosts[0].ns;
+        if nftables {
+            let table = h1.sh("nft list table ip6 flannel-ipv6");
+            assert!(
+                table.contains("ip6 daddr != ff00::/8 masquerade fully-random")
+                    && table.contains("chain forward"),
+                "{table}"
+            );
+            assert!(
+                !h1.run("nft list table ip flannel-ipv4").status.success(),
+                "an IPv4 table on an IPv6-only host"
+            );
+        } else {
+            let nat = h1.sh("ip6tables -t nat -S");
+            assert!(
+                nat.contains(&format!("-A FLANNEL-POSTRTG -s {V6_NETWORK} ! -d ff00::/8")),
+                "{nat}"
+            );
+            assert!(
+                h1.sh("ip6tables -t filter -S")
+                    .contains(&format!("-A FLANNEL-FWD -s {V6_NETWORK}")),
+                "{}",
+                h1.sh("ip6tables -t filter -S")
+            );
+            let v4 = h1.sh("iptables -t nat -S; iptables -t filter -S");
+            assert!(
+                !v4.contains("FLANNEL"),
+                "IPv4 rules on an IPv6-only host:\n{v4}"
+            );
+        }
+        let (a, b) = (&hosts[0].pods[0], &hosts[1].pods[0]);
+        assert_eq!(
+            seen_source6(&a.ns, &outside, outside_ip6),
+            IpAddr::V6(host_ip6(1)),
+            "pod → outside not masqueraded (nftables {nftables})\n{}",
+            logs(&all)
+        );
+        let b6 = b.ip6.unwrap();
+        assert_eq!(
+            seen_source6(&a.ns, &b.ns, b6),
+            IpAddr::V6(a.ip6.unwrap()),
+            "pod → pod masqueraded (nftables {nftables})"
+        );
+        drop(outside);
+        drop((agents, hosts, bench));
+    }
 }
