@@ -13,6 +13,8 @@ use crate::{
 pub const P: &str = "flannel.alpha.coreos.com/";
 /// Where the API server listens on the underlay.
 pub const API_IP: &str = "198.18.0.254";
+/// Where [`KubeBench::new_ipv6`]'s API server listens on the IPv6 underlay.
+pub const API_IP6: &str = "fd00:198::fe";
 
 /// A bpffs pin directory, removed on drop. flanneld deliberately leaves its pins (maps and
 /// tcx links) behind on exit so a restart is hitless; a test must not.
@@ -141,16 +143,33 @@ pub struct KubeBench {
 impl KubeBench {
     /// An underlay with the API server on it.
     pub fn new() -> Self {
+        Self::on(API_IP.parse().expect("static address"))
+    }
+
+    /// An underlay with the API server on its IPv6 address [`API_IP6`], for hosts with
+    /// no IPv4 at all.
+    pub fn new_ipv6() -> Self {
+        Self::on(API_IP6.parse().expect("static address"))
+    }
+
+    fn on(ip: std::net::IpAddr) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("tokio runtime");
         let underlay = Underlay::new();
-        underlay.ns.sh(&format!("ip addr add {API_IP}/15 dev br0"));
-        let listener = underlay.ns.enter(|| {
-            std::net::TcpListener::bind(format!("{API_IP}:0")).expect("bind on underlay")
-        });
+        let (len, flags) = if ip.is_ipv4() {
+            (15, "")
+        } else {
+            (64, " nodad")
+        };
+        underlay
+            .ns
+            .sh(&format!("ip addr add {ip}/{len} dev br0{flags}"));
+        let listener = underlay
+            .ns
+            .enter(move || std::net::TcpListener::bind((ip, 0)).expect("bind on underlay"));
         let api = {
             let _guard = rt.enter();
             KubeApi::start_on(listener)

@@ -1,9 +1,10 @@
-//! IPv6 in kube mode, end to end: three host namespaces (IPv4 underlay for the API
-//! server, IPv6 underlay fd00:198::/64 for the data), the in-test API server, one
+//! IPv6 in kube mode, end to end: three host namespaces on the underlay (IPv6
+//! fd00:198::/64; IPv4 too for dual stack), the in-test API server, one
 //! `flanneld --kube-subnet-mgr` per host, pods behind each.
 //!
-//! * IPv6-only (`EnableIPv4: false`), kernel vxlan and host-gw: node objects with an IPv6
-//!   pod CIDR only, pods with IPv6 only, `flannel-v6.1` and no `flannel.1`, upstream's
+//! * IPv6-only (`EnableIPv4: false`), kernel vxlan and host-gw: hosts without any IPv4
+//!   address (the API server is reached over IPv6), node objects with an IPv6 pod CIDR
+//!   only, pods with IPv6 only, `flannel-v6.1` and no `flannel.1`, upstream's
 //!   four-line `subnet.env`, upstream's annotations on the Node objects; every pod pair
 //!   pings. `--dataplane=auto` falls back to the kernel device with the typed reason
 //!   `ipv6_only`; `--dataplane=ebpf` is refused before anything is created.
@@ -133,11 +134,11 @@ fn assert_all_pods_reach_each_other_v4(hosts: &[Host], agents: &[&KubeAgent]) {
     }
 }
 
-/// Three IPv6-only hosts with net-conf `conf`; host 1 runs `--dataplane=auto`, the others
-/// `kernel`, all with `extra` flags. Returns the bench, hosts (two IPv6-only pods each)
-/// and agents.
+/// Three IPv6-only hosts with net-conf `conf`: no IPv4 address anywhere (the API server
+/// is reached over IPv6 too). Host 1 runs `--dataplane=auto`, the others `kernel`, all
+/// with `extra` flags. Returns the bench, hosts (two IPv6-only pods each) and agents.
 fn v6_only_cluster(conf: &str, extra: &[&str]) -> (KubeBench, Vec<Host>, Vec<KubeAgent>) {
-    let mut bench = KubeBench::new();
+    let mut bench = KubeBench::new_ipv6();
     let mut hosts = Vec::new();
     let mut agents = Vec::new();
     for i in 1..=3u8 {
@@ -151,6 +152,8 @@ fn v6_only_cluster(conf: &str, extra: &[&str]) -> (KubeBench, Vec<Host>, Vec<Kub
         );
         let mut h = bench.underlay.add_host(i);
         h.add_ipv6(i);
+        h.ns.sh("ip -4 addr flush dev eth0");
+        assert!(h.ns.sh("ip -4 -o addr show scope global").trim().is_empty());
         hosts.push(h);
     }
     let args: Vec<&str> = HEALTHZ
