@@ -96,6 +96,19 @@ impl NetNs {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Handles everything `dev` receives on `cpu` (RPS), as a real node's NIC interrupts
+    /// land on that node's own CPUs. A veth otherwise runs the receiver's whole stack on
+    /// the sender's CPU, so two "hosts" on one machine would share one CPU.
+    pub fn steer_receive_to(&self, dev: &str, cpu: usize) {
+        // /sys shows the namespace that mounted it: mount a fresh one in a private mount
+        // namespace (what `ip netns exec` does, without touching the caller's /sys).
+        self.sh(&format!(
+            "unshare --mount sh -c 'mount -t sysfs sysfs /sys && \
+             echo {:x} > /sys/class/net/{dev}/queues/rx-0/rps_cpus'",
+            1u64 << cpu
+        ));
+    }
+
     /// Spawn a long-running command inside the namespace (stdout discarded, stderr
     /// inherited so its logs show in the test output), killed when the guard drops.
     pub fn spawn(&self, program: &str, args: &[&str]) -> ChildGuard {

@@ -50,17 +50,9 @@ impl Host {
         Ipv4Addr::from(u32::from(self.subnet.network()) + 2)
     }
 
-    /// Handles everything arriving on the underlay on `cpu` (RPS), as a real node's NIC
-    /// interrupts land on that node's own CPUs. A veth otherwise runs the receiver's whole
-    /// stack on the sender's CPU, so two "hosts" on one machine would share one CPU.
+    /// Handles everything arriving on the underlay on `cpu`: [`NetNs::steer_receive_to`].
     pub fn steer_underlay_receive_to(&self, cpu: usize) {
-        // /sys shows the namespace that mounted it: mount a fresh one in a private mount
-        // namespace (what `ip netns exec` does, without touching the caller's /sys).
-        self.ns.sh(&format!(
-            "unshare --mount sh -c 'mount -t sysfs sysfs /sys && \
-             echo {:x} > /sys/class/net/eth0/queues/rx-0/rps_cpus'",
-            1u64 << cpu
-        ));
+        self.ns.steer_receive_to("eth0", cpu);
     }
 }
 

@@ -8,15 +8,19 @@
 //! for every mode. Per round and mode: iperf3 one stream, iperf3 four streams,
 //! and a TCP request/response ping-pong (1-byte messages, TCP_NODELAY) for p50/p99, measured
 //! with both ends spinning on non-blocking sockets so VM wake-up latency doesn't dominate.
+//!
+//! The IPv6 modes (`ebpf6`, `kernel6`) are pod to pod over IPv6 between two real agents of
+//! a dual-stack cluster (`cluster::Cluster`), the eBPF datapath against the kernel's
+//! `flannel-v6.<VNI>`.
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{IpAddr, TcpListener, TcpStream},
     time::Instant,
 };
 
 use flannel_e2e::{
-    cluster::BpfPins,
+    cluster::{BpfPins, Cluster},
     netns::NetNs,
     twohost::{
         Carrier, EbpfHost, FastPath, Host, Node, attach_ebpf_with, counters, iperf, try_sh,
@@ -37,7 +41,8 @@ fn main() {
 
 /// Echo one byte per message until the peer closes, for every connection.
 fn rr_server() {
-    let listener = TcpListener::bind(("0.0.0.0", RR_PORT)).expect("bind rr server");
+    // `::` takes IPv4 too (as mapped addresses).
+    let listener = TcpListener::bind(("::", RR_PORT)).expect("bind rr server");
     for stream in listener.incoming() {
         let Ok(mut s) = stream else { continue };
         let _ = s.set_nodelay(true);
@@ -98,21 +103,33 @@ enum Mode {
     KernelVxlan,
     HostGw,
     Underlay,
+    /// Pod to pod over IPv6 (IPv6 underlay), real agents in a dual-stack etcd cluster.
+    Ebpf6,
+    KernelVxlan6,
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [
+    const ALL: [Mode; 7] = [
         Mode::Ebpf,
         Mode::EbpfAllFlows,
         Mode::KernelVxlan,
         Mode::HostGw,
         Mode::Underlay,
+        Mode::Ebpf6,
+        Mode::KernelVxlan6,
     ];
     /// What runs without `--modes`. Not the opt-in all-flows fast path: on a node with
     /// kube-proxy's rules its TCP connections never establish (likely: it delivers the SYN
     /// past conntrack, so the SYN-ACK crosses FORWARD as INVALID and `KUBE-FORWARD` drops
     /// it).
-    const DEFAULT: [Mode; 4] = [Mode::Ebpf, Mode::KernelVxlan, Mode::HostGw, Mode::Underlay];
+    const DEFAULT: [Mode; 6] = [
+        Mode::Ebpf,
+        Mode::KernelVxlan,
+        Mode::HostGw,
+        Mode::Underlay,
+        Mode::Ebpf6,
+        Mode::KernelVxlan6,
+    ];
     /// The name `--modes` takes.
     fn flag(self) -> &'static str {
         match self {
@@ -121,6 +138,8 @@ impl Mode {
             Mode::KernelVxlan => "kernel",
             Mode::HostGw => "host-gw",
             Mode::Underlay => "underlay",
+            Mode::Ebpf6 => "ebpf6",
+            Mode::KernelVxlan6 => "kernel6",
         }
     }
     fn name(self) -> &'static str {
@@ -130,12 +149,22 @@ impl Mode {
             Mode::KernelVxlan => "kernel VXLAN",
             Mode::HostGw => "host-gw",
             Mode::Underlay => "bare underlay",
+            Mode::Ebpf6 => "IPv6: eBPF VXLAN (flanneld)",
+            Mode::KernelVxlan6 => "IPv6: kernel VXLAN (flanneld)",
         }
     }
     fn fast_path(self) -> Option<FastPath> {
         match self {
             Mode::Ebpf => Some(FastPath::PerFlow),
             Mode::EbpfAllFlows => Some(FastPath::AllFlows),
+            _ => None,
+        }
+    }
+    /// The IPv6 modes run real agents (`--dataplane`), not hand-programmed hosts.
+    fn agent_dataplane(self) -> Option<&'static str> {
+        match self {
+            Mode::Ebpf6 => Some("ebpf"),
+            Mode::KernelVxlan6 => Some("kernel"),
             _ => None,
         }
     }
@@ -152,14 +181,72 @@ struct Samples {
     cpu_per_gb: Vec<f64>,
 }
 
+/// One mode's two hosts.
+enum Hosts {
+    /// Hand-programmed as upstream programs the kernel (plus the eBPF loader): the IPv4
+    /// modes.
+    Pair {
+        a: Host,
+        b: Host,
+        /// eBPF modes only: the agents' part of hosts a and b (declared before the pins,
+        /// so they stop first).
+        _agents: Vec<EbpfHost>,
+    },
+    /// A two-host dual-stack cluster of real agents: the IPv6 modes.
+    Agents(Cluster),
+}
+
 struct Setup {
-    a: Host,
-    b: Host,
-    /// eBPF modes only: the agents' part of hosts a and b (declared before the pins, so
-    /// they stop first).
-    _agents: Vec<EbpfHost>,
+    hosts: Hosts,
     /// eBPF modes only: the pins of hosts a and b.
     pins: Option<BpfPins>,
+}
+
+impl Setup {
+    /// Who talks to whom in `mode`: pod to pod (over IPv6 in the IPv6 modes), or host to
+    /// host over the bare underlay.
+    fn endpoints(&self, mode: Mode) -> (&NetNs, &NetNs, IpAddr) {
+        match &self.hosts {
+            Hosts::Pair { a, b, .. } if mode == Mode::Underlay => (&a.ns, &b.ns, b.underlay.into()),
+            Hosts::Pair { a, b, .. } => (&a.pod, &b.pod, b.pod_ip().into()),
+            Hosts::Agents(c) => {
+                let (a, b) = (&c.nodes[0].host.pods[0], &c.nodes[1].host.pods[0]);
+                (&a.ns, &b.ns, b.ip6.expect("pod IPv6").into())
+            }
+        }
+    }
+
+    /// Host A's namespace.
+    fn host_a(&self) -> &NetNs {
+        match &self.hosts {
+            Hosts::Pair { a, .. } => &a.ns,
+            Hosts::Agents(c) => &c.nodes[0].host.ns,
+        }
+    }
+}
+
+/// Two hosts with real agents (`--dataplane=<dataplane>`), dual stack, a pod on each
+/// with both families.
+fn agent_cluster(dataplane: &str, pins: Option<&BpfPins>, per_host: bool) -> Cluster {
+    let conf = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetLen":64,"Backend":{"Type":"vxlan"}}"#;
+    let mut c = Cluster::prepare_each(2, conf, |i| {
+        let mut args = vec![format!("--dataplane={dataplane}")];
+        args.extend(pins.map(|p| p.arg(i)));
+        args
+    });
+    c.add_ipv6_underlay();
+    for n in &mut c.nodes {
+        n.start();
+    }
+    let envs = c.add_pods(1);
+    c.add_pod_ipv6(&envs);
+    c.assert_all_pods_reach_each_other_v6();
+    if per_host {
+        for (cpu, n) in c.nodes.iter().enumerate() {
+            n.host.ns.steer_receive_to("eth0", cpu);
+        }
+    }
+    c
 }
 
 /// Machine-wide kernel CPU time (sys + softirq) in seconds, from /proc/stat.
@@ -178,12 +265,7 @@ fn kernel_cpu_seconds() -> f64 {
 }
 
 /// An iperf3 run: Gbit/s, bytes received and the kernel CPU seconds it cost the machine.
-fn measured_iperf(
-    client: &NetNs,
-    server: &NetNs,
-    addr: Ipv4Addr,
-    args: &[&str],
-) -> (f64, f64, f64) {
+fn measured_iperf(client: &NetNs, server: &NetNs, addr: IpAddr, args: &[&str]) -> (f64, f64, f64) {
     let before = kernel_cpu_seconds();
     let report = iperf(client, server, addr, args);
     let cpu = kernel_cpu_seconds() - before;
@@ -227,6 +309,18 @@ fn bench(args: &[String]) {
 
     let mut setups: Vec<(Mode, Setup)> = Vec::new();
     for &mode in &modes {
+        if let Some(dataplane) = mode.agent_dataplane() {
+            let pins = (dataplane == "ebpf").then(|| BpfPins::new("bench6", 2));
+            let c = agent_cluster(dataplane, pins.as_ref(), per_host);
+            setups.push((
+                mode,
+                Setup {
+                    hosts: Hosts::Agents(c),
+                    pins,
+                },
+            ));
+            continue;
+        }
         let carrier = if mode == Mode::HostGw {
             Carrier::HostGw
         } else {
@@ -247,9 +341,11 @@ fn bench(args: &[String]) {
         setups.push((
             mode,
             Setup {
-                a,
-                b,
-                _agents: agents,
+                hosts: Hosts::Pair {
+                    a,
+                    b,
+                    _agents: agents,
+                },
                 pins,
             },
         ));
@@ -263,7 +359,7 @@ fn bench(args: &[String]) {
         for i in 0..setups.len() {
             let idx = (i + round) % setups.len();
             let (mode, s) = &setups[idx];
-            let (client, server, addr) = endpoints(*mode, &s.a, &s.b);
+            let (client, server, addr) = s.endpoints(*mode);
             let t_arg = secs.to_string();
             let (one, bytes1, cpu1) = measured_iperf(
                 client,
@@ -295,18 +391,19 @@ fn bench(args: &[String]) {
 
     // What netfilter did on host A of each mode: proof that conntrack and the FORWARD
     // rules ran (and, for the eBPF modes, how much of the traffic skipped them).
-    for (mode, s) in &setups {
-        let (_, ct) = try_sh(&s.a.ns, "cat /proc/sys/net/netfilter/nf_conntrack_count");
+    for (mode, s) in setups.iter().filter(|(m, _)| m.agent_dataplane().is_none()) {
+        let a = s.host_a();
+        let (_, ct) = try_sh(a, "cat /proc/sys/net/netfilter/nf_conntrack_count");
         let (_, fwd) = try_sh(
-            &s.a.ns,
+            a,
             "iptables -t filter -L KUBE-FORWARD -v -x -n | awk '/RELATED,ESTABLISHED/ {print $1}'",
         );
         let (_, invalid) = try_sh(
-            &s.a.ns,
+            a,
             "iptables -t filter -L KUBE-FORWARD -v -x -n | awk '/INVALID/ {print $1}'",
         );
         let (_, input) = try_sh(
-            &s.a.ns,
+            a,
             "iptables -t filter -L INPUT -v -x -n | awk '/KUBE-FIREWALL/ {print $1}'",
         );
         eprintln!(
@@ -343,15 +440,6 @@ fn bench(args: &[String]) {
     report(&results, rounds, secs, &cc, &placement);
 }
 
-/// Who talks to whom in a mode: pod to pod, or host to host over the bare underlay.
-fn endpoints<'h>(mode: Mode, a: &'h Host, b: &'h Host) -> (&'h NetNs, &'h NetNs, Ipv4Addr) {
-    if mode == Mode::Underlay {
-        (&a.ns, &b.ns, b.underlay)
-    } else {
-        (&a.pod, &b.pod, b.pod_ip())
-    }
-}
-
 fn gbits(report: &serde_json::Value) -> f64 {
     report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
@@ -363,7 +451,7 @@ fn request_response(
     exe: &std::path::Path,
     client: &NetNs,
     server: &NetNs,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     count: usize,
 ) -> (f64, f64) {
     let exe = exe.to_string_lossy();
@@ -406,6 +494,11 @@ fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64, cc: &str, place
         "every host: pod behind cni0 (bridge plugin), iptables rules of kube-proxy ({} Services), the kubelet and flanneld, conntrack on; iperf3 sender congestion control {cc}; iperf3 client on CPU 0, server on CPU 1, receive placement {placement}\n",
         flannel_e2e::kube_node::SERVICES
     );
+    if results.iter().any(|(m, _)| m.agent_dataplane().is_some()) {
+        println!(
+            "IPv6 modes: two flanneld hosts of a dual-stack etcd cluster (IPv6 underlay), pod behind cni0, flanneld's own rules only (no kube-proxy rules), conntrack on\n"
+        );
+    }
     println!("| mode | 1 stream Gbit/s | 4 streams Gbit/s | RR p50 µs | RR p99 µs | CPU-s/GB |");
     println!("|---|---|---|---|---|---|");
     for (mode, s) in results {
@@ -427,13 +520,22 @@ fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64, cc: &str, place
     println!();
     println!("| ratio | 1 stream | 4 streams | RR p50 | RR p99 | CPU/GB |");
     println!("|---|---|---|---|---|---|");
-    for (ours, mode) in [("eBPF", Mode::Ebpf), ("eBPF all-flows", Mode::EbpfAllFlows)] {
+    for (ours, mode) in [
+        ("eBPF", Mode::Ebpf),
+        ("eBPF all-flows", Mode::EbpfAllFlows),
+        ("IPv6: eBPF", Mode::Ebpf6),
+    ] {
         let Some(e) = m(mode) else { continue };
-        for (name, other) in [
-            ("kernel VXLAN", Mode::KernelVxlan),
-            ("host-gw", Mode::HostGw),
-            ("bare underlay", Mode::Underlay),
-        ] {
+        let others: &[(&str, Mode)] = if mode == Mode::Ebpf6 {
+            &[("kernel VXLAN", Mode::KernelVxlan6)]
+        } else {
+            &[
+                ("kernel VXLAN", Mode::KernelVxlan),
+                ("host-gw", Mode::HostGw),
+                ("bare underlay", Mode::Underlay),
+            ]
+        };
+        for &(name, other) in others {
             let Some(other) = m(other) else { continue };
             println!(
                 "| {ours} / {name} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
