@@ -245,6 +245,108 @@ fn a_peers_other_sending_addresses_share_its_allow_list_entry() {
     });
 }
 
+/// A resync reads the maps on another thread while lease events go on: the comparison
+/// afterwards repairs what was wrong when it read (a route and an allow-list entry
+/// deleted behind the agent's back) and leaves the subnets events changed since (an add
+/// that took a slot a removal freed, a removal of a peer with an alias, a new MAC) as the
+/// events made them: the stale read neither undoes them nor reads the maps again.
+#[test]
+fn a_resync_read_leaves_subnets_events_touched_since() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = Pins::new("stale");
+    let root = pins.0.clone();
+    in_fresh_netns(move || {
+        let mut dp = load(&root, 32);
+        dp.set_config(&config()).expect("config");
+        let alias = Ipv4Addr::new(198, 19, 0, 15);
+        let with_alias = |i: u8| {
+            let mut p = peer(i);
+            if i == 5 {
+                p.aliases = vec![alias];
+            }
+            p
+        };
+        let first: Vec<PeerEntry> = (1..=20).map(with_alias).collect();
+        dp.reconcile(&first).expect("reconcile");
+        // Tampering before the read: the resync must repair both.
+        dp.routes
+            .remove(&aya::maps::lpm_trie::Key::new(24, [10, 244, 6, 0]))
+            .expect("tamper route");
+        dp.peers
+            .remove(&flannel_common::PeerKey {
+                addr: peer(9).underlay.octets(),
+            })
+            .expect("tamper peer");
+
+        let reader = dp.peer_maps_reader().expect("reader");
+        let read = std::thread::spawn(move || reader.read())
+            .join()
+            .expect("reader thread")
+            .expect("read");
+        let reads = dp.full_reads();
+        let slot3 = dp.current_peers().expect("peers")[&peer(3).underlay].slot;
+
+        // Events after the read.
+        let mut new_mac = peer(4);
+        new_mac.vtep_mac = [0x02, 0xcc, 0, 0, 0, 4];
+        dp.remove_peer(peer(3).subnet).expect("remove");
+        dp.upsert_peer(&peer(21)).expect("upsert");
+        dp.upsert_peer(&new_mac).expect("upsert");
+        dp.remove_peer(peer(5).subnet).expect("remove");
+        let touched: std::collections::BTreeSet<Ipv4Network> =
+            [3, 4, 5, 21].map(|i| peer(i).subnet).into();
+        let evented = dp.current_peers().expect("peers");
+        assert_eq!(
+            evented[&peer(21).underlay].slot,
+            slot3,
+            "the new peer took the slot the removal freed"
+        );
+
+        let now: Vec<PeerEntry> = (1..=21)
+            .filter(|i| ![3, 5].contains(i))
+            .map(|i| if i == 4 { new_mac.clone() } else { peer(i) })
+            .collect();
+        dp.reconcile_with(&now, read, &touched)
+            .expect("reconcile_with");
+        assert_eq!(
+            dp.full_reads(),
+            reads + 1,
+            "compared with the read, not re-read"
+        );
+
+        let routes = dp.current_routes().expect("routes");
+        let peers = dp.current_peers().expect("peers");
+        assert_eq!(routes.len(), now.len(), "{routes:?}");
+        assert_eq!(peers.len(), now.len(), "{peers:?}");
+        for p in &now {
+            let r = routes
+                .get(&p.subnet)
+                .unwrap_or_else(|| panic!("route {}", p.subnet));
+            assert_eq!(r.peer_ip, p.underlay.octets());
+            assert_eq!(r.vtep_mac, p.vtep_mac, "{}", p.subnet);
+            assert_eq!(r.peer_slot, peers[&p.underlay].slot, "{}", p.subnet);
+        }
+        assert!(
+            !peers.contains_key(&alias),
+            "the removed peer's alias stays gone"
+        );
+        assert!(!peers.contains_key(&peer(3).underlay));
+        for i in [4, 21] {
+            assert_eq!(
+                peers[&peer(i).underlay].slot,
+                evented[&peer(i).underlay].slot,
+                "peer {i} keeps the slot its event gave it"
+            );
+        }
+        let mut slots: Vec<u32> = peers.values().map(|p| p.slot).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        assert_eq!(slots.len(), now.len(), "every slot used once");
+    });
+}
+
 #[test]
 fn pinned_maps_of_another_size_are_replaced_with_their_contents() {
     if !flannel_e2e::require_root() {

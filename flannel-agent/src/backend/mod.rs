@@ -137,6 +137,8 @@ impl Touched {
 pub enum ResyncRead {
     /// The kernel VXLAN devices' neighbour, FDB and route tables.
     Vxlan(vxlan::KernelTables),
+    /// The eBPF backend's: its kernel device's tables and the peer-keyed maps.
+    Ebpf(ebpf::ResyncTables),
 }
 
 /// A resync's read, running without a borrow of the backend.
@@ -194,16 +196,14 @@ impl AnyBackend {
     }
 
     /// The kernel reads of a resync as a future that borrows nothing, for backends whose
-    /// resync reads big tables (thousands of neighbours, FDB entries and routes): the
-    /// agent runs it as its own task while lease events go on, then calls
+    /// resync reads big tables (thousands of neighbours, FDB entries, routes and map
+    /// entries): the agent runs it as its own task while lease events go on, then calls
     /// [`resync_with`](Self::resync_with). `None`: this backend resyncs in one go.
     pub fn resync_reader(&self) -> Option<ResyncReader> {
         match self {
             Self::Ebpf(b) => {
-                let tables = b.kernel_tables_reader();
-                Some(Box::pin(
-                    async move { Ok(ResyncRead::Vxlan(tables.await?)) },
-                ))
+                let tables = b.resync_reader();
+                Some(Box::pin(async move { Ok(ResyncRead::Ebpf(tables.await?)) }))
             }
             Self::Vxlan(b) => {
                 let tables = b.tables_reader();
@@ -223,11 +223,17 @@ impl AnyBackend {
         read: ResyncRead,
         touched: &Touched,
     ) -> Result<()> {
-        let ResyncRead::Vxlan(tables) = read;
-        let fixes = match self {
-            Self::Ebpf(b) => b.check_with(peers, Some(tables), touched).await?,
-            Self::Vxlan(b) => b.check_with(peers, Some(tables), touched).await?,
-            Self::HostGw(b) => return b.resync(peers).await,
+        let fixes = match (self, read) {
+            (Self::Ebpf(b), ResyncRead::Ebpf(tables)) => {
+                b.check_with(peers, Some(tables), touched).await?
+            }
+            (Self::Vxlan(b), ResyncRead::Vxlan(tables)) => {
+                b.check_with(peers, Some(tables), touched).await?
+            }
+            // Another backend's read (cannot happen: the backend is chosen once): read now.
+            (Self::Ebpf(b), ResyncRead::Vxlan(_)) => b.check_with(peers, None, touched).await?,
+            (Self::Vxlan(b), ResyncRead::Ebpf(_)) => b.check_with(peers, None, touched).await?,
+            (Self::HostGw(b), _) => return b.resync(peers).await,
         };
         for (kind, detail) in fixes {
             repair::record(kind, detail);

@@ -36,12 +36,12 @@ use tracing::{debug, info, warn};
 pub use flows::serve_flow_events;
 pub use loader::{Datapath, OBJECT, PinLayout, PodPrograms, load, load_sized, open_pinned};
 pub use probe::{FallbackReason, probe, supports};
-pub use tables::{Counters, PeerEntry, Placement};
+pub use tables::{Counters, MapContents, PeerEntry, PeerMapsReader, Placement};
 
 use crate::{
     backend::{
         Backend, Error, ExternalInterface, Result, Touched,
-        vxlan::{self, Fixes, KernelTables, KernelVxlan, VtepMacs},
+        vxlan::{Fixes, KernelTables, KernelVxlan, VtepMacs},
     },
     lease::{Lease, LeaseAttrs},
     netconf::VxlanConfig,
@@ -220,25 +220,47 @@ impl EbpfVxlan {
         self.check_with(peers, None, &Touched::default()).await
     }
 
-    /// The kernel device's tables, read without borrowing the backend (see
-    /// [`KernelVxlan::tables_reader`]).
-    pub fn kernel_tables_reader(
+    /// What a resync compares with, read without borrowing the backend: the kernel
+    /// device's tables (see [`KernelVxlan::tables_reader`]), then the peer-keyed maps on
+    /// a blocking thread through descriptors of their own. At 5,000 peers the maps are
+    /// ~10,000 lookups, which must not hold up lease events.
+    pub fn resync_reader(
         &self,
-    ) -> impl std::future::Future<Output = std::result::Result<KernelTables, vxlan::Error>>
-    + Send
-    + 'static {
-        self.kernel.tables_reader()
+    ) -> impl std::future::Future<Output = Result<ResyncTables>> + Send + 'static {
+        let kernel = self.kernel.tables_reader();
+        let maps = self.datapath.peer_maps_reader();
+        async move {
+            let kernel = kernel.await?;
+            let maps = match maps {
+                Ok(reader) => match tokio::task::spawn_blocking(move || reader.read()).await {
+                    Ok(Ok(read)) => Some(read),
+                    Ok(Err(e)) => return Err(Self::map_err("resync read", e)),
+                    Err(e) => {
+                        return Err(Error::Other(format!("eBPF maps: resync read task: {e}")));
+                    }
+                },
+                // No second descriptor: the comparison reads the maps itself.
+                Err(error) => {
+                    warn!(%error, "eBPF maps: resync reads them on the event path");
+                    None
+                }
+            };
+            Ok(ResyncTables { kernel, maps })
+        }
     }
 
-    /// [`check`](Self::check), the kernel device's entries compared with `tables` read
-    /// earlier (the maps are read here, as before).
+    /// [`check`](Self::check) against `tables` read earlier by
+    /// [`resync_reader`](Self::resync_reader); the subnets in `touched` were changed by
+    /// lease events since and are left as those made them (kernel entries and map
+    /// entries alike).
     pub async fn check_with(
         &mut self,
         peers: &[Lease],
-        tables: Option<KernelTables>,
+        tables: Option<ResyncTables>,
         touched: &Touched,
     ) -> Result<Fixes> {
-        let mut fixes = self.kernel.check_with(peers, tables, touched).await?;
+        let (kernel, maps) = tables.map_or((None, None), |t| (Some(t.kernel), t.maps));
+        let mut fixes = self.kernel.check_with(peers, kernel, touched).await?;
         let (device, uplink) = (self.kernel.device_name(), &self.kernel.ext().name);
         fixes.extend(
             self.datapath
@@ -252,7 +274,11 @@ impl EbpfVxlan {
         // Reading and rewriting maps of many thousand entries is a burst of syscalls:
         // keep it off the reactor thread.
         let datapath = &mut self.datapath;
-        blocking(|| datapath.reconcile(&desired)).map_err(|e| Self::map_err("reconcile", e))?;
+        blocking(|| match maps {
+            Some(read) => datapath.reconcile_with(&desired, read, &touched.v4),
+            None => datapath.reconcile(&desired),
+        })
+        .map_err(|e| Self::map_err("reconcile", e))?;
         Ok(fixes)
     }
 
@@ -280,6 +306,13 @@ impl EbpfVxlan {
         };
         Ok(vec![(RepairKind::DatapathConfig, detail)])
     }
+}
+
+/// A resync's reads for the eBPF backend (see [`EbpfVxlan::resync_reader`]).
+pub struct ResyncTables {
+    kernel: KernelTables,
+    /// `None` when the maps could not be opened a second time: read at comparison.
+    maps: Option<MapContents>,
 }
 
 /// Run [`serve_flow_events`] on a blocking thread until `cancel`.

@@ -3,14 +3,21 @@
 //!
 //! The maps are read whole only when the record of what was written is (re)built: at the
 //! first update after load and on every reconcile. A lease event is applied as the
-//! difference to the record: O(1) map operations, O(1) slot allocation.
+//! difference to the record: O(1) map operations, O(1) slot allocation. A periodic resync
+//! reads them through a second set of descriptors ([`PeerMapsReader`]) on another thread
+//! while lease events go on, then compares ([`Datapath::reconcile_with`]).
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
+    os::fd::AsFd,
 };
 
-use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
+use aya::maps::{
+    HashMap as BpfHashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuValues,
+    lpm_trie::Key,
+};
 use flannel_common::{
     Counter, DatapathConfig, DropReason, Endpoint, EndpointKey, Peer, PeerKey, PeerStats, Route,
     maps::CONFIG_F_ANY_PEER, stats::PassReason,
@@ -82,9 +89,122 @@ pub(super) struct Record {
 }
 
 /// The peer-keyed maps as read at one moment.
-struct MapContents {
+pub struct MapContents {
     peers: BTreeMap<Ipv4Addr, Peer>,
     routes: BTreeMap<Ipv4Network, Route>,
+}
+
+/// The peer-keyed maps opened a second time (duplicated descriptors of the same kernel
+/// maps), owned, so a resync can read thousands of entries on a blocking thread while the
+/// agent's event loop keeps writing lease events through the [`Datapath`].
+pub struct PeerMapsReader {
+    peers: BpfHashMap<MapData, PeerKey, Peer>,
+    routes: LpmTrie<MapData, [u8; 4], Route>,
+}
+
+impl PeerMapsReader {
+    /// Read both maps whole (a few thousand syscalls per thousand peers).
+    pub fn read(&self) -> Result<MapContents, MapError> {
+        Ok(MapContents {
+            peers: read_peers(&self.peers)?,
+            routes: read_routes(&self.routes)?,
+        })
+    }
+}
+
+/// A second descriptor of `map`'s kernel map, as the map type `T`.
+fn reopen<T: TryFrom<Map, Error = MapError>>(
+    map: &MapData,
+    wrap: fn(MapData) -> Map,
+) -> Result<T, MapError> {
+    let fd = map.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "dup",
+            io_error,
+        })
+    })?;
+    T::try_from(wrap(MapData::from_fd(fd)?))
+}
+
+fn read_peers<T: Borrow<MapData>>(
+    map: &BpfHashMap<T, PeerKey, Peer>,
+) -> Result<BTreeMap<Ipv4Addr, Peer>, MapError> {
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (k, v) = entry?;
+        out.insert(Ipv4Addr::from(k.addr), v);
+    }
+    Ok(out)
+}
+
+fn read_routes<T: Borrow<MapData>>(
+    map: &LpmTrie<T, [u8; 4], Route>,
+) -> Result<BTreeMap<Ipv4Network, Route>, MapError> {
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (k, v) = entry?;
+        if let Ok(net) = Ipv4Network::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8) {
+            out.insert(net, v);
+        }
+    }
+    Ok(out)
+}
+
+impl Record {
+    /// Bring `read` (taken while lease events went on) up to date for the subnets in
+    /// `touched`: events wrote those entries after the read may have been taken, and this
+    /// record holds what they wrote. Patched are the routes of the touched subnets and the
+    /// allow-list entries of the peers they were or are routed to, with those peers'
+    /// aliases (as the read and as the record know them). Everything else in the read is
+    /// as the maps held it, so the comparison after repairs exactly what was wrong then.
+    fn patch(&self, read: &mut MapContents, touched: &BTreeSet<Ipv4Network>) {
+        if touched.is_empty() {
+            return;
+        }
+        let mut addrs: HashSet<Ipv4Addr> = HashSet::new();
+        for subnet in touched {
+            for route in [read.routes.get(subnet), self.routes.get(subnet)]
+                .into_iter()
+                .flatten()
+            {
+                addrs.insert(Ipv4Addr::from(route.peer_ip));
+            }
+        }
+        // Aliases share their peer's slot in the maps.
+        let slots: HashSet<u32> = addrs
+            .iter()
+            .filter_map(|a| read.peers.get(a))
+            .map(|p| p.slot)
+            .collect();
+        let sharing: Vec<Ipv4Addr> = read
+            .peers
+            .iter()
+            .filter(|(_, p)| slots.contains(&p.slot))
+            .map(|(a, _)| *a)
+            .collect();
+        addrs.extend(sharing);
+        let owners: Vec<Ipv4Addr> = addrs.iter().copied().collect();
+        for owner in owners {
+            addrs.extend(self.aliases_of.get(&owner).into_iter().flatten().copied());
+        }
+        for addr in addrs {
+            let now = self.peers.get(&addr).or_else(|| {
+                self.alias_owner
+                    .get(&addr)
+                    .and_then(|owner| self.peers.get(owner))
+            });
+            match now {
+                Some(p) => read.peers.insert(addr, *p),
+                None => read.peers.remove(&addr),
+            };
+        }
+        for subnet in touched {
+            match self.routes.get(subnet) {
+                Some(r) => read.routes.insert(*subnet, *r),
+                None => read.routes.remove(subnet),
+            };
+        }
+    }
 }
 
 /// The datapath's bookkeeping next to the map handles.
@@ -173,32 +293,37 @@ impl Datapath {
 
     /// The peers currently in the maps, with their slots.
     pub fn current_peers(&self) -> Result<BTreeMap<Ipv4Addr, Peer>, MapError> {
-        let mut out = BTreeMap::new();
-        for entry in self.peers.iter() {
-            let (k, v) = entry?;
-            out.insert(Ipv4Addr::from(k.addr), v);
-        }
-        Ok(out)
+        read_peers(&self.peers)
     }
 
     /// The routes currently in the map.
     pub fn current_routes(&self) -> Result<BTreeMap<Ipv4Network, Route>, MapError> {
-        let mut out = BTreeMap::new();
-        for entry in self.routes.iter() {
-            let (k, v) = entry?;
-            if let Ok(net) = Ipv4Network::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8) {
-                out.insert(net, v);
-            }
-        }
-        Ok(out)
+        read_routes(&self.routes)
     }
 
-    /// Read both peer-keyed maps and rebuild the record from them. Peers whose slot is out
-    /// of range or shared are left out of the record, so the next upsert gives them a new
-    /// slot (overwriting their entries).
+    /// The peer-keyed maps through descriptors of their own, to read off the event path.
+    pub fn peer_maps_reader(&self) -> Result<PeerMapsReader, MapError> {
+        Ok(PeerMapsReader {
+            peers: reopen(self.peers.map(), Map::HashMap)?,
+            routes: reopen(self.routes.map(), Map::LpmTrie)?,
+        })
+    }
+
+    /// Read both peer-keyed maps and rebuild the record from them.
     fn read_record(&mut self) -> Result<(Record, MapContents), MapError> {
+        let read = MapContents {
+            peers: self.current_peers()?,
+            routes: self.current_routes()?,
+        };
+        Ok((self.record_from(&read), read))
+    }
+
+    /// Rebuild the record from what the maps were read to hold. Peers whose slot is out of
+    /// range or shared are left out of the record, so the next upsert gives them a new
+    /// slot (overwriting their entries).
+    fn record_from(&mut self, read: &MapContents) -> Record {
         self.state.full_reads += 1;
-        let (peers, routes) = (self.current_peers()?, self.current_routes()?);
+        let (peers, routes) = (&read.peers, &read.routes);
         let capacity = self.state.capacity;
         // Routed-to addresses first: an alias shares its peer's slot, so whichever of two
         // entries a route names is the peer, the other its alias.
@@ -242,14 +367,14 @@ impl Datapath {
                 .map(|r| r.overflow)
                 .unwrap_or_default(),
         };
-        for (net, route) in &routes {
+        for (net, route) in routes {
             let underlay = Ipv4Addr::from(route.peer_ip);
             if record.peers.get(&underlay).map(|p| p.slot) == Some(route.peer_slot) {
                 record.routes.insert(*net, *route);
                 record.routes_of.entry(underlay).or_default().insert(*net);
             }
         }
-        Ok((record, MapContents { peers, routes }))
+        record
     }
 
     /// The record, read from the maps the first time it is needed.
@@ -286,6 +411,29 @@ impl Datapath {
     /// the result. Callable at any time (start, resync, a repair after tampering).
     pub fn reconcile(&mut self, desired: &[PeerEntry]) -> Result<(), MapError> {
         let (mut rec, read) = self.read_record()?;
+        rec.overflow.clear();
+        let r = self.reconcile_in(desired, &mut rec, &read);
+        self.finish(rec)?;
+        r
+    }
+
+    /// [`reconcile`](Self::reconcile) against `read`, taken earlier by a
+    /// [`PeerMapsReader`] while lease events went on. The subnets in `touched` were
+    /// changed by those events: the read may predate them, so their entries are taken
+    /// from the record (what the events wrote) rather than from the read, and are left as
+    /// the events made them. Without a record (nothing written yet) the maps are read
+    /// now.
+    pub fn reconcile_with(
+        &mut self,
+        desired: &[PeerEntry],
+        mut read: MapContents,
+        touched: &BTreeSet<Ipv4Network>,
+    ) -> Result<(), MapError> {
+        let Some(current) = self.state.record.as_ref() else {
+            return self.reconcile(desired);
+        };
+        current.patch(&mut read, touched);
+        let mut rec = self.record_from(&read);
         rec.overflow.clear();
         let r = self.reconcile_in(desired, &mut rec, &read);
         self.finish(rec)?;
