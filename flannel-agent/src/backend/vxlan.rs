@@ -65,7 +65,7 @@ use crate::{
     },
     net::{
         netlink::{self, Netlink, NlFamily},
-        vxlan_guard::PeerGuard,
+        vxlan_guard::{GuardRead, PeerGuard},
     },
     netconf::VxlanConfig,
     repair::{self, RepairKind},
@@ -1049,6 +1049,8 @@ async fn read_tables<N: VxlanFamily>(nl: &Netlink, ifindex: u32) -> Result<Devic
 pub struct KernelTables {
     v4: Option<DeviceTables<Ipv4Network>>,
     v6: Option<DeviceTables<Ipv6Network>>,
+    /// The peer guard's nftables listing (with the guard on and written).
+    guard: Option<GuardRead>,
 }
 
 /// A stale entry to delete.
@@ -1402,6 +1404,7 @@ impl KernelVxlan {
     ) -> impl Future<Output = Result<KernelTables, Error>> + Send + 'static {
         let v4 = self.v4.as_ref().map(VxlanDevice::tables_reader);
         let v6 = self.v6.as_ref().map(VxlanDevice::tables_reader);
+        let guard = self.guard.as_ref().and_then(PeerGuard::reader);
         async move {
             Ok(KernelTables {
                 v4: match v4 {
@@ -1410,6 +1413,10 @@ impl KernelVxlan {
                 },
                 v6: match v6 {
                     Some(f) => Some(f.await?),
+                    None => None,
+                },
+                guard: match guard {
+                    Some(f) => Some(f.await),
                     None => None,
                 },
             })
@@ -1425,14 +1432,17 @@ impl KernelVxlan {
         tables: Option<KernelTables>,
         touched: &Touched,
     ) -> Result<Fixes, Error> {
-        let (t4, t6) = tables.map_or((None, None), |t| (t.v4, t.v6));
+        let (t4, t6, tg) = tables.map_or((None, None, None), |t| (t.v4, t.v6, t.guard));
         if let Some(guard) = &mut self.guard {
             let own = self.own;
             let senders = peers
                 .iter()
                 .filter(|l| !is_own(own, l) && guarded(l))
                 .map(|l| (l.id(), guarded_senders(l)));
-            guard.replace_all(senders).await.map_err(Error::from)?;
+            guard
+                .replace_all_with(senders, tg)
+                .await
+                .map_err(Error::from)?;
         }
         let mut fixes = match &mut self.v4 {
             Some(v4) => v4.check_with(peers, t4, &touched.v4).await,

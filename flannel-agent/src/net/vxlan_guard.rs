@@ -32,6 +32,9 @@
 //! set); the named counter survives rewrites. The periodic resync ([`PeerGuard::replace_all`])
 //! reads the table back (`nft -j list table`) and rewrites it only when it is not what was
 //! written — a flushed table, a deleted element, an edited rule — recording the repair.
+//! At thousands of peers that listing takes ~100 ms on a busy host, so the agent's resync
+//! takes it off the event path ([`PeerGuard::reader`]) and compares afterwards
+//! ([`PeerGuard::replace_all_with`]), leaving alone the addresses events wrote meanwhile.
 //! The scripts run through [`crate::net::masq`]'s tool runner, the one place the agent
 //! starts `nft`.
 
@@ -67,6 +70,28 @@ pub struct PeerGuard {
     golden_rules: Option<Vec<serde_json::Value>>,
     /// No `nft` binary: warned once, nothing to maintain.
     unavailable: bool,
+    /// Full writes so far: a listing read across one is compared with the wrong rules.
+    full_writes: u64,
+}
+
+/// A resync's read of the table, taken while lease events went on (see
+/// [`PeerGuard::reader`]).
+pub struct GuardRead {
+    /// What the guard had written when the read began.
+    applied: BTreeSet<IpAddr>,
+    /// [`PeerGuard::full_writes`] then.
+    full_writes: u64,
+    listing: masq::Result<Listing>,
+}
+
+/// `nft -j list table inet flannel-vxlan-guard`, parsed (no table: an empty listing).
+async fn read_listing() -> masq::Result<Listing> {
+    match masq::nft_json(&["list", "table", "inet", TABLE]).await {
+        Ok(json) => Ok(Listing::parse(&json)),
+        // No table: `nft` says so with an error.
+        Err(masq::Error::Failed { .. }) => Ok(Listing::default()),
+        Err(e) => Err(e),
+    }
 }
 
 impl PeerGuard {
@@ -80,7 +105,26 @@ impl PeerGuard {
             applied: None,
             golden_rules: None,
             unavailable: false,
+            full_writes: 0,
         }
+    }
+
+    /// The table's listing as a future that borrows nothing, for a resync to read while
+    /// lease events go on; `None` when there is nothing to compare yet (nothing written,
+    /// or no `nft`): [`replace_all_with`](Self::replace_all_with) then writes it whole.
+    pub fn reader(&self) -> Option<impl Future<Output = GuardRead> + Send + 'static> {
+        if self.unavailable || self.golden_rules.is_none() {
+            return None;
+        }
+        let applied = self.applied.clone()?;
+        let full_writes = self.full_writes;
+        Some(async move {
+            GuardRead {
+                applied,
+                full_writes,
+                listing: read_listing().await,
+            }
+        })
     }
 
     /// The peer owning `subnet` sends from `addrs` (added or changed).
@@ -107,6 +151,19 @@ impl PeerGuard {
         &mut self,
         peers: impl IntoIterator<Item = (SubnetId, Vec<IpAddr>)>,
     ) -> masq::Result<()> {
+        self.replace_all_with(peers, None).await
+    }
+
+    /// [`replace_all`](Self::replace_all), comparing with `read` when it was taken by
+    /// [`reader`](Self::reader) (else the table is listed now). Addresses written by peer
+    /// events since the read began (what was applied then and now differ in) are left out
+    /// of the comparison: the listing may predate them. A full rewrite since makes the
+    /// read useless: listed again.
+    pub async fn replace_all_with(
+        &mut self,
+        peers: impl IntoIterator<Item = (SubnetId, Vec<IpAddr>)>,
+        read: Option<GuardRead>,
+    ) -> masq::Result<()> {
         self.senders = peers
             .into_iter()
             .map(|(net, addrs)| (net, addrs.into_iter().collect()))
@@ -115,13 +172,15 @@ impl PeerGuard {
             return Ok(());
         }
         if let (Some(applied), Some(golden)) = (&self.applied, &self.golden_rules) {
-            let listing = match masq::nft_json(&["list", "table", "inet", TABLE]).await {
-                Ok(json) => Listing::parse(&json),
-                // No table: `nft` says so with an error.
-                Err(masq::Error::Failed { .. }) => Listing::default(),
-                Err(e) => return Err(e),
+            let (listing, skip) = match read.filter(|r| r.full_writes == self.full_writes) {
+                Some(r) => {
+                    let skip: BTreeSet<IpAddr> =
+                        r.applied.symmetric_difference(applied).copied().collect();
+                    (r.listing?, skip)
+                }
+                None => (read_listing().await?, BTreeSet::new()),
             };
-            match listing.differs(self.ipv6, applied, golden) {
+            match listing.differs_except(self.ipv6, applied, golden, &skip) {
                 None => return self.apply().await,
                 Some(what) => {
                     self.applied = None;
@@ -196,6 +255,7 @@ impl PeerGuard {
             );
         }
         if full {
+            self.full_writes += 1;
             // What the rules look like now, for the resync to compare with.
             self.golden_rules = match masq::nft_json(&["list", "table", "inet", TABLE]).await {
                 Ok(json) => Some(Listing::parse(&json).rules),
@@ -271,6 +331,18 @@ impl Listing {
         applied: &BTreeSet<IpAddr>,
         golden: &[serde_json::Value],
     ) -> Option<String> {
+        self.differs_except(ipv6, applied, golden, &BTreeSet::new())
+    }
+
+    /// [`differs`](Self::differs), the addresses in `skip` (changed since the listing was
+    /// taken) compared in neither direction.
+    pub fn differs_except(
+        &self,
+        ipv6: bool,
+        applied: &BTreeSet<IpAddr>,
+        golden: &[serde_json::Value],
+        skip: &BTreeSet<IpAddr>,
+    ) -> Option<String> {
         if self.peers.is_none() && self.rules.is_empty() {
             return Some("missing".to_owned());
         }
@@ -293,8 +365,16 @@ impl Listing {
                 wrong.push(format!("set {name} missing"));
                 continue;
             };
-            let lacked: Vec<String> = want.difference(have).map(IpAddr::to_string).collect();
-            let extra: Vec<String> = have.difference(&want).map(IpAddr::to_string).collect();
+            let lacked: Vec<String> = want
+                .difference(have)
+                .filter(|a| !skip.contains(a))
+                .map(IpAddr::to_string)
+                .collect();
+            let extra: Vec<String> = have
+                .difference(&want)
+                .filter(|a| !skip.contains(a))
+                .map(IpAddr::to_string)
+                .collect();
             if !lacked.is_empty() {
                 wrong.push(format!("set {name} lacked {}", lacked.join(", ")));
             }
@@ -620,6 +700,24 @@ mod tests {
         assert_eq!(
             l.differs(true, &applied, &golden).as_deref(),
             Some("set peers6 missing")
+        );
+    }
+
+    #[test]
+    fn a_listing_taken_before_peer_events_is_compared_without_their_addresses() {
+        let json = r#"{"nftables": [{"set": {"family": "inet", "name": "peers", "table": "flannel-vxlan-guard", "type": "ipv4_addr", "handle": 1, "elem": ["198.18.0.2", "198.18.0.3", "198.18.0.5"]}}]}"#;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let l = Listing::parse(json);
+        // Listed with .2 .3 .5; events since added .4 and removed .3; someone deleted .5.
+        let then: BTreeSet<IpAddr> = [ip("198.18.0.2"), ip("198.18.0.3"), ip("198.18.0.5")].into();
+        let now: BTreeSet<IpAddr> = [ip("198.18.0.2"), ip("198.18.0.4"), ip("198.18.0.5")].into();
+        let skip: BTreeSet<IpAddr> = then.symmetric_difference(&now).copied().collect();
+        assert_eq!(l.differs_except(false, &now, &[], &skip), None);
+        let tampered = Listing::parse(&json.replace(", \"198.18.0.5\"", ""));
+        assert_eq!(
+            tampered.differs_except(false, &now, &[], &skip).as_deref(),
+            Some("set peers lacked 198.18.0.5"),
+            "a deletion before the listing is still a difference"
         );
     }
 
