@@ -758,15 +758,28 @@ fn replace_in_pinned_link(prog: &mut SchedClassifier, pin: &Path) -> Result<(), 
 /// open the object, so they always agree on the maps.
 fn load_object(layout: &PinLayout, capacity: u32) -> Result<Ebpf, FallbackReason> {
     // Log statements below the agent's level cost the programs one branch, nothing more.
-    let log_level = ebpf_log_level();
-    let paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
-        .iter()
-        .map(|name| (*name, layout.map(name)))
-        .collect();
-    let mut loader = EbpfLoader::new();
-    loader.override_global("AYA_LOG_LEVEL", &log_level, false);
-    for (name, path) in &paths {
-        loader.map_pin_path(name, path.as_path());
+    static LEVELS: [u8; 6] = [0, 1, 2, 3, 4, 5];
+    let log_level = &LEVELS[usize::from(ebpf_log_level().min(5))];
+    let mut shared = LOADER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let loader = shared.get_or_insert_with(|| {
+        // `EbpfLoader::new` parses the kernel's BTF (`/sys/kernel/btf/vmlinux`, 5 MB,
+        // ~17 MB once parsed), which only CO-RE relocations use, and the object has none
+        // (its .BTF.ext holds function and line info only; the maps' BTF, which bpftool
+        // prints field names from, is the object's own). Drop the parse at once, before
+        // the object's load allocates, and create the loader once per process: the
+        // datapath and the pod programs no longer parse it twice, the second time on top
+        // of thousands of peers.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        release_freed_memory();
+        loader
+    });
+    loader.override_global("AYA_LOG_LEVEL", log_level, false);
+    // Set for every load: one process may load for several layouts (tests do).
+    for name in names::ALL_MAPS {
+        loader.map_pin_path(name, layout.map(name));
     }
     for name in names::PEER_MAPS {
         loader.map_max_entries(name, capacity);
@@ -774,14 +787,17 @@ fn load_object(layout: &PinLayout, capacity: u32) -> Result<Ebpf, FallbackReason
     let loaded = loader
         .load(OBJECT)
         .map_err(|e| FallbackReason::Load(format!("{e:#}")));
-    drop(loader);
+    drop(shared);
     release_freed_memory();
     loaded
 }
 
-/// Every load parses the kernel's BTF (`/sys/kernel/btf/vmlinux`, 5 MB, several times
-/// that once parsed) and frees it again, and glibc keeps freed pages in its arenas: hand
-/// them back, so the agent's resident size is what it holds, not its start-up peak.
+/// The process's one object loader (see [`load_object`]).
+static LOADER: std::sync::Mutex<Option<EbpfLoader<'static>>> = std::sync::Mutex::new(None);
+
+/// glibc keeps freed pages in its arenas: after a load's transient allocations (the ELF
+/// parse, relocations, the verifier's log buffers), hand them back, so the agent's
+/// resident size is what it holds.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes no pointers; it only walks the allocator's free lists.
