@@ -487,7 +487,8 @@ impl Poller<'_> {
     }
 }
 
-/// (VmHWM, VmRSS) in KiB.
+/// (VmHWM, VmRSS) in KiB; where the resident memory is (heap and stacks vs pages of the
+/// binary and libraries) goes to stderr, to tell the agent's data from its code.
 fn memory(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -497,6 +498,12 @@ fn memory(pid: u32) -> (u64, u64) {
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
     };
+    eprintln!(
+        "  agent memory: RssAnon {} KiB, RssFile {} KiB, RssShmem {} KiB",
+        field("RssAnon:"),
+        field("RssFile:"),
+        field("RssShmem:")
+    );
     (field("VmHWM:"), field("VmRSS:"))
 }
 
