@@ -261,12 +261,20 @@ async fn build_backend(
     let err = |backend| move |source| Error::Backend { backend, source };
     let mut pins = config.ebpf.clone();
     pins.vtep_macs = vtep_macs;
-    // The maps hold every subnet the network has room for, unless the flag says otherwise.
-    pins.max_peers = Some(backend::ebpf::peer_capacity(
-        config.ebpf.max_peers,
-        net.network.map_or(0, |n| n.prefix()),
-        net.subnet_len,
-    ));
+    // The maps hold every subnet the network has room for, unless the flag says otherwise;
+    // with dual stack each peer has an entry per family.
+    pins.max_peers = Some(match config.ebpf.max_peers {
+        Some(n) => n.max(1),
+        None => {
+            let v4 = net.network.filter(|_| net.enable_ipv4).map_or(0, |n| {
+                backend::ebpf::peer_capacity(None, n.prefix(), net.subnet_len)
+            });
+            let v6 = net.ipv6_network.filter(|_| net.enable_ipv6).map_or(0, |n| {
+                backend::ebpf::peer_capacity(None, n.prefix(), net.ipv6_subnet_len)
+            });
+            (v4 + v6).max(flannel_common::names::DEFAULT_PEER_CAPACITY)
+        }
+    });
     // The kernel datapath keeps upstream's behaviour (VXLAN from anyone) unless asked.
     let kernel_vxlan = |vx| async move {
         let mut b = backend::vxlan::KernelVxlan::with_vtep_macs(ext.clone(), vx, vtep_macs).await?;

@@ -245,7 +245,10 @@ pub fn build(subnet_file: &Path, pin_root: &Path, leases: Result<Vec<Lease>, Str
                 counters: None,
             });
             // The maps are what the packets see: they win over the lease for these.
-            row.public_ip = Some(Ipv4Addr::from(route.peer_ip));
+            row.public_ip = match crate::backend::ebpf::addr_of(route.peer_ip) {
+                std::net::IpAddr::V4(a) => Some(a),
+                std::net::IpAddr::V6(_) => None,
+            };
             row.vtep_mac = Some(MacAddr(route.vtep_mac).to_string());
             row.datapath = "ebpf";
             row.counters = counters;
@@ -345,7 +348,7 @@ fn datapath_state(layout: &PinLayout, pin_root: &Path) -> (DatapathReport, Optio
 
 fn read_state(dp: &Datapath) -> Result<MapState, aya::maps::MapError> {
     let counters = read_map_counters(dp)?;
-    let by_peer: BTreeMap<Ipv4Addr, PeerCounters> = counters
+    let by_peer: BTreeMap<std::net::IpAddr, PeerCounters> = counters
         .peers
         .iter()
         .map(|(addr, _, s)| {
@@ -363,7 +366,12 @@ fn read_state(dp: &Datapath) -> Result<MapState, aya::maps::MapError> {
     let routes = dp
         .current_routes()?
         .into_iter()
-        .map(|(net, r)| (net, r, by_peer.get(&Ipv4Addr::from(r.peer_ip)).copied()))
+        .map(|(net, r)| {
+            let counters = by_peer
+                .get(&crate::backend::ebpf::addr_of(r.peer_ip))
+                .copied();
+            (net, r, counters)
+        })
         .collect();
     let rows = |v: Vec<(&'static str, u64, u64)>| {
         v.into_iter()

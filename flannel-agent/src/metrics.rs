@@ -16,13 +16,13 @@
 //! scrapes.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::{LazyLock, Mutex, atomic::AtomicU64},
     time::{Duration, SystemTime},
 };
 
 use flannel_common::{DropReason, PassReason, PathReason, PeerStats};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
@@ -381,7 +381,7 @@ fn path_labels(name: &'static str) -> PathLabels {
 #[derive(Debug, Default)]
 pub struct MapCounters {
     /// Per peer: underlay, subnet, counters summed over CPUs.
-    pub peers: Vec<(Ipv4Addr, Ipv4Network, PeerStats)>,
+    pub peers: Vec<(IpAddr, IpNetwork, PeerStats)>,
     /// Per drop reason: packets, bytes.
     pub drops: Vec<(&'static str, u64, u64)>,
     /// Per hand-off-to-kernel reason: packets, bytes.
@@ -394,12 +394,10 @@ pub struct MapCounters {
 /// Read and sum every counter map: one lookup per peer and per reason.
 pub fn read_map_counters(dp: &Datapath) -> Result<MapCounters, aya::maps::MapError> {
     let mut out = MapCounters::default();
-    for (addr, peer) in dp.current_peers()? {
-        let subnet = Ipv4Network::new(
-            Ipv4Addr::from(peer.subnet),
-            u8::try_from(peer.prefix_len).unwrap_or(32),
-        )
-        .unwrap_or_else(|_| Ipv4Network::from(Ipv4Addr::from(peer.subnet)));
+    for (addr, peer) in dp.all_peers()? {
+        let Some(subnet) = crate::backend::ebpf::peer_subnet(&peer) else {
+            continue;
+        };
         let sum = dp
             .peer_stats
             .get(&peer.slot, 0)?
@@ -476,7 +474,7 @@ impl Collector for &'static BpfCollector {
                 return Ok(());
             }
         };
-        let peer = |(addr, subnet, _): &(Ipv4Addr, Ipv4Network, PeerStats)| PeerLabels {
+        let peer = |(addr, subnet, _): &(IpAddr, IpNetwork, PeerStats)| PeerLabels {
             peer: addr.to_string(),
             subnet: subnet.to_string(),
         };

@@ -6,14 +6,23 @@ pub const ROUTE_F_DIRECT: u16 = 1;
 
 /// Value of [`crate::names::MAP_ROUTES`]: where to send traffic for a remote pod subnet.
 ///
-/// The key is the kernel's `struct bpf_lpm_trie_key_u8` with four data bytes (aya's
-/// `lpm_trie::Key<[u8; 4]>` on both sides): prefix length, then the subnet base in network
+/// Both families share the peer-keyed maps (routes, peers, strangers): every address in
+/// them is 16 bytes, an IPv6 address as it is and an IPv4 address IPv4-mapped
+/// (`::ffff:a.b.c.d`, [`crate::wire::v4_mapped`]), so one trie and one hash serve both
+/// and an IPv4 subnet `/n` is the mapped prefix `/96+n`. The programs never look an IPv6
+/// packet's address up when it is IPv4-mapped (the kernel drops such packets), so the two
+/// families cannot meet in a key.
+///
+/// The key is the kernel's `struct bpf_lpm_trie_key_u8` with sixteen data bytes (aya's
+/// `lpm_trie::Key<[u8; 16]>` on both sides): prefix length, then the subnet base in network
 /// order, which the trie matches most-significant bit first.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
-    /// Peer's underlay (public) IPv4, network order: the outer destination.
-    pub peer_ip: [u8; 4],
+    /// Peer's underlay (public) address, 16 bytes (IPv4-mapped for IPv4): the outer
+    /// destination, and the outer family (the inner one's: IPv4 over IPv4, IPv6 over IPv6,
+    /// as upstream's two devices).
+    pub peer_ip: [u8; 16],
     /// Peer's VTEP MAC: the inner destination MAC the peer's VXLAN device accepts.
     pub vtep_mac: [u8; 6],
     /// `ROUTE_F_*` bits.
@@ -22,12 +31,13 @@ pub struct Route {
     pub peer_slot: u32,
 }
 
-/// Key of [`crate::names::MAP_PEERS`]: a peer's underlay IPv4.
+/// Key of [`crate::names::MAP_PEERS`] and [`crate::names::MAP_STRANGERS`]: an underlay
+/// address, 16 bytes (IPv4-mapped for IPv4, see [`Route`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PeerKey {
-    /// Underlay IPv4, network order.
-    pub addr: [u8; 4],
+    /// Underlay address, network order.
+    pub addr: [u8; 16],
 }
 
 /// Value of [`crate::names::MAP_PEERS`]: what the ingress program knows about a peer.
@@ -36,9 +46,10 @@ pub struct PeerKey {
 pub struct Peer {
     /// Index into [`crate::names::MAP_PEER_STATS`].
     pub slot: u32,
-    /// The peer's pod subnet base, network order: inner sources outside it are spoofed.
-    pub subnet: [u8; 4],
-    /// Prefix length of `subnet`.
+    /// The pod subnet (of the key's family) base, 16 bytes as in [`Route`]: inner sources
+    /// outside it are spoofed.
+    pub subnet: [u8; 16],
+    /// Prefix length of `subnet` over 128 bits (an IPv4 `/24` is `/120`).
     pub prefix_len: u32,
 }
 
@@ -126,6 +137,16 @@ pub struct DatapathConfig {
     /// How often, per direction, one packet of a fast flow takes the kernel path again, to
     /// re-check netfilter and refresh conntrack (milliseconds).
     pub flow_refresh_ms: u32,
+    /// This host's underlay IPv6, network order: the outer source over IPv6. All zero
+    /// without `flannel-v6.<VNI>`, which leaves IPv6 to the kernel path.
+    pub local_ip6: [u8; 16],
+    /// The MAC of `flannel-v6.<VNI>`: inner IPv6 frames for us carry it.
+    pub vtep_mac6: [u8; 6],
+    /// Padding, always zero.
+    pub _pad3: [u8; 2],
+    /// Interface index of `flannel-v6.<VNI>`, where decapsulated IPv6 is delivered; 0
+    /// without it.
+    pub vxlan6_ifindex: u32,
 }
 
 /// The agent made conntrack safe for this TCP flow to skip it (window tracking liberal,
@@ -207,21 +228,21 @@ mod tests {
 
     #[test]
     fn route_layout_is_pinned() {
-        assert_eq!(size_of::<Route>(), 16);
+        assert_eq!(size_of::<Route>(), 28);
         assert_eq!(align_of::<Route>(), 4);
         assert_eq!(offset_of!(Route, peer_ip), 0);
-        assert_eq!(offset_of!(Route, vtep_mac), 4);
-        assert_eq!(offset_of!(Route, flags), 10);
-        assert_eq!(offset_of!(Route, peer_slot), 12);
+        assert_eq!(offset_of!(Route, vtep_mac), 16);
+        assert_eq!(offset_of!(Route, flags), 22);
+        assert_eq!(offset_of!(Route, peer_slot), 24);
     }
 
     #[test]
     fn peer_layout_is_pinned() {
-        assert_eq!(size_of::<PeerKey>(), 4);
-        assert_eq!(size_of::<Peer>(), 12);
+        assert_eq!(size_of::<PeerKey>(), 16);
+        assert_eq!(size_of::<Peer>(), 24);
         assert_eq!(offset_of!(Peer, slot), 0);
         assert_eq!(offset_of!(Peer, subnet), 4);
-        assert_eq!(offset_of!(Peer, prefix_len), 8);
+        assert_eq!(offset_of!(Peer, prefix_len), 20);
     }
 
     #[test]
@@ -235,7 +256,7 @@ mod tests {
 
     #[test]
     fn config_layout_is_pinned() {
-        assert_eq!(size_of::<DatapathConfig>(), 44);
+        assert_eq!(size_of::<DatapathConfig>(), 72);
         assert_eq!(align_of::<DatapathConfig>(), 4);
         assert_eq!(offset_of!(DatapathConfig, flags), 0);
         assert_eq!(offset_of!(DatapathConfig, vni), 4);
@@ -249,6 +270,9 @@ mod tests {
         assert_eq!(offset_of!(DatapathConfig, ttl), 36);
         assert_eq!(offset_of!(DatapathConfig, mtu), 38);
         assert_eq!(offset_of!(DatapathConfig, flow_refresh_ms), 40);
+        assert_eq!(offset_of!(DatapathConfig, local_ip6), 44);
+        assert_eq!(offset_of!(DatapathConfig, vtep_mac6), 60);
+        assert_eq!(offset_of!(DatapathConfig, vxlan6_ifindex), 68);
     }
 
     #[test]

@@ -5,14 +5,15 @@
 /// Version of the map layout. Part of the pin path: a release that changes any type in
 /// [`crate::maps`] or [`crate::stats`] bumps it, so it never opens a pinned map of the old
 /// layout (aya reuses a pinned map without checking its key or value size).
-pub const LAYOUT_VERSION: &str = "v3";
+pub const LAYOUT_VERSION: &str = "v4";
 
 /// Default bpffs directory under which the agent pins its maps and links.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/flannel";
 
 /// LPM trie: remote pod subnet → peer ([`crate::Route`]).
 pub const MAP_ROUTES: &str = "ROUTES";
-/// Hash: peer underlay IPv4 → peer record ([`crate::Peer`]); the ingress allow-list.
+/// Hash: peer underlay address (either family) → peer record ([`crate::Peer`]); the
+/// ingress allow-list.
 pub const MAP_PEERS: &str = "PEERS";
 /// Array with one element: this host's [`crate::DatapathConfig`].
 pub const MAP_CONFIG: &str = "CONFIG";
@@ -50,7 +51,7 @@ pub const MAP_PATHS: &str = "PATHS";
 /// Most strangers (sources of dropped VXLAN) tracked at once; the least recent go first.
 pub const MAX_STRANGERS: u32 = 1024;
 
-/// LRU hash: outer source IPv4 ([`crate::PeerKey`]) → [`crate::Counter`], VXLAN the
+/// LRU hash: outer source address, either family ([`crate::PeerKey`]) → [`crate::Counter`], VXLAN the
 /// known-peer check dropped.
 pub const MAP_STRANGERS: &str = "STRANGERS";
 

@@ -70,11 +70,11 @@ pub enum PassReason {
     Disabled = 0,
     /// No route for the destination in the routes map.
     NoRoute = 1,
-    /// Not IPv4 (ARP, IPv6, …).
+    /// Not IP the programs carry (ARP, …; IPv6 when this host has no `flannel-v6.<VNI>`).
     NotIpv4 = 2,
     /// Too big for the uplink once encapsulated: the kernel sends frag-needed or fragments.
     TooBig = 3,
-    /// An outer fragment or outer IP options from a known peer: the kernel reassembles (the
+    /// An outer IPv4 fragment or IPv4 options from a known peer: the kernel reassembles (the
     /// peer check has already run on the first fragment).
     Fragment = 4,
     /// A GSO aggregate on ingress: the kernel VXLAN device decapsulates it (6.18 cannot clear
@@ -94,11 +94,20 @@ pub enum PassReason {
     /// IPv4/UDP lengths do not match the packet: the kernel drops or trims it, as it does
     /// without our programs; it is never decapsulated as it stands.
     BadOuter = 10,
+    /// A GSO aggregate to send over IPv6: IPv6 needs an outer UDP checksum in every
+    /// segment, which only the kernel device can fill (BPF cannot mark the aggregate
+    /// `SKB_GSO_UDP_TUNNEL_CSUM`), so `flannel-v6.<VNI>` sends it.
+    Ipv6Gso = 11,
+    /// IPv6 the programs leave to the kernel: an inner packet with extension headers or
+    /// an upper layer other than TCP, UDP (with a checksum) or ICMPv6 (its outer UDP
+    /// checksum cannot be had without reading the payload), or a known peer's outer IPv6
+    /// with extension headers (fragments included), which the kernel parses.
+    Ipv6Unsupported = 12,
 }
 
 impl PassReason {
     /// Number of reasons: the size of the passes map.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
     /// Every reason, in index order.
     pub const ALL: [PassReason; Self::COUNT as usize] = [
         Self::Disabled,
@@ -112,6 +121,8 @@ impl PassReason {
         Self::UnknownPeer,
         Self::ForeignSource,
         Self::BadOuter,
+        Self::Ipv6Gso,
+        Self::Ipv6Unsupported,
     ];
 
     /// Stable name for logs, metrics and `flanneld` output.
@@ -128,6 +139,8 @@ impl PassReason {
             Self::UnknownPeer => "unknown_peer",
             Self::ForeignSource => "foreign_source",
             Self::BadOuter => "bad_outer",
+            Self::Ipv6Gso => "ipv6_gso",
+            Self::Ipv6Unsupported => "ipv6_unsupported",
         }
     }
 }

@@ -28,6 +28,11 @@
 //! then segment in software. A known peer's outer fragments and packets with IP options go
 //! to the kernel too (it reassembles and parses them).
 //!
+//! IPv6 (VXLAN over an IPv6 underlay, IPv6 inside): the same checks in the same order
+//! (known peer first, strangers dropped and counted by source; then flags, VNI, the
+//! `flannel-v6.<VNI>` MAC, the inner source in the peer's IPv6 subnet), delivered into
+//! `flannel-v6.<VNI>`'s ingress; see [`try_decap6`].
+//!
 //! Per-flow fast path (`CONFIG_F_FLOW_CACHE`, see [`crate::flows`]): the inner packet of a
 //! verified pod-to-pod flow is decapsulated, its TTL lowered as forwarding would, and put
 //! straight into the pod's namespace with `bpf_redirect_peer`, GSO aggregates included (no
@@ -49,8 +54,9 @@ use flannel_common::{
     DatapathConfig, DropReason, Endpoint, EndpointKey, PassReason, PathReason, Peer, PeerKey,
     maps::{CONFIG_F_ANY_PEER, CONFIG_F_FAST_INGRESS, CONFIG_F_FLOW_CACHE, CONFIG_F_GBP},
     wire::{
-        ETH_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_LEN, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD, in_subnet,
-        ipv4_header_checksum, parse_vxlan_header,
+        ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, UDP_LEN, VXLAN_LEN,
+        VXLAN_OVERHEAD, VXLAN6_OVERHEAD, in_subnet16, ipv4_header_checksum, is_v4_mapped,
+        parse_vxlan_header, v4_mapped,
     },
 };
 
@@ -66,37 +72,45 @@ const VXLAN: usize = OUTER_UDP + UDP_LEN;
 const INNER_ETH: usize = VXLAN + VXLAN_LEN;
 const INNER_IP: usize = INNER_ETH + ETH_LEN;
 
+/// Offsets over an IPv6 underlay.
+const OUTER6_UDP: usize = OUTER_IP + IPV6_LEN;
+const VXLAN6: usize = OUTER6_UDP + UDP_LEN;
+const INNER6_IP: usize = VXLAN6 + VXLAN_LEN + ETH_LEN;
+
+/// The program: each outer family's half is a BPF function of its own, so the
+/// verifier's 512-byte limit applies to each half (plus this small frame), not to their
+/// sum.
 #[inline(always)]
-pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
+pub fn program(ctx: &TcContext) -> i32 {
+    match ctx.load::<u16>(12).map(u16::from_be) {
+        Ok(ETH_P_IP) => decap4_program(ctx),
+        Ok(ETH_P_IPV6) => decap6_program(ctx),
+        _ => Outcome::Ignore.action(ctx),
+    }
+}
+
+#[inline(never)]
+fn decap4_program(ctx: &TcContext) -> i32 {
+    match try_decap(ctx) {
+        Ok(action) => action,
+        Err(outcome) => outcome.action(ctx),
+    }
+}
+
+#[inline(always)]
+fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
     let cfg = maps::config().ok_or(Outcome::Ignore)?;
     let peer = known_peer(ctx, &cfg)?;
 
     // From here on: a plain (unfragmented, option-less) VXLAN packet from a known peer.
-    let vx: [u8; VXLAN_LEN] = ctx
-        .load(VXLAN)
-        .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
-    let header = parse_vxlan_header(&vx, cfg.flags & CONFIG_F_GBP != 0)
-        .ok_or(Outcome::Drop(DropReason::BadFlags))?;
-    if header.vni != cfg.vni {
-        return Err(Outcome::Drop(DropReason::BadVni));
-    }
-    let eth: [u8; ETH_LEN] = ctx
-        .load(INNER_ETH)
-        .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
-    if eth[0..6] != cfg.vtep_mac {
-        return Err(Outcome::Pass(PassReason::NotForUs));
-    }
-    if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
-        // ARP and friends: the kernel device answers them.
-        return Err(Outcome::Pass(PassReason::NotIpv4));
-    }
+    let (eth, gbp_mark) = inner_frame(ctx, &cfg, VXLAN, &cfg.vtep_mac, ETH_P_IP)?;
     let inner_src: [u8; 4] = ctx
         .load(INNER_IP + 12)
         .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
-    if !in_subnet(inner_src, peer.subnet, peer.prefix_len) {
+    if !in_subnet16(v4_mapped(inner_src), peer.subnet, peer.prefix_len) {
         return Err(Outcome::Pass(PassReason::ForeignSource));
     }
-    if let Some(mark) = header.gbp_mark {
+    if let Some(mark) = gbp_mark {
         // SAFETY: `mark` is a writable field of the context for TC programs.
         unsafe { (*ctx.skb.skb).mark = mark };
     }
@@ -108,7 +122,7 @@ pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
                 let flow = unsafe { &mut *flow };
                 let mut delivered = eth;
                 delivered[0..12].copy_from_slice(&flow.rx_eth);
-                strip_outer(ctx, &delivered)?;
+                strip_outer(ctx, VXLAN_OVERHEAD, &delivered)?;
                 flows::decrement_ttl(ctx, ETH_LEN, pkt.ttl, pkt.proto)
                     .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
                 maps::count_peer(peer.slot, ctx.len(), false);
@@ -125,7 +139,7 @@ pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
         let mut delivered = eth;
         delivered[0..6].copy_from_slice(&ep.pod_mac);
         delivered[6..12].copy_from_slice(&ep.host_mac);
-        strip_outer(ctx, &delivered)?;
+        strip_outer(ctx, VXLAN_OVERHEAD, &delivered)?;
         maps::count_peer(peer.slot, ctx.len(), false);
         // SAFETY: plain helper call; the ifindex comes from the agent's endpoint sync.
         return Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32);
@@ -135,10 +149,135 @@ pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
         return Err(Outcome::Pass(PassReason::GsoIngress));
     }
     // flannel.<VNI> sees a frame addressed to itself from the peer's VTEP.
-    strip_outer(ctx, &eth)?;
+    strip_outer(ctx, VXLAN_OVERHEAD, &eth)?;
     maps::count_peer(peer.slot, ctx.len(), false);
     // SAFETY: plain helper call; the ifindex comes from the agent's configuration.
     Ok(unsafe { bpf_redirect(cfg.vxlan_ifindex, BPF_F_INGRESS as u64) } as i32)
+}
+
+/// VXLAN over IPv6 from a known peer: the same checks as over IPv4, the inner frame to
+/// `flannel-v6.<VNI>`'s MAC carrying IPv6 from the peer's IPv6 subnet, delivered into
+/// `flannel-v6.<VNI>`'s ingress. The fast paths are IPv4 only: IPv6 always meets the
+/// host's routing and netfilter.
+#[inline(never)]
+fn decap6_program(ctx: &TcContext) -> i32 {
+    match try_decap6(ctx) {
+        Ok(action) => action,
+        Err(outcome) => outcome.action(ctx),
+    }
+}
+
+#[inline(always)]
+fn try_decap6(ctx: &TcContext) -> Result<i32, Outcome> {
+    let cfg = &maps::config().ok_or(Outcome::Ignore)?;
+    let peer = known_peer6(ctx, cfg)?;
+    let (eth, gbp_mark) = inner_frame(ctx, cfg, VXLAN6, &cfg.vtep_mac6, ETH_P_IPV6)?;
+    let inner_src: [u8; 16] = ctx
+        .load(INNER6_IP + 8)
+        .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
+    if !in_subnet16(inner_src, peer.subnet, peer.prefix_len) {
+        // Link-local neighbour discovery from the peer's device lands here too: the
+        // kernel device answers it.
+        return Err(Outcome::Pass(PassReason::ForeignSource));
+    }
+    if let Some(mark) = gbp_mark {
+        // SAFETY: `mark` is a writable field of the context for TC programs.
+        unsafe { (*ctx.skb.skb).mark = mark };
+    }
+    // SAFETY: reading a field of the context the kernel handed us.
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        return Err(Outcome::Pass(PassReason::GsoIngress));
+    }
+    strip_outer(ctx, VXLAN6_OVERHEAD, &eth)?;
+    maps::count_peer(peer.slot, ctx.len(), false);
+    // SAFETY: plain helper call; the ifindex comes from the agent's configuration.
+    Ok(unsafe { bpf_redirect(cfg.vxlan6_ifindex, BPF_F_INGRESS as u64) } as i32)
+}
+
+/// The VXLAN header at `vxlan` and the inner Ethernet header behind it, as the kernel
+/// device accepts them: flags (with GBP, the mark they carry), our VNI, the device's MAC
+/// `vtep_mac` and the device's family `ethertype` (anything else, ARP included, is the
+/// kernel device's to answer).
+#[inline(always)]
+fn inner_frame(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    vxlan: usize,
+    vtep_mac: &[u8; 6],
+    ethertype: u16,
+) -> Result<([u8; ETH_LEN], Option<u32>), Outcome> {
+    let vx: [u8; VXLAN_LEN] = ctx
+        .load(vxlan)
+        .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
+    let header = parse_vxlan_header(&vx, cfg.flags & CONFIG_F_GBP != 0)
+        .ok_or(Outcome::Drop(DropReason::BadFlags))?;
+    if header.vni != cfg.vni {
+        return Err(Outcome::Drop(DropReason::BadVni));
+    }
+    let eth: [u8; ETH_LEN] = ctx
+        .load(vxlan + VXLAN_LEN)
+        .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
+    if eth[0..6] != *vtep_mac {
+        return Err(Outcome::Pass(PassReason::NotForUs));
+    }
+    if u16::from_be_bytes([eth[12], eth[13]]) != ethertype {
+        return Err(Outcome::Pass(PassReason::NotIpv4));
+    }
+    Ok((eth, header.gbp_mark))
+}
+
+/// The known-peer check over IPv6 (see [`known_peer`]). Outer extension headers
+/// (fragments included) hide the UDP header: a known peer's go to the kernel, a
+/// stranger's are not ours to judge here and meet the nftables guard, which drops VXLAN
+/// from strangers after reassembly.
+#[inline(always)]
+fn known_peer6(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Peer, Outcome> {
+    if cfg.vxlan6_ifindex == 0 {
+        return Err(Outcome::Ignore);
+    }
+    let ip: [u8; IPV6_LEN] = ctx.load(OUTER_IP).map_err(|_| Outcome::Ignore)?;
+    if ip[0] >> 4 != 6 || ip[24..40] != cfg.local_ip6 {
+        return Err(Outcome::Ignore);
+    }
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&ip[8..24]);
+    if is_v4_mapped(&src) {
+        // The kernel drops IPv6 from IPv4-mapped sources; never an IPv4 peer's entry.
+        return Err(Outcome::Ignore);
+    }
+    // SAFETY: the map value is only read, during this run (RCU keeps it alive).
+    let peer = unsafe { maps::PEERS.get(PeerKey { addr: src }) };
+    if ip[6] != IPPROTO_UDP {
+        return Err(match peer {
+            Some(_) => Outcome::Pass(PassReason::Ipv6Unsupported),
+            None => Outcome::Ignore,
+        });
+    }
+    let udp: [u8; UDP_LEN] = ctx.load(OUTER6_UDP).map_err(|_| Outcome::Ignore)?;
+    if u16::from_be_bytes([udp[2], udp[3]]) != cfg.port {
+        return Err(Outcome::Ignore);
+    }
+    let Some(peer) = peer else {
+        if cfg.flags & CONFIG_F_ANY_PEER != 0 {
+            return Err(Outcome::Pass(PassReason::UnknownPeer));
+        }
+        debug!(ctx, "dropped VXLAN over IPv6 from an unknown peer");
+        maps::count_stranger(src, ctx.len());
+        return Err(Outcome::Drop(DropReason::UnknownPeer));
+    };
+    // What `ip6_rcv` and `udpv6_rcv` would drop or trim: a payload length other than what
+    // the packet holds, a UDP length other than the payload, and a zero checksum, which
+    // upstream's device refuses (`UDP_ZERO_CSUM6_RX` off). The checksum itself is not
+    // summed here (that would read the whole packet): the inner packet carries its own.
+    let payload = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let udp_len = u32::from(u16::from_be_bytes([udp[4], udp[5]]));
+    if payload + (ETH_LEN + IPV6_LEN) as u32 != ctx.len()
+        || udp_len != payload
+        || (udp[6] == 0 && udp[7] == 0)
+    {
+        return Err(Outcome::Pass(PassReason::BadOuter));
+    }
+    Ok(*peer)
 }
 
 /// The known-peer check, before anything else happens to a packet for our VXLAN port:
@@ -147,10 +286,6 @@ pub fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
 /// with the check off), or a known peer's fragment or packet with options (to the kernel).
 #[inline(always)]
 fn known_peer(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Peer, Outcome> {
-    let ethertype: u16 = ctx.load(12).map_err(|_| Outcome::Ignore)?;
-    if u16::from_be(ethertype) != ETH_P_IP {
-        return Err(Outcome::Ignore);
-    }
     let ip: [u8; IPV4_LEN] = ctx.load(OUTER_IP).map_err(|_| Outcome::Ignore)?;
     if ip[9] != IPPROTO_UDP || ip[16..20] != cfg.local_ip {
         return Err(Outcome::Ignore);
@@ -165,7 +300,11 @@ fn known_peer(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Peer, Outcome> {
     // `Option<Peer>` held across the branches below leaves LLVM free to read an
     // uninitialised register on the `None` path, which the verifier rejects.
     // SAFETY: the map value is only read, during this run (RCU keeps it alive).
-    let peer = unsafe { maps::PEERS.get(PeerKey { addr: src }) };
+    let peer = unsafe {
+        maps::PEERS.get(PeerKey {
+            addr: v4_mapped(src),
+        })
+    };
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
     if frag & 0x1fff != 0 {
         // A non-first fragment: no UDP header to say whether it is VXLAN.
@@ -188,7 +327,7 @@ fn known_peer(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Peer, Outcome> {
             "dropped VXLAN from unknown peer {:i}",
             u32::from_be_bytes(src)
         );
-        maps::count_stranger(src, ctx.len());
+        maps::count_stranger(v4_mapped(src), ctx.len());
         return Err(Outcome::Drop(DropReason::UnknownPeer));
     };
     if ihl != IPV4_LEN || frag & 0x3fff != 0 {
@@ -242,12 +381,13 @@ fn fast_path_endpoint(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Option<En
     Ok(unsafe { maps::ENDPOINTS.get(EndpointKey { addr: inner_dst }) }.copied())
 }
 
-/// Remove outer IPv4, UDP, VXLAN and the inner Ethernet header, then write `eth` where the
-/// (moved) outer Ethernet header now sits, in front of the inner IP header.
+/// Remove the `overhead` bytes of outer IP, UDP, VXLAN and the inner Ethernet header,
+/// then write `eth` where the (moved) outer Ethernet header now sits, in front of the
+/// inner IP header.
 #[inline(always)]
-fn strip_outer(ctx: &TcContext, eth: &[u8; ETH_LEN]) -> Result<(), Outcome> {
+fn strip_outer(ctx: &TcContext, overhead: usize, eth: &[u8; ETH_LEN]) -> Result<(), Outcome> {
     ctx.adjust_room(
-        -(VXLAN_OVERHEAD as i32),
+        -(overhead as i32),
         BPF_ADJ_ROOM_MAC,
         BPF_F_ADJ_ROOM_FIXED_GSO as u64,
     )

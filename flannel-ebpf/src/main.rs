@@ -2,11 +2,12 @@
 //! device does, with fewer stack traversals, while that device stays fully programmed
 //! as the fallback for everything these programs hand back (`TC_ACT_OK`).
 //!
-//! * [`vxlan_encap`] runs on TC egress of `flannel.<VNI>`: routing, netfilter and
-//!   kube-proxy have already run, exactly as upstream; the program adds the outer
-//!   IPv4/UDP/VXLAN headers itself and sends the packet straight out of the uplink.
+//! * [`vxlan_encap`] runs on TC egress of `flannel.<VNI>` (and, with dual stack, of
+//!   `flannel-v6.<VNI>`): routing, netfilter and kube-proxy have already run, exactly as
+//!   upstream; the program adds the outer IPv4/UDP/VXLAN (IPv6/UDP/VXLAN) headers itself
+//!   and sends the packet straight out of the uplink.
 //! * [`vxlan_decap`] runs on TC ingress of the uplink: VXLAN from a known peer, with our
-//!   VNI, is stripped and handed to `flannel.<VNI>`'s ingress, so the inner packet sees the
+//!   VNI, is stripped and handed to `flannel.<VNI>`'s (`flannel-v6.<VNI>`'s) ingress, so the inner packet sees the
 //!   same routing and netfilter as after a kernel decap, skipping the outer IP/UDP receive.
 //!   VXLAN from an address that holds no lease is dropped and counted.
 //! * [`from_pod`] and [`to_pod`] run on each pod's host-side veth (TC ingress and egress)
@@ -67,19 +68,13 @@ impl Outcome {
 /// TC egress on `flannel.<VNI>`.
 #[classifier]
 pub fn vxlan_encap(ctx: TcContext) -> i32 {
-    match encap::try_encap(&ctx) {
-        Ok(action) => action,
-        Err(outcome) => outcome.action(&ctx),
-    }
+    encap::program(&ctx)
 }
 
 /// TC ingress on the uplink.
 #[classifier]
 pub fn vxlan_decap(ctx: TcContext) -> i32 {
-    match decap::try_decap(&ctx) {
-        Ok(action) => action,
-        Err(outcome) => outcome.action(&ctx),
-    }
+    decap::program(&ctx)
 }
 
 /// TC ingress on a pod's host-side veth: what the pod sends.

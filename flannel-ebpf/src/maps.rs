@@ -16,11 +16,12 @@ use flannel_common::{
 /// The compiled size of the peer-keyed maps; the agent overrides it at load time.
 const PEERS_MAX: usize = DEFAULT_PEER_CAPACITY as usize;
 
-/// Remote pod subnet → peer. LPM so subnets of any length can coexist.
+/// Remote pod subnet (either family, 16-byte keys: see `flannel_common::Route`) → peer.
+/// LPM so subnets of any length can coexist.
 #[btf_map]
-pub static ROUTES: LpmTrie<[u8; 4], Route, PEERS_MAX> = LpmTrie::new();
+pub static ROUTES: LpmTrie<[u8; 16], Route, PEERS_MAX> = LpmTrie::new();
 
-/// Peer underlay IPv4 → peer. No-prealloc so an update is an RCU swap of the whole value:
+/// Peer underlay address (either family) → peer. No-prealloc so an update is an RCU swap of the whole value:
 /// a reader never sees a half-written entry.
 #[btf_map]
 pub static PEERS: HashMap<PeerKey, Peer, PEERS_MAX, { BPF_F_NO_PREALLOC as usize }> =
@@ -73,9 +74,25 @@ pub static PATHS: PerCpuArray<Counter, { PathReason::COUNT as usize }> = PerCpuA
 pub static STRANGERS: LruPerCpuHashMap<PeerKey, Counter, { MAX_STRANGERS as usize }> =
     LruPerCpuHashMap::new();
 
-/// Count one dropped packet of `bytes` from the stranger `addr`.
+/// Room for the IPv6 encapsulation's headers, which do not fit the 512-byte BPF stack
+/// next to everything else it holds.
+#[repr(C)]
+pub struct Scratch6 {
+    /// The headers written in front of the inner packet.
+    pub headers: [u8; flannel_common::wire::VXLAN6_HEADERS],
+    /// The inner IPv6 header, as read.
+    pub inner: [u8; flannel_common::wire::IPV6_LEN],
+}
+
+/// Per-CPU [`Scratch6`]. Not pinned and not shared: each loaded object has its own, and
+/// a program run only uses its CPU's.
+#[btf_map]
+pub static SCRATCH6: PerCpuArray<Scratch6, 1> = PerCpuArray::new();
+
+/// Count one dropped packet of `bytes` from the stranger `addr` (16 bytes, IPv4-mapped
+/// for IPv4).
 #[inline(always)]
-pub fn count_stranger(addr: [u8; 4], bytes: u32) {
+pub fn count_stranger(addr: [u8; 16], bytes: u32) {
     let key = PeerKey { addr };
     match STRANGERS.get_ptr_mut(key) {
         // SAFETY: this CPU's value, valid for the program's run; nothing else writes it now.
@@ -94,6 +111,17 @@ pub fn count_stranger(addr: [u8; 4], bytes: u32) {
     }
 }
 
+/// The datapath configuration in place (no copy on the stack), if the agent has enabled
+/// it.
+#[inline(always)]
+pub fn config_ref() -> Option<&'static DatapathConfig> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.flags & flannel_common::maps::CONFIG_F_ENABLED == 0 {
+        return None;
+    }
+    Some(cfg)
+}
+
 /// The datapath configuration, if the agent has enabled it.
 #[inline(always)]
 pub fn config() -> Option<DatapathConfig> {
@@ -102,6 +130,14 @@ pub fn config() -> Option<DatapathConfig> {
         return None;
     }
     Some(*cfg)
+}
+
+/// The route for a 16-byte destination address, if any.
+#[inline(always)]
+pub fn route(dst: [u8; 16]) -> Option<Route> {
+    ROUTES
+        .get(&aya_ebpf::maps::lpm_trie::Key::new(128, dst))
+        .copied()
 }
 
 /// Add one packet of `bytes` to a per-CPU counter (no atomics: the slot is this CPU's).

@@ -10,15 +10,18 @@
 //!   receive side of a flow and learns how the kernel delivers to this pod (veth, MACs),
 //!   which the uplink program then uses to put fast packets straight into the pod.
 //!
+//! IPv4 only: a pod's IPv6 flows take the kernel path (and `vxlan_encap`/`vxlan_decap`
+//! on `flannel-v6.<VNI>` and the uplink).
+//!
 //! Oversized non-GSO packets, GSO packets whose segments would not fit, expiring TTLs and
 //! anything not understood stay on the kernel path, which answers them as it always does
 //! (frag-needed, time-exceeded).
 
-use aya_ebpf::{bindings::TC_ACT_OK, maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use flannel_common::{
     PathReason,
     maps::{CONFIG_F_FLOW_CACHE, ROUTE_F_DIRECT},
-    wire::{ETH_LEN, ETH_P_IP},
+    wire::{ETH_LEN, ETH_P_IP, is_v4_mapped, v4_mapped},
 };
 
 use crate::{
@@ -42,8 +45,8 @@ fn flow_cache_ipv4(ctx: &TcContext) -> Option<flannel_common::DatapathConfig> {
 pub fn try_from_pod(ctx: &TcContext) -> Result<i32, Outcome> {
     let cfg = flow_cache_ipv4(ctx).ok_or(Outcome::Ignore)?;
     let dst: [u8; 4] = ctx.load(ETH_LEN + 16).map_err(|_| Outcome::Ignore)?;
-    let route = match maps::ROUTES.get(&Key::new(32, dst)) {
-        Some(r) if r.flags & ROUTE_F_DIRECT == 0 => *r,
+    let route = match maps::route(v4_mapped(dst)) {
+        Some(r) if r.flags & ROUTE_F_DIRECT == 0 && is_v4_mapped(&r.peer_ip) => r,
         _ => return Err(Outcome::Path(PathReason::Unrouted)),
     };
     let pkt = flows::parse(ctx, ETH_LEN).ok_or(Outcome::Path(PathReason::Unsupported))?;

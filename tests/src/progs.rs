@@ -151,22 +151,24 @@ impl Loaded {
             HashMap::try_from(self.ebpf.map_mut(names::MAP_PEERS).unwrap()).unwrap();
         peers
             .insert(
-                PeerKey { addr: PEER_IP },
+                PeerKey {
+                    addr: wire::v4_mapped(PEER_IP),
+                },
                 Peer {
                     slot: 3,
-                    subnet: PEER_SUBNET,
-                    prefix_len: 24,
+                    subnet: wire::v4_mapped(PEER_SUBNET),
+                    prefix_len: wire::V4_MAPPED_PREFIX + 24,
                 },
                 0,
             )
             .unwrap();
-        let mut routes: LpmTrie<&mut MapData, [u8; 4], Route> =
+        let mut routes: LpmTrie<&mut MapData, [u8; 16], Route> =
             LpmTrie::try_from(self.ebpf.map_mut(names::MAP_ROUTES).unwrap()).unwrap();
         routes
             .insert(
-                &Key::new(24, PEER_SUBNET),
+                &Key::new(wire::V4_MAPPED_PREFIX + 24, wire::v4_mapped(PEER_SUBNET)),
                 Route {
-                    peer_ip: PEER_IP,
+                    peer_ip: wire::v4_mapped(PEER_IP),
                     vtep_mac: PEER_MAC,
                     flags: 0,
                     peer_slot: 3,

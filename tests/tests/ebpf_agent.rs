@@ -25,7 +25,12 @@ fn routes(pins: &BpfPins, host: u8) -> Vec<(Ipv4Network, Ipv4Addr)> {
     dp.current_routes()
         .expect("routes")
         .into_iter()
-        .map(|(net, r)| (net, Ipv4Addr::from(r.peer_ip)))
+        .map(|(net, r)| {
+            (
+                net,
+                Ipv4Addr::from(flannel_common::wire::v4_unmapped(&r.peer_ip)),
+            )
+        })
         .collect()
 }
 

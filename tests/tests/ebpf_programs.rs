@@ -352,8 +352,11 @@ fn bpftool_dumps_the_pinned_maps_with_field_names() {
             .iter()
             .map(|v| v.as_u64().unwrap() as u8)
             .collect();
+        // 16 bytes for both families; IPv4 as IPv4-mapped.
+        assert_eq!(ip.len(), 16, "dump: {dump}");
+        assert_eq!(&ip[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
         assert_eq!(
-            Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]),
+            Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
             Ipv4Addr::from(PEER_IP)
         );
         assert!(entry["value"]["vtep_mac"].is_array());

@@ -65,8 +65,11 @@ fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 fn load(pins: &PathBuf, capacity: u32) -> Datapath {
     let dp = load_sized(
         &PinLayout::new(pins),
-        "fl0",
-        "fl1",
+        flannel_agent::backend::ebpf::Devices {
+            vxlan: "fl0",
+            vxlan6: None,
+            uplink: "fl1",
+        },
         Some(capacity),
         &CancellationToken::new(),
     )
@@ -122,12 +125,12 @@ fn peer_events_are_differences_and_full_maps_leave_the_excess_to_the_kernel() {
         let six: Vec<PeerEntry> = (1..=6).map(peer).collect();
         dp.reconcile(&six).expect("reconcile");
         assert_eq!(dp.full_reads(), 1);
-        let peers = dp.current_peers().expect("peers");
+        let peers = dp.all_peers().expect("peers");
         assert_eq!(peers.len(), 4, "{peers:?}");
         let mut slots: Vec<u32> = peers.values().map(|p| p.slot).collect();
         slots.sort_unstable();
         assert_eq!(slots, vec![0, 1, 2, 3], "every slot used once");
-        assert_eq!(dp.current_routes().expect("routes").len(), 4);
+        assert_eq!(dp.all_routes().expect("routes").len(), 4);
         assert_eq!(dp.overflowed(), vec![peer(5), peer(6)]);
         assert_ne!(flags(&dp) & CONFIG_F_ANY_PEER, 0);
         assert_ne!(flags(&dp) & CONFIG_F_ENABLED, 0);
@@ -136,7 +139,7 @@ fn peer_events_are_differences_and_full_maps_leave_the_excess_to_the_kernel() {
         let mut moved = peer(2);
         moved.vtep_mac = [0x02, 0xcc, 0, 0, 0, 2];
         assert_eq!(dp.upsert_peer(&moved).expect("upsert"), Placement::Maps);
-        let route = dp.current_routes().expect("routes")[&moved.subnet];
+        let route = dp.all_routes().expect("routes")[&moved.subnet];
         assert_eq!(route.vtep_mac, moved.vtep_mac);
         assert_eq!(
             dp.upsert_peer(&peer(7)).expect("upsert"),
@@ -144,41 +147,46 @@ fn peer_events_are_differences_and_full_maps_leave_the_excess_to_the_kernel() {
         );
         // A freed slot goes to a peer that did not fit.
         dp.remove_peer(peer(1).subnet).expect("remove");
-        let peers = dp.current_peers().expect("peers");
+        let peers = dp.all_peers().expect("peers");
         assert!(!peers.contains_key(&peer(1).underlay));
         assert!(peers.contains_key(&peer(5).underlay), "{peers:?}");
         assert_eq!(peers[&peer(5).underlay].slot, 0, "the freed slot, reused");
         assert_eq!(dp.overflowed(), vec![peer(6), peer(7)]);
         // A peer that changed its underlay address: old allow-list entry and route go.
         let mut readdressed = peer(3);
-        readdressed.underlay = Ipv4Addr::new(198, 18, 1, 3);
+        readdressed.underlay = Ipv4Addr::new(198, 18, 1, 3).into();
         dp.upsert_peer(&readdressed).expect("upsert");
-        let peers = dp.current_peers().expect("peers");
+        let peers = dp.all_peers().expect("peers");
         assert!(!peers.contains_key(&peer(3).underlay), "{peers:?}");
         assert!(peers.contains_key(&readdressed.underlay));
         assert_eq!(
-            dp.current_routes().expect("routes")[&readdressed.subnet].peer_ip,
-            readdressed.underlay.octets()
+            flannel_agent::backend::ebpf::addr_of(
+                dp.all_routes().expect("routes")[&readdressed.subnet].peer_ip
+            ),
+            readdressed.underlay
         );
         // Removing everything left in the maps places the rest, then the flag clears.
         for i in [2, 3, 4, 5, 6] {
             dp.remove_peer(peer(i).subnet).expect("remove");
         }
         assert_eq!(dp.overflowed(), Vec::new());
-        assert_eq!(dp.current_peers().expect("peers").len(), 1, "peer 7 only");
+        assert_eq!(dp.all_peers().expect("peers").len(), 1, "peer 7 only");
         assert_eq!(flags(&dp) & CONFIG_F_ANY_PEER, 0);
         assert_eq!(dp.full_reads(), 1, "no event read the maps whole");
 
         // Someone deletes an entry behind our back: reconcile reads the maps and repairs.
         dp.peers
             .remove(&flannel_common::PeerKey {
-                addr: peer(7).underlay.octets(),
+                addr: match peer(7).underlay {
+                    std::net::IpAddr::V4(a) => flannel_common::wire::v4_mapped(a.octets()),
+                    std::net::IpAddr::V6(a) => a.octets(),
+                },
             })
             .expect("tamper");
         dp.reconcile(&[peer(7)]).expect("reconcile");
         assert_eq!(dp.full_reads(), 2);
         assert!(
-            dp.current_peers()
+            dp.all_peers()
                 .expect("peers")
                 .contains_key(&peer(7).underlay)
         );
@@ -199,13 +207,13 @@ fn a_peers_other_sending_addresses_share_its_allow_list_entry() {
     in_fresh_netns(move || {
         let mut dp = load(&root, 8);
         dp.set_config(&config()).expect("config");
-        let second = Ipv4Addr::new(198, 19, 0, 11);
-        let third = Ipv4Addr::new(198, 19, 0, 111);
+        let second = std::net::IpAddr::from(Ipv4Addr::new(198, 19, 0, 11));
+        let third = std::net::IpAddr::from(Ipv4Addr::new(198, 19, 0, 111));
         let mut p1 = peer(1);
         p1.aliases = vec![second, third];
         dp.upsert_peer(&p1).expect("upsert");
         dp.upsert_peer(&peer(2)).expect("upsert");
-        let peers = dp.current_peers().expect("peers");
+        let peers = dp.all_peers().expect("peers");
         assert_eq!(peers.len(), 4, "{peers:?}");
         assert_eq!(peers[&second], peers[&p1.underlay]);
         assert_eq!(peers[&third], peers[&p1.underlay]);
@@ -218,26 +226,26 @@ fn a_peers_other_sending_addresses_share_its_allow_list_entry() {
         // The peer stops listing one; another peer's own address is never an alias.
         p1.aliases = vec![second, peer(2).underlay];
         dp.upsert_peer(&p1).expect("upsert");
-        let peers = dp.current_peers().expect("peers");
+        let peers = dp.all_peers().expect("peers");
         assert!(!peers.contains_key(&third), "{peers:?}");
         assert_ne!(peers[&peer(2).underlay].slot, peers[&p1.underlay].slot);
         assert_eq!(dp.full_reads(), 1);
 
         // A reconcile re-reads the maps, tells the alias from the peer, keeps both.
         dp.reconcile(&[p1.clone(), peer(2)]).expect("reconcile");
-        let again = dp.current_peers().expect("peers");
+        let again = dp.all_peers().expect("peers");
         assert_eq!(again, peers);
         // And one that no longer lists the alias removes it.
         let mut plain = p1.clone();
         plain.aliases.clear();
         dp.reconcile(&[plain, peer(2)]).expect("reconcile");
-        assert!(!dp.current_peers().expect("peers").contains_key(&second));
+        assert!(!dp.all_peers().expect("peers").contains_key(&second));
 
         // The peer goes: its aliases go with it.
         dp.upsert_peer(&p1).expect("upsert");
-        assert!(dp.current_peers().expect("peers").contains_key(&second));
+        assert!(dp.all_peers().expect("peers").contains_key(&second));
         dp.remove_peer(p1.subnet).expect("remove");
-        let left = dp.current_peers().expect("peers");
+        let left = dp.all_peers().expect("peers");
         assert_eq!(
             left.keys().copied().collect::<Vec<_>>(),
             vec![peer(2).underlay]
@@ -260,7 +268,7 @@ fn a_resync_read_leaves_subnets_events_touched_since() {
     in_fresh_netns(move || {
         let mut dp = load(&root, 32);
         dp.set_config(&config()).expect("config");
-        let alias = Ipv4Addr::new(198, 19, 0, 15);
+        let alias = std::net::IpAddr::from(Ipv4Addr::new(198, 19, 0, 15));
         let with_alias = |i: u8| {
             let mut p = peer(i);
             if i == 5 {
@@ -272,11 +280,17 @@ fn a_resync_read_leaves_subnets_events_touched_since() {
         dp.reconcile(&first).expect("reconcile");
         // Tampering before the read: the resync must repair both.
         dp.routes
-            .remove(&aya::maps::lpm_trie::Key::new(24, [10, 244, 6, 0]))
+            .remove(&aya::maps::lpm_trie::Key::new(
+                flannel_common::wire::V4_MAPPED_PREFIX + 24,
+                flannel_common::wire::v4_mapped([10, 244, 6, 0]),
+            ))
             .expect("tamper route");
         dp.peers
             .remove(&flannel_common::PeerKey {
-                addr: peer(9).underlay.octets(),
+                addr: match peer(9).underlay {
+                    std::net::IpAddr::V4(a) => flannel_common::wire::v4_mapped(a.octets()),
+                    std::net::IpAddr::V6(a) => a.octets(),
+                },
             })
             .expect("tamper peer");
 
@@ -286,7 +300,7 @@ fn a_resync_read_leaves_subnets_events_touched_since() {
             .expect("reader thread")
             .expect("read");
         let reads = dp.full_reads();
-        let slot3 = dp.current_peers().expect("peers")[&peer(3).underlay].slot;
+        let slot3 = dp.all_peers().expect("peers")[&peer(3).underlay].slot;
 
         // Events after the read.
         let mut new_mac = peer(4);
@@ -295,9 +309,9 @@ fn a_resync_read_leaves_subnets_events_touched_since() {
         dp.upsert_peer(&peer(21)).expect("upsert");
         dp.upsert_peer(&new_mac).expect("upsert");
         dp.remove_peer(peer(5).subnet).expect("remove");
-        let touched: std::collections::BTreeSet<Ipv4Network> =
+        let touched: std::collections::BTreeSet<ipnetwork::IpNetwork> =
             [3, 4, 5, 21].map(|i| peer(i).subnet).into();
-        let evented = dp.current_peers().expect("peers");
+        let evented = dp.all_peers().expect("peers");
         assert_eq!(
             evented[&peer(21).underlay].slot,
             slot3,
@@ -316,15 +330,15 @@ fn a_resync_read_leaves_subnets_events_touched_since() {
             "compared with the read, not re-read"
         );
 
-        let routes = dp.current_routes().expect("routes");
-        let peers = dp.current_peers().expect("peers");
+        let routes = dp.all_routes().expect("routes");
+        let peers = dp.all_peers().expect("peers");
         assert_eq!(routes.len(), now.len(), "{routes:?}");
         assert_eq!(peers.len(), now.len(), "{peers:?}");
         for p in &now {
             let r = routes
                 .get(&p.subnet)
                 .unwrap_or_else(|| panic!("route {}", p.subnet));
-            assert_eq!(r.peer_ip, p.underlay.octets());
+            assert_eq!(flannel_agent::backend::ebpf::addr_of(r.peer_ip), p.underlay);
             assert_eq!(r.vtep_mac, p.vtep_mac, "{}", p.subnet);
             assert_eq!(r.peer_slot, peers[&p.underlay].slot, "{}", p.subnet);
         }
@@ -359,7 +373,7 @@ fn pinned_maps_of_another_size_are_replaced_with_their_contents() {
         small.set_config(&config()).expect("config");
         let three: Vec<PeerEntry> = (1..=3).map(peer).collect();
         small.reconcile(&three).expect("reconcile");
-        let before = small.current_peers().expect("peers");
+        let before = small.all_peers().expect("peers");
         drop(small);
 
         // A restart sized for a bigger cluster: new maps, same contents, programs swapped.
@@ -367,8 +381,8 @@ fn pinned_maps_of_another_size_are_replaced_with_their_contents() {
         for map in names::PEER_MAPS {
             assert_eq!(max_entries(&root, map), 64, "{map} resized");
         }
-        assert_eq!(big.current_peers().expect("peers"), before);
-        assert_eq!(big.current_routes().expect("routes").len(), 3);
+        assert_eq!(big.all_peers().expect("peers"), before);
+        assert_eq!(big.all_routes().expect("routes").len(), 3);
         assert_eq!(
             flags(&big) & CONFIG_F_ENABLED,
             CONFIG_F_ENABLED,
@@ -378,16 +392,19 @@ fn pinned_maps_of_another_size_are_replaced_with_their_contents() {
 
         // Shrinking below the slots in use keeps what fits; the reconcile places the rest.
         let mut tiny = load(&root, 2);
-        assert_eq!(tiny.current_peers().expect("peers").len(), 2);
+        assert_eq!(tiny.all_peers().expect("peers").len(), 2);
         tiny.reconcile(&three).expect("reconcile");
-        assert_eq!(tiny.current_peers().expect("peers").len(), 2);
+        assert_eq!(tiny.all_peers().expect("peers").len(), 2);
         assert_eq!(tiny.overflowed(), vec![peer(3)]);
         // Loading without a size keeps whatever is pinned.
         drop(tiny);
         let dp = load_sized(
             &PinLayout::new(&root),
-            "fl0",
-            "fl1",
+            flannel_agent::backend::ebpf::Devices {
+                vxlan: "fl0",
+                vxlan6: None,
+                uplink: "fl1",
+            },
             None,
             &CancellationToken::new(),
         )

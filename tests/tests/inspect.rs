@@ -82,7 +82,8 @@ fn peers_per_bpftool(pins: &BpfPins, host: u8) -> BTreeMap<Ipv4Addr, (String, [u
             }
         }
         out.insert(
-            Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]),
+            // 16 bytes, IPv4-mapped.
+            Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
             (mac.join(":"), sum),
         );
     }

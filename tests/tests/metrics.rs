@@ -271,8 +271,11 @@ fn scrape_cost_with_5000_peers() {
     a.ns.enter(move || {
         let mut dp = load_sized(
             &l,
-            "flannel.1",
-            "eth0",
+            flannel_agent::backend::ebpf::Devices {
+                vxlan: "flannel.1",
+                vxlan6: None,
+                uplink: "eth0",
+            },
             Some(peers),
             &tokio_util::sync::CancellationToken::new(),
         )
@@ -283,11 +286,11 @@ fn scrape_cost_with_5000_peers() {
             let subnet = Ipv4Addr::from(0x0a00_0000 + (i << 8));
             let peer = Peer {
                 slot: i,
-                subnet: subnet.octets(),
-                prefix_len: 24,
+                subnet: flannel_common::wire::v4_mapped(subnet.octets()),
+                prefix_len: flannel_common::wire::V4_MAPPED_PREFIX + 24,
             };
             let key = PeerKey {
-                addr: underlay.octets(),
+                addr: flannel_common::wire::v4_mapped(underlay.octets()),
             };
             dp.peers.insert(key, peer, 0).expect("peer");
         }

@@ -76,7 +76,8 @@ fn dump_by_addr(pins: &std::path::Path, map: &str) -> Vec<(Ipv4Addr, u64)> {
                 Some(cpus) => cpus.iter().map(|c| first_u64(&c["value"])).sum(),
                 None => first_u64(&e["value"]),
             };
-            (Ipv4Addr::new(k[0], k[1], k[2], k[3]), value)
+            // 16-byte keys, IPv4 as IPv4-mapped.
+            (Ipv4Addr::new(k[12], k[13], k[14], k[15]), value)
         })
         .collect()
 }

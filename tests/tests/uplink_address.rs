@@ -175,7 +175,10 @@ fn kube_host_follows_its_new_uplink_address() {
         .expect("open h2's pinned maps");
     let routes = dp.current_routes().expect("routes");
     let route = routes[&"10.244.1.0/24".parse().unwrap()];
-    assert_eq!(Ipv4Addr::from(route.peer_ip), NEW_IP);
+    assert_eq!(
+        Ipv4Addr::from(flannel_common::wire::v4_unmapped(&route.peer_ip)),
+        NEW_IP
+    );
     let peers = dp.current_peers().expect("peers");
     assert!(peers.contains_key(&NEW_IP), "{peers:?}");
     let dev = h1.ns.sh("ip -d link show flannel.1");

@@ -45,7 +45,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
@@ -1369,6 +1369,12 @@ impl KernelVxlan {
     /// The IPv6 device name (`flannel-v6.<VNI>`), when IPv6 is enabled.
     pub fn v6_device_name(&self) -> Option<&str> {
         self.v6.as_ref().map(|d| d.name.as_str())
+    }
+
+    /// `flannel-v6.<VNI>`'s index, MAC (`BackendV6Data.VtepMAC`) and local address (the
+    /// outer IPv6 source), when IPv6 is enabled.
+    pub fn v6_vtep(&self) -> Option<(u32, [u8; 6], Ipv6Addr)> {
+        self.v6.as_ref().map(|d| (d.ifindex, d.mac, d.local))
     }
 
     /// The backend options the devices were built with.

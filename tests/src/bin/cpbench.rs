@@ -391,7 +391,10 @@ impl Poller<'_> {
     fn wait(&self, subnet: Ipv4Network, deadline: Instant) -> Option<Instant> {
         match self.dp {
             Datapath::Ebpf => {
-                let key = Key::new(u32::from(subnet.prefix()), subnet.network().octets());
+                let key = Key::new(
+                    flannel_common::wire::V4_MAPPED_PREFIX + u32::from(subnet.prefix()),
+                    flannel_common::wire::v4_mapped(subnet.network().octets()),
+                );
                 let mut maps = None;
                 while Instant::now() < deadline {
                     if maps.is_none() {

@@ -129,7 +129,8 @@ fn main() {
         }) {
             Ok((Ok(routes), Ok(counters))) => {
                 for (subnet, r) in routes {
-                    let ip = std::net::Ipv4Addr::from(r.peer_ip);
+                    let ip =
+                        std::net::Ipv4Addr::from(flannel_common::wire::v4_unmapped(&r.peer_ip));
                     let s = counters.peers.get(&ip).copied().unwrap_or_default();
                     println!(
                         "  {subnet:<16} via {ip:<12} vtep {}  tx {} pkts / {} B  rx {} pkts / {} B",

@@ -4,12 +4,12 @@
 //! Pin layout under `--bpf-pin-path` (default `/sys/fs/bpf/flannel`):
 //!
 //! ```text
-//! <root>/v3/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES,FLOWS,FLOW_EVENTS,PATHS,STRANGERS}
-//! <root>/v3/links/{encap,decap}
-//! <root>/v3/links/pod<ifindex>-{in,out}   # from_pod / to_pod on a pod veth (bpffs names allow no dots)
+//! <root>/v4/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES,FLOWS,FLOW_EVENTS,PATHS,STRANGERS}
+//! <root>/v4/links/{encap,encap6,decap}   # encap6: vxlan_encap on flannel-v6.<VNI> (dual stack)
+//! <root>/v4/links/pod<ifindex>-{in,out}   # from_pod / to_pod on a pod veth (bpffs names allow no dots)
 //! ```
 //!
-//! `v3` is `flannel_common::names::LAYOUT_VERSION`: a release that changes a map type uses
+//! `v4` is `flannel_common::names::LAYOUT_VERSION`: a release that changes a map type uses
 //! a new directory instead of reusing maps of the wrong shape (aya reuses a pinned map
 //! without checking it). A map's *size* is not part of the layout: the peer-keyed maps are
 //! sized for the cluster at load time, and pinned maps of another size are replaced with
@@ -104,8 +104,8 @@ impl PinLayout {
 
 /// The loaded datapath: typed handles on every map, and the programs attached.
 pub struct Datapath {
-    /// Remote subnet → route.
-    pub routes: LpmTrie<MapData, [u8; 4], Route>,
+    /// Remote subnet (either family, 16-byte keys) → route.
+    pub routes: LpmTrie<MapData, [u8; 16], Route>,
     /// Peer underlay → peer.
     pub peers: HashMap<MapData, PeerKey, Peer>,
     /// Local pod → direct delivery (fast path).
@@ -126,6 +126,8 @@ pub struct Datapath {
     pub strangers: PerCpuHashMap<MapData, PeerKey, Counter>,
     /// What was written into the peer-keyed maps, and their capacity.
     pub(super) state: TableState,
+    /// Whether `vxlan_encap` rides on `flannel-v6.<VNI>` too (its link is pinned).
+    encap6: bool,
     /// Keeps the programs (and their log buffer) loaded while the agent runs; `None` when
     /// only the pinned maps were opened for inspection.
     _ebpf: Option<Ebpf>,
@@ -138,7 +140,8 @@ pub struct Datapath {
 pub fn open_pinned(layout: &PinLayout) -> Result<Datapath, FallbackReason> {
     let pinned = check_pinned_maps(layout)?;
     let capacity = pinned_capacity(&pinned).unwrap_or(DEFAULT_PEER_CAPACITY);
-    assemble(|name| open_pinned_map(layout, name), capacity)
+    let encap6 = layout.link("encap6").exists();
+    assemble(|name| open_pinned_map(layout, name), capacity, encap6)
 }
 
 /// The pinned map at `name`, untyped.
@@ -164,6 +167,7 @@ pub fn open_flow_events(layout: &PinLayout) -> Result<RingBuf<MapData>, Fallback
 fn assemble(
     mut get: impl FnMut(&str) -> Result<Map, FallbackReason>,
     capacity: u32,
+    encap6: bool,
 ) -> Result<Datapath, FallbackReason> {
     fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
         get: &mut impl FnMut(&str) -> Result<Map, FallbackReason>,
@@ -184,6 +188,7 @@ fn assemble(
         paths: typed(&mut get, names::MAP_PATHS)?,
         strangers: typed(&mut get, names::MAP_STRANGERS)?,
         state: TableState::new(capacity),
+        encap6,
         _ebpf: None,
         _tasks: None,
     })
@@ -197,30 +202,55 @@ struct Attachment<'a> {
     direction: TcAttachType,
 }
 
-/// Where the two programs go: encap on the VXLAN device's egress, decap on the uplink's
-/// ingress.
-fn attachments<'a>(vxlan_dev: &'a str, uplink: &'a str) -> [Attachment<'a>; 2] {
-    [
+/// The devices the programs ride on.
+#[derive(Clone, Copy, Debug)]
+pub struct Devices<'a> {
+    /// `flannel.<VNI>`.
+    pub vxlan: &'a str,
+    /// `flannel-v6.<VNI>`, with dual stack.
+    pub vxlan6: Option<&'a str>,
+    /// The uplink.
+    pub uplink: &'a str,
+}
+
+/// Where the programs go: encap on each VXLAN device's egress (the same program: it
+/// tells the families apart by the inner EtherType), decap on the uplink's ingress.
+fn attachments<'a>(d: Devices<'a>) -> Vec<Attachment<'a>> {
+    let mut out = vec![
         Attachment {
             program: names::PROG_ENCAP,
             link: "encap",
-            interface: vxlan_dev,
+            interface: d.vxlan,
             direction: TcAttachType::Egress,
         },
         Attachment {
             program: names::PROG_DECAP,
             link: "decap",
-            interface: uplink,
+            interface: d.uplink,
             direction: TcAttachType::Ingress,
         },
-    ]
+    ];
+    if let Some(v6) = d.vxlan6 {
+        out.push(Attachment {
+            program: names::PROG_ENCAP,
+            link: "encap6",
+            interface: v6,
+            direction: TcAttachType::Egress,
+        });
+    }
+    out
 }
 
 /// Load the programs, reuse or create the pinned maps, and attach (or atomically replace)
 /// the encap program on `vxlan_dev` egress and the decap program on `uplink` ingress. The
 /// peer-keyed maps keep the size they are pinned with (or the compiled default).
 pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapath, FallbackReason> {
-    load_sized(layout, vxlan_dev, uplink, None, &CancellationToken::new())
+    let devices = Devices {
+        vxlan: vxlan_dev,
+        vxlan6: None,
+        uplink,
+    };
+    load_sized(layout, devices, None, &CancellationToken::new())
 }
 
 /// [`load`] with the peer-keyed maps sized for `capacity` peers. Pinned maps of another
@@ -233,8 +263,7 @@ pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapat
 /// the returned datapath is dropped, whichever comes first.
 pub fn load_sized(
     layout: &PinLayout,
-    vxlan_dev: &str,
-    uplink: &str,
+    devices: Devices<'_>,
     capacity: Option<u32>,
     cancel: &CancellationToken,
 ) -> Result<Datapath, FallbackReason> {
@@ -290,7 +319,7 @@ pub fn load_sized(
         warn!(error = %e, "copying the resized maps' contents failed; the reconcile refills them");
     }
 
-    for a in attachments(vxlan_dev, uplink) {
+    for a in attachments(devices) {
         attach(&mut ebpf, layout, &a)?;
     }
     // An upgrade across a layout change leaves the previous version's links attached, with
@@ -318,6 +347,7 @@ pub fn load_sized(
                 .ok_or_else(|| FallbackReason::Load(format!("map {name} missing from the object")))
         },
         capacity,
+        devices.vxlan6.is_some(),
     )?;
     Ok(Datapath {
         _ebpf: Some(ebpf),
@@ -470,8 +500,8 @@ fn carry_over(
         let new = new_map(ebpf, name)?;
         match name {
             names::MAP_ROUTES => {
-                let old = LpmTrie::<MapData, [u8; 4], Route>::try_from(old)?;
-                let mut new = LpmTrie::<&mut MapData, [u8; 4], Route>::try_from(new)?;
+                let old = LpmTrie::<MapData, [u8; 16], Route>::try_from(old)?;
+                let mut new = LpmTrie::<&mut MapData, [u8; 16], Route>::try_from(new)?;
                 for entry in old.iter() {
                     let (k, v) = entry?;
                     if v.peer_slot < capacity {
@@ -518,7 +548,15 @@ impl Datapath {
         self.map_handles()
             .iter()
             .map(|(name, _)| layout.map(name))
-            .chain(attachments("", "").iter().map(|a| layout.link(a.link)))
+            .chain(
+                attachments(Devices {
+                    vxlan: "",
+                    vxlan6: self.encap6.then_some(""),
+                    uplink: "",
+                })
+                .iter()
+                .map(|a| layout.link(a.link)),
+            )
             .collect()
     }
 
@@ -545,14 +583,13 @@ impl Datapath {
     pub fn repair_pins(
         &mut self,
         layout: &PinLayout,
-        vxlan_dev: &str,
-        uplink: &str,
+        devices: Devices<'_>,
     ) -> Result<Vec<(RepairKind, String)>, FallbackReason> {
         let mut fixes = self.repin_maps(layout)?;
         let Some(ebpf) = self._ebpf.as_mut() else {
             return Ok(fixes);
         };
-        for a in attachments(vxlan_dev, uplink) {
+        for a in attachments(devices) {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(a.program)
                 .ok_or_else(|| FallbackReason::Load(format!("program {} missing", a.program)))?
@@ -634,7 +671,7 @@ impl Datapath {
 fn check_pinned_maps(layout: &PinLayout) -> Result<Vec<(&'static str, u32)>, FallbackReason> {
     use std::mem::size_of;
     let expected: [(&'static str, usize, usize); 11] = [
-        (names::MAP_ROUTES, 8, size_of::<Route>()),
+        (names::MAP_ROUTES, 4 + 16, size_of::<Route>()),
         (names::MAP_PEERS, size_of::<PeerKey>(), size_of::<Peer>()),
         (
             names::MAP_ENDPOINTS,
@@ -687,8 +724,11 @@ fn attach(ebpf: &mut Ebpf, layout: &PinLayout, a: &Attachment<'_>) -> Result<(),
         .ok_or_else(|| FallbackReason::Load(format!("program {} missing", a.program)))?
         .try_into()
         .map_err(|e| FallbackReason::Load(format!("program {}: {e}", a.program)))?;
-    prog.load()
-        .map_err(|e| FallbackReason::Load(format!("program {}: {e:#}", a.program)))?;
+    // One program may go on two hooks (encap on both VXLAN devices): loaded once.
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(|e| FallbackReason::Load(format!("program {}: {e:#}", a.program)))?;
+    }
     link_up(prog, layout, a)
 }
 

@@ -21,7 +21,10 @@ mod slots;
 mod strangers;
 mod tables;
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
 
 use flannel_common::{
     DatapathConfig,
@@ -30,13 +33,18 @@ use flannel_common::{
         CONFIG_F_GBP,
     },
 };
+use ipnetwork::{IpNetwork, Ipv6Network};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use flows::serve_flow_events;
-pub use loader::{Datapath, OBJECT, PinLayout, PodPrograms, load, load_sized, open_pinned};
+pub use loader::{
+    Datapath, Devices, OBJECT, PinLayout, PodPrograms, load, load_sized, open_pinned,
+};
 pub use probe::{FallbackReason, probe, supports};
-pub use tables::{Counters, MapContents, PeerEntry, PeerMapsReader, Placement};
+pub use tables::{
+    Counters, MapContents, PeerEntry, PeerMapsReader, Placement, addr_of, peer_subnet,
+};
 
 use crate::{
     backend::{
@@ -138,9 +146,9 @@ impl EbpfVxlan {
             kernel.enable_peer_guard();
         }
         let layout = PinLayout::new(options.pin_root.clone());
-        let (device, uplink) = (kernel.device_name(), &kernel.ext().name);
-        let datapath = loader::load_sized(&layout, device, uplink, options.max_peers, &cancel)?;
-        info!(device, %uplink, pins = %layout.versioned().display(), max_peers = datapath.capacity(), "eBPF VXLAN datapath attached");
+        let devices = devices(&kernel);
+        let datapath = loader::load_sized(&layout, devices, options.max_peers, &cancel)?;
+        info!(device = devices.vxlan, device6 = devices.vxlan6, uplink = devices.uplink, pins = %layout.versioned().display(), max_peers = datapath.capacity(), "eBPF VXLAN datapath attached");
         Ok(Self {
             kernel,
             datapath,
@@ -180,6 +188,10 @@ impl EbpfVxlan {
                 flags |= flag;
             }
         }
+        let (vxlan6_ifindex, vtep_mac6, local_ip6) = self
+            .kernel
+            .v6_vtep()
+            .map_or((0, [0; 6], [0; 16]), |(i, m, a)| (i, m, a.octets()));
         DatapathConfig {
             flags,
             vni: config.vni,
@@ -197,6 +209,9 @@ impl EbpfVxlan {
             // What `flannel.<VNI>` carries: the fast path sends nothing it wouldn't.
             mtu: u16::try_from(self.kernel.v4_mtu().unwrap_or_default()).unwrap_or(u16::MAX),
             flow_refresh_ms: self.options.flow_refresh_ms,
+            local_ip6,
+            vtep_mac6,
+            vxlan6_ifindex,
             ..Default::default()
         }
     }
@@ -261,21 +276,27 @@ impl EbpfVxlan {
     ) -> Result<Fixes> {
         let (kernel, maps) = tables.map_or((None, None), |t| (Some(t.kernel), t.maps));
         let mut fixes = self.kernel.check_with(peers, kernel, touched).await?;
-        let (device, uplink) = (self.kernel.device_name(), &self.kernel.ext().name);
         fixes.extend(
             self.datapath
-                .repair_pins(&self.layout, device, uplink)
+                .repair_pins(&self.layout, devices(&self.kernel))
                 .map_err(|e| Error::Other(format!("eBPF datapath: {e}")))?,
         );
         if self.registered {
             fixes.extend(self.check_config()?);
         }
-        let desired: Vec<PeerEntry> = peers.iter().filter_map(peer_entry).collect();
+        let desired: Vec<PeerEntry> = peers.iter().flat_map(peer_entries).collect();
         // Reading and rewriting maps of many thousand entries is a burst of syscalls:
         // keep it off the reactor thread.
         let datapath = &mut self.datapath;
+        // One record for both families: the subnets events touched, of either.
+        let touched_nets: std::collections::BTreeSet<IpNetwork> = touched
+            .v4
+            .iter()
+            .map(|n| IpNetwork::V4(*n))
+            .chain(touched.v6.iter().map(|n| IpNetwork::V6(*n)))
+            .collect();
         blocking(|| match maps {
-            Some(read) => datapath.reconcile_with(&desired, read, &touched.v4),
+            Some(read) => datapath.reconcile_with(&desired, read, &touched_nets),
             None => datapath.reconcile(&desired),
         })
         .map_err(|e| Self::map_err("reconcile", e))?;
@@ -330,24 +351,58 @@ fn spawn_flow_event_server(layout: PinLayout, cancel: CancellationToken) {
     });
 }
 
-/// What the maps need from a lease, or `None` (logged) for leases the datapath can't use.
-fn peer_entry(peer: &Lease) -> Option<PeerEntry> {
-    if !matches!(peer.attrs.backend, crate::lease::BackendAttrs::Vxlan { .. }) {
-        return None;
+/// The devices the programs ride on.
+fn devices(kernel: &KernelVxlan) -> Devices<'_> {
+    Devices {
+        vxlan: kernel.device_name(),
+        vxlan6: kernel.v6_device_name(),
+        uplink: &kernel.ext().name,
     }
-    let mac = crate::backend::vxlan::peer_vtep_mac(peer)?;
-    // Every address the peer may send from is on the allow-list, the same list the
-    // nftables guard holds (`sender_addresses`).
-    let aliases = crate::backend::vxlan::sender_addresses(peer)
-        .into_iter()
-        .filter(|a| *a != peer.attrs.public_ip)
-        .collect();
-    Some(PeerEntry {
-        underlay: peer.attrs.public_ip,
-        subnet: peer.subnet?,
-        vtep_mac: mac,
-        aliases,
-    })
+}
+
+/// What the maps need from a lease: one entry per family it has a VXLAN half for (its
+/// IPv4 subnet behind `PublicIP` with `BackendData`'s MAC, its IPv6 subnet behind
+/// `PublicIPv6` with `BackendV6Data`'s), none (logged) for leases the datapath can't use.
+fn peer_entries(peer: &Lease) -> Vec<PeerEntry> {
+    if !matches!(peer.attrs.backend, crate::lease::BackendAttrs::Vxlan { .. }) {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(2);
+    // An IPv6-only lease (kube mode) has no IPv4 half.
+    if let Some(subnet) = peer.subnet
+        && let Some(mac) = crate::backend::vxlan::peer_vtep_mac(peer)
+    {
+        // Every address the peer may send from is on the allow-list, the same list the
+        // nftables guard holds (`sender_addresses`).
+        let aliases = crate::backend::vxlan::sender_addresses(peer)
+            .into_iter()
+            .filter(|a| *a != peer.attrs.public_ip)
+            .map(IpAddr::from)
+            .collect();
+        out.push(PeerEntry {
+            underlay: peer.attrs.public_ip.into(),
+            subnet: subnet.into(),
+            vtep_mac: mac,
+            aliases,
+        });
+    }
+    // An IPv6 half without `PublicIPv6` or `BackendV6Data` is a host without an IPv6 VTEP
+    // (upstream accepts it): nothing to route over IPv6.
+    if let Ok(Some(v6)) = crate::backend::vxlan::parse_peer::<Ipv6Network>(peer) {
+        let aliases = peer
+            .senders6()
+            .into_iter()
+            .filter(|a| *a != v6.public_ip)
+            .map(IpAddr::from)
+            .collect();
+        out.push(PeerEntry {
+            underlay: v6.public_ip.into(),
+            subnet: v6.subnet.into(),
+            vtep_mac: v6.vtep_mac,
+            aliases,
+        });
+    }
+    out
 }
 
 /// Run a burst of synchronous work without stalling other tasks on this worker thread
@@ -437,19 +492,35 @@ impl Backend for EbpfVxlan {
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<()> {
         self.kernel.add_peer(peer).await?;
-        let Some(entry) = peer_entry(peer) else {
+        let entries = peer_entries(peer);
+        if entries.is_empty() {
             warn!(subnet = %peer.subnets(), "peer not usable by the eBPF datapath; kernel path only");
-            return Ok(());
-        };
-        self.datapath
-            .upsert_peer(&entry)
-            .map(drop)
-            .map_err(|e| Self::map_err("upsert peer", e))
+        }
+        // A family the lease no longer has a VXLAN half for (BackendV6Data gone) leaves
+        // the maps, as it leaves the kernel device.
+        if let Some(sn6) = peer.ipv6_subnet
+            && !entries.iter().any(|e| e.subnet == IpNetwork::V6(sn6))
+        {
+            self.datapath
+                .remove_peer(sn6.into())
+                .map_err(|e| Self::map_err("remove peer", e))?;
+        }
+        for entry in &entries {
+            self.datapath
+                .upsert_peer(entry)
+                .map_err(|e| Self::map_err("upsert peer", e))?;
+        }
+        Ok(())
     }
 
     async fn remove_peer(&mut self, peer: &Lease) -> Result<()> {
         // By subnet: etcd delete events carry no value, so the lease may lack the address.
-        if let Some(subnet) = peer.subnet {
+        let subnets = peer
+            .subnet
+            .map(IpNetwork::from)
+            .into_iter()
+            .chain(peer.ipv6_subnet.map(IpNetwork::from));
+        for subnet in subnets {
             self.datapath
                 .remove_peer(subnet)
                 .map_err(|e| Self::map_err("remove peer", e))?;

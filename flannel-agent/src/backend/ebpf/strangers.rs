@@ -4,7 +4,7 @@
 //! name (a multi-homed node, a `public-ip-overwrite` without NAT). Upstream's kernel device
 //! would have accepted such traffic, so an operator must be told why it is not.
 
-use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
+use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -30,7 +30,7 @@ pub async fn watch(layout: PinLayout, cancel: CancellationToken) {
             return;
         }
     };
-    let mut logged: HashSet<Ipv4Addr> = HashSet::new();
+    let mut logged: HashSet<IpAddr> = HashSet::new();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -49,19 +49,20 @@ pub async fn watch(layout: PinLayout, cancel: CancellationToken) {
             continue;
         }
         let peers = datapath.current_peers().unwrap_or_default();
+        let peers6 = datapath.current_peers6().unwrap_or_default();
         for (src, count) in fresh {
-            if peers.contains_key(&src) {
+            let known = match src {
+                IpAddr::V4(a) => peers.contains_key(&a),
+                IpAddr::V6(a) => peers6.contains_key(&a),
+            };
+            if known {
                 continue;
             }
             if logged.len() >= REMEMBERED {
                 logged.clear();
             }
             logged.insert(src);
-            crate::net::vxlan_guard::warn_stranger(
-                src.into(),
-                count.packets,
-                "eBPF known-peer check",
-            );
+            crate::net::vxlan_guard::warn_stranger(src, count.packets, "eBPF known-peer check");
         }
     }
 }

@@ -10,7 +10,7 @@
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
 };
 
@@ -20,35 +20,43 @@ use aya::maps::{
 };
 use flannel_common::{
     Counter, DatapathConfig, DropReason, Endpoint, EndpointKey, Peer, PeerKey, PeerStats, Route,
-    maps::CONFIG_F_ANY_PEER, stats::PassReason,
+    maps::CONFIG_F_ANY_PEER,
+    stats::PassReason,
+    wire::{V4_MAPPED_PREFIX, is_v4_mapped, v4_mapped},
 };
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use tracing::{error, info, warn};
 
 use super::{loader::Datapath, slots::Slots};
 
-/// A peer as the datapath needs it.
+/// A peer as the datapath needs it, for one family: a dual-stack peer is two entries,
+/// its IPv4 subnet behind its `PublicIP` and its IPv6 subnet behind its `PublicIPv6`
+/// (each with its own slot and counters, as the kernel has one device per family).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerEntry {
     /// The peer's underlay address: where its traffic is sent, and an address it sends
     /// from.
-    pub underlay: Ipv4Addr,
+    pub underlay: IpAddr,
     /// The peer's pod subnet.
-    pub subnet: Ipv4Network,
+    pub subnet: IpNetwork,
     /// The peer's VTEP MAC.
     pub vtep_mac: [u8; 6],
     /// Other addresses the peer may send VXLAN from (kube mode: its node's addresses and
     /// public-ip annotations). Each gets an allow-list entry sharing the peer's slot, so
     /// its traffic is accepted and counted as the peer's.
-    pub aliases: Vec<Ipv4Addr>,
+    pub aliases: Vec<IpAddr>,
 }
 
 impl PeerEntry {
     /// A peer that sends only from `underlay`.
-    pub fn new(underlay: Ipv4Addr, subnet: Ipv4Network, vtep_mac: [u8; 6]) -> Self {
+    pub fn new(
+        underlay: impl Into<IpAddr>,
+        subnet: impl Into<IpNetwork>,
+        vtep_mac: [u8; 6],
+    ) -> Self {
         Self {
-            underlay,
-            subnet,
+            underlay: underlay.into(),
+            subnet: subnet.into(),
             vtep_mac,
             aliases: Vec::new(),
         }
@@ -58,8 +66,10 @@ impl PeerEntry {
 /// Counters summed over CPUs, for logs, the demo and tests.
 #[derive(Clone, Debug, Default)]
 pub struct Counters {
-    /// Per peer underlay address.
+    /// Per peer underlay IPv4 address.
     pub peers: BTreeMap<Ipv4Addr, PeerStats>,
+    /// Per peer underlay IPv6 address (dual stack).
+    pub peers6: BTreeMap<Ipv6Addr, PeerStats>,
     /// Per drop reason name.
     pub drops: BTreeMap<&'static str, Counter>,
     /// Per pass reason name.
@@ -74,24 +84,24 @@ pub struct Counters {
 /// costs a handful of map writes whatever the peer count.
 #[derive(Debug)]
 pub(super) struct Record {
-    peers: HashMap<Ipv4Addr, Peer>,
-    routes: HashMap<Ipv4Network, Route>,
+    peers: HashMap<IpAddr, Peer>,
+    routes: HashMap<IpNetwork, Route>,
     /// Peer underlay → the subnets routed to it (to know when its allow-list entry goes).
-    routes_of: HashMap<Ipv4Addr, BTreeSet<Ipv4Network>>,
+    routes_of: HashMap<IpAddr, BTreeSet<IpNetwork>>,
     /// Alias (another address a peer sends from) → the peer's underlay. Its allow-list
     /// entry is the peer's, slot included.
-    alias_owner: HashMap<Ipv4Addr, Ipv4Addr>,
+    alias_owner: HashMap<IpAddr, IpAddr>,
     /// Peer underlay → its aliases.
-    aliases_of: HashMap<Ipv4Addr, BTreeSet<Ipv4Addr>>,
+    aliases_of: HashMap<IpAddr, BTreeSet<IpAddr>>,
     slots: Slots,
     /// Peers that did not fit: carried by the kernel device alone until a slot frees up.
-    overflow: BTreeMap<Ipv4Network, PeerEntry>,
+    overflow: BTreeMap<IpNetwork, PeerEntry>,
 }
 
 /// The peer-keyed maps as read at one moment.
 pub struct MapContents {
-    peers: BTreeMap<Ipv4Addr, Peer>,
-    routes: BTreeMap<Ipv4Network, Route>,
+    peers: BTreeMap<IpAddr, Peer>,
+    routes: BTreeMap<IpNetwork, Route>,
 }
 
 /// The peer-keyed maps opened a second time (duplicated descriptors of the same kernel
@@ -99,7 +109,7 @@ pub struct MapContents {
 /// agent's event loop keeps writing lease events through the [`Datapath`].
 pub struct PeerMapsReader {
     peers: BpfHashMap<MapData, PeerKey, Peer>,
-    routes: LpmTrie<MapData, [u8; 4], Route>,
+    routes: LpmTrie<MapData, [u8; 16], Route>,
 }
 
 impl PeerMapsReader {
@@ -128,22 +138,22 @@ fn reopen<T: TryFrom<Map, Error = MapError>>(
 
 fn read_peers<T: Borrow<MapData>>(
     map: &BpfHashMap<T, PeerKey, Peer>,
-) -> Result<BTreeMap<Ipv4Addr, Peer>, MapError> {
+) -> Result<BTreeMap<IpAddr, Peer>, MapError> {
     let mut out = BTreeMap::new();
     for entry in map.iter() {
         let (k, v) = entry?;
-        out.insert(Ipv4Addr::from(k.addr), v);
+        out.insert(addr_of(k.addr), v);
     }
     Ok(out)
 }
 
 fn read_routes<T: Borrow<MapData>>(
-    map: &LpmTrie<T, [u8; 4], Route>,
-) -> Result<BTreeMap<Ipv4Network, Route>, MapError> {
+    map: &LpmTrie<T, [u8; 16], Route>,
+) -> Result<BTreeMap<IpNetwork, Route>, MapError> {
     let mut out = BTreeMap::new();
     for entry in map.iter() {
         let (k, v) = entry?;
-        if let Ok(net) = Ipv4Network::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8) {
+        if let Some(net) = net_of(k.data(), k.prefix_len()) {
             out.insert(net, v);
         }
     }
@@ -157,17 +167,17 @@ impl Record {
     /// allow-list entries of the peers they were or are routed to, with those peers'
     /// aliases (as the read and as the record know them). Everything else in the read is
     /// as the maps held it, so the comparison after repairs exactly what was wrong then.
-    fn patch(&self, read: &mut MapContents, touched: &BTreeSet<Ipv4Network>) {
+    fn patch(&self, read: &mut MapContents, touched: &BTreeSet<IpNetwork>) {
         if touched.is_empty() {
             return;
         }
-        let mut addrs: HashSet<Ipv4Addr> = HashSet::new();
+        let mut addrs: HashSet<IpAddr> = HashSet::new();
         for subnet in touched {
             for route in [read.routes.get(subnet), self.routes.get(subnet)]
                 .into_iter()
                 .flatten()
             {
-                addrs.insert(Ipv4Addr::from(route.peer_ip));
+                addrs.insert(addr_of(route.peer_ip));
             }
         }
         // Aliases share their peer's slot in the maps.
@@ -176,14 +186,14 @@ impl Record {
             .filter_map(|a| read.peers.get(a))
             .map(|p| p.slot)
             .collect();
-        let sharing: Vec<Ipv4Addr> = read
+        let sharing: Vec<IpAddr> = read
             .peers
             .iter()
             .filter(|(_, p)| slots.contains(&p.slot))
             .map(|(a, _)| *a)
             .collect();
         addrs.extend(sharing);
-        let owners: Vec<Ipv4Addr> = addrs.iter().copied().collect();
+        let owners: Vec<IpAddr> = addrs.iter().copied().collect();
         for owner in owners {
             addrs.extend(self.aliases_of.get(&owner).into_iter().flatten().copied());
         }
@@ -291,13 +301,61 @@ impl Datapath {
         self.state.full_reads
     }
 
-    /// The peers currently in the maps, with their slots.
+    /// The IPv4 peers currently in the maps, with their slots.
     pub fn current_peers(&self) -> Result<BTreeMap<Ipv4Addr, Peer>, MapError> {
+        Ok(self
+            .all_peers()?
+            .into_iter()
+            .filter_map(|(a, p)| match a {
+                IpAddr::V4(a) => Some((a, p)),
+                IpAddr::V6(_) => None,
+            })
+            .collect())
+    }
+
+    /// The IPv6 peers currently in the maps, with their slots.
+    pub fn current_peers6(&self) -> Result<BTreeMap<Ipv6Addr, Peer>, MapError> {
+        Ok(self
+            .all_peers()?
+            .into_iter()
+            .filter_map(|(a, p)| match a {
+                IpAddr::V6(a) => Some((a, p)),
+                IpAddr::V4(_) => None,
+            })
+            .collect())
+    }
+
+    /// The IPv4 routes currently in the map.
+    pub fn current_routes(&self) -> Result<BTreeMap<Ipv4Network, Route>, MapError> {
+        Ok(self
+            .all_routes()?
+            .into_iter()
+            .filter_map(|(n, r)| match n {
+                IpNetwork::V4(n) => Some((n, r)),
+                IpNetwork::V6(_) => None,
+            })
+            .collect())
+    }
+
+    /// The IPv6 routes currently in the map.
+    pub fn current_routes6(&self) -> Result<BTreeMap<Ipv6Network, Route>, MapError> {
+        Ok(self
+            .all_routes()?
+            .into_iter()
+            .filter_map(|(n, r)| match n {
+                IpNetwork::V6(n) => Some((n, r)),
+                IpNetwork::V4(_) => None,
+            })
+            .collect())
+    }
+
+    /// Every peer in the maps, both families.
+    pub fn all_peers(&self) -> Result<BTreeMap<IpAddr, Peer>, MapError> {
         read_peers(&self.peers)
     }
 
-    /// The routes currently in the map.
-    pub fn current_routes(&self) -> Result<BTreeMap<Ipv4Network, Route>, MapError> {
+    /// Every route in the map, both families.
+    pub fn all_routes(&self) -> Result<BTreeMap<IpNetwork, Route>, MapError> {
         read_routes(&self.routes)
     }
 
@@ -312,8 +370,8 @@ impl Datapath {
     /// Read both peer-keyed maps and rebuild the record from them.
     fn read_record(&mut self) -> Result<(Record, MapContents), MapError> {
         let read = MapContents {
-            peers: self.current_peers()?,
-            routes: self.current_routes()?,
+            peers: self.all_peers()?,
+            routes: self.all_routes()?,
         };
         Ok((self.record_from(&read), read))
     }
@@ -327,14 +385,13 @@ impl Datapath {
         let capacity = self.state.capacity;
         // Routed-to addresses first: an alias shares its peer's slot, so whichever of two
         // entries a route names is the peer, the other its alias.
-        let routed: HashSet<Ipv4Addr> =
-            routes.values().map(|r| Ipv4Addr::from(r.peer_ip)).collect();
-        let mut order: Vec<(&Ipv4Addr, &Peer)> = peers.iter().collect();
+        let routed: HashSet<IpAddr> = routes.values().map(|r| addr_of(r.peer_ip)).collect();
+        let mut order: Vec<(&IpAddr, &Peer)> = peers.iter().collect();
         order.sort_by_key(|(a, _)| !routed.contains(a));
-        let mut owner_of_slot: HashMap<u32, (Ipv4Addr, Peer)> = HashMap::new();
-        let mut valid: HashMap<Ipv4Addr, Peer> = HashMap::new();
+        let mut owner_of_slot: HashMap<u32, (IpAddr, Peer)> = HashMap::new();
+        let mut valid: HashMap<IpAddr, Peer> = HashMap::new();
         let mut alias_owner = HashMap::new();
-        let mut aliases_of: HashMap<Ipv4Addr, BTreeSet<Ipv4Addr>> = HashMap::new();
+        let mut aliases_of: HashMap<IpAddr, BTreeSet<IpAddr>> = HashMap::new();
         for (addr, p) in order {
             if p.slot >= capacity {
                 continue;
@@ -368,7 +425,7 @@ impl Datapath {
                 .unwrap_or_default(),
         };
         for (net, route) in routes {
-            let underlay = Ipv4Addr::from(route.peer_ip);
+            let underlay = addr_of(route.peer_ip);
             if record.peers.get(&underlay).map(|p| p.slot) == Some(route.peer_slot) {
                 record.routes.insert(*net, *route);
                 record.routes_of.entry(underlay).or_default().insert(*net);
@@ -396,7 +453,7 @@ impl Datapath {
     /// Remove the peer owning `subnet`: route first (stop sending), then its allow-list
     /// entry unless another of its subnets is still routed. A freed slot goes to a peer
     /// that did not fit before.
-    pub fn remove_peer(&mut self, subnet: Ipv4Network) -> Result<(), MapError> {
+    pub fn remove_peer(&mut self, subnet: IpNetwork) -> Result<(), MapError> {
         let mut rec = self.take_record()?;
         let mut r = self.remove_in(subnet, &mut rec);
         if r.is_ok() {
@@ -427,7 +484,7 @@ impl Datapath {
         &mut self,
         desired: &[PeerEntry],
         mut read: MapContents,
-        touched: &BTreeSet<Ipv4Network>,
+        touched: &BTreeSet<IpNetwork>,
     ) -> Result<(), MapError> {
         let Some(current) = self.state.record.as_ref() else {
             return self.reconcile(desired);
@@ -447,19 +504,19 @@ impl Datapath {
         read: &MapContents,
     ) -> Result<(), MapError> {
         let (peers, routes) = (&read.peers, &read.routes);
-        let wanted_routes: HashMap<Ipv4Network, Ipv4Addr> =
+        let wanted_routes: HashMap<IpNetwork, IpAddr> =
             desired.iter().map(|p| (p.subnet, p.underlay)).collect();
-        let wanted_peers: HashSet<Ipv4Addr> = desired.iter().map(|p| p.underlay).collect();
-        let wanted_aliases: HashSet<Ipv4Addr> = desired
+        let wanted_peers: HashSet<IpAddr> = desired.iter().map(|p| p.underlay).collect();
+        let wanted_aliases: HashSet<IpAddr> = desired
             .iter()
             .flat_map(|p| p.aliases.iter().copied())
             .collect();
         // Removals first, so their slots are free for the additions.
         for (net, route) in routes {
-            if wanted_routes.get(net) != Some(&Ipv4Addr::from(route.peer_ip)) {
+            if wanted_routes.get(net) != Some(&addr_of(route.peer_ip)) {
                 ignore_missing(self.routes.remove(&route_key(*net)))?;
                 if let Some(r) = rec.routes.remove(net) {
-                    forget_route(rec, Ipv4Addr::from(r.peer_ip), *net);
+                    forget_route(rec, addr_of(r.peer_ip), *net);
                 }
             }
         }
@@ -478,7 +535,7 @@ impl Datapath {
             }
             if !wanted_aliases.contains(underlay) {
                 ignore_missing(self.peers.remove(&PeerKey {
-                    addr: underlay.octets(),
+                    addr: key_of(*underlay),
                 }))?;
                 forget_alias(rec, *underlay);
             }
@@ -539,7 +596,7 @@ impl Datapath {
         if rec
             .routes
             .get(&p.subnet)
-            .is_some_and(|r| r.peer_ip != p.underlay.octets())
+            .is_some_and(|r| r.peer_ip != key_of(p.underlay))
         {
             self.remove_route(p.subnet, rec)?;
         }
@@ -563,12 +620,12 @@ impl Datapath {
         };
         let peer = Peer {
             slot,
-            subnet: p.subnet.network().octets(),
-            prefix_len: u32::from(p.subnet.prefix()),
+            subnet: key_of(p.subnet.network()),
+            prefix_len: prefix_of(p.subnet),
         };
         if existing != Some(peer) {
             let key = PeerKey {
-                addr: p.underlay.octets(),
+                addr: key_of(p.underlay),
             };
             match self.peers.insert(key, peer, 0) {
                 Ok(()) => {}
@@ -587,7 +644,7 @@ impl Datapath {
         }
         let aliases_fit = self.sync_aliases(p, peer, existing != Some(peer), rec)?;
         // A peer that changed subnet leaves its old route behind: drop it.
-        let stale: Vec<Ipv4Network> = rec
+        let stale: Vec<IpNetwork> = rec
             .routes_of
             .get(&p.underlay)
             .map(|nets| nets.iter().filter(|n| **n != p.subnet).copied().collect())
@@ -596,7 +653,7 @@ impl Datapath {
             self.remove_route(net, rec)?;
         }
         let route = Route {
-            peer_ip: p.underlay.octets(),
+            peer_ip: key_of(p.underlay),
             vtep_mac: p.vtep_mac,
             flags: 0,
             peer_slot: slot,
@@ -643,7 +700,7 @@ impl Datapath {
         let have = rec.aliases_of.get(&p.underlay).cloned().unwrap_or_default();
         for gone in have.difference(&want) {
             ignore_missing(self.peers.remove(&PeerKey {
-                addr: gone.octets(),
+                addr: key_of(*gone),
             }))?;
             forget_alias(rec, *gone);
         }
@@ -654,7 +711,7 @@ impl Datapath {
             }
             match self.peers.insert(
                 PeerKey {
-                    addr: alias.octets(),
+                    addr: key_of(*alias),
                 },
                 peer,
                 0,
@@ -684,7 +741,7 @@ impl Datapath {
         Ok(Placement::KernelOnly)
     }
 
-    fn remove_in(&mut self, subnet: Ipv4Network, rec: &mut Record) -> Result<(), MapError> {
+    fn remove_in(&mut self, subnet: IpNetwork, rec: &mut Record) -> Result<(), MapError> {
         if rec.overflow.remove(&subnet).is_some() || !rec.routes.contains_key(&subnet) {
             return Ok(());
         }
@@ -693,20 +750,20 @@ impl Datapath {
 
     /// Delete the route for `subnet`, and its peer's allow-list entry if that was the
     /// peer's last route.
-    fn remove_route(&mut self, subnet: Ipv4Network, rec: &mut Record) -> Result<(), MapError> {
+    fn remove_route(&mut self, subnet: IpNetwork, rec: &mut Record) -> Result<(), MapError> {
         let Some(route) = rec.routes.get(&subnet).copied() else {
             return Ok(());
         };
         ignore_missing(self.routes.remove(&route_key(subnet)))?;
         rec.routes.remove(&subnet);
-        self.forget_route_of(Ipv4Addr::from(route.peer_ip), subnet, rec)
+        self.forget_route_of(addr_of(route.peer_ip), subnet, rec)
     }
 
     /// `subnet` is no longer routed to `underlay`: drop the peer when nothing else is.
     fn forget_route_of(
         &mut self,
-        underlay: Ipv4Addr,
-        subnet: Ipv4Network,
+        underlay: IpAddr,
+        subnet: IpNetwork,
         rec: &mut Record,
     ) -> Result<(), MapError> {
         if !forget_route(rec, underlay, subnet) {
@@ -715,12 +772,12 @@ impl Datapath {
         if let Some(peer) = rec.peers.get(&underlay).copied() {
             for alias in rec.aliases_of.remove(&underlay).unwrap_or_default() {
                 ignore_missing(self.peers.remove(&PeerKey {
-                    addr: alias.octets(),
+                    addr: key_of(alias),
                 }))?;
                 rec.alias_owner.remove(&alias);
             }
             ignore_missing(self.peers.remove(&PeerKey {
-                addr: underlay.octets(),
+                addr: key_of(underlay),
             }))?;
             rec.peers.remove(&underlay);
             rec.slots.release(peer.slot);
@@ -760,12 +817,12 @@ impl Datapath {
     pub fn counters(&self) -> Result<Counters, MapError> {
         let mut out = Counters::default();
         // A peer's aliases share its slot: count it once, under the address routes name.
-        let routed: HashSet<Ipv4Addr> = self
-            .current_routes()?
+        let routed: HashSet<IpAddr> = self
+            .all_routes()?
             .values()
-            .map(|r| Ipv4Addr::from(r.peer_ip))
+            .map(|r| addr_of(r.peer_ip))
             .collect();
-        let mut peers: Vec<(Ipv4Addr, Peer)> = self.current_peers()?.into_iter().collect();
+        let mut peers: Vec<(IpAddr, Peer)> = self.all_peers()?.into_iter().collect();
         peers.sort_by_key(|(a, _)| !routed.contains(a));
         let mut seen = HashSet::new();
         for (addr, peer) in peers {
@@ -780,7 +837,10 @@ impl Datapath {
                 sum.rx_packets += s.rx_packets;
                 sum.rx_bytes += s.rx_bytes;
             }
-            out.peers.insert(addr, sum);
+            match addr {
+                IpAddr::V4(a) => out.peers.insert(a, sum),
+                IpAddr::V6(a) => out.peers6.insert(a, sum),
+            };
         }
         for reason in DropReason::ALL {
             out.drops.insert(
@@ -798,12 +858,13 @@ impl Datapath {
         Ok(out)
     }
 
-    /// VXLAN the known-peer check dropped, by outer source: packets and bytes.
-    pub fn strangers(&self) -> Result<BTreeMap<Ipv4Addr, Counter>, MapError> {
+    /// VXLAN the known-peer check dropped, by outer source (either family): packets and
+    /// bytes.
+    pub fn strangers(&self) -> Result<BTreeMap<IpAddr, Counter>, MapError> {
         let mut out = BTreeMap::new();
         for entry in self.strangers.iter() {
             let (k, per_cpu) = entry?;
-            out.insert(Ipv4Addr::from(k.addr), sum_counter(&per_cpu));
+            out.insert(addr_of(k.addr), sum_counter(&per_cpu));
         }
         Ok(out)
     }
@@ -833,13 +894,56 @@ fn sum_counter(values: &PerCpuValues<Counter>) -> Counter {
     })
 }
 
-fn route_key(net: Ipv4Network) -> Key<[u8; 4]> {
-    Key::new(u32::from(net.prefix()), net.network().octets())
+/// An address as the peer-keyed maps hold it: IPv6 as is, IPv4 IPv4-mapped.
+fn key_of(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(a) => v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The address a map key (or `Route::peer_ip`) holds.
+pub fn addr_of(k: [u8; 16]) -> IpAddr {
+    if is_v4_mapped(&k) {
+        IpAddr::V4(Ipv4Addr::new(k[12], k[13], k[14], k[15]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(k))
+    }
+}
+
+/// A subnet's prefix length over 128 bits (IPv4 as mapped).
+fn prefix_of(net: IpNetwork) -> u32 {
+    match net {
+        IpNetwork::V4(n) => V4_MAPPED_PREFIX + u32::from(n.prefix()),
+        IpNetwork::V6(n) => u32::from(n.prefix()),
+    }
+}
+
+/// The pod subnet a peer entry names (its family's: IPv4 subnets are held mapped).
+pub fn peer_subnet(p: &Peer) -> Option<IpNetwork> {
+    net_of(p.subnet, p.prefix_len)
+}
+
+/// The subnet a route key holds.
+fn net_of(data: [u8; 16], prefix: u32) -> Option<IpNetwork> {
+    match addr_of(data) {
+        IpAddr::V4(a) => {
+            let p = u8::try_from(prefix.checked_sub(V4_MAPPED_PREFIX)?).ok()?;
+            Ipv4Network::new(a, p).ok().map(IpNetwork::V4)
+        }
+        IpAddr::V6(a) => Ipv6Network::new(a, u8::try_from(prefix).ok()?)
+            .ok()
+            .map(IpNetwork::V6),
+    }
+}
+
+fn route_key(net: IpNetwork) -> Key<[u8; 16]> {
+    Key::new(prefix_of(net), key_of(net.network()))
 }
 
 /// The aliases `p` should have: its own list minus its underlay and addresses that are
 /// peers of their own or another peer's aliases (first come keeps it).
-fn wanted_aliases(p: &PeerEntry, rec: &Record) -> BTreeSet<Ipv4Addr> {
+fn wanted_aliases(p: &PeerEntry, rec: &Record) -> BTreeSet<IpAddr> {
     p.aliases
         .iter()
         .copied()
@@ -852,7 +956,7 @@ fn wanted_aliases(p: &PeerEntry, rec: &Record) -> BTreeSet<Ipv4Addr> {
 }
 
 /// `alias` is no longer anyone's alias (its map entry is the caller's business).
-fn forget_alias(rec: &mut Record, alias: Ipv4Addr) {
+fn forget_alias(rec: &mut Record, alias: IpAddr) {
     if let Some(owner) = rec.alias_owner.remove(&alias)
         && let Some(set) = rec.aliases_of.get_mut(&owner)
     {
@@ -864,7 +968,7 @@ fn forget_alias(rec: &mut Record, alias: Ipv4Addr) {
 }
 
 /// Drop `subnet` from `underlay`'s routed subnets; `true` when none are left.
-fn forget_route(rec: &mut Record, underlay: Ipv4Addr, subnet: Ipv4Network) -> bool {
+fn forget_route(rec: &mut Record, underlay: IpAddr, subnet: IpNetwork) -> bool {
     let Some(nets) = rec.routes_of.get_mut(&underlay) else {
         return true;
     };
