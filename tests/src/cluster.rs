@@ -529,14 +529,26 @@ impl Cluster {
     /// iperf3 for `seconds` from host `from`'s first pod to host `to`'s first pod (0-based
     /// host indices); bytes received.
     pub fn iperf(&self, from: usize, to: usize, seconds: u32) -> u64 {
+        self.iperf_to(from, to, seconds, false)
+    }
+
+    /// [`Cluster::iperf`] to the server pod's IPv6 address.
+    pub fn iperf6(&self, from: usize, to: usize, seconds: u32) -> u64 {
+        self.iperf_to(from, to, seconds, true)
+    }
+
+    fn iperf_to(&self, from: usize, to: usize, seconds: u32, ipv6: bool) -> u64 {
         let server = &self.nodes[to].host.pods[0];
-        let _srv =
-            server
-                .ns
-                .spawn_server("iperf3", &["-s", "-1", "-B", &server.ip.to_string()], 5201);
+        let addr = if ipv6 {
+            server.ip6.expect("pod has an IPv6 address").to_string()
+        } else {
+            server.ip.to_string()
+        };
+        let _srv = server
+            .ns
+            .spawn_server("iperf3", &["-s", "-1", "-B", &addr], 5201);
         let out = self.nodes[from].host.pods[0].ns.sh(&format!(
-            "iperf3 -c {} -t {seconds} -J --connect-timeout 3000",
-            server.ip
+            "iperf3 -c {addr} -t {seconds} -J --connect-timeout 3000"
         ));
         let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
         v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0)

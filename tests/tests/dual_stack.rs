@@ -1,8 +1,8 @@
 //! Dual stack end to end in etcd mode: three host namespaces with IPv4 and IPv6 underlay
 //! addresses, two pods each with both families, real etcd, one `flanneld` per host.
 //! IPv6 rides `flannel-v6.1` over the IPv6 underlay (vxlan) or IPv6 routes via each
-//! peer's `PublicIPv6` (host-gw); eBPF hosts carry IPv4 in their programs and IPv6 in the
-//! kernel device.
+//! peer's `PublicIPv6` (host-gw); eBPF hosts carry both families in their programs
+//! (IPv6 GSO aggregates on the kernel device, which alone can checksum each segment).
 //!
 //! Needs root and a built agent: `cargo build -p flannel-agent --bin flanneld`, then
 //! `cargo test -p flannel-e2e --test dual_stack`.
@@ -180,8 +180,9 @@ fn dual_stack_vxlan_ebpf_and_kernel_hosts_connect_every_pod_over_both_families()
     big.ns
         .sh(&format!("ping -6 -c 1 -W 2 -M do -s 1382 {far6}"));
 
-    // IPv6 pod traffic crosses flannel-v6.1 (not some other path): its counters move on
-    // the sending and the receiving host.
+    // IPv6 pod traffic crosses flannel-v6.1 (not some other path): the kernel host's
+    // device counters move both ways (the eBPF host's traffic skips its device's counters:
+    // see `dual_stack_ebpf_programs_carry_ipv6` for its own).
     let (a, b) = (&c.nodes[0].host.pods[0], &c.nodes[2].host.pods[0]);
     let counter = |n: usize, which: &str| -> u64 {
         let json = c.nodes[n].host.ns.sh("ip -j -s link show dev flannel-v6.1");
@@ -190,11 +191,11 @@ fn dual_stack_vxlan_ebpf_and_kernel_hosts_connect_every_pod_over_both_families()
             .as_u64()
             .expect("packet counter")
     };
-    let (tx, rx) = (counter(0, "tx"), counter(2, "rx"));
+    let (tx, rx) = (counter(2, "tx"), counter(2, "rx"));
     a.ns.sh(&format!("ping -6 -c 5 -i 0.2 -W 1 {}", b.ip6.unwrap()));
     assert!(
-        counter(0, "tx") >= tx + 5,
-        "host 1 flannel-v6.1 did not send"
+        counter(2, "tx") >= tx + 5,
+        "host 3 flannel-v6.1 did not send"
     );
     assert!(
         counter(2, "rx") >= rx + 5,
@@ -479,6 +480,167 @@ fn ipv6_device_state_is_repaired_on_netlink_events() {
     c.assert_all_pods_reach_each_other_v6();
 }
 
+/// `Udp6InCsumErrors` of `ns`: datagrams its kernel dropped for a bad UDP checksum.
+fn udp6_csum_errors(ns: &NetNs) -> u64 {
+    ns.sh("cat /proc/net/snmp6")
+        .lines()
+        .find_map(|l| l.strip_prefix("Udp6InCsumErrors"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Udp6InCsumErrors in /proc/net/snmp6")
+}
+
+/// The eBPF programs carry IPv6 inner over the IPv6 underlay: the maps hold every peer's
+/// IPv6 subnet, `PublicIPv6` and v6 VTEP MAC; pod pings over IPv6 between eBPF hosts and
+/// between an eBPF and a kernel-VXLAN host are encapsulated and decapsulated by BPF (its
+/// per-peer counters move); the kernel host accepts what BPF sends (valid outer UDP
+/// checksums: its `Udp6InCsumErrors` stay put, also for TCP whose checksums are computed
+/// in software); iperf3 over IPv6 between eBPF hosts and between eBPF and kernel hosts.
+#[test]
+fn dual_stack_ebpf_programs_carry_ipv6() {
+    if !require_root() {
+        return;
+    }
+    let pins = BpfPins::new("ds6", 3);
+    let (c, envs) = start(3, &dual_conf(r#"{"Type":"vxlan"}"#), |i| {
+        if i < 3 {
+            vec!["--dataplane=ebpf".into(), pins.arg(i)]
+        } else {
+            vec!["--dataplane=kernel".into()]
+        }
+    });
+    let open = |host: u8| {
+        flannel_agent::backend::ebpf::open_pinned(&pins.layout(host)).expect("pinned maps")
+    };
+    // The maps: per peer its IPv6 subnet routed to its PublicIPv6 with its v6 VTEP MAC,
+    // and its PublicIPv6 on the allow-list with that subnet.
+    for host in 1..=2u8 {
+        let i = usize::from(host - 1);
+        for (j, peer) in envs.iter().enumerate().filter(|(j, _)| *j != i) {
+            let p6 = peer.ipv6_subnet.unwrap();
+            let under = host_ip6(u8::try_from(j + 1).unwrap());
+            let mac = mac_bytes(&mac_of(&c.nodes[j].host.ns, "flannel-v6.1"));
+            let ok = wait_until(Duration::from_secs(10), || {
+                let dp = open(host);
+                let routes = dp.current_routes6().expect("routes");
+                let peers = dp.current_peers6().expect("peers");
+                routes
+                    .get(&p6)
+                    .is_some_and(|r| r.peer_ip == under.octets() && r.vtep_mac == mac)
+                    && peers.get(&under).is_some_and(|p| {
+                        flannel_agent::backend::ebpf::peer_subnet(p) == Some(p6.into())
+                    })
+            });
+            let dp = open(host);
+            assert!(
+                ok,
+                "host {host}: peer {p6} via {under} not in the maps
+{:?}
+{:?}
+{}",
+                dp.current_routes6(),
+                dp.current_peers6(),
+                c.logs()
+            );
+        }
+    }
+    c.assert_all_pods_reach_each_other_v6();
+
+    let peer6 = |host: u8, peer: u8| {
+        open(host)
+            .counters()
+            .expect("counters")
+            .peers6
+            .get(&host_ip6(peer))
+            .copied()
+            .unwrap_or_default()
+    };
+    let pod6 = |h: usize| c.nodes[h].host.pods[0].ip6.unwrap();
+    let errors3 = udp6_csum_errors(&c.nodes[2].host.ns);
+    // eBPF ⇄ eBPF and eBPF ⇄ kernel, each way: BPF encapsulates on the eBPF sender and
+    // decapsulates on the eBPF receiver.
+    for (a, b) in [(1u8, 2u8), (1, 3), (2, 3)] {
+        let before = peer6(a, b);
+        let ping = |from: u8, to: u8| {
+            c.nodes[usize::from(from - 1)].host.pods[0].ns.sh(&format!(
+                "ping -6 -c 5 -i 0.2 -W 1 {}",
+                pod6(usize::from(to - 1))
+            ))
+        };
+        ping(a, b);
+        ping(b, a);
+        let after = peer6(a, b);
+        assert!(
+            after.tx_packets >= before.tx_packets + 10
+                && after.rx_packets >= before.rx_packets + 10,
+            "host {a}: IPv6 to/from host {b} not carried by BPF: {before:?} -> {after:?}
+{}",
+            c.logs()
+        );
+    }
+    assert_eq!(
+        udp6_csum_errors(&c.nodes[2].host.ns),
+        errors3,
+        "the kernel host refused outer UDP checksums"
+    );
+
+    // iperf3 over IPv6 between the eBPF hosts (as a correctness floor, not a benchmark);
+    // bulk segments are GSO aggregates, which the kernel device sends.
+    let seconds = 3;
+    let bytes = c.iperf6(0, 1, seconds);
+    let gbit = bytes as f64 * 8.0 / f64::from(seconds) / 1e9;
+    eprintln!("iperf3 over IPv6, eBPF host 1 -> eBPF host 2: {gbit:.2} Gbit/s");
+    assert!(
+        gbit >= 1.0,
+        "{gbit:.2} Gbit/s
+{}",
+        c.logs()
+    );
+    let passes = open(1).counters().expect("counters").passes;
+    assert!(
+        passes["ipv6_gso"].packets > 0,
+        "bulk IPv6 went to the kernel device as GSO aggregates: {passes:?}"
+    );
+
+    // eBPF ⇄ kernel with host 1's pod sending unaggregated segments and its uplink
+    // checksumming in software: every TCP segment goes through BPF with its inner
+    // checksum still to be filled (`CHECKSUM_PARTIAL`), filled in at the uplink's
+    // transmit, and host 3's kernel verifies each outer UDP checksum in full.
+    c.nodes[0].host.pods[0]
+        .ns
+        .sh("ethtool -K eth0 tso off gso off");
+    c.nodes[0]
+        .host
+        .ns
+        .sh("ethtool -K eth0 tx off tso off gso off");
+    let before = peer6(1, 3);
+    let errors3 = udp6_csum_errors(&c.nodes[2].host.ns);
+    let to_kernel = c.iperf6(0, 2, 2);
+    let from_kernel = c.iperf6(2, 0, 2);
+    let after = peer6(1, 3);
+    eprintln!(
+        "iperf3 over IPv6 with software checksums: eBPF -> kernel {} MB, kernel -> eBPF {} MB; BPF tx {} rx {} packets",
+        to_kernel / 1_000_000,
+        from_kernel / 1_000_000,
+        after.tx_packets - before.tx_packets,
+        after.rx_packets - before.rx_packets
+    );
+    assert!(
+        to_kernel > 1_000_000 && from_kernel > 1_000_000,
+        "{}",
+        c.logs()
+    );
+    // Every data segment to the kernel host went through BPF (1430-byte packets).
+    assert!(
+        after.tx_packets - before.tx_packets > to_kernel / 1500,
+        "TCP to the kernel host not encapsulated by BPF: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        udp6_csum_errors(&c.nodes[2].host.ns),
+        errors3,
+        "the kernel host refused outer UDP checksums of TCP"
+    );
+}
+
 #[test]
 fn dual_stack_hostgw_routes_both_families() {
     if !require_root() {
@@ -668,6 +830,18 @@ fn stranger_vxlan_over_ipv6_is_dropped_by_the_guard_and_a_peers_arrives() {
         })
         .collect();
     eprintln!("arrived over IPv6 VXLAN: {got:?}");
+    // The eBPF host's program dropped the stranger's (before the guard) and counted it by
+    // source.
+    let strangers = flannel_agent::backend::ebpf::open_pinned(&pins.layout(1))
+        .expect("pinned maps")
+        .strangers()
+        .expect("strangers");
+    assert!(
+        strangers
+            .get(&IpAddr::V6(stranger6))
+            .is_some_and(|n| n.packets >= 1),
+        "stranger {stranger6} not counted by BPF: {strangers:?}"
+    );
     assert_eq!(
         got[0],
         vec!["peer".to_owned()],
