@@ -564,6 +564,51 @@ impl Backend for EbpfVxlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lease::BackendAttrs;
+
+    fn lease(v4: bool, v6_data: bool) -> Lease {
+        Lease {
+            subnet: v4.then(|| "10.244.2.0/24".parse().unwrap()),
+            ipv6_subnet: Some("fd00:10:244:2::/64".parse().unwrap()),
+            extra_senders: vec!["fd00:198::22".parse().unwrap()],
+            attrs: crate::lease::LeaseAttrs {
+                public_ip: "198.18.0.2".parse().unwrap(),
+                public_ipv6: Some("fd00:198::2".parse().unwrap()),
+                backend: BackendAttrs::parse(
+                    "vxlan",
+                    v4.then_some(r#"{"VNI":1,"VtepMAC":"0e:2a:00:00:00:04"}"#),
+                    v6_data.then_some(r#"{"VNI":1,"VtepMAC":"0e:2a:00:00:00:06"}"#),
+                )
+                .unwrap(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_lease_gives_one_map_entry_per_family_it_has_a_vtep_for() {
+        let dual = peer_entries(&lease(true, true));
+        assert_eq!(dual.len(), 2, "{dual:?}");
+        assert_eq!(dual[0].subnet.to_string(), "10.244.2.0/24");
+        assert_eq!(dual[0].underlay.to_string(), "198.18.0.2");
+        assert_eq!(dual[0].vtep_mac[5], 4);
+        assert!(
+            dual[0].aliases.is_empty(),
+            "IPv6 senders are no IPv4 aliases"
+        );
+        assert_eq!(dual[1].subnet.to_string(), "fd00:10:244:2::/64");
+        assert_eq!(dual[1].underlay.to_string(), "fd00:198::2");
+        assert_eq!(dual[1].vtep_mac[5], 6);
+        assert_eq!(
+            dual[1].aliases,
+            vec!["fd00:198::22".parse::<IpAddr>().unwrap()]
+        );
+        // An IPv6 subnet without BackendV6Data: a host without an IPv6 VTEP.
+        assert_eq!(peer_entries(&lease(true, false)).len(), 1);
+        // IPv6-only (kube mode): the IPv6 entry alone.
+        let v6 = peer_entries(&lease(false, true));
+        assert_eq!(v6.len(), 1, "{v6:?}");
+        assert_eq!(v6[0].underlay.to_string(), "fd00:198::2");
+    }
 
     #[test]
     fn peer_capacity_covers_every_subnet_of_the_network() {
