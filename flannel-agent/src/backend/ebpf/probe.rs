@@ -39,9 +39,12 @@ pub enum FallbackReason {
     /// The kernel VXLAN device the programs ride on could not be set up.
     #[error("kernel VXLAN device: {0}")]
     Device(String),
-    /// The network is IPv6-only and the programs carry IPv4 only: without
-    /// `flannel.<VNI>` there is nothing for them to ride on.
-    #[error("the network is IPv6-only (EnableIPv4: false) and the eBPF datapath carries IPv4 only")]
+    /// The network is IPv6-only: the programs carry IPv6 too, but the eBPF backend is
+    /// built around `flannel.<VNI>` (its encap link, CONFIG's IPv4 source and device),
+    /// which an IPv6-only host does not have.
+    #[error(
+        "the network is IPv6-only (EnableIPv4: false) and the eBPF datapath needs flannel.<VNI> (IPv4) to ride on"
+    )]
     Ipv6Only,
 }
 
