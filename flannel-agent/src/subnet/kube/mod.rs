@@ -4,8 +4,8 @@
 //! never does); what peers need to reach it is published as annotations on the node (see
 //! [`annotations`]), written through the `nodes/<name>/status` subresource exactly as
 //! upstream does, so the ClusterRole needs only `nodes/status: patch`. Peers come from a
-//! watch on all nodes, fed through a reflector store so every (re)list becomes one
-//! [`LeaseEvent::Snapshot`].
+//! watch on all nodes, each (re)list becoming one [`LeaseEvent::Snapshot`]; no Node objects
+//! are cached, only their leases.
 
 pub use crate::wire::annotations;
 pub mod client;
@@ -24,7 +24,6 @@ use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::Time, 
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
-    runtime::reflector::Store,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -209,7 +208,6 @@ pub struct KubeSubnetManager {
     node_public_ipv6: Option<Ipv6Addr>,
     set_node_network_unavailable: bool,
     retry: Retry,
-    store: std::sync::Mutex<Option<Store<Node>>>,
 }
 
 impl std::fmt::Debug for KubeSubnetManager {
@@ -293,7 +291,6 @@ impl KubeSubnetManager {
             node_public_ipv6: None,
             set_node_network_unavailable: true,
             retry,
-            store: std::sync::Mutex::new(None),
         };
         let node = this.wait_for_node(|_| Ok(())).await?;
         this.read_node_public_ips(&node);
@@ -339,11 +336,6 @@ impl KubeSubnetManager {
     /// The `node-public-ipv6` annotation read at start-up.
     pub fn node_public_ipv6(&self) -> Option<Ipv6Addr> {
         self.node_public_ipv6
-    }
-
-    /// The node cache of the most recent [`SubnetManager::watch_leases`] stream, if one runs.
-    pub fn node_store(&self) -> Option<Store<Node>> {
-        self.store.lock().ok().and_then(|s| s.clone())
     }
 
     fn read_node_public_ips(&mut self, node: &Node) {
@@ -521,16 +513,12 @@ impl SubnetManager for KubeSubnetManager {
     }
 
     fn watch_leases(&self) -> BoxStream<'static, super::Result<LeaseEvent>> {
-        let (stream, store) = watch::lease_events(
+        watch::lease_events(
             self.nodes.clone(),
             Arc::clone(&self.names),
             self.families,
             LeaseRules::new(&self.config).any_length(),
-        );
-        if let Ok(mut s) = self.store.lock() {
-            *s = Some(store);
-        }
-        stream
+        )
     }
 
     async fn complete_lease(&self, _lease: &Lease, cancel: CancellationToken) -> super::Result<()> {

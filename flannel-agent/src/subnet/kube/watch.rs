@@ -1,6 +1,11 @@
-//! The node watch: a kube-runtime watcher feeding a reflector store, turned into lease
-//! events. Every (re)list ends in `InitDone`, which becomes one [`LeaseEvent::Snapshot`]
-//! built from the store; single changes become `Added`/`Removed`.
+//! The node watch: a kube-runtime watcher turned into lease events. Every (re)list ends in
+//! `InitDone`, which becomes one [`LeaseEvent::Snapshot`] of the leases the list's nodes
+//! carry; single changes become `Added`/`Removed`.
+//!
+//! No Node objects are kept (no reflector store): each is turned into its lease as it
+//! arrives, and only the leases are remembered. A kubelet-reported Node carries far more
+//! than flannel reads (conditions, images, capacity, managed fields), and at 5,000 nodes a
+//! store of them was most of the agent's heap.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -8,11 +13,7 @@ use futures::{StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api,
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
 };
 use tracing::{debug, warn};
 
@@ -22,29 +23,23 @@ use super::{
 };
 use crate::lease::{Lease, LeaseEvent, LeaseRules};
 
-/// Watches all nodes; returns the lease event stream and the reflector's store.
+/// Watches all nodes; returns the lease event stream.
 pub fn lease_events(
     nodes: Api<Node>,
     names: Arc<AnnotationNames>,
     families: Families,
     rules: LeaseRules,
-) -> (
-    BoxStream<'static, crate::subnet::Result<LeaseEvent>>,
-    Store<Node>,
-) {
-    let writer = reflector::store::Writer::<Node>::default();
-    let reader = writer.as_reader();
+) -> BoxStream<'static, crate::subnet::Result<LeaseEvent>> {
     let mut tracker = LeaseTracker {
         names,
         families,
         rules,
-        reader: reader.clone(),
+        listing: None,
         known: HashMap::new(),
         warned: HashMap::new(),
     };
-    let events =
-        reflector::reflector(writer, watcher(nodes, watcher::Config::default())).default_backoff();
-    let stream = events
+    let events = watcher(nodes, watcher::Config::default()).default_backoff();
+    events
         .flat_map(move |event| {
             let out = match event {
                 Ok(event) => tracker.handle(event),
@@ -58,8 +53,7 @@ pub fn lease_events(
             };
             futures::stream::iter(out.into_iter().map(Ok))
         })
-        .boxed();
-    (stream, reader)
+        .boxed()
 }
 
 /// Turns reflector-fed watcher events into lease events. State: what was last reported per
@@ -70,7 +64,8 @@ struct LeaseTracker {
     names: Arc<AnnotationNames>,
     families: Families,
     rules: LeaseRules,
-    reader: Store<Node>,
+    /// The leases of a (re)list in progress: between `Init` and `InitDone`.
+    listing: Option<HashMap<String, Lease>>,
     known: HashMap<String, Lease>,
     warned: HashMap<String, String>,
 }
@@ -111,15 +106,19 @@ impl LeaseTracker {
 
     fn handle(&mut self, event: watcher::Event<Node>) -> Vec<LeaseEvent> {
         match event {
-            watcher::Event::Init | watcher::Event::InitApply(_) => Vec::new(),
-            watcher::Event::InitDone => {
-                self.known.clear();
-                for node in self.reader.state() {
-                    if let Ok(lease) = self.convert(&node) {
-                        let name = node.metadata.name.clone().unwrap_or_default();
-                        self.known.insert(name, lease);
-                    }
+            watcher::Event::Init => {
+                self.listing = Some(HashMap::new());
+                Vec::new()
+            }
+            watcher::Event::InitApply(node) => {
+                if let Ok(lease) = self.convert(&node) {
+                    let name = node.metadata.name.clone().unwrap_or_default();
+                    self.listing.get_or_insert_default().insert(name, lease);
                 }
+                Vec::new()
+            }
+            watcher::Event::InitDone => {
+                self.known = self.listing.take().unwrap_or_default();
                 let mut leases: Vec<Lease> = self.known.values().cloned().collect();
                 leases.sort_by_key(Lease::id);
                 debug!(leases = leases.len(), "node list complete");
@@ -164,7 +163,6 @@ impl LeaseTracker {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{api::core::v1::NodeSpec, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-    use kube::runtime::reflector::store::Writer;
 
     use super::*;
     use crate::subnet::kube::annotations::DEFAULT_PREFIX;
@@ -196,7 +194,7 @@ mod tests {
         }
     }
 
-    fn tracker(writer: &Writer<Node>) -> LeaseTracker {
+    fn tracker() -> LeaseTracker {
         LeaseTracker {
             names: Arc::new(AnnotationNames::new(DEFAULT_PREFIX).unwrap()),
             families: Families {
@@ -204,19 +202,10 @@ mod tests {
                 ipv6: false,
             },
             rules: LeaseRules::default(),
-            reader: writer.as_reader(),
+            listing: None,
             known: HashMap::new(),
             warned: HashMap::new(),
         }
-    }
-
-    fn feed(
-        w: &mut Writer<Node>,
-        t: &mut LeaseTracker,
-        e: watcher::Event<Node>,
-    ) -> Vec<LeaseEvent> {
-        w.apply_watcher_event(&e);
-        t.handle(e)
     }
 
     fn subnets(events: &[LeaseEvent]) -> Vec<String> {
@@ -232,16 +221,15 @@ mod tests {
 
     #[test]
     fn relist_snapshot_then_minimal_changes() {
-        let mut w = Writer::default();
-        let mut t = tracker(&w);
+        let mut t = tracker();
         let a = node("a", "10.244.1.0/24", "0a:00:00:00:00:01", true);
         let b = node("b", "10.244.2.0/24", "0a:00:00:00:00:02", true);
         let stranger = node("c", "10.244.3.0/24", "0a:00:00:00:00:03", false);
-        assert!(feed(&mut w, &mut t, watcher::Event::Init).is_empty());
+        assert!(t.handle(watcher::Event::Init).is_empty());
         for n in [&a, &b, &stranger] {
-            assert!(feed(&mut w, &mut t, watcher::Event::InitApply(n.clone())).is_empty());
+            assert!(t.handle(watcher::Event::InitApply(n.clone())).is_empty());
         }
-        let ev = feed(&mut w, &mut t, watcher::Event::InitDone);
+        let ev = t.handle(watcher::Event::InitDone);
         let LeaseEvent::Snapshot(leases) = &ev[0] else {
             panic!("{ev:?}")
         };
@@ -249,34 +237,34 @@ mod tests {
         assert!(leases[0].id() < leases[1].id(), "sorted by subnet");
 
         // Unchanged: silent. New MAC: Added. New pod CIDR: Removed old, Added new.
-        assert!(feed(&mut w, &mut t, watcher::Event::Apply(a.clone())).is_empty());
+        assert!(t.handle(watcher::Event::Apply(a.clone())).is_empty());
         let a2 = node("a", "10.244.1.0/24", "0a:00:00:00:00:11", true);
         assert_eq!(
-            subnets(&feed(&mut w, &mut t, watcher::Event::Apply(a2))),
+            subnets(&t.handle(watcher::Event::Apply(a2))),
             ["added 10.244.1.0/24"]
         );
         let a3 = node("a", "10.244.9.0/24", "0a:00:00:00:00:11", true);
         assert_eq!(
-            subnets(&feed(&mut w, &mut t, watcher::Event::Apply(a3))),
+            subnets(&t.handle(watcher::Event::Apply(a3))),
             ["removed 10.244.1.0/24", "added 10.244.9.0/24"]
         );
         // flannel taken off b: removed; deleted unknown node: silent; deleted a: removed.
         let b_off = node("b", "10.244.2.0/24", "0a:00:00:00:00:02", false);
         assert_eq!(
-            subnets(&feed(&mut w, &mut t, watcher::Event::Apply(b_off))),
+            subnets(&t.handle(watcher::Event::Apply(b_off))),
             ["removed 10.244.2.0/24"]
         );
-        assert!(feed(&mut w, &mut t, watcher::Event::Delete(stranger)).is_empty());
+        assert!(t.handle(watcher::Event::Delete(stranger)).is_empty());
         let a_last = node("a", "10.244.9.0/24", "0a:00:00:00:00:11", true);
         assert_eq!(
-            subnets(&feed(&mut w, &mut t, watcher::Event::Delete(a_last))),
+            subnets(&t.handle(watcher::Event::Delete(a_last))),
             ["removed 10.244.9.0/24"]
         );
 
-        // A relist replaces everything: the snapshot reflects the store, nothing else.
-        feed(&mut w, &mut t, watcher::Event::Init);
-        feed(&mut w, &mut t, watcher::Event::InitApply(b.clone()));
-        let ev = feed(&mut w, &mut t, watcher::Event::InitDone);
+        // A relist replaces everything: the snapshot is the new list, nothing else.
+        t.handle(watcher::Event::Init);
+        t.handle(watcher::Event::InitApply(b.clone()));
+        let ev = t.handle(watcher::Event::InitDone);
         assert!(
             matches!(&ev[..], [LeaseEvent::Snapshot(l)] if l.len() == 1 && l[0].subnets().to_string() == "10.244.2.0/24")
         );
