@@ -33,10 +33,36 @@ const RR_PORT: u16 = 7007;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("rr-server") => rr_server(),
-        Some("rr-client") => rr_client(&args[2], args[3].parse().expect("transaction count")),
+        Some("rr-server") => {
+            pin_to(args.get(2));
+            rr_server()
+        }
+        Some("rr-client") => {
+            pin_to(args.get(4));
+            rr_client(&args[2], args[3].parse().expect("transaction count"))
+        }
         _ => bench(&args[1..]),
     }
+}
+
+/// Run this process on CPU `cpu` only, if one is given: with `--placement per-host` the
+/// ping-pong's ends sit where iperf3's do (`-A 0,1`), each on its host's receive CPU, so
+/// the scheduler never moves a spinning end onto the other host's CPU mid-run.
+fn pin_to(cpu: Option<&String>) {
+    let Some(cpu) = cpu else { return };
+    let cpu: usize = cpu.parse().expect("CPU number");
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "pin to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Echo one byte per message until the peer closes, for every connection.
@@ -374,7 +400,7 @@ fn bench(args: &[String]) {
                 &["-t", &t_arg, "-O", "1", "-P", "4", "-C", &cc],
             );
             let cpu_per_gb = (cpu1 + cpu4) / ((bytes1 + bytes4) / 1e9);
-            let (p50, p99) = request_response(&exe, client, server, addr, rr);
+            let (p50, p99) = request_response(&exe, client, server, addr, rr, per_host);
             eprintln!(
                 "round {}: {:<13} 1 stream {one:6.2} Gbit/s, 4 streams {four:6.2} Gbit/s, RR p50 {p50:6.1} µs p99 {p99:6.1} µs, {cpu_per_gb:.3} CPU-s/GB",
                 round + 1,
@@ -447,18 +473,31 @@ fn gbits(report: &serde_json::Value) -> f64 {
         / 1e9
 }
 
+/// The ping-pong between `client` and `server`; with `pinned`, the client on CPU 0 and
+/// the server on CPU 1. Returns p50 and p99 in microseconds.
 fn request_response(
     exe: &std::path::Path,
     client: &NetNs,
     server: &NetNs,
     addr: IpAddr,
     count: usize,
+    pinned: bool,
 ) -> (f64, f64) {
     let exe = exe.to_string_lossy();
-    let _server = server.spawn_server(&exe, &["rr-server"], RR_PORT);
+    let server_args: &[&str] = if pinned {
+        &["rr-server", "1"]
+    } else {
+        &["rr-server"]
+    };
+    let _server = server.spawn_server(&exe, server_args, RR_PORT);
+    let (addr, count) = (addr.to_string(), count.to_string());
+    let mut client_args = vec!["rr-client", &addr, &count];
+    if pinned {
+        client_args.push("0");
+    }
     let out = client
         .command(&exe)
-        .args(["rr-client", &addr.to_string(), &count.to_string()])
+        .args(&client_args)
         .output()
         .expect("rr client");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -491,8 +530,13 @@ fn report(results: &[(Mode, Samples)], rounds: usize, secs: u64, cc: &str, place
         "\n{rounds} interleaved rounds, iperf3 {secs} s per run; medians (min–max); CPU = sys + softirq seconds of the whole machine per GB received"
     );
     println!(
-        "every host: pod behind cni0 (bridge plugin), iptables rules of kube-proxy ({} Services), the kubelet and flanneld, conntrack on; iperf3 sender congestion control {cc}; iperf3 client on CPU 0, server on CPU 1, receive placement {placement}\n",
-        flannel_e2e::kube_node::SERVICES
+        "every host: pod behind cni0 (bridge plugin), iptables rules of kube-proxy ({} Services), the kubelet and flanneld, conntrack on; iperf3 sender congestion control {cc}; iperf3 client on CPU 0, server on CPU 1, receive placement {placement}{}\n",
+        flannel_e2e::kube_node::SERVICES,
+        if placement == "per-host" {
+            " (RR client on CPU 0, server on CPU 1)"
+        } else {
+            ""
+        }
     );
     if results.iter().any(|(m, _)| m.agent_dataplane().is_some()) {
         println!(
