@@ -465,6 +465,23 @@ impl Cluster {
         })
     }
 
+    /// A dual-stack cluster of `hosts` hosts (IPv6 underlay too), agents running, two pods
+    /// per host with both families; returns the cluster and each host's `subnet.env`.
+    pub fn start_dual_stack(
+        hosts: u8,
+        conf: &str,
+        args: impl Fn(u8) -> Vec<String>,
+    ) -> (Self, Vec<SubnetEnv>) {
+        let mut c = Self::prepare_each(hosts, conf, args);
+        c.add_ipv6_underlay();
+        for n in &mut c.nodes {
+            n.start();
+        }
+        let envs = c.add_pods(2);
+        c.add_pod_ipv6(&envs);
+        (c, envs)
+    }
+
     /// Dual stack: give every host its IPv6 underlay address (before the agents start).
     pub fn add_ipv6_underlay(&mut self) {
         for (i, n) in self.nodes.iter_mut().enumerate() {
@@ -561,6 +578,13 @@ impl Cluster {
             .map(|n| format!("==== {} ====\n{}", n.host.ns.name(), n.log()))
             .collect()
     }
+}
+
+/// A dual-stack net-conf: 10.244.0.0/16 with /24s and fd00:10:244::/56 with /64s.
+pub fn dual_stack_net_conf(backend: &str) -> String {
+    format!(
+        r#"{{"Network":"10.244.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetLen":64,"Backend":{backend}}}"#
+    )
 }
 
 /// Build `flanneld`'s net-conf JSON for a VXLAN or host-gw cluster on 10.244.0.0/16.

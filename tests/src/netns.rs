@@ -16,7 +16,7 @@
 //! (not `ip netns exec`, which remounts `/sys`), Rust code with `setns` on a fresh thread.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -546,13 +546,19 @@ pub fn kernel_state(ns: &NetNs, device: &str) -> String {
 
 /// A TCP listener bound inside `ns` (accept from any thread; `accept()` reports the peer
 /// address as the listener's namespace sees it, i.e. after any NAT).
-pub fn listen_in(ns: &NetNs, ip: Ipv4Addr, port: u16) -> std::net::TcpListener {
+pub fn listen_in(ns: &NetNs, ip: impl Into<IpAddr>, port: u16) -> std::net::TcpListener {
+    let ip = ip.into();
     ns.enter(move || std::net::TcpListener::bind((ip, port)))
         .unwrap_or_else(|e| panic!("bind {ip}:{port}: {e}"))
 }
 
 /// A TCP connection opened from inside `ns` (3 s timeout).
-pub fn connect_from(ns: &NetNs, ip: Ipv4Addr, port: u16) -> std::io::Result<std::net::TcpStream> {
+pub fn connect_from(
+    ns: &NetNs,
+    ip: impl Into<IpAddr>,
+    port: u16,
+) -> std::io::Result<std::net::TcpStream> {
+    let ip = ip.into();
     ns.enter(move || {
         std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(3))
     })

@@ -368,11 +368,23 @@ pub fn iperf(
     addr: impl Into<IpAddr>,
     args: &[&str],
 ) -> serde_json::Value {
+    iperf_on(client, server, addr, 5201, args)
+}
+
+/// [`iperf`] with the server on `port`.
+pub fn iperf_on(
+    client: &NetNs,
+    server: &NetNs,
+    addr: impl Into<IpAddr>,
+    port: u16,
+    args: &[&str],
+) -> serde_json::Value {
     let addr = addr.into();
-    let _server = server.spawn_server("iperf3", &["-s", "-1", "-p", "5201"], 5201);
+    let port_s = port.to_string();
+    let _server = server.spawn_server("iperf3", &["-s", "-1", "-p", &port_s], port);
     let (ok, out) = try_sh(
         client,
-        &format!("iperf3 -c {addr} -p 5201 -J {}", args.join(" ")),
+        &format!("iperf3 -c {addr} -p {port} -J {}", args.join(" ")),
     );
     assert!(ok, "iperf3 client failed: {out}");
     serde_json::from_str(&out).expect("iperf3 JSON")

@@ -13,31 +13,11 @@ use std::{
 };
 
 use flannel_e2e::{
-    cluster::{BpfPins, Cluster, PREFIX, SubnetEnv},
+    cluster::{BpfPins, Cluster, PREFIX, SubnetEnv, dual_stack_net_conf},
     craft,
     netns::{NetNs, host_ip6, wait_until},
     require_root,
 };
-
-/// 10.244.0.0/16 with /24s and fd00:10:244::/56 with /64s.
-fn dual_conf(backend: &str) -> String {
-    format!(
-        r#"{{"Network":"10.244.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetLen":64,"Backend":{backend}}}"#
-    )
-}
-
-/// A dual-stack cluster of `hosts` hosts, agents running, two pods per host with both
-/// families; returns the cluster and each host's `subnet.env`.
-fn start(hosts: u8, conf: &str, args: impl Fn(u8) -> Vec<String>) -> (Cluster, Vec<SubnetEnv>) {
-    let mut c = Cluster::prepare_each(hosts, conf, args);
-    c.add_ipv6_underlay();
-    for n in &mut c.nodes {
-        n.start();
-    }
-    let envs = c.add_pods(2);
-    c.add_pod_ipv6(&envs);
-    (c, envs)
-}
 
 /// The MAC of `dev` in `ns`.
 fn mac_of(ns: &NetNs, dev: &str) -> String {
@@ -73,13 +53,14 @@ fn dual_stack_vxlan_ebpf_and_kernel_hosts_connect_every_pod_over_both_families()
     }
     // Hosts 1–2 eBPF (IPv6 through the kernel device), host 3 kernel VXLAN only.
     let pins = BpfPins::new("ds", 3);
-    let (c, envs) = start(3, &dual_conf(r#"{"Type":"vxlan"}"#), |i| {
-        if i < 3 {
-            vec!["--dataplane=ebpf".into(), pins.arg(i)]
-        } else {
-            vec!["--dataplane=kernel".into()]
-        }
-    });
+    let (c, envs) =
+        Cluster::start_dual_stack(3, &dual_stack_net_conf(r#"{"Type":"vxlan"}"#), |i| {
+            if i < 3 {
+                vec!["--dataplane=ebpf".into(), pins.arg(i)]
+            } else {
+                vec!["--dataplane=kernel".into()]
+            }
+        });
 
     for (i, (n, env)) in c.nodes.iter().zip(&envs).enumerate() {
         let ns = &n.host.ns;
@@ -217,13 +198,14 @@ fn ipv6_services_dnat_to_a_pod_on_another_host_both_directions() {
         return;
     }
     let pins = BpfPins::new("ds-svc", 1);
-    let (c, _envs) = start(2, &dual_conf(r#"{"Type":"vxlan"}"#), |i| {
-        if i == 1 {
-            vec!["--dataplane=ebpf".into(), pins.arg(1)]
-        } else {
-            vec!["--dataplane=kernel".into()]
-        }
-    });
+    let (c, _envs) =
+        Cluster::start_dual_stack(2, &dual_stack_net_conf(r#"{"Type":"vxlan"}"#), |i| {
+            if i == 1 {
+                vec!["--dataplane=ebpf".into(), pins.arg(1)]
+            } else {
+                vec!["--dataplane=kernel".into()]
+            }
+        });
     c.assert_all_pods_reach_each_other_v6();
     let service: Ipv6Addr = SERVICE_IP6.parse().unwrap();
     let pod = |h: usize| &c.nodes[h].host.pods[0];
@@ -348,7 +330,7 @@ fn upgrading_ipv4_only_to_dual_stack_one_host_at_a_time_never_stops_ipv4() {
         .collect();
     c.etcd_put(
         &format!("{PREFIX}/config"),
-        &dual_conf(r#"{"Type":"vxlan"}"#),
+        &dual_stack_net_conf(r#"{"Type":"vxlan"}"#),
     );
     let mut after = Vec::new();
     for (i, (n, was)) in c.nodes.iter_mut().zip(&before).enumerate() {
@@ -426,12 +408,13 @@ fn ipv6_device_state_is_repaired_on_netlink_events() {
     if !require_root() {
         return;
     }
-    let (c, envs) = start(2, &dual_conf(r#"{"Type":"vxlan"}"#), |_| {
-        vec![
-            "--dataplane=kernel".into(),
-            "--log-level=flannel_agent::agent=debug,info".into(),
-        ]
-    });
+    let (c, envs) =
+        Cluster::start_dual_stack(2, &dual_stack_net_conf(r#"{"Type":"vxlan"}"#), |_| {
+            vec![
+                "--dataplane=kernel".into(),
+                "--log-level=flannel_agent::agent=debug,info".into(),
+            ]
+        });
     c.assert_all_pods_reach_each_other_v6();
     let ns = &c.nodes[0].host.ns;
     let peer6 = envs[1].ipv6_subnet.unwrap();
@@ -501,13 +484,14 @@ fn dual_stack_ebpf_programs_carry_ipv6() {
         return;
     }
     let pins = BpfPins::new("ds6", 3);
-    let (c, envs) = start(3, &dual_conf(r#"{"Type":"vxlan"}"#), |i| {
-        if i < 3 {
-            vec!["--dataplane=ebpf".into(), pins.arg(i)]
-        } else {
-            vec!["--dataplane=kernel".into()]
-        }
-    });
+    let (c, envs) =
+        Cluster::start_dual_stack(3, &dual_stack_net_conf(r#"{"Type":"vxlan"}"#), |i| {
+            if i < 3 {
+                vec!["--dataplane=ebpf".into(), pins.arg(i)]
+            } else {
+                vec!["--dataplane=kernel".into()]
+            }
+        });
     let open = |host: u8| {
         flannel_agent::backend::ebpf::open_pinned(&pins.layout(host)).expect("pinned maps")
     };
@@ -646,7 +630,10 @@ fn dual_stack_hostgw_routes_both_families() {
     if !require_root() {
         return;
     }
-    let (c, envs) = start(3, &dual_conf(r#"{"Type":"host-gw"}"#), |_| Vec::new());
+    let (c, envs) =
+        Cluster::start_dual_stack(3, &dual_stack_net_conf(r#"{"Type":"host-gw"}"#), |_| {
+            Vec::new()
+        });
     for (i, n) in c.nodes.iter().enumerate() {
         for (j, e) in envs.iter().enumerate().filter(|(j, _)| *j != i) {
             let want = format!(
@@ -695,7 +682,7 @@ fn dual_stack_ip_masq_rewrites_ipv6_leaving_the_cluster() {
         let conf = format!(
             r#"{{"Network":"10.244.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","EnableNFTables":{nftables},"Backend":{{"Type":"vxlan"}}}}"#
         );
-        let (mut c, _) = start(2, &conf, |_| {
+        let (mut c, _) = Cluster::start_dual_stack(2, &conf, |_| {
             vec!["--dataplane=kernel".into(), "--ip-masq=true".into()]
         });
         let outside_ip6: Ipv6Addr = "fd00:198::100".parse().unwrap();
@@ -752,13 +739,14 @@ fn stranger_vxlan_over_ipv6_is_dropped_by_the_guard_and_a_peers_arrives() {
         return;
     }
     let pins = BpfPins::new("ds-guard", 1);
-    let (mut c, _envs) = start(2, &dual_conf(r#"{"Type":"vxlan"}"#), |i| {
-        if i == 1 {
-            vec!["--dataplane=ebpf".into(), pins.arg(1)]
-        } else {
-            vec!["--dataplane=kernel".into()]
-        }
-    });
+    let (mut c, _envs) =
+        Cluster::start_dual_stack(2, &dual_stack_net_conf(r#"{"Type":"vxlan"}"#), |i| {
+            if i == 1 {
+                vec!["--dataplane=ebpf".into(), pins.arg(1)]
+            } else {
+                vec!["--dataplane=kernel".into()]
+            }
+        });
     c.assert_all_pods_reach_each_other_v6();
     let stranger6 = Ipv6Addr::new(0xfd00, 0x198, 0, 0, 0, 0, 0, 0x66);
     let stranger = c

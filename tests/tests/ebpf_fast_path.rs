@@ -14,7 +14,7 @@ use flannel_e2e::{
     cluster::{BpfPins, Cluster, net_conf},
     netns::{NetNs, connect_from, listen_in, wait_until},
     twohost::{
-        EbpfHost, FLOW_REFRESH_MS, Host, attach_ebpf, counters, flows, iperf, try_sh, two_hosts,
+        EbpfHost, FLOW_REFRESH_MS, Host, attach_ebpf, counters, flows, iperf, iperf_on, two_hosts,
     },
 };
 
@@ -198,24 +198,6 @@ fn pod_to_pod_flows_go_fast_while_service_flows_stay_on_the_kernel_path() {
         );
         a.ns.sh("iptables -t nat -F PREROUTING; nft delete table ip svc 2>/dev/null; true");
     }
-}
-
-/// iperf3 server on `port` in `server`, client in `client`: the JSON report.
-fn iperf_on(
-    client: &NetNs,
-    server: &NetNs,
-    addr: Ipv4Addr,
-    port: u16,
-    args: &[&str],
-) -> serde_json::Value {
-    let port_s = port.to_string();
-    let _server = server.spawn_server("iperf3", &["-s", "-1", "-p", &port_s], port);
-    let (ok, out) = try_sh(
-        client,
-        &format!("iperf3 -c {addr} -p {port} -J {}", args.join(" ")),
-    );
-    assert!(ok, "iperf3 client failed: {out}");
-    serde_json::from_str(&out).expect("iperf3 JSON")
 }
 
 #[test]
