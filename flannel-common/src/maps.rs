@@ -142,8 +142,9 @@ pub struct DatapathConfig {
     pub local_ip6: [u8; 16],
     /// The MAC of `flannel-v6.<VNI>`: inner IPv6 frames for us carry it.
     pub vtep_mac6: [u8; 6],
-    /// Padding, always zero.
-    pub _pad3: [u8; 2],
+    /// Largest inner IPv6 packet the overlay carries (the `flannel-v6.<VNI>` MTU), as
+    /// `mtu` is for IPv4.
+    pub mtu6: u16,
     /// Interface index of `flannel-v6.<VNI>`, where decapsulated IPv6 is delivered; 0
     /// without it.
     pub vxlan6_ifindex: u32,
@@ -161,10 +162,11 @@ pub const FLOW_F_CLOSING: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
-    /// The local pod's IPv4, network order.
-    pub pod: [u8; 4],
-    /// The remote pod's IPv4, network order.
-    pub remote: [u8; 4],
+    /// The local pod's address, network order: IPv6, or IPv4 mapped into IPv6
+    /// (`::ffff:a.b.c.d`, as the route and peer maps hold it).
+    pub pod: [u8; 16],
+    /// The remote pod's address, in the same form.
+    pub remote: [u8; 16],
     /// The local pod's port, host order.
     pub pod_port: u16,
     /// The remote pod's port, host order.
@@ -272,14 +274,16 @@ mod tests {
         assert_eq!(offset_of!(DatapathConfig, flow_refresh_ms), 40);
         assert_eq!(offset_of!(DatapathConfig, local_ip6), 44);
         assert_eq!(offset_of!(DatapathConfig, vtep_mac6), 60);
+        assert_eq!(offset_of!(DatapathConfig, mtu6), 66);
         assert_eq!(offset_of!(DatapathConfig, vxlan6_ifindex), 68);
     }
 
     #[test]
     fn flow_layout_is_pinned() {
-        assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(offset_of!(FlowKey, pod_port), 8);
-        assert_eq!(offset_of!(FlowKey, proto), 12);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(offset_of!(FlowKey, remote), 16);
+        assert_eq!(offset_of!(FlowKey, pod_port), 32);
+        assert_eq!(offset_of!(FlowKey, proto), 36);
         assert_eq!(size_of::<Flow>(), 80);
         assert_eq!(offset_of!(Flow, fast_rx_packets), 48);
         assert_eq!(offset_of!(Flow, rx_ifindex), 56);

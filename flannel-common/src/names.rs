@@ -5,7 +5,7 @@
 /// Version of the map layout. Part of the pin path: a release that changes any type in
 /// [`crate::maps`] or [`crate::stats`] bumps it, so it never opens a pinned map of the old
 /// layout (aya reuses a pinned map without checking its key or value size).
-pub const LAYOUT_VERSION: &str = "v4";
+pub const LAYOUT_VERSION: &str = "v5";
 
 /// Default bpffs directory under which the agent pins its maps and links.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/flannel";

@@ -151,14 +151,18 @@ impl PassReason {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PathReason {
-    /// Sent on the fast path: encapsulated at the pod's veth, straight to the uplink.
+    /// Sent on the fast path from the pod's veth: IPv4 encapsulated there and sent
+    /// straight out of the uplink; IPv6 handed straight to `flannel-v6.<VNI>`'s transmit
+    /// (whose program or driver encapsulates it, the driver filling each GSO segment's
+    /// outer UDP checksum).
     FastTx = 0,
     /// Received on the fast path: decapsulated and put straight into the pod.
     FastRx = 1,
     /// Kernel path: the destination is no remote pod (a Service address, this host, a
     /// local pod, the outside world).
     Unrouted = 2,
-    /// Kernel path: not IPv4 TCP/UDP without IP options and fragmentation.
+    /// Kernel path: not TCP/UDP over IPv4 without options and fragmentation, or over IPv6
+    /// without extension headers.
     Unsupported = 3,
     /// Kernel path: the flow has not been seen to pass netfilter unchanged in both
     /// directions (new, NATed, or dropped by policy).
@@ -172,7 +176,7 @@ pub enum PathReason {
     ConntrackPending = 7,
     /// Kernel path: too big for the overlay MTU (the kernel sends frag-needed).
     TooBig = 8,
-    /// Kernel path: TTL would expire (the kernel sends time-exceeded).
+    /// Kernel path: TTL (hop limit) would expire (the kernel sends time-exceeded).
     TtlExpired = 9,
     /// Kernel path: the packet carries an skb mark, which policy may route or filter by.
     Marked = 10,

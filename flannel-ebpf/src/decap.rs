@@ -31,7 +31,8 @@
 //! IPv6 (VXLAN over an IPv6 underlay, IPv6 inside): the same checks in the same order
 //! (known peer first, strangers dropped and counted by source; then flags, VNI, the
 //! `flannel-v6.<VNI>` MAC, the inner source in the peer's IPv6 subnet), delivered into
-//! `flannel-v6.<VNI>`'s ingress; see [`try_decap6`].
+//! `flannel-v6.<VNI>`'s ingress; see [`try_decap6`]. The per-flow fast path covers IPv6
+//! as IPv4.
 //!
 //! Per-flow fast path (`CONFIG_F_FLOW_CACHE`, see [`crate::flows`]): the inner packet of a
 //! verified pod-to-pod flow is decapsulated, its TTL lowered as forwarding would, and put
@@ -116,21 +117,11 @@ fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
     }
     // Checks are done: what follows only chooses the path.
     if cfg.flags & CONFIG_F_FLOW_CACHE != 0 {
-        match flow_fast_path(ctx, &cfg) {
+        match flow_fast_path(ctx, &cfg, INNER_IP, flows::parse) {
             Ok((flow, pkt)) => {
-                // SAFETY: the entry `observe` returned is valid for this run.
-                let flow = unsafe { &mut *flow };
-                let mut delivered = eth;
-                delivered[0..12].copy_from_slice(&flow.rx_eth);
-                strip_outer(ctx, VXLAN_OVERHEAD, &delivered)?;
-                flows::decrement_ttl(ctx, ETH_LEN, pkt.ttl, pkt.proto)
-                    .map_err(|_| Outcome::Drop(DropReason::Malformed))?;
-                maps::count_peer(peer.slot, ctx.len(), false);
-                maps::count(&maps::PATHS, PathReason::FastRx as u32, ctx.len());
-                flow.fast_rx_packets += 1;
-                // SAFETY: plain helper call; the ifindex is the veth the kernel path
-                // delivered this flow to.
-                return Ok(unsafe { bpf_redirect_peer(flow.rx_ifindex, 0) } as i32);
+                return deliver_fast(ctx, flow, &eth, VXLAN_OVERHEAD, peer.slot, || {
+                    flows::decrement_ttl(ctx, ETH_LEN, pkt.ttl, pkt.proto)
+                });
             }
             Err(reason) => maps::count(&maps::PATHS, reason as u32, ctx.len()),
         }
@@ -157,8 +148,8 @@ fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
 
 /// VXLAN over IPv6 from a known peer: the same checks as over IPv4, the inner frame to
 /// `flannel-v6.<VNI>`'s MAC carrying IPv6 from the peer's IPv6 subnet, delivered into
-/// `flannel-v6.<VNI>`'s ingress. The fast paths are IPv4 only: IPv6 always meets the
-/// host's routing and netfilter.
+/// `flannel-v6.<VNI>`'s ingress, or, for a verified flow, straight into its pod (the
+/// all-flows fast path is IPv4 only).
 #[inline(never)]
 fn decap6_program(ctx: &TcContext) -> i32 {
     match try_decap6(ctx) {
@@ -169,7 +160,7 @@ fn decap6_program(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn try_decap6(ctx: &TcContext) -> Result<i32, Outcome> {
-    let cfg = &maps::config().ok_or(Outcome::Ignore)?;
+    let cfg = maps::config_ref().ok_or(Outcome::Ignore)?;
     let peer = known_peer6(ctx, cfg)?;
     let (eth, gbp_mark) = inner_frame(ctx, cfg, VXLAN6, &cfg.vtep_mac6, ETH_P_IPV6)?;
     let inner_src: [u8; 16] = ctx
@@ -183,6 +174,16 @@ fn try_decap6(ctx: &TcContext) -> Result<i32, Outcome> {
     if let Some(mark) = gbp_mark {
         // SAFETY: `mark` is a writable field of the context for TC programs.
         unsafe { (*ctx.skb.skb).mark = mark };
+    }
+    if cfg.flags & CONFIG_F_FLOW_CACHE != 0 {
+        match flow_fast_path(ctx, cfg, INNER6_IP, flows::parse6) {
+            Ok((flow, pkt)) => {
+                return deliver_fast(ctx, flow, &eth, VXLAN6_OVERHEAD, peer.slot, || {
+                    flows::decrement_hop_limit(ctx, ETH_LEN, pkt.ttl)
+                });
+            }
+            Err(reason) => maps::count(&maps::PATHS, reason as u32, ctx.len()),
+        }
     }
     // SAFETY: reading a field of the context the kernel handed us.
     if unsafe { (*ctx.skb.skb).gso_size } != 0 {
@@ -352,19 +353,47 @@ fn known_peer(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Peer, Outcome> {
     Ok(*peer)
 }
 
-/// The per-flow fast path's decision for the inner packet: its verified flow, or why the
-/// kernel path carries it.
+/// The per-flow fast path's decision for the inner packet at `inner_ip` (`parse` reads
+/// its family): its verified flow, or why the kernel path carries it.
 #[inline(always)]
 fn flow_fast_path(
     ctx: &TcContext,
     cfg: &DatapathConfig,
+    inner_ip: usize,
+    parse: impl Fn(&TcContext, usize) -> Option<flows::Packet>,
 ) -> Result<(*mut flannel_common::Flow, flows::Packet), PathReason> {
-    let pkt = flows::parse(ctx, INNER_IP).ok_or(PathReason::Unsupported)?;
+    let pkt = parse(ctx, inner_ip).ok_or(PathReason::Unsupported)?;
     let flow = flows::observe(&pkt, Dir::Rx, cfg, flows::now())?;
     if pkt.ttl <= 1 {
         return Err(PathReason::TtlExpired);
     }
     Ok((flow, pkt))
+}
+
+/// Put a verified flow's packet straight into its pod: strip the `overhead` outer bytes,
+/// frame it as the kernel path delivered the flow, lower its TTL (`lower_ttl`), count it
+/// and redirect it into the pod's namespace.
+#[inline(always)]
+fn deliver_fast(
+    ctx: &TcContext,
+    flow: *mut flannel_common::Flow,
+    eth: &[u8; ETH_LEN],
+    overhead: usize,
+    peer_slot: u32,
+    lower_ttl: impl FnOnce() -> Result<(), i64>,
+) -> Result<i32, Outcome> {
+    // SAFETY: the entry `observe` returned is valid for this run.
+    let flow = unsafe { &mut *flow };
+    let mut delivered = *eth;
+    delivered[0..12].copy_from_slice(&flow.rx_eth);
+    strip_outer(ctx, overhead, &delivered)?;
+    lower_ttl().map_err(|_| Outcome::Drop(DropReason::Malformed))?;
+    maps::count_peer(peer_slot, ctx.len(), false);
+    maps::count(&maps::PATHS, PathReason::FastRx as u32, ctx.len());
+    flow.fast_rx_packets += 1;
+    // SAFETY: plain helper call; the ifindex is the veth the kernel path delivered this
+    // flow to.
+    Ok(unsafe { bpf_redirect_peer(flow.rx_ifindex, 0) } as i32)
 }
 
 /// With the opt-in all-flows fast path on, the local pod the inner packet is for, if the

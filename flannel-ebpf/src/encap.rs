@@ -21,6 +21,10 @@
 //! checksum (upstream's device refuses zero ones), which this program computes from the
 //! headers alone (`wire::udp6_tunnel_checksum`); a GSO aggregate would need one per
 //! segment, which only the kernel can fill, so aggregates stay on the kernel device.
+//!
+//! Per-flow fast path (`CONFIG_F_FLOW_CACHE`): a packet that arrives here from routing
+//! confirms its flow's send side (see `flows`). Fast IPv6 packets arrive here too, straight
+//! from the pod's veth (`pod::from_pod6`), and are encapsulated like any other.
 
 use aya_ebpf::{
     bindings::{
@@ -127,7 +131,8 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Outcome> {
         // SAFETY: reading a field of the context the kernel handed us.
         let unmarked = unsafe { (*ctx.skb.skb).mark } == 0;
         if let (true, Some(pkt)) = (unmarked, flows::parse(ctx, ETH_LEN)) {
-            flows::confirm(&pkt, Dir::Tx, flows::now(), None);
+            // Fast IPv4 packets never come here: no need to tell them apart.
+            flows::confirm(&pkt, Dir::Tx, flows::now(), None, None);
         }
     }
     encapsulate(ctx, &cfg, &route, tos)
@@ -260,6 +265,9 @@ fn try_encap6(ctx: &TcContext) -> Result<i32, Outcome> {
     if route.flags & ROUTE_F_DIRECT != 0 || is_v4_mapped(&route.peer_ip) {
         return Err(Outcome::Pass(PassReason::NoRoute));
     }
+    if cfg.flags & CONFIG_F_FLOW_CACHE != 0 {
+        confirm6(ctx);
+    }
     // SAFETY: reading a field of the context the kernel handed us.
     if unsafe { (*ctx.skb.skb).gso_size } != 0 {
         return Err(Outcome::Pass(PassReason::Ipv6Gso));
@@ -335,6 +343,17 @@ fn try_encap6(ctx: &TcContext) -> Result<i32, Outcome> {
     // (`skb->protocol` is IPv6 already: the inner packet's).
     let rc = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
     Ok(rc as i32)
+}
+
+/// The kernel path routed and filtered this IPv6 packet: confirm its flow's send side (a
+/// frame of its own: the encapsulation after it needs the stack).
+#[inline(never)]
+fn confirm6(ctx: &TcContext) {
+    // SAFETY: reading fields of the context the kernel handed us.
+    let (mark, received_on) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ingress_ifindex) };
+    if let (0, Some(pkt)) = (mark, flows::parse6(ctx, ETH_LEN)) {
+        flows::confirm(&pkt, Dir::Tx, flows::now(), None, Some(received_on));
+    }
 }
 
 /// The folded one's-complement sum of the `len` bytes (a multiple of 4) at `at` (map

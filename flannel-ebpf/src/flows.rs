@@ -6,8 +6,11 @@
 //! * before netfilter, the 5-tuple is *seen*: TC ingress of the pod's host-side veth for
 //!   packets the pod sends ([`crate::pod::from_pod`]), the uplink for VXLAN it receives
 //!   ([`crate::decap`]);
-//! * after netfilter, the same 5-tuple is *confirmed*: TC egress of `flannel.<VNI>`
-//!   ([`crate::encap`]) and TC egress of the pod's veth ([`crate::pod::to_pod`]).
+//! * after netfilter, the same 5-tuple is *confirmed*: TC egress of `flannel.<VNI>` or
+//!   `flannel-v6.<VNI>` ([`crate::encap`]) and TC egress of the pod's veth
+//!   ([`crate::pod::to_pod`]).
+//!
+//! Both families share the map: addresses are 16 bytes, IPv4 mapped into IPv6.
 //!
 //! Only a packet that FORWARD accepted and that no NAT rewrote arrives at the second hook
 //! with the tuple the first one recorded. A Service flow (ClusterIP before DNAT, a pod IP
@@ -22,7 +25,7 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use flannel_common::{
     DatapathConfig, Flow, FlowKey, PathReason,
     maps::{FLOW_F_CLOSING, FLOW_F_CT_READY},
-    wire::IPV4_LEN,
+    wire::{IPV4_LEN, IPV6_LEN, v4_mapped},
 };
 
 use crate::maps::{FLOW_EVENTS, FLOWS};
@@ -48,16 +51,18 @@ pub enum Dir {
     Rx,
 }
 
-/// The parts of an IPv4 TCP/UDP packet the fast path needs.
+/// The parts of a TCP/UDP packet the fast path needs. Addresses are 16 bytes, IPv4
+/// mapped into IPv6 as the route and peer maps hold them.
 #[derive(Clone, Copy)]
 pub struct Packet {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     pub tcp_flags: u8,
     pub tos: u8,
+    /// TTL, or IPv6 hop limit.
     pub ttl: u8,
     /// IP + L4 header bytes, for the GSO segment size check.
     pub headers: u16,
@@ -93,6 +98,19 @@ impl Packet {
     }
 }
 
+/// The TCP flags and header length, or UDP's 8, of the L4 header at `l4`.
+#[inline(always)]
+fn l4(ctx: &TcContext, l4: usize, proto: u8) -> Option<(u8, u16)> {
+    match proto {
+        IPPROTO_TCP => {
+            let off_flags: [u8; 2] = ctx.load(l4 + 12).ok()?;
+            Some((off_flags[1], u16::from(off_flags[0] >> 4) * 4))
+        }
+        IPPROTO_UDP => Some((0, 8)),
+        _ => None,
+    }
+}
+
 /// Parse the IPv4 header at `l3` and the TCP/UDP header behind it. `None` for anything
 /// else: other protocols, IP options, fragments.
 #[inline(always)]
@@ -102,19 +120,11 @@ pub fn parse(ctx: &TcContext, l3: usize) -> Option<Packet> {
         return None;
     }
     let proto = ip[9];
-    let l4 = l3 + IPV4_LEN;
-    let ports: [u8; 4] = ctx.load(l4).ok()?;
-    let (tcp_flags, l4_len) = match proto {
-        IPPROTO_TCP => {
-            let off_flags: [u8; 2] = ctx.load(l4 + 12).ok()?;
-            (off_flags[1], u16::from(off_flags[0] >> 4) * 4)
-        }
-        IPPROTO_UDP => (0, 8),
-        _ => return None,
-    };
+    let ports: [u8; 4] = ctx.load(l3 + IPV4_LEN).ok()?;
+    let (tcp_flags, l4_len) = l4(ctx, l3 + IPV4_LEN, proto)?;
     Some(Packet {
-        src: [ip[12], ip[13], ip[14], ip[15]],
-        dst: [ip[16], ip[17], ip[18], ip[19]],
+        src: v4_mapped([ip[12], ip[13], ip[14], ip[15]]),
+        dst: v4_mapped([ip[16], ip[17], ip[18], ip[19]]),
         sport: u16::from_be_bytes([ports[0], ports[1]]),
         dport: u16::from_be_bytes([ports[2], ports[3]]),
         proto,
@@ -122,6 +132,31 @@ pub fn parse(ctx: &TcContext, l3: usize) -> Option<Packet> {
         tos: ip[1],
         ttl: ip[8],
         headers: IPV4_LEN as u16 + l4_len,
+    })
+}
+
+/// Parse the IPv6 header at `l3` and the TCP/UDP header right behind it. `None` for
+/// anything else: other upper layers, and extension headers (fragments included), which
+/// the kernel path parses.
+#[inline(always)]
+pub fn parse6(ctx: &TcContext, l3: usize) -> Option<Packet> {
+    let head: [u8; 8] = ctx.load(l3).ok()?;
+    if head[0] >> 4 != 6 {
+        return None;
+    }
+    let proto = head[6];
+    let ports: [u8; 4] = ctx.load(l3 + IPV6_LEN).ok()?;
+    let (tcp_flags, l4_len) = l4(ctx, l3 + IPV6_LEN, proto)?;
+    Some(Packet {
+        src: ctx.load(l3 + 8).ok()?,
+        dst: ctx.load(l3 + 24).ok()?,
+        sport: u16::from_be_bytes([ports[0], ports[1]]),
+        dport: u16::from_be_bytes([ports[2], ports[3]]),
+        proto,
+        tcp_flags,
+        tos: (head[0] << 4) | (head[1] >> 4),
+        ttl: head[7],
+        headers: IPV6_LEN as u16 + l4_len,
     })
 }
 
@@ -218,8 +253,22 @@ fn fresh(dir: Dir, now: u64) -> Flow {
 /// After netfilter: the packet left it with the tuple `observe` recorded, so the kernel
 /// path accepted this direction of the flow unchanged. `delivered` is, for packets to the
 /// pod, the veth and Ethernet addresses the kernel delivered them with.
+///
+/// `received_on` is, for IPv6 packets from the pod, the interface the packet entered the
+/// host on (`skb->skb_iif`). A fast IPv6 packet reaches `flannel-v6.<VNI>` straight from
+/// the pod's veth, so it arrives at this hook too, and must not confirm its own flow. The
+/// kernel path hands a pod's packets to routing through the bridge, which receives them
+/// again as its own, so only a fast packet still carries the pod's veth (the one its flow
+/// delivers to). Without a bridge (never the case with flannel's CNI) the kernel path's
+/// packets look fast too: such a flow goes fast once and then stays on the kernel path.
 #[inline(always)]
-pub fn confirm(pkt: &Packet, dir: Dir, now: u64, delivered: Option<(u32, [u8; 12])>) {
+pub fn confirm(
+    pkt: &Packet,
+    dir: Dir,
+    now: u64,
+    delivered: Option<(u32, [u8; 12])>,
+    received_on: Option<u32>,
+) {
     if pkt.is_tcp_control() {
         return;
     }
@@ -229,6 +278,9 @@ pub fn confirm(pkt: &Packet, dir: Dir, now: u64, delivered: Option<(u32, [u8; 12
     };
     // SAFETY: as in `observe`.
     let f = unsafe { &mut *f };
+    if received_on.is_some_and(|i| i != 0 && i == f.rx_ifindex) {
+        return;
+    }
     let seen = match dir {
         Dir::Tx => f.tx_seen_ns,
         Dir::Rx => f.rx_seen_ns,
@@ -254,6 +306,12 @@ pub fn confirm(pkt: &Packet, dir: Dir, now: u64, delivered: Option<(u32, [u8; 12
         // A full ring only delays the flow: it is asked again a second later.
         let _ = FLOW_EVENTS.output(key, 0);
     }
+}
+
+/// Lower the IPv6 hop limit at `l3` by one, as forwarding would (no header checksum).
+#[inline(always)]
+pub fn decrement_hop_limit(ctx: &TcContext, l3: usize, hop_limit: u8) -> Result<(), i64> {
+    ctx.store(l3 + 7, &(hop_limit - 1), 0)
 }
 
 /// Lower the IPv4 TTL at `l3` by one, as forwarding would, fixing the header checksum.

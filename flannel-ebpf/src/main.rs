@@ -80,19 +80,13 @@ pub fn vxlan_decap(ctx: TcContext) -> i32 {
 /// TC ingress on a pod's host-side veth: what the pod sends.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    match pod::try_from_pod(&ctx) {
-        Ok(action) => action,
-        Err(outcome) => outcome.action(&ctx),
-    }
+    pod::from_pod(&ctx)
 }
 
 /// TC egress on a pod's host-side veth: what the kernel path delivers to the pod.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    match pod::try_to_pod(&ctx) {
-        Ok(action) => action,
-        Err(outcome) => outcome.action(&ctx),
-    }
+    pod::to_pod(&ctx)
 }
 
 #[cfg(not(test))]

@@ -1336,6 +1336,11 @@ impl KernelVxlan {
         self.v4.as_ref().map(|d| d.mtu)
     }
 
+    /// The MTU of `flannel-v6.<VNI>`, if there is one.
+    pub fn v6_mtu(&self) -> Option<u32> {
+        self.v6.as_ref().map(|d| d.mtu)
+    }
+
     /// The uplink this backend sends through.
     pub fn ext(&self) -> &ExternalInterface {
         &self.ext

@@ -7,7 +7,7 @@
 //! it offloads by setting `IP_CT_TCP_FLAG_BE_LIBERAL` on both directions of their
 //! conntrack entry; the agent does exactly that, per flow, before the flow goes fast.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -27,10 +27,10 @@ const IP_CT_TCP_FLAG_BE_LIBERAL: u8 = 0x08;
 /// One direction of a TCP connection as conntrack keys it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpTuple {
-    /// Source address.
-    pub src: Ipv4Addr,
+    /// Source address (both addresses of one family).
+    pub src: IpAddr,
     /// Destination address.
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     /// Source port.
     pub sport: u16,
     /// Destination port.
@@ -67,7 +67,7 @@ impl Conntrack {
         let mut msg = NetlinkMessage::new(
             header(NLM_F_REQUEST | NLM_F_ACK, self.next_seq()),
             NetlinkPayload::from(NetfilterMessage::new(
-                NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+                NetfilterHeader::new(family(tuple.src), 0, 0),
                 ConntrackMessage::New(liberal_update(tuple)),
             )),
         );
@@ -108,6 +108,14 @@ impl Conntrack {
     }
 }
 
+/// The conntrack table (`nfgen_family`) an address's connections live in.
+fn family(addr: IpAddr) -> NetfilterProtoFamily {
+    match addr {
+        IpAddr::V4(_) => NetfilterProtoFamily::IPv4,
+        IpAddr::V6(_) => NetfilterProtoFamily::IPv6,
+    }
+}
+
 fn header(flags: u16, seq: u32) -> NetlinkHeader {
     let mut h = NetlinkHeader::default();
     h.flags = flags;
@@ -126,8 +134,8 @@ fn liberal_update(t: TcpTuple) -> Vec<ConntrackAttribute> {
     vec![
         ConntrackAttribute::CtaTupleOrig(vec![
             Tuple::Ip(vec![
-                IPTuple::SourceAddress(IpAddr::V4(t.src)),
-                IPTuple::DestinationAddress(IpAddr::V4(t.dst)),
+                IPTuple::SourceAddress(t.src),
+                IPTuple::DestinationAddress(t.dst),
             ]),
             Tuple::Proto(vec![
                 ProtoTuple::Protocol(Protocol::Tcp),
@@ -146,12 +154,13 @@ fn liberal_update(t: TcpTuple) -> Vec<ConntrackAttribute> {
 mod tests {
     use super::*;
     use netlink_packet_core::Emitable;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]
     fn liberal_update_names_the_tuple_and_both_directions() {
         let attrs = liberal_update(TcpTuple {
-            src: Ipv4Addr::new(10, 244, 1, 2),
-            dst: Ipv4Addr::new(10, 244, 2, 2),
+            src: Ipv4Addr::new(10, 244, 1, 2).into(),
+            dst: Ipv4Addr::new(10, 244, 2, 2).into(),
             sport: 40000,
             dport: 5201,
         });
@@ -162,5 +171,26 @@ mod tests {
         assert!(has(&[10, 244, 1, 2]) && has(&[10, 244, 2, 2]));
         assert!(has(&40000u16.to_be_bytes()) && has(&5201u16.to_be_bytes()));
         assert_eq!(buf.windows(2).filter(|w| *w == [8, 8]).count(), 2);
+    }
+
+    #[test]
+    fn ipv6_flows_are_looked_up_in_the_ipv6_table() {
+        let src: Ipv6Addr = "fd00:10:244:1::2".parse().unwrap();
+        let dst: Ipv6Addr = "fd00:10:244:2::2".parse().unwrap();
+        assert_eq!(family(src.into()), NetfilterProtoFamily::IPv6);
+        assert_eq!(
+            family(Ipv4Addr::new(10, 244, 1, 2).into()),
+            NetfilterProtoFamily::IPv4
+        );
+        let attrs = liberal_update(TcpTuple {
+            src: src.into(),
+            dst: dst.into(),
+            sport: 40000,
+            dport: 5201,
+        });
+        let mut buf = vec![0u8; attrs.as_slice().buffer_len()];
+        attrs.as_slice().emit(&mut buf);
+        let has = |needle: &[u8]| buf.windows(needle.len()).any(|w| w == needle);
+        assert!(has(&src.octets()) && has(&dst.octets()));
     }
 }

@@ -5,7 +5,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
     os::fd::AsRawFd,
     sync::atomic::{AtomicBool, Ordering},
 };
@@ -113,8 +112,8 @@ pub fn serve_flow_events(layout: &PinLayout, stop: &AtomicBool) -> Result<(), Fa
         }
         for key in keys {
             let tuple = TcpTuple {
-                src: Ipv4Addr::from(key.pod),
-                dst: Ipv4Addr::from(key.remote),
+                src: super::addr_of(key.pod),
+                dst: super::addr_of(key.remote),
                 sport: key.pod_port,
                 dport: key.remote_port,
             };

@@ -4,7 +4,7 @@
 //! Pin layout under `--bpf-pin-path` (default `/sys/fs/bpf/flannel`):
 //!
 //! ```text
-//! <root>/v4/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES,FLOWS,FLOW_EVENTS,PATHS,STRANGERS}
+//! <root>/v5/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES,FLOWS,FLOW_EVENTS,PATHS,STRANGERS}
 //! <root>/v4/links/{encap,encap6,decap}   # encap6: vxlan_encap on flannel-v6.<VNI> (dual stack)
 //! <root>/v4/links/pod<ifindex>-{in,out}   # from_pod / to_pod on a pod veth (bpffs names allow no dots)
 //! ```

@@ -208,6 +208,7 @@ impl EbpfVxlan {
             ttl: 64,
             // What `flannel.<VNI>` carries: the fast path sends nothing it wouldn't.
             mtu: u16::try_from(self.kernel.v4_mtu().unwrap_or_default()).unwrap_or(u16::MAX),
+            mtu6: u16::try_from(self.kernel.v6_mtu().unwrap_or_default()).unwrap_or(u16::MAX),
             flow_refresh_ms: self.options.flow_refresh_ms,
             local_ip6,
             vtep_mac6,
