@@ -409,66 +409,25 @@ impl Host {
     /// `.2`, `.3`, … with MTU `mtu` (the value from `subnet.env`).
     pub fn add_pods(&mut self, subnet: Ipv4Network, mtu: u32, count: usize) {
         let gw = nth(subnet, 1);
-        if self.pods.is_empty() {
-            self.ns.sh(&format!(
-                "ip link add cni0 mtu {mtu} type bridge && \
-                 ip addr add {gw}/{len} dev cni0 && ip link set cni0 up",
-                len = subnet.prefix()
-            ));
-        }
+        self.add_cni0(mtu, gw.into(), subnet.prefix());
         for _ in 0..count {
-            let i = self.pods.len() + 2;
-            let ip = nth(subnet, u32::try_from(i).expect("few pods"));
-            let ns = NetNs::new(&format!(
-                "{}p{i}",
-                self.ns.name().rsplit('-').next().unwrap_or("h")
-            ));
-            let veth = format!("veth{i}");
-            self.ns.sh(&format!(
-                "ip link add {veth} mtu {mtu} type veth peer name eth0 netns {pod} && \
-                 ip link set {veth} master cni0 && ip link set {veth} up",
-                pod = ns.name()
-            ));
-            ns.sh(&format!(
-                "ip link set eth0 mtu {mtu} && ip addr add {ip}/{len} dev eth0 && \
-                 ip link set eth0 up && ip route add default via {gw}",
-                len = subnet.prefix()
-            ));
+            let n = self.pods.len() + 2;
+            let ip = nth(subnet, u32::try_from(n).expect("few pods"));
+            let ns = self.new_pod(&n.to_string(), mtu, gw.into(), ip.into(), subnet.prefix());
             self.pods.push(Pod { ns, ip, ip6: None });
         }
     }
-}
 
-impl Host {
     /// [`Host::add_pods`] for an IPv6-only network: `cni0` with `subnet6`'s `::1`, pods at
     /// `::2`, `::3`, … with a default IPv6 route via it and no IPv4 address (their `ip`
     /// is 0.0.0.0).
     pub fn add_pods_v6_only(&mut self, subnet6: Ipv6Network, mtu: u32, count: usize) {
         let gw = nth6(subnet6, 1);
-        let len = subnet6.prefix();
-        if self.pods.is_empty() {
-            self.ns.sh(&format!(
-                "ip link add cni0 mtu {mtu} type bridge && \
-                 ip -6 addr add {gw}/{len} dev cni0 nodad && ip link set cni0 up"
-            ));
-        }
+        self.add_cni0(mtu, gw.into(), subnet6.prefix());
         for _ in 0..count {
-            let i = self.pods.len() + 2;
-            let ip6 = nth6(subnet6, u32::try_from(i).expect("few pods"));
-            let ns = NetNs::new(&format!(
-                "{}p{i}",
-                self.ns.name().rsplit('-').next().unwrap_or("h")
-            ));
-            let veth = format!("veth{i}");
-            self.ns.sh(&format!(
-                "ip link add {veth} mtu {mtu} type veth peer name eth0 netns {pod} && \
-                 ip link set {veth} master cni0 && ip link set {veth} up",
-                pod = ns.name()
-            ));
-            ns.sh(&format!(
-                "ip link set eth0 mtu {mtu} && ip -6 addr add {ip6}/{len} dev eth0 nodad && \
-                 ip link set eth0 up && ip -6 route add default via {gw}"
-            ));
+            let n = self.pods.len() + 2;
+            let ip6 = nth6(subnet6, u32::try_from(n).expect("few pods"));
+            let ns = self.new_pod(&n.to_string(), mtu, gw.into(), ip6.into(), subnet6.prefix());
             self.pods.push(Pod {
                 ns,
                 ip: Ipv4Addr::UNSPECIFIED,
@@ -476,34 +435,61 @@ impl Host {
             });
         }
     }
-}
 
-impl Host {
     /// Delete pod `index` (its namespace and veth) and at once create another with the same
     /// IP, on a new veth: what a pod restart with a sticky IP looks like to the node.
     pub fn replace_pod(&mut self, index: usize, subnet: Ipv4Network, mtu: u32) {
-        let gw = nth(subnet, 1);
         let ip = self.pods[index].ip;
-        let old = std::mem::replace(
-            &mut self.pods[index].ns,
-            NetNs::new(&format!(
-                "{}r{index}",
-                self.ns.name().rsplit('-').next().unwrap_or("h")
-            )),
+        // The old pod goes first (and its veth with its namespace), as a deleted pod does.
+        drop(self.pods.remove(index));
+        let ns = self.new_pod(
+            &format!("r{index}"),
+            mtu,
+            nth(subnet, 1).into(),
+            ip.into(),
+            subnet.prefix(),
         );
-        drop(old);
-        let pod = &self.pods[index].ns;
-        let veth = format!("vethr{index}");
+        self.pods.insert(index, Pod { ns, ip, ip6: None });
+    }
+
+    /// `cni0` with MTU `mtu` and the gateway address `gw`/`len`, before the host's first
+    /// pod.
+    fn add_cni0(&self, mtu: u32, gw: IpAddr, len: u8) {
+        if self.pods.is_empty() {
+            self.ns.sh(&format!(
+                "ip link add cni0 mtu {mtu} type bridge && {} && ip link set cni0 up",
+                addr_add(gw, len, "cni0")
+            ));
+        }
+    }
+
+    /// One pod's namespace, plugged into `cni0` on `veth<id>`: `eth0` with MTU `mtu`,
+    /// address `ip`/`len` and a default route via `gw`.
+    fn new_pod(&self, id: &str, mtu: u32, gw: IpAddr, ip: IpAddr, len: u8) -> NetNs {
+        let ns = NetNs::new(&format!(
+            "{}p{id}",
+            self.ns.name().rsplit('-').next().unwrap_or("h")
+        ));
         self.ns.sh(&format!(
-            "ip link add {veth} mtu {mtu} type veth peer name eth0 netns {pod} && \
-             ip link set {veth} master cni0 && ip link set {veth} up",
-            pod = pod.name()
+            "ip link add veth{id} mtu {mtu} type veth peer name eth0 netns {pod} && \
+             ip link set veth{id} master cni0 && ip link set veth{id} up",
+            pod = ns.name()
         ));
-        pod.sh(&format!(
-            "ip link set eth0 mtu {mtu} && ip addr add {ip}/{len} dev eth0 && \
-             ip link set eth0 up && ip route add default via {gw}",
-            len = subnet.prefix()
+        ns.sh(&format!(
+            "ip link set eth0 mtu {mtu} && {} && ip link set eth0 up && \
+             ip route add default via {gw}",
+            addr_add(ip, len, "eth0")
         ));
+        ns
+    }
+}
+
+/// The `ip addr add` of `addr`/`len` on `dev`; IPv6 skips DAD so the address is usable at
+/// once.
+fn addr_add(addr: IpAddr, len: u8, dev: &str) -> String {
+    match addr {
+        IpAddr::V4(_) => format!("ip addr add {addr}/{len} dev {dev}"),
+        IpAddr::V6(_) => format!("ip -6 addr add {addr}/{len} dev {dev} nodad"),
     }
 }
 
