@@ -3,10 +3,12 @@
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
+use ipnetwork::Ipv4Network;
+
 use crate::{
     cluster::flanneld_bin,
     kube_api::KubeApi,
-    netns::{ChildGuard, NetNs, Underlay, wait_until},
+    netns::{ChildGuard, Host, NetNs, Underlay, wait_until},
 };
 
 /// The annotation prefix flannel uses by default.
@@ -216,6 +218,47 @@ pub fn wait_for_subnet_env(agents: &[&KubeAgent]) {
             .map(|(i, a)| format!("--- agent {}:\n{}\n", i + 1, a.log()))
             .collect::<String>()
     );
+}
+
+/// The pod CIDR of node `h<i>` in [`kube_hosts`]: `10.244.<i>.0/24`.
+pub fn pod_cidr(i: u8) -> Ipv4Network {
+    Ipv4Network::new([10, 244, i, 0].into(), 24).expect("a /24")
+}
+
+/// Nodes `h1`…`hN` on `bench`'s API server, node `h<i>` with pod CIDR [`pod_cidr`]`(i)`,
+/// and a host namespace for each (host `i` at `host_ip(i)`). A test annotates the nodes
+/// or prepares the hosts here, before [`start_kube_agents`].
+pub fn kube_hosts<const N: usize>(bench: &mut KubeBench) -> [Host; N] {
+    std::array::from_fn(|i| {
+        let i = u8::try_from(i + 1).expect("few hosts");
+        bench
+            .api
+            .add_node(&format!("h{i}"), &[&pod_cidr(i).to_string()]);
+        bench.underlay.add_host(i)
+    })
+}
+
+/// Start the agent of each of [`kube_hosts`]' hosts, in order (the `i`th is node
+/// `h<i>`), with its `--dataplane` and extra flags; wait until all wrote `subnet.env`,
+/// then give each host one pod at its agent's MTU.
+pub fn start_kube_agents<const N: usize>(
+    api: &KubeApi,
+    hosts: [(&mut Host, &str, &[&str]); N],
+) -> [KubeAgent; N] {
+    let mut started = Vec::with_capacity(N);
+    for (i, (host, dataplane, extra)) in hosts.into_iter().enumerate() {
+        let agent = start_agent(&host.ns, &format!("h{}", i + 1), api, dataplane, extra);
+        started.push((host, agent));
+    }
+    wait_for_subnet_env(&started.iter().map(|(_, a)| a).collect::<Vec<_>>());
+    for (i, (host, agent)) in started.iter_mut().enumerate() {
+        let cidr = pod_cidr(u8::try_from(i + 1).expect("few hosts"));
+        host.add_pods(cidr, agent.mtu(), 1);
+    }
+    let agents: Vec<KubeAgent> = started.into_iter().map(|(_, a)| a).collect();
+    agents
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one agent per host"))
 }
 
 /// The port agents started with [`HEALTHZ`] serve `/readyz` on, on their own loopback.

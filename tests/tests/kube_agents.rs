@@ -9,11 +9,10 @@
 use std::time::Duration;
 
 use flannel_e2e::{
-    kube_cluster::{KubeBench, P, ping, start_agent, wait_for_subnet_env},
+    kube_cluster::{KubeBench, P, kube_hosts, ping, start_agent, start_kube_agents},
     netns::{Host, wait_until},
     require_root,
 };
-use ipnetwork::Ipv4Network;
 
 #[test]
 fn two_kube_agents_connect_their_pods_kernel_vxlan() {
@@ -33,24 +32,13 @@ fn two_kube_agents_connect_their_pods_ebpf() {
 
 fn two_kube_agents(dataplane: &str) {
     let mut bench = KubeBench::new();
+    let [mut h1, mut h2] = kube_hosts(&mut bench);
     let api = &bench.api;
-    let subnets: [Ipv4Network; 2] = [
-        "10.244.1.0/24".parse().unwrap(),
-        "10.244.2.0/24".parse().unwrap(),
-    ];
-    api.add_node("h1", &["10.244.1.0/24"]);
-    api.add_node("h2", &["10.244.2.0/24"]);
-
-    let mut h1: Host = bench.underlay.add_host(1);
-    let mut h2: Host = bench.underlay.add_host(2);
-    let a1 = start_agent(&h1.ns, "h1", api, dataplane, &[]);
-    let a2 = start_agent(&h2.ns, "h2", api, dataplane, &[]);
-    wait_for_subnet_env(&[&a1, &a2]);
+    let [a1, a2] = start_kube_agents(api, [(&mut h1, dataplane, &[]), (&mut h2, dataplane, &[])]);
     let env1 = std::fs::read_to_string(a1.subnet_env()).unwrap();
     assert!(env1.contains("FLANNEL_SUBNET=10.244.1.1/24\n"), "{env1}");
     assert!(env1.contains("FLANNEL_NETWORK=10.244.0.0/16\n"), "{env1}");
-    let mtu = a1.mtu();
-    assert_eq!(mtu, 1450, "vxlan MTU is the uplink's minus 50");
+    assert_eq!(a1.mtu(), 1450, "vxlan MTU is the uplink's minus 50");
 
     // Published with upstream's names through the API server.
     for (node, ip) in [("h1", "198.18.0.1"), ("h2", "198.18.0.2")] {
@@ -77,8 +65,6 @@ fn two_kube_agents(dataplane: &str) {
         assert!(cleared, "{node}: NetworkUnavailable not cleared");
     }
 
-    h1.add_pods(subnets[0], mtu, 1);
-    h2.add_pods(subnets[1], mtu, 1);
     let (p1, p2) = (&h1.pods[0], &h2.pods[0]);
     let connected = wait_until(Duration::from_secs(15), || ping(&p1.ns, p2.ip));
     assert!(
@@ -130,13 +116,8 @@ fn kube_agents_honour_public_ip_annotations() {
         return;
     }
     let mut bench = KubeBench::new();
+    let [mut h1, mut h2] = kube_hosts(&mut bench);
     let api = &bench.api;
-    let subnets: [Ipv4Network; 2] = [
-        "10.244.1.0/24".parse().unwrap(),
-        "10.244.2.0/24".parse().unwrap(),
-    ];
-    api.add_node("h1", &["10.244.1.0/24"]);
-    api.add_node("h2", &["10.244.2.0/24"]);
     api.annotate(
         "h1",
         &[(&format!("{P}node-public-ip"), Some("198.18.0.11"))],
@@ -145,13 +126,9 @@ fn kube_agents_honour_public_ip_annotations() {
         "h2",
         &[(&format!("{P}public-ip-overwrite"), Some("198.18.0.22"))],
     );
-    let mut h1: Host = bench.underlay.add_host(1);
-    let mut h2: Host = bench.underlay.add_host(2);
     h1.ns.sh("ip addr add 198.18.0.11/15 dev eth0");
     h2.ns.sh("ip addr add 198.18.0.22/15 dev eth0");
-    let a1 = start_agent(&h1.ns, "h1", api, "kernel", &[]);
-    let a2 = start_agent(&h2.ns, "h2", api, "kernel", &[]);
-    wait_for_subnet_env(&[&a1, &a2]);
+    let [a1, a2] = start_kube_agents(api, [(&mut h1, "kernel", &[]), (&mut h2, "kernel", &[])]);
 
     for (node, ip) in [("h1", "198.18.0.11"), ("h2", "198.18.0.22")] {
         let ok = wait_until(Duration::from_secs(10), || {
@@ -166,8 +143,6 @@ fn kube_agents_honour_public_ip_annotations() {
     let dev2 = h2.ns.sh("ip -d link show flannel.1");
     assert!(dev2.contains("local 198.18.0.2 "), "{dev2}");
 
-    h1.add_pods(subnets[0], 1450, 1);
-    h2.add_pods(subnets[1], 1450, 1);
     let (p1, p2) = (&h1.pods[0], &h2.pods[0]);
     let connected = wait_until(Duration::from_secs(15), || ping(&p1.ns, p2.ip));
     assert!(
@@ -194,16 +169,9 @@ fn kube_agent_restart_keeps_lease_and_traffic() {
         return;
     }
     let mut bench = KubeBench::new();
+    let [mut h1, mut h2] = kube_hosts(&mut bench);
     let api = &bench.api;
-    api.add_node("h1", &["10.244.1.0/24"]);
-    api.add_node("h2", &["10.244.2.0/24"]);
-    let mut h1: Host = bench.underlay.add_host(1);
-    let mut h2: Host = bench.underlay.add_host(2);
-    let a1 = start_agent(&h1.ns, "h1", api, "kernel", &[]);
-    let a2 = start_agent(&h2.ns, "h2", api, "kernel", &[]);
-    wait_for_subnet_env(&[&a1, &a2]);
-    h1.add_pods("10.244.1.0/24".parse().unwrap(), 1450, 1);
-    h2.add_pods("10.244.2.0/24".parse().unwrap(), 1450, 1);
+    let [a1, a2] = start_kube_agents(api, [(&mut h1, "kernel", &[]), (&mut h2, "kernel", &[])]);
     let (p1, p2) = (&h1.pods[0], &h2.pods[0]);
     assert!(wait_until(Duration::from_secs(15), || ping(&p1.ns, p2.ip)));
     let annotations = api.annotations("h1");

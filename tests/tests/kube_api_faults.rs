@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use flannel_e2e::{
     kube_cluster::{
-        HEALTHZ, KubeAgent, KubeBench, is_ready, ping, readyz, start_agent, wait_for_subnet_env,
+        HEALTHZ, KubeAgent, KubeBench, is_ready, kube_hosts, ping, readyz, start_agent,
+        start_kube_agents,
     },
     netns::{Host, NetNs, wait_until},
     require_root,
 };
-use ipnetwork::Ipv4Network;
 
 const DATA: &str = r#"{"VNI":1,"VtepMAC":"0e:2a:00:00:00:63"}"#;
 
@@ -37,16 +37,11 @@ struct Two {
 }
 
 fn two(bench: &mut KubeBench) -> Two {
-    let api = &bench.api;
-    api.add_node("h1", &["10.244.1.0/24"]);
-    api.add_node("h2", &["10.244.2.0/24"]);
-    let mut h1 = bench.underlay.add_host(1);
-    let mut h2 = bench.underlay.add_host(2);
-    let a1 = start_agent(&h1.ns, "h1", api, "ebpf", &HEALTHZ);
-    let a2 = start_agent(&h2.ns, "h2", api, "kernel", &HEALTHZ);
-    wait_for_subnet_env(&[&a1, &a2]);
-    h1.add_pods("10.244.1.0/24".parse::<Ipv4Network>().unwrap(), a1.mtu(), 1);
-    h2.add_pods("10.244.2.0/24".parse::<Ipv4Network>().unwrap(), a2.mtu(), 1);
+    let [mut h1, mut h2] = kube_hosts(bench);
+    let [a1, a2] = start_kube_agents(
+        &bench.api,
+        [(&mut h1, "ebpf", &HEALTHZ), (&mut h2, "kernel", &HEALTHZ)],
+    );
     assert!(
         wait_until(Duration::from_secs(15), || pods_talk(&h1, &h2)),
         "pods cannot talk\n{}",

@@ -19,8 +19,8 @@ use std::{
 use flannel_agent::backend::ebpf::PinLayout;
 use flannel_e2e::{
     craft::{self, Inner, Shape},
-    kube_cluster::{KubeAgent, KubeBench, P, ping, start_agent, wait_for_subnet_env},
-    netns::{Host, NetNs, wait_until},
+    kube_cluster::{KubeAgent, KubeBench, P, kube_hosts, ping, start_kube_agents},
+    netns::{NetNs, wait_until},
     require_root,
 };
 
@@ -88,21 +88,16 @@ fn dump_by_addr(pins: &std::path::Path, map: &str) -> Vec<(Ipv4Addr, u64)> {
 /// its InternalIP. Pods behind both must talk, and h1's allow-lists hold both addresses.
 fn peer_sending_from_its_internal_ip(dataplane: &str, extra: &[&str]) {
     let mut bench = KubeBench::new();
+    let [mut h1, mut h2] = kube_hosts(&mut bench);
     let api = &bench.api;
-    api.add_node("h1", &["10.244.1.0/24"]);
-    api.add_node("h2", &["10.244.2.0/24"]);
     api.set_addresses("h1", &[("InternalIP", "198.18.0.1"), ("Hostname", "h1")]);
     api.set_addresses("h2", &[("InternalIP", "198.18.0.2"), ("Hostname", "h2")]);
     api.annotate(
         "h2",
         &[(&format!("{P}public-ip-overwrite"), Some(OVERWRITE))],
     );
-    let mut h1: Host = bench.underlay.add_host(1);
-    let mut h2: Host = bench.underlay.add_host(2);
     h2.ns.sh(&format!("ip addr add {OVERWRITE}/15 dev eth0"));
-    let a1 = start_agent(&h1.ns, "h1", api, dataplane, extra);
-    let a2 = start_agent(&h2.ns, "h2", api, "kernel", &[]);
-    wait_for_subnet_env(&[&a1, &a2]);
+    let [a1, a2] = start_kube_agents(api, [(&mut h1, dataplane, extra), (&mut h2, "kernel", &[])]);
     let published = wait_until(Duration::from_secs(10), || {
         api.annotations("h2")
             .get(&format!("{P}public-ip"))
@@ -116,8 +111,6 @@ fn peer_sending_from_its_internal_ip(dataplane: &str, extra: &[&str]) {
         "h2 sends from its own address: {dev2}"
     );
 
-    h1.add_pods("10.244.1.0/24".parse().unwrap(), 1450, 1);
-    h2.add_pods("10.244.2.0/24".parse().unwrap(), 1450, 1);
     let (p1, p2) = (&h1.pods[0], &h2.pods[0]);
     let t0 = std::time::Instant::now();
     let connected = wait_until(Duration::from_secs(15), || {
@@ -217,16 +210,14 @@ fn a_stranger_is_dropped_counted_by_source_and_named_once() {
         return;
     }
     let mut bench = KubeBench::new();
-    let api = &bench.api;
-    api.add_node("h1", &["10.244.1.0/24"]);
-    api.add_node("h2", &["10.244.2.0/24"]);
-    let mut h1: Host = bench.underlay.add_host(1);
-    let mut h2: Host = bench.underlay.add_host(2);
-    let a1 = start_agent(&h1.ns, "h1", api, "ebpf", &[]);
-    let a2 = start_agent(&h2.ns, "h2", api, "ebpf", &["--vxlan-peer-check=false"]);
-    wait_for_subnet_env(&[&a1, &a2]);
-    h1.add_pods("10.244.1.0/24".parse().unwrap(), 1450, 1);
-    h2.add_pods("10.244.2.0/24".parse().unwrap(), 1450, 1);
+    let [mut h1, mut h2] = kube_hosts(&mut bench);
+    let [a1, a2] = start_kube_agents(
+        &bench.api,
+        [
+            (&mut h1, "ebpf", &[]),
+            (&mut h2, "ebpf", &["--vxlan-peer-check=false"]),
+        ],
+    );
     assert!(
         wait_until(Duration::from_secs(15), || ping(
             &h1.pods[0].ns,
