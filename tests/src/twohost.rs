@@ -323,6 +323,26 @@ pub fn attach_ebpf_with(host: &Host, peer: &Host, pin_root: &Path, mode: FastPat
     EbpfHost { stop, server }
 }
 
+/// Count and drop what conntrack calls INVALID on `ns`'s forward path (an `inet` table:
+/// both families).
+pub fn count_invalid_forward(ns: &NetNs) {
+    ns.sh(
+        "nft 'add table inet t; add chain inet t fw { type filter hook forward priority 0; }; \
+         add rule inet t fw ct state invalid counter drop'",
+    );
+}
+
+/// Panic, saying `what` was going on, if `ns` dropped any packet as INVALID since
+/// [`count_invalid_forward`].
+pub fn assert_no_invalid_forward(ns: &NetNs, what: &str) {
+    let rules = ns.sh("nft list table inet t");
+    assert!(
+        rules.contains("counter packets 0 bytes 0"),
+        "{what}: conntrack called packets INVALID on {}: {rules}",
+        ns.name()
+    );
+}
+
 /// The re-check interval the harness configures (the agent's default).
 pub const FLOW_REFRESH_MS: u32 = 2000;
 

@@ -14,7 +14,8 @@ use flannel_e2e::{
     cluster::{BpfPins, Cluster, net_conf},
     netns::{NetNs, connect_from, listen_in, wait_until},
     twohost::{
-        EbpfHost, FLOW_REFRESH_MS, Host, attach_ebpf, counters, flows, iperf, iperf_on, two_hosts,
+        EbpfHost, FLOW_REFRESH_MS, Host, assert_no_invalid_forward, attach_ebpf,
+        count_invalid_forward, counters, flows, iperf, iperf_on, two_hosts,
     },
 };
 
@@ -361,10 +362,7 @@ fn detaching_the_programs_mid_fast_tcp_flow_hands_it_to_the_kernel_path_without_
     let pins = BpfPins::new("test", 2);
     let (a, b, agents) = two_ebpf_hosts(&pins);
     for h in [&a, &b] {
-        h.ns.sh(
-            "nft 'add table inet t; add chain inet t fw { type filter hook forward priority 0; }; \
-             add rule inet t fw ct state invalid counter drop'",
-        );
+        count_invalid_forward(&h.ns);
     }
     let _server = b
         .pod
@@ -397,12 +395,7 @@ fn detaching_the_programs_mid_fast_tcp_flow_hands_it_to_the_kernel_path_without_
         .as_u64()
         .unwrap_or(0);
     for h in [&a, &b] {
-        let rules = h.ns.sh("nft list table inet t");
-        assert!(
-            rules.contains("counter packets 0 bytes 0"),
-            "conntrack called packets of the flow INVALID on {} ({retransmits} retransmits): {rules}",
-            h.ns.name()
-        );
+        assert_no_invalid_forward(&h.ns, &format!("{retransmits} retransmits"));
     }
 }
 
@@ -576,10 +569,7 @@ fn sigkilling_the_agents_mid_fast_tcp_flow_resets_nothing_and_drops_nothing_as_i
     });
     c.add_pods(1);
     for n in &c.nodes {
-        n.host.ns.sh(
-            "nft 'add table inet t; add chain inet t fw { type filter hook forward priority 0; }; \
-             add rule inet t fw ct state invalid counter drop'",
-        );
+        count_invalid_forward(&n.host.ns);
     }
     c.assert_all_pods_reach_each_other();
     let server = &c.nodes[1].host.pods[0];
@@ -615,11 +605,6 @@ fn sigkilling_the_agents_mid_fast_tcp_flow_resets_nothing_and_drops_nothing_as_i
     let bytes = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
     assert!(bytes > 50 * 1024 * 1024, "only {bytes} bytes in 8 s");
     for n in &c.nodes {
-        let rules = n.host.ns.sh("nft list table inet t");
-        assert!(
-            rules.contains("counter packets 0 bytes 0"),
-            "INVALID packets on {}: {rules}",
-            n.host.ns.name()
-        );
+        assert_no_invalid_forward(&n.host.ns, "agents killed mid-flow");
     }
 }

@@ -19,7 +19,10 @@ use flannel_e2e::{
     cluster::{BpfPins, Cluster, dual_stack_net_conf},
     netns::{NetNs, connect_from, listen_in, wait_until},
     require_root,
-    twohost::{FLOW_REFRESH_MS, counters, flows, iperf, iperf_on},
+    twohost::{
+        FLOW_REFRESH_MS, assert_no_invalid_forward, count_invalid_forward, counters, flows, iperf,
+        iperf_on,
+    },
 };
 
 const SERVICE_IP6: &str = "fd00:198:ffff::10";
@@ -53,24 +56,16 @@ fn flow6_to_port(pins: &BpfPins, host: u8, port: u16) -> Option<(FlowKey, Flow)>
     flows6_on_port(pins, host, port).into_iter().next()
 }
 
-/// Count (and drop) what conntrack calls INVALID in each host's FORWARD path.
+/// Count (and drop) what conntrack calls INVALID in each host's forward path.
 fn count_invalid(c: &Cluster) {
     for n in &c.nodes {
-        n.host.ns.sh(
-            "nft 'add table inet t; add chain inet t fw { type filter hook forward priority 0; }; \
-             add rule inet t fw ct state invalid counter drop'",
-        );
+        count_invalid_forward(&n.host.ns);
     }
 }
 
 fn assert_no_invalid(c: &Cluster, what: &str) {
     for n in &c.nodes {
-        let rules = n.host.ns.sh("nft list table inet t");
-        assert!(
-            rules.contains("counter packets 0 bytes 0"),
-            "{what}: conntrack called packets INVALID on {}: {rules}",
-            n.host.ns.name()
-        );
+        assert_no_invalid_forward(&n.host.ns, what);
     }
 }
 
