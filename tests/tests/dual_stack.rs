@@ -655,6 +655,19 @@ fn dual_stack_hostgw_routes_both_families() {
     }
     c.assert_all_pods_reach_each_other();
     c.assert_all_pods_reach_each_other_v6();
+
+    // No tunnel: the pod MTU is the uplink's, and a DF packet of that size crosses whole
+    // (ICMPv6 echo: 40 + 8 bytes of headers); bulk TCP over IPv6 between hosts.
+    let mtu = envs[0].mtu;
+    assert_eq!(mtu, 1500, "host-gw pods get the uplink MTU");
+    let far6 = c.nodes[2].host.pods[0].ip6.unwrap();
+    c.nodes[0].host.pods[0]
+        .ns
+        .sh(&format!("ping -6 -c 1 -W 2 -M do -s {} {far6}", mtu - 48));
+    let seconds = 2;
+    let gbit = c.iperf6(0, 1, seconds) as f64 * 8.0 / f64::from(seconds) / 1e9;
+    eprintln!("iperf3 over IPv6, host-gw host 1 -> host 2: {gbit:.2} Gbit/s");
+    assert!(gbit >= 1.0, "{gbit:.2} Gbit/s\n{}", c.logs());
 }
 
 /// The source address a TCP connection from `from` to `to` arrives with at `to`.
