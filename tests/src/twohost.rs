@@ -409,3 +409,45 @@ pub fn iperf_on(
     assert!(ok, "iperf3 client failed: {out}");
     serde_json::from_str(&out).expect("iperf3 JSON")
 }
+
+/// A UDP echo server on `port` in `ns` for as long as the returned guard lives.
+pub struct UdpEcho {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    /// Echo every datagram to `addr:port` in `ns` back to its sender.
+    pub fn start(ns: &NetNs, addr: impl Into<IpAddr>, port: u16) -> Self {
+        let addr = addr.into();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = ns.spawn_thread(move || {
+            let sock = std::net::UdpSocket::bind((addr, port)).expect("bind udp echo");
+            sock.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+                .expect("timeout");
+            tx.send(()).expect("ready");
+            let mut buf = [0u8; 2048];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        rx.recv().expect("udp echo started");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -14,7 +14,7 @@ use flannel_e2e::{
     cluster::{BpfPins, Cluster, net_conf},
     netns::{NetNs, connect_from, listen_in, wait_until},
     twohost::{
-        EbpfHost, FLOW_REFRESH_MS, Host, assert_no_invalid_forward, attach_ebpf,
+        EbpfHost, FLOW_REFRESH_MS, Host, UdpEcho, assert_no_invalid_forward, attach_ebpf,
         count_invalid_forward, counters, flows, iperf, iperf_on, two_hosts,
     },
 };
@@ -46,46 +46,6 @@ fn flow_to_port(pins: &BpfPins, host: u8, port: u16) -> Option<(FlowKey, Flow)> 
 }
 
 const SERVICE_IP: &str = "198.19.255.10";
-
-/// A UDP echo server on `port` in `ns` for as long as the returned guard lives.
-struct UdpEcho {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl UdpEcho {
-    fn start(ns: &NetNs, addr: Ipv4Addr, port: u16) -> Self {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = ns.spawn_thread(move || {
-            let sock = UdpSocket::bind((addr, port)).expect("bind udp echo");
-            sock.set_read_timeout(Some(Duration::from_millis(100)))
-                .expect("timeout");
-            tx.send(()).expect("ready");
-            let mut buf = [0u8; 2048];
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(&buf[..n], from);
-                }
-            }
-        });
-        rx.recv().expect("udp echo started");
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for UdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// Send one datagram per `interval` for `duration` from `ns` to `to:port` on one socket
 /// (one flow); returns how many echoes came back.

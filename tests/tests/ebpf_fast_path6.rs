@@ -20,8 +20,8 @@ use flannel_e2e::{
     netns::{NetNs, connect_from, listen_in, wait_until},
     require_root,
     twohost::{
-        FLOW_REFRESH_MS, assert_no_invalid_forward, count_invalid_forward, counters, flows, iperf,
-        iperf_on,
+        FLOW_REFRESH_MS, UdpEcho, assert_no_invalid_forward, count_invalid_forward, counters,
+        flows, iperf, iperf_on,
     },
 };
 
@@ -317,4 +317,94 @@ fn sigkilling_the_agents_and_unpinning_mid_fast_ipv6_tcp_flow_resets_nothing() {
     let bytes = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
     assert!(bytes > 50 * 1024 * 1024, "only {bytes} bytes in 8 s");
     assert_no_invalid(&c, "after the programs went");
+}
+
+/// #11's item 5 over IPv6: a pod that may send bigger packets than `flannel-v6.1` carries
+/// gets ICMPv6 packet-too-big for an oversized DF datagram of a fast flow, exactly as on
+/// the kernel path (which is where the program leaves it).
+#[test]
+fn oversized_ipv6_packets_on_a_fast_flow_get_packet_too_big_from_the_kernel_path() {
+    if !require_root() {
+        return;
+    }
+    let pins = BpfPins::new("fast6-ptb", 2);
+    let c = two_fast_hosts(&pins);
+    // `ip`, not /sys/class/net: sysfs shows the namespace it was mounted in.
+    let link = c.nodes[0].host.ns.sh("ip -o link show flannel-v6.1");
+    let tunnel: u32 = link
+        .split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no MTU in {link:?}"));
+    // Host 1's second pod (on veth3) may send 1500-byte packets.
+    let pod = &c.nodes[0].host.pods[1];
+    c.nodes[0].host.ns.sh("ip link set veth3 mtu 1500");
+    pod.ns.sh("ip link set eth0 mtu 1500");
+    let (_, to) = pod6(&c, 1);
+    let _echo = UdpEcho::start(&c.nodes[1].host.pods[0].ns, to, 7500);
+    let pins_root = pins.root(1).to_owned();
+    let (fast, mtu, big_sends) = pod.ns.enter(move || {
+        use std::os::fd::AsRawFd;
+        let sock = std::net::UdpSocket::bind(("::", 47_500)).expect("bind");
+        sock.connect((to, 7500)).expect("connect");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let fd = sock.as_raw_fd();
+        let v: libc::c_int = libc::IPV6_PMTUDISC_DO;
+        // SAFETY: setsockopt with a valid fd and an int option.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                (&v as *const libc::c_int).cast(),
+                4,
+            )
+        };
+        assert_eq!(rc, 0, "IPV6_MTU_DISCOVER");
+        let mut buf = [0u8; 2048];
+        let fast = wait_until(Duration::from_secs(5), || {
+            let _ = sock.send(b"small");
+            let _ = sock.recv(&mut buf);
+            flows(&pins_root).iter().any(|(k, f)| {
+                addr_of(k.pod).is_ipv6() && f.fast_tx_packets > 5 && f.fast_rx_packets > 5
+            })
+        });
+        // 1452 bytes of payload: a 1500-byte packet, too big for the overlay.
+        let big = [7u8; 1452];
+        let mut big_sends = 0;
+        for _ in 0..5 {
+            if sock.send(&big).is_ok() {
+                big_sends += 1;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut mtu: libc::c_int = 0;
+        let mut len: libc::socklen_t = 4;
+        // SAFETY: getsockopt into an int we own.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU,
+                (&mut mtu as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "IPV6_MTU: {}", std::io::Error::last_os_error());
+        (fast, mtu, big_sends)
+    });
+    assert!(fast, "the IPv6 UDP flow never went fast\n{}", c.logs());
+    assert_eq!(
+        u32::try_from(mtu).unwrap(),
+        tunnel,
+        "the kernel's packet-too-big must have taught the pod flannel-v6.1's MTU"
+    );
+    assert!(
+        big_sends < 5,
+        "later oversized sends must fail with EMSGSIZE"
+    );
+    let paths = counters(pins.root(1)).paths;
+    assert!(paths["kernel_too_big"].packets > 0, "{paths:?}");
 }
