@@ -451,3 +451,89 @@ impl Drop for UdpEcho {
         }
     }
 }
+
+/// What [`df_udp_probe`] saw.
+#[derive(Debug)]
+pub struct DfProbe {
+    /// `fast()` held while small datagrams went back and forth (within 5 s).
+    pub fast: bool,
+    /// The path MTU the socket learnt (`IP_MTU` / `IPV6_MTU`) after the big sends.
+    pub mtu: u32,
+    /// How many of the 5 big DF sends the kernel accepted (the first goes out; once the
+    /// frag-needed / packet-too-big is in, later ones fail with EMSGSIZE).
+    pub big_sends: usize,
+}
+
+/// From inside `ns`, on one UDP socket with path-MTU discovery on (DF): small datagrams
+/// to `to:port` (an echo server) until `fast()` says the flow runs on the fast path, then
+/// five DF datagrams of `big` payload bytes.
+pub fn df_udp_probe(
+    ns: &NetNs,
+    to: impl Into<IpAddr>,
+    port: u16,
+    big: usize,
+    fast: impl Fn() -> bool + Send + 'static,
+) -> DfProbe {
+    use std::{os::fd::AsRawFd, time::Duration};
+    let to = to.into();
+    let (level, discover, do_, mtu_opt, any) = match to {
+        IpAddr::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+            libc::IP_MTU,
+            IpAddr::from(Ipv4Addr::UNSPECIFIED),
+        ),
+        IpAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DO,
+            libc::IPV6_MTU,
+            IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+        ),
+    };
+    ns.enter(move || {
+        let sock = std::net::UdpSocket::bind((any, 40_000 + port)).expect("bind");
+        sock.connect((to, port)).expect("connect");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let fd = sock.as_raw_fd();
+        // SAFETY: setsockopt with a valid fd and an int option.
+        let rc = unsafe {
+            libc::setsockopt(fd, level, discover, (&do_ as *const libc::c_int).cast(), 4)
+        };
+        assert_eq!(rc, 0, "MTU_DISCOVER: {}", std::io::Error::last_os_error());
+        let mut buf = [0u8; 2048];
+        let fast = crate::netns::wait_until(Duration::from_secs(5), || {
+            let _ = sock.send(b"small");
+            let _ = sock.recv(&mut buf);
+            fast()
+        });
+        let payload = vec![7u8; big];
+        let mut big_sends = 0;
+        for _ in 0..5 {
+            if sock.send(&payload).is_ok() {
+                big_sends += 1;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut mtu: libc::c_int = 0;
+        let mut len: libc::socklen_t = 4;
+        // SAFETY: getsockopt into an int we own.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                level,
+                mtu_opt,
+                (&mut mtu as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "path MTU: {}", std::io::Error::last_os_error());
+        DfProbe {
+            fast,
+            mtu: u32::try_from(mtu).expect("MTU"),
+            big_sends,
+        }
+    })
+}

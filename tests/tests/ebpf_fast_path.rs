@@ -15,7 +15,7 @@ use flannel_e2e::{
     netns::{NetNs, connect_from, listen_in, wait_until},
     twohost::{
         EbpfHost, FLOW_REFRESH_MS, Host, UdpEcho, assert_no_invalid_forward, attach_ebpf,
-        count_invalid_forward, counters, flows, iperf, iperf_on, two_hosts,
+        count_invalid_forward, counters, df_udp_probe, flows, iperf, iperf_on, two_hosts,
     },
 };
 
@@ -370,63 +370,14 @@ fn oversized_df_packets_on_a_fast_flow_get_frag_needed_from_the_kernel_path() {
     a.ns.sh("ip link set veth0 mtu 1500");
     a.pod.sh("ip link set eth0 mtu 1500");
     let _echo = UdpEcho::start(&b.pod, b.pod_ip(), 7500);
-    let to = b.pod_ip();
-    let (fast_before, mtu, big_sends) = {
-        let pins_root = pins.root(1).to_owned();
-        a.pod.enter(move || {
-            use std::os::fd::AsRawFd;
-            let sock = UdpSocket::bind(("0.0.0.0", 47_500)).expect("bind");
-            sock.connect((to, 7500)).expect("connect");
-            sock.set_read_timeout(Some(Duration::from_millis(100)))
-                .expect("timeout");
-            let fd = sock.as_raw_fd();
-            let set = |opt: libc::c_int, v: libc::c_int| {
-                // SAFETY: setsockopt with a valid fd and an int option.
-                unsafe {
-                    libc::setsockopt(
-                        fd,
-                        libc::IPPROTO_IP,
-                        opt,
-                        (&v as *const libc::c_int).cast(),
-                        4,
-                    )
-                }
-            };
-            assert_eq!(set(libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO), 0);
-            let mut buf = [0u8; 2048];
-            // Small datagrams until the flow is fast.
-            let fast = wait_until(Duration::from_secs(5), || {
-                let _ = sock.send(b"small");
-                let _ = sock.recv(&mut buf);
-                flows(&pins_root)
-                    .values()
-                    .any(|f| f.fast_tx_packets > 5 && f.fast_rx_packets > 5)
-            });
-            // 1472 bytes of payload: a 1500-byte DF packet, too big for the overlay.
-            let big = [7u8; 1472];
-            let mut big_sends = 0;
-            for _ in 0..5 {
-                if sock.send(&big).is_ok() {
-                    big_sends += 1;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let mut mtu: libc::c_int = 0;
-            let mut len: libc::socklen_t = 4;
-            // SAFETY: getsockopt into an int we own.
-            let rc = unsafe {
-                libc::getsockopt(
-                    fd,
-                    libc::IPPROTO_IP,
-                    libc::IP_MTU,
-                    (&mut mtu as *mut libc::c_int).cast(),
-                    &mut len,
-                )
-            };
-            assert_eq!(rc, 0, "IP_MTU: {}", std::io::Error::last_os_error());
-            (fast, mtu, big_sends)
-        })
-    };
+    let pins_root = pins.root(1).to_owned();
+    // 1472 bytes of payload: a 1500-byte DF packet, too big for the overlay.
+    let probe = df_udp_probe(&a.pod, b.pod_ip(), 7500, 1472, move || {
+        flows(&pins_root)
+            .values()
+            .any(|f| f.fast_tx_packets > 5 && f.fast_rx_packets > 5)
+    });
+    let (fast_before, mtu, big_sends) = (probe.fast, probe.mtu, probe.big_sends);
     assert!(fast_before, "the flow never went fast");
     assert_eq!(
         mtu, 1450,

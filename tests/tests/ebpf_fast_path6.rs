@@ -21,7 +21,7 @@ use flannel_e2e::{
     require_root,
     twohost::{
         FLOW_REFRESH_MS, UdpEcho, assert_no_invalid_forward, count_invalid_forward, counters,
-        flows, iperf, iperf_on,
+        df_udp_probe, flows, iperf, iperf_on,
     },
 };
 
@@ -344,61 +344,16 @@ fn oversized_ipv6_packets_on_a_fast_flow_get_packet_too_big_from_the_kernel_path
     let (_, to) = pod6(&c, 1);
     let _echo = UdpEcho::start(&c.nodes[1].host.pods[0].ns, to, 7500);
     let pins_root = pins.root(1).to_owned();
-    let (fast, mtu, big_sends) = pod.ns.enter(move || {
-        use std::os::fd::AsRawFd;
-        let sock = std::net::UdpSocket::bind(("::", 47_500)).expect("bind");
-        sock.connect((to, 7500)).expect("connect");
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        let fd = sock.as_raw_fd();
-        let v: libc::c_int = libc::IPV6_PMTUDISC_DO;
-        // SAFETY: setsockopt with a valid fd and an int option.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_MTU_DISCOVER,
-                (&v as *const libc::c_int).cast(),
-                4,
-            )
-        };
-        assert_eq!(rc, 0, "IPV6_MTU_DISCOVER");
-        let mut buf = [0u8; 2048];
-        let fast = wait_until(Duration::from_secs(5), || {
-            let _ = sock.send(b"small");
-            let _ = sock.recv(&mut buf);
-            flows(&pins_root).iter().any(|(k, f)| {
-                addr_of(k.pod).is_ipv6() && f.fast_tx_packets > 5 && f.fast_rx_packets > 5
-            })
-        });
-        // 1452 bytes of payload: a 1500-byte packet, too big for the overlay.
-        let big = [7u8; 1452];
-        let mut big_sends = 0;
-        for _ in 0..5 {
-            if sock.send(&big).is_ok() {
-                big_sends += 1;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let mut mtu: libc::c_int = 0;
-        let mut len: libc::socklen_t = 4;
-        // SAFETY: getsockopt into an int we own.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_MTU,
-                (&mut mtu as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "IPV6_MTU: {}", std::io::Error::last_os_error());
-        (fast, mtu, big_sends)
+    // 1452 bytes of payload: a 1500-byte packet, too big for the overlay.
+    let probe = df_udp_probe(&pod.ns, to, 7500, 1452, move || {
+        flows(&pins_root).iter().any(|(k, f)| {
+            addr_of(k.pod).is_ipv6() && f.fast_tx_packets > 5 && f.fast_rx_packets > 5
+        })
     });
+    let (fast, mtu, big_sends) = (probe.fast, probe.mtu, probe.big_sends);
     assert!(fast, "the IPv6 UDP flow never went fast\n{}", c.logs());
     assert_eq!(
-        u32::try_from(mtu).unwrap(),
-        tunnel,
+        mtu, tunnel,
         "the kernel's packet-too-big must have taught the pod flannel-v6.1's MTU"
     );
     assert!(
