@@ -37,18 +37,18 @@ enum Family {
     V6,
 }
 
-/// The configuration and the frame's family, if the fast path covers the frame.
+/// The frame's family, if the per-flow fast path is on and covers it.
 #[inline(always)]
-fn flow_cache(ctx: &TcContext) -> Option<(&'static DatapathConfig, Family)> {
+fn flow_cache(ctx: &TcContext) -> Option<Family> {
     let cfg = maps::config_ref()?;
     if cfg.flags & CONFIG_F_FLOW_CACHE == 0 {
         return None;
     }
     let ethertype: u16 = ctx.load(12).ok()?;
     match u16::from_be(ethertype) {
-        ETH_P_IP => Some((cfg, Family::V4)),
+        ETH_P_IP => Some(Family::V4),
         // Without `flannel-v6.<VNI>` the node carries no IPv6 between pods.
-        ETH_P_IPV6 if cfg.vxlan6_ifindex != 0 => Some((cfg, Family::V6)),
+        ETH_P_IPV6 if cfg.vxlan6_ifindex != 0 => Some(Family::V6),
         _ => None,
     }
 }
@@ -59,8 +59,8 @@ fn flow_cache(ctx: &TcContext) -> Option<(&'static DatapathConfig, Family)> {
 pub fn from_pod(ctx: &TcContext) -> i32 {
     match flow_cache(ctx) {
         None => TC_ACT_OK,
-        Some((_, Family::V4)) => from_pod4(ctx),
-        Some((_, Family::V6)) => from_pod6(ctx),
+        Some(Family::V4) => from_pod4(ctx),
+        Some(Family::V6) => from_pod6(ctx),
     }
 }
 
@@ -82,7 +82,7 @@ fn from_pod6(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn try_from_pod4(ctx: &TcContext) -> Result<i32, Outcome> {
-    let (cfg, _) = flow_cache(ctx).ok_or(Outcome::Ignore)?;
+    let cfg = maps::config_ref().ok_or(Outcome::Ignore)?;
     let dst: [u8; 4] = ctx.load(ETH_LEN + 16).map_err(|_| Outcome::Ignore)?;
     let route = match maps::route(v4_mapped(dst)) {
         Some(r) if r.flags & ROUTE_F_DIRECT == 0 && is_v4_mapped(&r.peer_ip) => r,
@@ -103,7 +103,7 @@ fn try_from_pod4(ctx: &TcContext) -> Result<i32, Outcome> {
 /// (GSO aggregates, with `SKB_GSO_UDP_TUNNEL_CSUM`).
 #[inline(always)]
 fn try_from_pod6(ctx: &TcContext) -> Result<i32, Outcome> {
-    let (cfg, _) = flow_cache(ctx).ok_or(Outcome::Ignore)?;
+    let cfg = maps::config_ref().ok_or(Outcome::Ignore)?;
     let dst: [u8; 16] = ctx.load(ETH_LEN + 24).map_err(|_| Outcome::Ignore)?;
     let route = match route6(dst) {
         Some(r) => r,
@@ -177,7 +177,7 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn confirm_to_pod(ctx: &TcContext) -> Option<()> {
-    let (_, family) = flow_cache(ctx)?;
+    let family = flow_cache(ctx)?;
     // SAFETY: fields of the context the kernel handed us.
     let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
     if mark != 0 {
