@@ -296,15 +296,6 @@ async fn build_backend(
             AnyBackend::Vxlan(Box::new(kernel_vxlan(vx).await.map_err(err("vxlan"))?)),
             DatapathStatus::Kernel,
         ),
-        Plan::KernelFallback(vx, reason) => {
-            warn!(%reason, fallback = reason.kind(),
-                  "eBPF VXLAN datapath unavailable; using the kernel VXLAN datapath");
-            let kernel = kernel_vxlan(vx).await.map_err(err("vxlan"))?;
-            (
-                AnyBackend::Vxlan(Box::new(kernel)),
-                DatapathStatus::KernelFallback(reason),
-            )
-        }
         Plan::Ebpf(vx) => (
             AnyBackend::Ebpf(Box::new(
                 backend::ebpf::EbpfVxlan::new(ext.clone(), vx, pins, cancel.child_token())

@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    backend::ebpf::{EbpfOptions, FallbackReason, supports as ebpf_supports},
+    backend::ebpf::EbpfOptions,
     cli::{Cli, Dataplane},
     net::iface,
     netconf::{BackendConfig, NetworkConfig, VxlanConfig},
@@ -109,9 +109,6 @@ pub enum Plan {
     Ebpf(VxlanConfig),
     /// eBPF VXLAN, else the kernel VXLAN device.
     EbpfOrKernel(VxlanConfig),
-    /// The kernel VXLAN device, because the configuration alone rules eBPF out
-    /// (`--dataplane=auto`).
-    KernelFallback(VxlanConfig, FallbackReason),
 }
 
 /// An empty string flag is "unset".
@@ -248,19 +245,10 @@ impl Config {
             }
             (BackendConfig::HostGw, _) => Plan::HostGw,
             (BackendConfig::Vxlan(vx), Dataplane::Kernel) => Plan::Kernel(vx.clone()),
-            (BackendConfig::Vxlan(vx), Dataplane::Ebpf) => match ebpf_supports(net.enable_ipv4) {
-                Ok(()) => Plan::Ebpf(vx.clone()),
-                Err(reason) => {
-                    return Err(Error::Conflict {
-                        flag: "--dataplane=ebpf",
-                        reason: format!("{reason} (use --dataplane=auto or kernel)"),
-                    });
-                }
-            },
-            (BackendConfig::Vxlan(vx), Dataplane::Auto) => match ebpf_supports(net.enable_ipv4) {
-                Ok(()) => Plan::EbpfOrKernel(vx.clone()),
-                Err(reason) => Plan::KernelFallback(vx.clone(), reason),
-            },
+            // Either family (IPv6-only included): the programs ride on whichever VXLAN
+            // devices the network has.
+            (BackendConfig::Vxlan(vx), Dataplane::Ebpf) => Plan::Ebpf(vx.clone()),
+            (BackendConfig::Vxlan(vx), Dataplane::Auto) => Plan::EbpfOrKernel(vx.clone()),
         })
     }
 }
@@ -386,19 +374,17 @@ mod tests {
         // IPv6-only is a kube-manager feature.
         let kube = config(&["--kube-subnet-mgr", "--dataplane=kernel"]).unwrap();
         assert!(matches!(kube.plan(&net(V6_ONLY)), Ok(Plan::Kernel(_))));
-        // The eBPF programs carry IPv4 only: auto falls back with a typed reason, decided
-        // from the configuration; an explicit ebpf is refused before anything is created.
+        // The eBPF datapath rides on flannel-v6.<VNI> alone: auto tries it, an explicit
+        // ebpf is accepted.
         let auto = config(&["--kube-subnet-mgr", "--dataplane=auto"]).unwrap();
         assert_eq!(
             auto.plan(&net(V6_ONLY)).unwrap(),
-            Plan::KernelFallback(VxlanConfig::default(), FallbackReason::Ipv6Only)
+            Plan::EbpfOrKernel(VxlanConfig::default())
         );
-        assert_eq!(FallbackReason::Ipv6Only.kind(), "ipv6_only");
         let ebpf = config(&["--kube-subnet-mgr", "--dataplane=ebpf"]).unwrap();
-        let err = ebpf.plan(&net(V6_ONLY)).unwrap_err().to_string();
-        assert!(
-            err.contains("--dataplane=ebpf") && err.contains("IPv6-only"),
-            "{err}"
+        assert_eq!(
+            ebpf.plan(&net(V6_ONLY)).unwrap(),
+            Plan::Ebpf(VxlanConfig::default())
         );
         // An IPv6-only host-gw network needs no eBPF at all.
         let hostgw6 = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#;

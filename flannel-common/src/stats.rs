@@ -70,7 +70,8 @@ pub enum PassReason {
     Disabled = 0,
     /// No route for the destination in the routes map.
     NoRoute = 1,
-    /// Not IP the programs carry (ARP, …; IPv6 when this host has no `flannel-v6.<VNI>`).
+    /// Not IP the programs carry (ARP, …; IPv6 when this host has no `flannel-v6.<VNI>`,
+    /// IPv4 when it has no `flannel.<VNI>`, i.e. is IPv6-only).
     NotIpv4 = 2,
     /// Too big for the uplink once encapsulated: the kernel sends frag-needed or fragments.
     TooBig = 3,

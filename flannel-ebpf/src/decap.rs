@@ -287,6 +287,11 @@ fn known_peer6(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Peer, Outcome> {
 /// with the check off), or a known peer's fragment or packet with options (to the kernel).
 #[inline(always)]
 fn known_peer(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Peer, Outcome> {
+    if cfg.vxlan_ifindex == 0 {
+        // An IPv6-only host: no `flannel.<VNI>`, so no IPv4 VXLAN is ours (and its local
+        // address in CONFIG is 0.0.0.0).
+        return Err(Outcome::Ignore);
+    }
     let ip: [u8; IPV4_LEN] = ctx.load(OUTER_IP).map_err(|_| Outcome::Ignore)?;
     if ip[9] != IPPROTO_UDP || ip[16..20] != cfg.local_ip {
         return Err(Outcome::Ignore);

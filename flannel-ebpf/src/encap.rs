@@ -102,6 +102,10 @@ fn encap4_program(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn try_encap(ctx: &TcContext) -> Result<i32, Outcome> {
     let cfg = maps::config().ok_or(Outcome::Pass(PassReason::Disabled))?;
+    if cfg.vxlan_ifindex == 0 {
+        // An IPv6-only host (the program rides on `flannel-v6.<VNI>` alone): no IPv4 VTEP.
+        return Err(Outcome::Pass(PassReason::NotIpv4));
+    }
 
     let ethertype: u16 = ctx
         .load(12)

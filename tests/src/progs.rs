@@ -187,6 +187,15 @@ impl Loaded {
         config.set(0, cfg, 0).unwrap();
     }
 
+    /// Changes the CONFIG map with `f`, keeping what it leaves alone.
+    pub fn update_config(&mut self, f: impl FnOnce(&mut DatapathConfig)) {
+        let mut config: Array<&mut MapData, DatapathConfig> =
+            Array::try_from(self.ebpf.map_mut(names::MAP_CONFIG).unwrap()).unwrap();
+        let mut cfg = config.get(&0, 0).unwrap();
+        f(&mut cfg);
+        config.set(0, cfg, 0).unwrap();
+    }
+
     /// The CONFIG map's flags.
     pub fn flags(&self) -> u32 {
         let config: Array<&MapData, DatapathConfig> =

@@ -98,6 +98,45 @@ fn encap_leaves_unrouted_and_non_ip_traffic_to_the_kernel() {
     });
 }
 
+/// An IPv6-only host's CONFIG: no `flannel.<VNI>` (index 0) and no IPv4 source. Even
+/// with an IPv4 peer in the maps, the IPv4 halves touch nothing: encap passes the packet
+/// to the kernel (`not_ipv4`), decap ignores IPv4 VXLAN from a known peer and from a
+/// stranger alike (no redirect to index 0, no drop, no counter).
+#[test]
+fn without_an_ipv4_device_the_ipv4_halves_leave_everything_to_the_kernel() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = PinDir::new("v6only");
+    let pin_path = pins.0.clone();
+    in_fresh_netns(move || {
+        let mut dp = Loaded::new(&pin_path);
+        dp.update_config(|c| {
+            c.vxlan_ifindex = 0;
+            c.vtep_mac = [0; 6];
+        });
+        let routed = inner_frame(PEER_MAC, OUR_MAC, [10, 244, 1, 5], [10, 244, 2, 7]);
+        let (verdict, out) = dp.run(names::PROG_ENCAP, &routed);
+        assert_eq!(verdict, TC_ACT_OK, "no IPv4 device: the kernel's packet");
+        assert_eq!(out, routed, "untouched");
+        assert_eq!(dp.counter(names::MAP_PASSES, PassReason::NotIpv4 as u32), 1);
+
+        let inner = inner_frame(OUR_MAC, PEER_MAC, [10, 244, 2, 7], [10, 244, 1, 5]);
+        for src in [PEER_IP, [198, 18, 0, 99]] {
+            let packet = vxlan_packet(src, 1, &inner);
+            let (verdict, out) = dp.run(names::PROG_DECAP, &packet);
+            assert_eq!(verdict, TC_ACT_OK, "from {src:?}: left to the kernel");
+            assert_eq!(out, packet, "untouched");
+        }
+        let stats = dp.peer_stats(3);
+        assert_eq!((stats.tx_packets, stats.rx_packets), (0, 0), "{stats:?}");
+        assert_eq!(
+            dp.counter(names::MAP_DROPS, DropReason::UnknownPeer as u32),
+            0
+        );
+    });
+}
+
 #[test]
 fn decap_delivers_vxlan_from_known_peers_and_drops_the_rest() {
     if !flannel_e2e::require_root() {

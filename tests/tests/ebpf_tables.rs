@@ -66,7 +66,7 @@ fn load(pins: &PathBuf, capacity: u32) -> Datapath {
     let dp = load_sized(
         &PinLayout::new(pins),
         flannel_agent::backend::ebpf::Devices {
-            vxlan: "fl0",
+            vxlan: Some("fl0"),
             vxlan6: None,
             uplink: "fl1",
         },
@@ -401,7 +401,7 @@ fn pinned_maps_of_another_size_are_replaced_with_their_contents() {
         let dp = load_sized(
             &PinLayout::new(&root),
             flannel_agent::backend::ebpf::Devices {
-                vxlan: "fl0",
+                vxlan: Some("fl0"),
                 vxlan6: None,
                 uplink: "fl1",
             },

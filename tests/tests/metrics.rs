@@ -272,7 +272,7 @@ fn scrape_cost_with_5000_peers() {
         let mut dp = load_sized(
             &l,
             flannel_agent::backend::ebpf::Devices {
-                vxlan: "flannel.1",
+                vxlan: Some("flannel.1"),
                 vxlan6: None,
                 uplink: "eth0",
             },

@@ -1371,6 +1371,11 @@ impl KernelVxlan {
         v4.chain(self.v6.iter().map(|d| d.name.clone())).collect()
     }
 
+    /// The IPv4 device name (`flannel.<VNI>`), unless the network is IPv6-only.
+    pub fn v4_device_name(&self) -> Option<&str> {
+        self.v4.as_ref().map(|d| d.name.as_str())
+    }
+
     /// The IPv6 device name (`flannel-v6.<VNI>`), when IPv6 is enabled.
     pub fn v6_device_name(&self) -> Option<&str> {
         self.v6.as_ref().map(|d| d.name.as_str())

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! <root>/v5/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES,FLOWS,FLOW_EVENTS,PATHS,STRANGERS}
-//! <root>/v4/links/{encap,encap6,decap}   # encap6: vxlan_encap on flannel-v6.<VNI> (dual stack)
+//! <root>/v4/links/{encap,encap6,decap}   # encap: vxlan_encap on flannel.<VNI> (unless IPv6-only),
+//!                                       # encap6: on flannel-v6.<VNI> (with IPv6)
 //! <root>/v4/links/pod<ifindex>-{in,out}   # from_pod / to_pod on a pod veth (bpffs names allow no dots)
 //! ```
 //!
@@ -126,7 +127,9 @@ pub struct Datapath {
     pub strangers: PerCpuHashMap<MapData, PeerKey, Counter>,
     /// What was written into the peer-keyed maps, and their capacity.
     pub(super) state: TableState,
-    /// Whether `vxlan_encap` rides on `flannel-v6.<VNI>` too (its link is pinned).
+    /// Whether `vxlan_encap` rides on `flannel.<VNI>` (not on an IPv6-only host).
+    encap4: bool,
+    /// Whether `vxlan_encap` rides on `flannel-v6.<VNI>` (its link is pinned).
     encap6: bool,
     /// Keeps the programs (and their log buffer) loaded while the agent runs; `None` when
     /// only the pinned maps were opened for inspection.
@@ -140,8 +143,11 @@ pub struct Datapath {
 pub fn open_pinned(layout: &PinLayout) -> Result<Datapath, FallbackReason> {
     let pinned = check_pinned_maps(layout)?;
     let capacity = pinned_capacity(&pinned).unwrap_or(DEFAULT_PEER_CAPACITY);
-    let encap6 = layout.link("encap6").exists();
-    assemble(|name| open_pinned_map(layout, name), capacity, encap6)
+    let encaps = (
+        layout.link("encap").exists(),
+        layout.link("encap6").exists(),
+    );
+    assemble(|name| open_pinned_map(layout, name), capacity, encaps)
 }
 
 /// The pinned map at `name`, untyped.
@@ -167,7 +173,7 @@ pub fn open_flow_events(layout: &PinLayout) -> Result<RingBuf<MapData>, Fallback
 fn assemble(
     mut get: impl FnMut(&str) -> Result<Map, FallbackReason>,
     capacity: u32,
-    encap6: bool,
+    (encap4, encap6): (bool, bool),
 ) -> Result<Datapath, FallbackReason> {
     fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
         get: &mut impl FnMut(&str) -> Result<Map, FallbackReason>,
@@ -188,11 +194,15 @@ fn assemble(
         paths: typed(&mut get, names::MAP_PATHS)?,
         strangers: typed(&mut get, names::MAP_STRANGERS)?,
         state: TableState::new(capacity),
+        encap4,
         encap6,
         _ebpf: None,
         _tasks: None,
     })
 }
+
+/// The links of `vxlan_encap`, one per VXLAN device (see [`attachments`]).
+const ENCAP_LINKS: [&str; 2] = ["encap", "encap6"];
 
 /// One program and where it goes.
 struct Attachment<'a> {
@@ -202,34 +212,36 @@ struct Attachment<'a> {
     direction: TcAttachType,
 }
 
-/// The devices the programs ride on.
+/// The devices the programs ride on: at least one VXLAN device.
 #[derive(Clone, Copy, Debug)]
 pub struct Devices<'a> {
-    /// `flannel.<VNI>`.
-    pub vxlan: &'a str,
-    /// `flannel-v6.<VNI>`, with dual stack.
+    /// `flannel.<VNI>`, unless the network is IPv6-only.
+    pub vxlan: Option<&'a str>,
+    /// `flannel-v6.<VNI>`, with IPv6 (dual stack or IPv6-only).
     pub vxlan6: Option<&'a str>,
     /// The uplink.
     pub uplink: &'a str,
 }
 
 /// Where the programs go: encap on each VXLAN device's egress (the same program: it
-/// tells the families apart by the inner EtherType), decap on the uplink's ingress.
+/// tells the families apart by the inner EtherType), decap on the uplink's ingress (it
+/// tells the outer families apart).
 fn attachments<'a>(d: Devices<'a>) -> Vec<Attachment<'a>> {
-    let mut out = vec![
-        Attachment {
+    let mut out = Vec::with_capacity(3);
+    if let Some(v4) = d.vxlan {
+        out.push(Attachment {
             program: names::PROG_ENCAP,
             link: "encap",
-            interface: d.vxlan,
+            interface: v4,
             direction: TcAttachType::Egress,
-        },
-        Attachment {
-            program: names::PROG_DECAP,
-            link: "decap",
-            interface: d.uplink,
-            direction: TcAttachType::Ingress,
-        },
-    ];
+        });
+    }
+    out.push(Attachment {
+        program: names::PROG_DECAP,
+        link: "decap",
+        interface: d.uplink,
+        direction: TcAttachType::Ingress,
+    });
     if let Some(v6) = d.vxlan6 {
         out.push(Attachment {
             program: names::PROG_ENCAP,
@@ -246,7 +258,7 @@ fn attachments<'a>(d: Devices<'a>) -> Vec<Attachment<'a>> {
 /// peer-keyed maps keep the size they are pinned with (or the compiled default).
 pub fn load(layout: &PinLayout, vxlan_dev: &str, uplink: &str) -> Result<Datapath, FallbackReason> {
     let devices = Devices {
-        vxlan: vxlan_dev,
+        vxlan: Some(vxlan_dev),
         vxlan6: None,
         uplink,
     };
@@ -319,8 +331,25 @@ pub fn load_sized(
         warn!(error = %e, "copying the resized maps' contents failed; the reconcile refills them");
     }
 
-    for a in attachments(devices) {
-        attach(&mut ebpf, layout, &a)?;
+    let wanted = attachments(devices);
+    for a in &wanted {
+        attach(&mut ebpf, layout, a)?;
+    }
+    // A device this run has no family for (dual stack before, IPv6-only now) keeps the
+    // link of an earlier run: its program would go on reading maps that no longer
+    // describe that device. Unpinning the link detaches it.
+    for stale in ENCAP_LINKS
+        .iter()
+        .filter(|l| !wanted.iter().any(|a| a.link == **l))
+    {
+        let pin = layout.link(stale);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {
+                info!(pin = %pin.display(), "unpinned the encap link of a device this run does not use")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(pin_err(&pin, e.to_string())),
+        }
     }
     // An upgrade across a layout change leaves the previous version's links attached, with
     // programs reading maps nobody updates any more: now that ours run, unpin them (which
@@ -347,7 +376,7 @@ pub fn load_sized(
                 .ok_or_else(|| FallbackReason::Load(format!("map {name} missing from the object")))
         },
         capacity,
-        devices.vxlan6.is_some(),
+        (devices.vxlan.is_some(), devices.vxlan6.is_some()),
     )?;
     Ok(Datapath {
         _ebpf: Some(ebpf),
@@ -550,7 +579,7 @@ impl Datapath {
             .map(|(name, _)| layout.map(name))
             .chain(
                 attachments(Devices {
-                    vxlan: "",
+                    vxlan: self.encap4.then_some(""),
                     vxlan6: self.encap6.then_some(""),
                     uplink: "",
                 })

@@ -1,9 +1,10 @@
 //! `ebpf-vxlan`: our TC programs carry VXLAN, the kernel device stays as the fallback.
 //!
-//! Everything the kernel `vxlan` backend programs (device `flannel.<VNI>`, and per peer a
-//! neighbour, an FDB entry and an onlink route) is programmed here too, first, exactly as
-//! upstream. The programs are a bypass on top of it: they encapsulate what the kernel
-//! routed into `flannel.<VNI>` and decapsulate VXLAN arriving on the uplink, and hand back
+//! Everything the kernel `vxlan` backend programs (devices `flannel.<VNI>` and, with IPv6,
+//! `flannel-v6.<VNI>`, and per peer a neighbour, an FDB entry and an onlink route) is
+//! programmed here too, first, exactly as upstream. The programs are a bypass on top of
+//! it: they encapsulate what the kernel routed into either device and decapsulate VXLAN
+//! arriving on the uplink, and hand back
 //! to the kernel path anything they don't handle (fragments, ARP, GSO aggregates on
 //! ingress, route misses). So a detached program, a stopped agent or an unknown case
 //! degrades to upstream's behaviour, never to loss, and peers running the kernel VXLAN
@@ -41,7 +42,7 @@ pub use flows::serve_flow_events;
 pub use loader::{
     Datapath, Devices, OBJECT, PinLayout, PodPrograms, load, load_sized, open_pinned,
 };
-pub use probe::{FallbackReason, probe, supports};
+pub use probe::{FallbackReason, probe};
 pub use tables::{
     Counters, MapContents, PeerEntry, PeerMapsReader, Placement, addr_of, peer_subnet,
 };
@@ -133,10 +134,9 @@ impl EbpfVxlan {
         options: EbpfOptions,
         cancel: CancellationToken,
     ) -> std::result::Result<Self, FallbackReason> {
-        // Decided before anything is created (the agent's plan has checked this already).
-        probe::supports(ext.local::<ipnetwork::Ipv4Network>().is_some())?;
         probe::probe(&options.pin_root)?;
-        // The programs ride on the device, which `KernelVxlan::new` creates (or adopts).
+        // The programs ride on the devices, which `KernelVxlan::new` creates (or adopts):
+        // `flannel.<VNI>` unless IPv6-only, `flannel-v6.<VNI>` with IPv6.
         let mut kernel = KernelVxlan::with_vtep_macs(ext, config, options.vtep_macs)
             .await
             .map_err(|e| FallbackReason::Device(e.to_string()))?;
@@ -200,8 +200,11 @@ impl EbpfVxlan {
             sport_max,
             // The VXLAN local address is the interface address, as upstream's device uses
             // (`--public-ip` is only what peers are told; behind NAT it isn't local).
+            // 0.0.0.0 on an IPv6-only host.
             local_ip: ext.iface_addr.octets(),
-            // `try_new` refuses a host without `flannel.<VNI>`, so these are set.
+            // An IPv6-only host has no `flannel.<VNI>`: index 0 tells the programs' IPv4
+            // halves to leave everything to the kernel (which has no IPv4 VXLAN socket
+            // there either), as `vxlan6_ifindex` 0 does for IPv6.
             vtep_mac: self.kernel.vtep_mac().unwrap_or_default(),
             uplink_ifindex: ext.index,
             vxlan_ifindex: self.kernel.vxlan_ifindex().unwrap_or_default(),
@@ -304,8 +307,8 @@ impl EbpfVxlan {
         Ok(fixes)
     }
 
-    /// CONFIG must describe the current devices: it names `flannel.<VNI>` by ifindex,
-    /// which changes whenever the device is re-created.
+    /// CONFIG must describe the current devices: it names `flannel.<VNI>` and
+    /// `flannel-v6.<VNI>` by ifindex, which changes whenever a device is re-created.
     fn check_config(&mut self) -> Result<Fixes> {
         let want = self.datapath_config();
         let have = self.datapath.config.get(&0, 0).ok();
@@ -319,6 +322,10 @@ impl EbpfVxlan {
             Some(h) if h.vxlan_ifindex != want.vxlan_ifindex => format!(
                 "CONFIG vxlan_ifindex {} -> {}",
                 h.vxlan_ifindex, want.vxlan_ifindex
+            ),
+            Some(h) if h.vxlan6_ifindex != want.vxlan6_ifindex => format!(
+                "CONFIG vxlan6_ifindex {} -> {}",
+                h.vxlan6_ifindex, want.vxlan6_ifindex
             ),
             Some(h) if h.uplink_ifindex != want.uplink_ifindex => format!(
                 "CONFIG uplink_ifindex {} -> {}",
@@ -355,7 +362,7 @@ fn spawn_flow_event_server(layout: PinLayout, cancel: CancellationToken) {
 /// The devices the programs ride on.
 fn devices(kernel: &KernelVxlan) -> Devices<'_> {
     Devices {
-        vxlan: kernel.device_name(),
+        vxlan: kernel.v4_device_name(),
         vxlan6: kernel.v6_device_name(),
         uplink: &kernel.ext().name,
     }
@@ -445,7 +452,7 @@ impl Backend for EbpfVxlan {
         self.registered = true;
         let o = &self.options;
         let flow_cache = self.flow_cache();
-        info!(vni = cfg.vni, port = cfg.port, local = %Ipv4Addr::from(cfg.local_ip), flow_cache, flow_refresh_ms = o.flow_refresh_ms, all_flows_fast_path = o.fast_path, peer_check = o.peer_check, "eBPF datapath enabled");
+        info!(vni = cfg.vni, port = cfg.port, local = %Ipv4Addr::from(cfg.local_ip), local6 = %std::net::Ipv6Addr::from(cfg.local_ip6), flow_cache, flow_refresh_ms = o.flow_refresh_ms, all_flows_fast_path = o.fast_path, peer_check = o.peer_check, "eBPF datapath enabled");
         if !o.peer_check {
             warn!(
                 "--vxlan-peer-check=false: VXLAN from any address reaches the kernel VXLAN device, as with upstream flannel"

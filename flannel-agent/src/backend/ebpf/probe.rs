@@ -36,21 +36,14 @@ pub enum FallbackReason {
         /// What went wrong.
         error: String,
     },
-    /// The kernel VXLAN device the programs ride on could not be set up.
+    /// A kernel VXLAN device the programs ride on could not be set up.
     #[error("kernel VXLAN device: {0}")]
     Device(String),
-    /// The network is IPv6-only: the programs carry IPv6 too, but the eBPF backend is
-    /// built around `flannel.<VNI>` (its encap link, CONFIG's IPv4 source and device),
-    /// which an IPv6-only host does not have.
-    #[error(
-        "the network is IPv6-only (EnableIPv4: false) and the eBPF datapath needs flannel.<VNI> (IPv4) to ride on"
-    )]
-    Ipv6Only,
 }
 
 impl FallbackReason {
     /// A stable, low-cardinality name of the reason (for logs, readiness and metrics
-    /// labels): `no_bpffs`, `no_btf`, `load`, `attach`, `pin`, `device`, `ipv6_only`.
+    /// labels): `no_bpffs`, `no_btf`, `load`, `attach`, `pin`, `device`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::NoBpffs { .. } => "no_bpffs",
@@ -59,18 +52,7 @@ impl FallbackReason {
             Self::Attach { .. } => "attach",
             Self::Pin { .. } => "pin",
             Self::Device(_) => "device",
-            Self::Ipv6Only => "ipv6_only",
         }
-    }
-}
-
-/// Whether the datapath can carry the network's families; decided from the configuration
-/// alone, before anything is created.
-pub fn supports(enable_ipv4: bool) -> Result<(), FallbackReason> {
-    if enable_ipv4 {
-        Ok(())
-    } else {
-        Err(FallbackReason::Ipv6Only)
     }
 }
 
