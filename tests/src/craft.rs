@@ -1,8 +1,9 @@
-//! Hand-made VXLAN for hostile-input tests: a UDP datagram carrying an inner frame, cut
-//! into outer IPv4 packets with options and/or as fragments, sent through a raw socket
-//! (`IPPROTO_RAW`, so the kernel sends our header as written: options, fragment offsets).
+//! Hand-made VXLAN for hostile-input tests: a UDP datagram carrying an inner frame (IPv4,
+//! or IPv6 with [`vxlan_datagram6`]), cut into outer IPv4 packets with options and/or as
+//! fragments, sent through a raw socket (`IPPROTO_RAW`, so the kernel sends our header as
+//! written: options, fragment offsets).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use flannel_common::wire;
 
@@ -59,6 +60,81 @@ pub fn vxlan_datagram(vni: u32, vxlan_port: u16, inner: &Inner) -> Vec<u8> {
     d.extend_from_slice(&wire::vxlan_header(vni));
     d.extend_from_slice(&frame);
     d
+}
+
+/// [`Inner`] over IPv6: the inner frame carries a UDP datagram from `src:port` to
+/// `dst:port` in an IPv6 packet.
+#[derive(Clone, Debug)]
+pub struct Inner6 {
+    /// Destination MAC: the receiving host's `flannel-v6.<VNI>` MAC.
+    pub dst_mac: [u8; 6],
+    /// Source MAC (anything, for a stranger).
+    pub src_mac: [u8; 6],
+    /// Inner source address.
+    pub src: Ipv6Addr,
+    /// Inner destination address (a pod).
+    pub dst: Ipv6Addr,
+    /// Inner UDP port (source and destination).
+    pub port: u16,
+    /// Inner UDP payload.
+    pub payload: Vec<u8>,
+}
+
+/// The outer UDP datagram (header included, checksum left 0: a socket sending the rest
+/// fills its own) of VXLAN `vni` to `vxlan_port` carrying `inner` as IPv6.
+pub fn vxlan_datagram6(vni: u32, vxlan_port: u16, inner: &Inner6) -> Vec<u8> {
+    let udp_len = (8 + inner.payload.len()) as u16;
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&inner.port.to_be_bytes());
+    udp.extend_from_slice(&inner.port.to_be_bytes());
+    udp.extend_from_slice(&udp_len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&inner.payload);
+    // IPv6 UDP needs a checksum (RFC 8200 8.1): over the pseudo-header and the datagram.
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&inner.src.octets());
+    pseudo.extend_from_slice(&inner.dst.octets());
+    pseudo.extend_from_slice(&u32::from(udp_len).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, wire::IPPROTO_UDP]);
+    pseudo.extend_from_slice(&udp);
+    let check = match !ones_complement_sum(&pseudo) {
+        0 => 0xffff,
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&check.to_be_bytes());
+
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&inner.dst_mac);
+    frame.extend_from_slice(&inner.src_mac);
+    frame.extend_from_slice(&wire::ETH_P_IPV6.to_be_bytes());
+    frame.extend_from_slice(&[0x60, 0, 0, 0]);
+    frame.extend_from_slice(&udp_len.to_be_bytes());
+    frame.extend_from_slice(&[wire::IPPROTO_UDP, 64]);
+    frame.extend_from_slice(&inner.src.octets());
+    frame.extend_from_slice(&inner.dst.octets());
+    frame.extend_from_slice(&udp);
+
+    let outer_len = (8 + 8 + frame.len()) as u16;
+    let mut d = Vec::new();
+    d.extend_from_slice(&40123u16.to_be_bytes());
+    d.extend_from_slice(&vxlan_port.to_be_bytes());
+    d.extend_from_slice(&outer_len.to_be_bytes());
+    d.extend_from_slice(&[0, 0]);
+    d.extend_from_slice(&wire::vxlan_header(vni));
+    d.extend_from_slice(&frame);
+    d
+}
+
+/// The folded 16-bit one's-complement sum of `bytes` (big-endian words, odd tail padded).
+fn ones_complement_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
 }
 
 /// How to shape the outer IPv4 packets.

@@ -283,3 +283,176 @@ pub fn readyz(ns: &NetNs) -> String {
 pub fn is_ready(ns: &NetNs) -> bool {
     readyz(ns).starts_with("HTTP/1.1 200")
 }
+
+/// Which address families a [`KubeCluster`]'s hosts, nodes and pods have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stack {
+    /// IPv6 only: node `h<i>` has the pod CIDR [`pod_subnet6`]`(i)` alone and the hosts no
+    /// IPv4 address at all (the API server is on the IPv6 underlay too).
+    Ipv6Only,
+    /// Both families: pod CIDRs [`pod_subnet4`]`(i)` and [`pod_subnet6`]`(i)`.
+    DualStack,
+}
+
+/// Node `h<i>`'s IPv4 pod CIDR: `10.244.<i>.0/24`.
+pub fn pod_subnet4(i: u8) -> ipnetwork::Ipv4Network {
+    ipnetwork::Ipv4Network::new(std::net::Ipv4Addr::new(10, 244, i, 0), 24).expect("valid")
+}
+
+/// Node `h<i>`'s IPv6 pod CIDR: `fd00:10:244:<i>::/64`.
+pub fn pod_subnet6(i: u8) -> ipnetwork::Ipv6Network {
+    let net = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(i), 0, 0, 0, 0);
+    ipnetwork::Ipv6Network::new(net, 64).expect("valid")
+}
+
+/// A kube-mode cluster on one underlay: host `i` (1-based) is node `h<i>` of the in-test
+/// API server, with the [`Stack`]'s pod CIDRs and underlay addresses ([`host_ip`],
+/// [`host_ip6`]), and runs one agent. Built in steps ([`KubeCluster::hosts`], then
+/// [`KubeCluster::start_agents`], then [`KubeCluster::add_pods`]) so a test can change a
+/// node or a host in between; [`KubeCluster::start`] does all three. Fields drop in
+/// order: the agents stop first, then the pods and hosts go, then the API server and the
+/// underlay.
+///
+/// [`host_ip`]: crate::netns::host_ip
+/// [`host_ip6`]: crate::netns::host_ip6
+pub struct KubeCluster {
+    /// One agent per host, in host order (empty until [`KubeCluster::start_agents`]).
+    pub agents: Vec<KubeAgent>,
+    /// The hosts, in order (host `i` at index `i - 1`).
+    pub hosts: Vec<crate::netns::Host>,
+    /// The API server and the underlay.
+    pub bench: KubeBench,
+    stack: Stack,
+}
+
+impl KubeCluster {
+    /// `n` hosts and their Node objects (pod CIDRs, `InternalIP` addresses as the kubelet
+    /// reports them), no agent yet.
+    pub fn hosts(n: u8, stack: Stack) -> Self {
+        use crate::netns::{host_ip, host_ip6};
+        let mut bench = match stack {
+            Stack::Ipv6Only => KubeBench::new_ipv6(),
+            Stack::DualStack => KubeBench::new(),
+        };
+        let mut hosts = Vec::new();
+        for i in 1..=n {
+            let name = format!("h{i}");
+            let (v4, v6) = (host_ip(i).to_string(), host_ip6(i).to_string());
+            let (s4, s6) = (pod_subnet4(i).to_string(), pod_subnet6(i).to_string());
+            match stack {
+                Stack::Ipv6Only => {
+                    bench.api.add_node(&name, &[&s6]);
+                    bench.api.set_addresses(&name, &[("InternalIP", &v6)]);
+                }
+                Stack::DualStack => {
+                    bench.api.add_node(&name, &[&s4, &s6]);
+                    bench
+                        .api
+                        .set_addresses(&name, &[("InternalIP", &v4), ("InternalIP", &v6)]);
+                }
+            }
+            let mut h = bench.underlay.add_host(i);
+            h.add_ipv6(i);
+            if stack == Stack::Ipv6Only {
+                h.ns.sh("ip -4 addr flush dev eth0");
+                assert!(h.ns.sh("ip -4 -o addr show scope global").trim().is_empty());
+            }
+            hosts.push(h);
+        }
+        Self {
+            agents: Vec::new(),
+            hosts,
+            bench,
+            stack,
+        }
+    }
+
+    /// Start one agent per host with `net_conf`: host `i` on `dataplane(i)` with the
+    /// [`HEALTHZ`] flags and `extra(i)` after them; then wait until each wrote its
+    /// `subnet.env`.
+    pub fn start_agents(
+        &mut self,
+        net_conf: &str,
+        dataplane: impl Fn(u8) -> &'static str,
+        extra: impl Fn(u8) -> Vec<String>,
+    ) {
+        for (i, h) in (1u8..).zip(&self.hosts) {
+            let extra = extra(i);
+            let args: Vec<&str> = HEALTHZ
+                .iter()
+                .copied()
+                .chain(extra.iter().map(String::as_str))
+                .collect();
+            self.agents.push(start_agent_with(
+                &h.ns,
+                &format!("h{i}"),
+                &self.bench.api,
+                dataplane(i),
+                net_conf,
+                &args,
+            ));
+        }
+        wait_for_subnet_env(&self.agent_refs());
+    }
+
+    /// `count` pods behind every host at its agent's MTU: IPv6 only, or both families.
+    pub fn add_pods(&mut self, count: usize) {
+        for ((i, h), a) in (1u8..).zip(&mut self.hosts).zip(&self.agents) {
+            match self.stack {
+                Stack::Ipv6Only => h.add_pods_v6_only(pod_subnet6(i), a.mtu(), count),
+                Stack::DualStack => {
+                    h.add_pods(pod_subnet4(i), a.mtu(), count);
+                    h.add_pod_ipv6(pod_subnet6(i));
+                }
+            }
+        }
+    }
+
+    /// [`hosts`](Self::hosts), [`start_agents`](Self::start_agents) and two pods per host.
+    pub fn start(
+        n: u8,
+        stack: Stack,
+        net_conf: &str,
+        dataplane: impl Fn(u8) -> &'static str,
+        extra: impl Fn(u8) -> Vec<String>,
+    ) -> Self {
+        let mut c = Self::hosts(n, stack);
+        c.start_agents(net_conf, dataplane, extra);
+        c.add_pods(2);
+        c
+    }
+
+    /// The agents, borrowed.
+    pub fn agent_refs(&self) -> Vec<&KubeAgent> {
+        self.agents.iter().collect()
+    }
+
+    /// Every agent's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("--- agent {}:\n{}\n", i + 1, a.log()))
+            .collect()
+    }
+
+    /// Host `host`'s (1-based) pin layout, to open its agent's maps.
+    pub fn pin_layout(&self, host: u8) -> flannel_agent::backend::ebpf::PinLayout {
+        flannel_agent::backend::ebpf::PinLayout::new(&self.agents[usize::from(host) - 1].pins.0)
+    }
+
+    /// iperf3 for `seconds` over IPv6 from host `from`'s first pod to host `to`'s first
+    /// pod (1-based); bytes received.
+    pub fn iperf6(&self, from: u8, to: u8, seconds: u32) -> u64 {
+        let server = &self.hosts[usize::from(to) - 1].pods[0];
+        let addr = server.ip6.expect("pod has an IPv6 address").to_string();
+        let _srv = server
+            .ns
+            .spawn_server("iperf3", &["-s", "-1", "-B", &addr], 5201);
+        let out = self.hosts[usize::from(from) - 1].pods[0].ns.sh(&format!(
+            "iperf3 -6 -c {addr} -t {seconds} -J --connect-timeout 3000"
+        ));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+        v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0)
+    }
+}

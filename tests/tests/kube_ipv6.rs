@@ -1,13 +1,20 @@
 //! IPv6 in kube mode, end to end: three host namespaces on the underlay (IPv6
 //! fd00:198::/64; IPv4 too for dual stack), the in-test API server, one
-//! `flanneld --kube-subnet-mgr` per host, pods behind each.
+//! `flanneld --kube-subnet-mgr` per host, pods behind each (set up by
+//! [`KubeCluster`]).
 //!
 //! * IPv6-only (`EnableIPv4: false`), kernel vxlan and host-gw: hosts without any IPv4
 //!   address (the API server is reached over IPv6), node objects with an IPv6 pod CIDR
 //!   only, pods with IPv6 only, `flannel-v6.1` and no `flannel.1`, upstream's
 //!   four-line `subnet.env`, upstream's annotations on the Node objects; every pod pair
-//!   pings. `--dataplane=auto` falls back to the kernel device with the typed reason
-//!   `ipv6_only`; `--dataplane=ebpf` is refused before anything is created.
+//!   pings, iperf3 ≥ 1 Gbit/s, ICMPv6 packet-too-big at the pod MTU.
+//! * IPv6-only with the eBPF datapath (`auto` picks it, `ebpf` is accepted) on two hosts
+//!   and the kernel device on the third: the programs on `flannel-v6.1` and the uplink,
+//!   CONFIG without an IPv4 device, IPv6-only PEERS/ROUTES entries (also as bpftool
+//!   dumps them), BPF counters moving both ways eBPF⇄eBPF and eBPF⇄kernel, iperf3,
+//!   packet-too-big, and a stranger's VXLAN over IPv6 dropped and counted by source.
+//! * The IPv6 blackhole route (`--ip-blackhole-route`) of the own subnet: present,
+//!   repaired after deletion, and traffic to an unassigned own address stays on the host.
 //! * Dual stack: `spec.podCIDRs` with both families, one eBPF host and two kernel hosts,
 //!   one host publishing a `public-ipv6-overwrite`; every pod pair pings over both
 //!   families, and the annotations match upstream's byte for byte.
@@ -17,19 +24,20 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr, UdpSocket},
     time::Duration,
 };
 
 use flannel_e2e::{
+    craft,
     kube_api::KubeApi,
     kube_cluster::{
-        HEALTHZ, KubeAgent, KubeBench, P, readyz, start_agent_with, wait_for_subnet_env,
+        KubeAgent, KubeCluster, P, Stack, pod_subnet6 as subnet6, readyz, start_agent_with,
+        wait_for_subnet_env,
     },
     netns::{Host, NetNs, host_ip, host_ip6, wait_until},
     require_root,
 };
-use ipnetwork::{Ipv4Network, Ipv6Network};
 
 const V6_NETWORK: &str = "fd00:10:244::/56";
 
@@ -45,14 +53,6 @@ fn v6_only_conf_nft(nftables: bool) -> String {
     )
 }
 
-fn subnet6(i: u8) -> Ipv6Network {
-    format!("fd00:10:244:{i}::/64").parse().unwrap()
-}
-
-fn subnet4(i: u8) -> Ipv4Network {
-    format!("10.244.{i}.0/24").parse().unwrap()
-}
-
 /// The MAC of `dev` in `ns`.
 fn mac_of(ns: &NetNs, dev: &str) -> String {
     // `ip`, not /sys/class/net: sysfs shows the namespace it was mounted in.
@@ -61,6 +61,15 @@ fn mac_of(ns: &NetNs, dev: &str) -> String {
         .nth(2)
         .unwrap_or_else(|| panic!("no MAC in {out:?}"))
         .to_owned()
+}
+
+/// A MAC as `ip` prints it, as bytes.
+fn mac_bytes(mac: &str) -> [u8; 6] {
+    let v: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+    v.try_into().expect("6 bytes")
 }
 
 fn has_link(ns: &NetNs, dev: &str) -> bool {
@@ -135,48 +144,67 @@ fn assert_all_pods_reach_each_other_v4(hosts: &[Host], agents: &[&KubeAgent]) {
 }
 
 /// Three IPv6-only hosts with net-conf `conf`: no IPv4 address anywhere (the API server
-/// is reached over IPv6 too). Host 1 runs `--dataplane=auto`, the others `kernel`, all
-/// with `extra` flags. Returns the bench, hosts (two IPv6-only pods each) and agents.
-fn v6_only_cluster(conf: &str, extra: &[&str]) -> (KubeBench, Vec<Host>, Vec<KubeAgent>) {
-    let mut bench = KubeBench::new_ipv6();
-    let mut hosts = Vec::new();
-    let mut agents = Vec::new();
-    for i in 1..=3u8 {
-        bench
-            .api
-            .add_node(&format!("h{i}"), &[&subnet6(i).to_string()]);
-        // What the kubelet reports: the node's IPv6 address.
-        bench.api.set_addresses(
-            &format!("h{i}"),
-            &[("InternalIP", &host_ip6(i).to_string())],
+/// is reached over IPv6 too), every host on `--dataplane=kernel` with `extra` flags, two
+/// IPv6-only pods each.
+fn v6_only_cluster(conf: &str, extra: &[&str]) -> KubeCluster {
+    let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+    KubeCluster::start(3, Stack::Ipv6Only, conf, |_| "kernel", |_| extra.clone())
+}
+
+/// DF over IPv6 at the pod MTU, from host `from` to host `to` (1-based): a packet of
+/// exactly the pod MTU (payload + 8 ICMPv6 + 40 IPv6) crosses; from a pod whose link
+/// allows more, one byte more is answered by its host with ICMPv6 packet-too-big naming
+/// the pod MTU (and the pod, having learnt it, fits again).
+fn assert_packet_too_big_at_the_pod_mtu(c: &KubeCluster, from: u8, to: u8) {
+    let (f, t) = (usize::from(from) - 1, usize::from(to) - 1);
+    let mtu = c.agents[f].mtu();
+    let fits = mtu - 48;
+    let far6 = c.hosts[t].pods[0].ip6.unwrap();
+    let small = &c.hosts[f].pods[0];
+    small
+        .ns
+        .sh(&format!("ping -6 -c 1 -W 2 -M do -s {fits} {far6}"));
+    // The second pod's link (and its host-side veth, `veth3`) at the uplink's 1500, so
+    // the packet leaves the pod and meets the tunnel's MTU on its host.
+    let big = &c.hosts[f].pods[1];
+    big.ns.sh("ip link set eth0 mtu 1500");
+    c.hosts[f].ns.sh("ip link set veth3 mtu 1500");
+    let mut seen = String::new();
+    let told = wait_until(Duration::from_secs(5), || {
+        let out = big
+            .ns
+            .run(&format!("ping -6 -c 1 -W 1 -M do -s {} {far6}", fits + 1));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
-        let mut h = bench.underlay.add_host(i);
-        h.add_ipv6(i);
-        h.ns.sh("ip -4 addr flush dev eth0");
-        assert!(h.ns.sh("ip -4 -o addr show scope global").trim().is_empty());
-        hosts.push(h);
-    }
-    let args: Vec<&str> = HEALTHZ
-        .iter()
-        .copied()
-        .chain(extra.iter().copied())
-        .collect();
-    for (i, h) in hosts.iter().enumerate() {
-        let dataplane = if i == 0 { "auto" } else { "kernel" };
-        agents.push(start_agent_with(
-            &h.ns,
-            &format!("h{}", i + 1),
-            &bench.api,
-            dataplane,
-            conf,
-            &args,
-        ));
-    }
-    wait_for_subnet_env(&agents.iter().collect::<Vec<_>>());
-    for (i, (h, a)) in hosts.iter_mut().zip(&agents).enumerate() {
-        h.add_pods_v6_only(subnet6(u8::try_from(i + 1).unwrap()), a.mtu(), 2);
-    }
-    (bench, hosts, agents)
+        seen.push_str(&text);
+        !out.status.success()
+            && [
+                format!("mtu={mtu}"),
+                format!("mtu = {mtu}"),
+                format!("mtu: {mtu}"),
+            ]
+            .iter()
+            .any(|m| text.contains(m.as_str()))
+    });
+    assert!(
+        told && seen.contains("Packet too big"),
+        "host {from} -> {to}: no packet-too-big with MTU {mtu}: {seen}"
+    );
+    big.ns
+        .sh(&format!("ping -6 -c 1 -W 2 -M do -s {fits} {far6}"));
+}
+
+/// iperf3 over IPv6 from host `from`'s pod to host `to`'s, at least 1 Gbit/s (a floor
+/// for correctness, not a benchmark).
+fn assert_iperf6_gigabit(c: &KubeCluster, from: u8, to: u8, what: &str) {
+    let seconds = 3;
+    let bytes = c.iperf6(from, to, seconds);
+    let gbit = bytes as f64 * 8.0 / f64::from(seconds) / 1e9;
+    eprintln!("iperf3 over IPv6, {what} host {from} -> host {to}: {gbit:.2} Gbit/s");
+    assert!(gbit >= 1.0, "{what}: {gbit:.2} Gbit/s\n{}", c.logs());
 }
 
 #[test]
@@ -184,9 +212,9 @@ fn kube_ipv6_only_vxlan_three_hosts_every_pod_pair_pings() {
     if !require_root() {
         return;
     }
-    let (bench, hosts, agents) = v6_only_cluster(&v6_only_conf("vxlan"), &[]);
-    let all: Vec<&KubeAgent> = agents.iter().collect();
-    for (i, (h, a)) in hosts.iter().zip(&agents).enumerate() {
+    let c = v6_only_cluster(&v6_only_conf("vxlan"), &[]);
+    let (hosts, agents, all) = (&c.hosts, &c.agents, c.agent_refs());
+    for (i, (h, a)) in hosts.iter().zip(agents).enumerate() {
         let n = u8::try_from(i + 1).unwrap();
         // Upstream's subnet.env with IPv4 off: no FLANNEL_NETWORK/FLANNEL_SUBNET.
         let env = std::fs::read_to_string(a.subnet_env()).unwrap();
@@ -220,28 +248,21 @@ fn kube_ipv6_only_vxlan_three_hosts_every_pod_pair_pings() {
         ]);
         let name = format!("h{n}");
         let ok = wait_until(Duration::from_secs(10), || {
-            flannel_annotations(&bench.api, &name) == want
+            flannel_annotations(&c.bench.api, &name) == want
         });
         assert!(
             ok,
             "{name}: {:?}\nwant {want:?}",
-            flannel_annotations(&bench.api, &name)
+            flannel_annotations(&c.bench.api, &name)
+        );
+        let ready = readyz(&h.ns);
+        assert!(
+            ready.contains("x-flannel-datapath: kernel") && !ready.contains("fallback"),
+            "{ready}"
         );
     }
-    // Host 1 asked for auto: the kernel device, with the reason typed.
-    let ready = readyz(&hosts[0].ns);
-    assert!(
-        ready.contains("x-flannel-datapath: kernel-fallback:ipv6_only"),
-        "{ready}"
-    );
-    assert!(
-        agents[0].log().contains("fallback=\"ipv6_only\""),
-        "{}",
-        agents[0].log()
-    );
-    assert!(readyz(&hosts[1].ns).contains("x-flannel-datapath: kernel"));
 
-    assert_all_pods_reach_each_other_v6(&hosts, &all);
+    assert_all_pods_reach_each_other_v6(hosts, &all);
 
     // The traffic crossed flannel-v6.1: its counters moved on both ends, and nothing
     // IPv4 was routed to a peer.
@@ -259,10 +280,13 @@ fn kube_ipv6_only_vxlan_three_hosts_every_pod_pair_pings() {
         .sh(&format!("ping -6 -c 5 -i 0.2 -W 1 {far}"));
     assert!(counter(&hosts[0], "tx") >= tx + 5);
     assert!(counter(&hosts[2], "rx") >= rx + 5);
-    for h in &hosts {
+    for h in hosts {
         let v4 = h.ns.sh("ip -4 route show proto 84");
         assert!(v4.trim().is_empty(), "IPv4 peer routes: {v4}");
     }
+
+    assert_iperf6_gigabit(&c, 1, 2, "kernel vxlan");
+    assert_packet_too_big_at_the_pod_mtu(&c, 1, 3);
 }
 
 #[test]
@@ -270,9 +294,16 @@ fn kube_ipv6_only_host_gw_three_hosts_every_pod_pair_pings() {
     if !require_root() {
         return;
     }
-    let (bench, hosts, agents) = v6_only_cluster(&v6_only_conf("host-gw"), &[]);
-    let all: Vec<&KubeAgent> = agents.iter().collect();
-    for (i, (h, a)) in hosts.iter().zip(&agents).enumerate() {
+    // Host 1 asks for auto, which on host-gw needs no eBPF.
+    let c = KubeCluster::start(
+        3,
+        Stack::Ipv6Only,
+        &v6_only_conf("host-gw"),
+        |i| if i == 1 { "auto" } else { "kernel" },
+        |_| Vec::new(),
+    );
+    let (hosts, all) = (&c.hosts, c.agent_refs());
+    for (i, (h, a)) in hosts.iter().zip(&c.agents).enumerate() {
         let n = u8::try_from(i + 1).unwrap();
         assert_eq!(a.mtu(), 1500, "host-gw: the uplink MTU");
         for j in (1..=3u8).filter(|j| *j != n) {
@@ -300,47 +331,392 @@ fn kube_ipv6_only_host_gw_three_hosts_every_pod_pair_pings() {
         ]);
         let name = format!("h{n}");
         let ok = wait_until(Duration::from_secs(10), || {
-            flannel_annotations(&bench.api, &name) == want
+            flannel_annotations(&c.bench.api, &name) == want
         });
         assert!(
             ok,
             "{name}: {:?}\nwant {want:?}",
-            flannel_annotations(&bench.api, &name)
+            flannel_annotations(&c.bench.api, &name)
         );
         assert!(!has_link(&h.ns, "flannel.1") && !has_link(&h.ns, "flannel-v6.1"));
     }
-    // host-gw needs no eBPF: auto is host-gw.
     assert!(readyz(&hosts[0].ns).contains("x-flannel-datapath: host-gw"));
-    assert_all_pods_reach_each_other_v6(&hosts, &all);
+    assert!(!c.agents[0].pins.0.exists(), "host-gw pinned BPF objects");
+    assert_all_pods_reach_each_other_v6(hosts, &all);
 }
 
+/// The names of the programs attached (tcx) to `dev`'s `dir` (`ingress`, `egress`) in
+/// `ns`.
+fn tcx_programs(ns: &NetNs, dev: &'static str, dir: &str) -> Vec<String> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let dir = if dir == "ingress" {
+        TcAttachType::Ingress
+    } else {
+        TcAttachType::Egress
+    };
+    ns.enter(move || {
+        SchedClassifier::query_tcx(dev, dir)
+            .expect("query tcx")
+            .1
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or_default().to_owned())
+            .collect()
+    })
+}
+
+/// The `Peer` entries of the pinned `PEERS` map as bpftool prints them: each key's
+/// address.
+fn bpftool_peer_keys(layout: &flannel_agent::backend::ebpf::PinLayout) -> Vec<IpAddr> {
+    let path = layout.map(flannel_common::names::MAP_PEERS);
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    dump.as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            let bytes: Vec<u8> = e["formatted"]["key"]["addr"]
+                .as_array()
+                .unwrap_or_else(|| panic!("no key address in {e}"))
+                .iter()
+                .map(|b| u8::try_from(b.as_u64().expect("byte")).expect("byte"))
+                .collect();
+            let bytes: [u8; 16] = bytes.try_into().expect("16-byte key");
+            let v6 = Ipv6Addr::from(bytes);
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        })
+        .collect()
+}
+
+/// The eBPF datapath on IPv6-only hosts: host 1 on `--dataplane=auto` and host 2 on
+/// `ebpf` both run it, host 3 runs the kernel device. The encap program rides on
+/// `flannel-v6.1` (there is no `flannel.1` link), CONFIG names no IPv4 device, the maps
+/// hold each peer's IPv6 half only; IPv6 pod traffic is encapsulated and decapsulated by
+/// BPF eBPF⇄eBPF and eBPF⇄kernel (per-peer counters), bulk TCP reaches 1 Gbit/s, the pod
+/// MTU holds, and a stranger's VXLAN over IPv6 is dropped by BPF and counted by source
+/// while a peer's arrives (and the kernel host, with upstream's default, takes both).
 #[test]
-fn kube_ipv6_only_with_dataplane_ebpf_is_refused_before_anything_is_created() {
+fn kube_ipv6_only_ebpf_and_kernel_hosts_carry_ipv6_in_bpf() {
     if !require_root() {
         return;
     }
-    let mut bench = KubeBench::new();
-    bench.api.add_node("h1", &[&subnet6(1).to_string()]);
-    let mut h = bench.underlay.add_host(1);
-    h.add_ipv6(1);
-    let mut a = start_agent_with(&h.ns, "h1", &bench.api, "ebpf", &v6_only_conf("vxlan"), &[]);
-    let exited = wait_until(Duration::from_secs(20), || !a.child.running());
-    assert!(exited, "flanneld kept running:\n{}", a.log());
-    assert!(
-        !a.child.exit_status().expect("exited").success(),
-        "{}",
-        a.log()
+    let mut c = KubeCluster::start(
+        3,
+        Stack::Ipv6Only,
+        &v6_only_conf("vxlan"),
+        |i| match i {
+            1 => "auto",
+            2 => "ebpf",
+            _ => "kernel",
+        },
+        |_| Vec::new(),
     );
-    let log = a.log();
-    assert!(
-        log.contains("--dataplane=ebpf") && log.contains("IPv6-only"),
-        "{log}"
+    let open = |c: &KubeCluster, host: u8| {
+        flannel_agent::backend::ebpf::open_pinned(&c.pin_layout(host)).expect("pinned maps")
+    };
+    for host in 1..=3u8 {
+        let h = &c.hosts[usize::from(host) - 1];
+        let ready = readyz(&h.ns);
+        let want = if host < 3 { "ebpf" } else { "kernel" };
+        assert!(
+            ready.contains(&format!("x-flannel-datapath: {want}")) && !ready.contains("fallback"),
+            "host {host}: {ready}\n{}",
+            c.logs()
+        );
+        assert!(!has_link(&h.ns, "flannel.1"), "{}", h.ns.sh("ip link"));
+    }
+    for host in 1..=2u8 {
+        let h = &c.hosts[usize::from(host) - 1];
+        let layout = c.pin_layout(host);
+        // The programs: encap on flannel-v6.1 egress, decap on the uplink; no encap link
+        // for a flannel.1 that does not exist.
+        assert!(layout.link("encap6").exists() && layout.link("decap").exists());
+        assert!(!layout.link("encap").exists(), "an IPv4 encap link");
+        for (dev, dir, prog) in [
+            ("flannel-v6.1", "egress", flannel_common::names::PROG_ENCAP),
+            ("eth0", "ingress", flannel_common::names::PROG_DECAP),
+        ] {
+            let attached = tcx_programs(&h.ns, dev, dir);
+            assert_eq!(
+                attached,
+                vec![prog.to_owned()],
+                "host {host}: tcx {dev} {dir}"
+            );
+        }
+        // CONFIG: IPv6 source and device; the IPv4 device index 0 and no IPv4 source.
+        let cfg = open(&c, host).config.get(&0, 0).expect("CONFIG");
+        assert_eq!(
+            (cfg.vxlan_ifindex, cfg.local_ip),
+            (0, [0; 4]),
+            "host {host}: {cfg:?}"
+        );
+        assert_eq!(cfg.vxlan6_ifindex, h.ns.ifindex("flannel-v6.1"), "{cfg:?}");
+        assert_eq!(cfg.local_ip6, host_ip6(host).octets(), "{cfg:?}");
+        assert_eq!(cfg.uplink_ifindex, h.ns.ifindex("eth0"), "{cfg:?}");
+        // The maps: per peer its IPv6 subnet routed to its PublicIPv6 with its
+        // flannel-v6.1 MAC, its PublicIPv6 on the allow-list; nothing IPv4.
+        for peer in (1..=3u8).filter(|p| *p != host) {
+            let (p6, under) = (subnet6(peer), host_ip6(peer));
+            let mac = mac_bytes(&mac_of(&c.hosts[usize::from(peer) - 1].ns, "flannel-v6.1"));
+            let ok = wait_until(Duration::from_secs(10), || {
+                let dp = open(&c, host);
+                let routes = dp.current_routes6().expect("routes");
+                let peers = dp.current_peers6().expect("peers");
+                routes
+                    .get(&p6)
+                    .is_some_and(|r| r.peer_ip == under.octets() && r.vtep_mac == mac)
+                    && peers.get(&under).is_some_and(|p| {
+                        flannel_agent::backend::ebpf::peer_subnet(p) == Some(p6.into())
+                    })
+            });
+            let dp = open(&c, host);
+            assert!(
+                ok,
+                "host {host}: peer {p6} via {under} not in the maps\n{:?}\n{:?}\n{}",
+                dp.current_routes6(),
+                dp.current_peers6(),
+                c.logs()
+            );
+        }
+        let dp = open(&c, host);
+        assert!(dp.current_routes().expect("routes").is_empty());
+        assert!(dp.current_peers().expect("peers").is_empty());
+        let mut keys = bpftool_peer_keys(&layout);
+        keys.sort();
+        let want: Vec<IpAddr> = (1..=3u8)
+            .filter(|p| *p != host)
+            .map(|p| IpAddr::V6(host_ip6(p)))
+            .collect();
+        assert_eq!(keys, want, "host {host}: PEERS as bpftool dumps it");
+    }
+
+    assert_all_pods_reach_each_other_v6(&c.hosts, &c.agent_refs());
+
+    // eBPF ⇄ eBPF and eBPF ⇄ kernel, each way: BPF encapsulates on the eBPF sender and
+    // decapsulates on the eBPF receiver.
+    let peer6 = |c: &KubeCluster, host: u8, peer: u8| {
+        open(c, host)
+            .counters()
+            .expect("counters")
+            .peers6
+            .get(&host_ip6(peer))
+            .copied()
+            .unwrap_or_default()
+    };
+    for (a, b) in [(1u8, 2u8), (1, 3), (2, 3)] {
+        let before = peer6(&c, a, b);
+        let ping = |from: u8, to: u8| {
+            let to6 = c.hosts[usize::from(to) - 1].pods[0].ip6.unwrap();
+            c.hosts[usize::from(from) - 1].pods[0]
+                .ns
+                .sh(&format!("ping -6 -c 5 -i 0.2 -W 1 {to6}"))
+        };
+        ping(a, b);
+        ping(b, a);
+        let after = peer6(&c, a, b);
+        assert!(
+            after.tx_packets >= before.tx_packets + 10
+                && after.rx_packets >= before.rx_packets + 10,
+            "host {a}: IPv6 to/from host {b} not carried by BPF: {before:?} -> {after:?}\n{}",
+            c.logs()
+        );
+    }
+
+    assert_iperf6_gigabit(&c, 1, 2, "eBPF");
+    assert_iperf6_gigabit(&c, 3, 2, "kernel -> eBPF");
+    assert_packet_too_big_at_the_pod_mtu(&c, 1, 2);
+
+    // A stranger's VXLAN over IPv6: dropped by BPF on the eBPF host and counted by
+    // source, while a peer's identical probe arrives; the kernel host (upstream's
+    // default, no peer check) takes the stranger's, which shows the probe is valid.
+    let stranger6 = Ipv6Addr::new(0xfd00, 0x198, 0, 0, 0, 0, 0, 0x66);
+    let stranger = c
+        .bench
+        .underlay
+        .attach("x6", std::net::Ipv4Addr::new(198, 18, 1, 66), 1500);
+    stranger.sh(&format!(
+        "ip -4 addr flush dev eth0 && ip -6 addr add {stranger6}/64 dev eth0 nodad"
+    ));
+    const PORT: u16 = 7777;
+    let sockets: Vec<UdpSocket> = [0usize, 2]
+        .iter()
+        .map(|&h| {
+            let ip6 = c.hosts[h].pods[0].ip6.unwrap();
+            c.hosts[h].pods[0]
+                .ns
+                .enter(move || UdpSocket::bind((ip6, PORT)))
+                .expect("bind in pod")
+        })
+        .collect();
+    let drops_before = open(&c, 1).counters().expect("counters").drops["unknown_peer"];
+    let inner_src = c.hosts[1].pods[0].ip6.unwrap();
+    let send = |from: &NetNs, src6: Ipv6Addr, to: usize, tag: &str| {
+        let inner = craft::Inner6 {
+            dst_mac: mac_bytes(&mac_of(&c.hosts[to].ns, "flannel-v6.1")),
+            src_mac: [0x02, 0, 0, 0, 0x66, 0x66],
+            src: inner_src,
+            dst: c.hosts[to].pods[0].ip6.unwrap(),
+            port: PORT,
+            payload: tag.as_bytes().to_vec(),
+        };
+        let datagram = craft::vxlan_datagram6(1, 8472, &inner);
+        let dst = host_ip6(u8::try_from(to + 1).unwrap());
+        from.enter({
+            // The VXLAN payload (the socket writes the UDP header and its checksum).
+            let payload = datagram[8..].to_vec();
+            move || {
+                let s = UdpSocket::bind((src6, 0))?;
+                s.send_to(&payload, (dst, 8472)).map(drop)
+            }
+        })
+        .expect("send VXLAN over IPv6");
+    };
+    for to in [0, 2] {
+        send(&stranger, stranger6, to, "stranger");
+    }
+    send(&c.hosts[1].ns, host_ip6(2), 0, "peer");
+    let got: Vec<Vec<String>> = sockets
+        .iter()
+        .map(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(1500)))
+                .unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            while let Ok(n) = s.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            got
+        })
+        .collect();
+    eprintln!("arrived over IPv6 VXLAN: {got:?}");
+    assert_eq!(
+        got[0],
+        vec!["peer".to_owned()],
+        "eBPF host: only the peer's\n{}",
+        c.logs()
     );
-    // Nothing was created: no device, no pins, no subnet.env, no annotations.
-    assert!(!has_link(&h.ns, "flannel.1") && !has_link(&h.ns, "flannel-v6.1"));
-    assert!(!a.pins.0.exists(), "pins at {}", a.pins.0.display());
-    assert!(!a.subnet_env().exists());
-    assert!(flannel_annotations(&bench.api, "h1").is_empty());
+    assert_eq!(
+        got[1],
+        vec!["stranger".to_owned()],
+        "upstream-default host takes anyone's"
+    );
+    let dp = open(&c, 1);
+    let strangers = dp.strangers().expect("strangers");
+    assert!(
+        strangers
+            .get(&IpAddr::V6(stranger6))
+            .is_some_and(|n| n.packets >= 1),
+        "stranger {stranger6} not counted by BPF: {strangers:?}"
+    );
+    let drops = dp.counters().expect("counters").drops["unknown_peer"];
+    assert!(
+        drops.packets > drops_before.packets,
+        "unknown_peer drops {drops_before:?} -> {drops:?}"
+    );
+    drop(stranger);
+}
+
+/// `--ip-blackhole-route` on an IPv6-only host without a bridge for its subnet (as with
+/// Canal): the agent keeps `blackhole <own IPv6 subnet>` (proto 84), puts it back after
+/// it is deleted, and with a default route out of the host, traffic to an unassigned
+/// address of the own subnet stays on the host while traffic to another address leaves
+/// it (counted by the gateway).
+#[test]
+fn kube_ipv6_only_blackhole_route_is_kept_and_keeps_own_subnet_traffic_home() {
+    if !require_root() {
+        return;
+    }
+    let mut c = KubeCluster::hosts(2, Stack::Ipv6Only);
+    // The default gateway, counting what reaches it for the pod network.
+    let gw6 = Ipv6Addr::new(0xfd00, 0x198, 0, 0, 0, 0, 0, 0x200);
+    let gw = c
+        .bench
+        .underlay
+        .attach("gw", std::net::Ipv4Addr::new(198, 18, 1, 200), 1500);
+    gw.sh(&format!(
+        "ip -4 addr flush dev eth0 && ip -6 addr add {gw6}/64 dev eth0 nodad && \
+         nft add table ip6 probe && nft add counter ip6 probe pods && \
+         nft add chain ip6 probe pre '{{ type filter hook prerouting priority -300 ; }}' && \
+         nft add rule ip6 probe pre ip6 daddr {V6_NETWORK} counter name pods"
+    ));
+    let reached_gw = || -> u64 {
+        let json = gw.sh("nft -j list counter ip6 probe pods");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("nft -j");
+        v["nftables"]
+            .as_array()
+            .and_then(|a| a.iter().find_map(|e| e["counter"]["packets"].as_u64()))
+            .expect("counter packets")
+    };
+    let h1 = &c.hosts[0].ns;
+    h1.sh(&format!("ip -6 route add default via {gw6}"));
+    c.start_agents(
+        &v6_only_conf("vxlan"),
+        |_| "kernel",
+        |_| vec!["--ip-blackhole-route".to_owned()],
+    );
+    let h1 = &c.hosts[0].ns;
+    let own = subnet6(1);
+    let blackhole = || {
+        h1.sh("ip -6 route show type blackhole")
+            .lines()
+            .any(|l| l.starts_with(&format!("blackhole {own} ")) && l.contains("proto 84"))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), blackhole),
+        "no blackhole route for {own}:\n{}\n{}",
+        h1.sh("ip -6 route show"),
+        c.logs()
+    );
+    // Nothing else routes the own subnet (no cni0 on this host).
+    let routes = h1.sh("ip -6 route show");
+    assert!(
+        !routes.lines().any(|l| l.starts_with(&format!("{own} "))),
+        "{routes}"
+    );
+
+    // What leaves is seen: an unleased address of the network goes out the default route.
+    let before = reached_gw();
+    let _ = h1.run("ping -6 -c 3 -i 0.2 -W 1 fd00:10:244:ff::5");
+    assert!(
+        reached_gw() >= before + 3,
+        "the gateway does not see what leaves h1"
+    );
+
+    let unassigned = "fd00:10:244:1::99";
+    let stays = |what: &str| {
+        let before = reached_gw();
+        let out = h1.run(&format!("ping -6 -c 3 -i 0.2 -W 1 {unassigned}"));
+        assert!(
+            !out.status.success(),
+            "{what}: {unassigned} answered: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(
+            reached_gw(),
+            before,
+            "{what}: traffic to {unassigned} left the host"
+        );
+    };
+    stays("at start");
+
+    h1.sh(&format!("ip -6 route del blackhole {own}"));
+    let back = wait_until(Duration::from_secs(15), blackhole);
+    assert!(
+        back,
+        "blackhole route not put back:\n{}\n{}",
+        h1.sh("ip -6 route show"),
+        c.agents[0].log()
+    );
+    stays("after the repair");
+    drop(gw);
 }
 
 #[test]
@@ -348,56 +724,26 @@ fn kube_dual_stack_ebpf_and_kernel_hosts_every_pod_pair_pings_over_both_families
     if !require_root() {
         return;
     }
-    let mut bench = KubeBench::new();
-    let mut hosts = Vec::new();
-    for i in 1..=3u8 {
-        let name = format!("h{i}");
-        bench
-            .api
-            .add_node(&name, &[&subnet4(i).to_string(), &subnet6(i).to_string()]);
-        bench.api.set_addresses(
-            &name,
-            &[
-                ("InternalIP", &host_ip(i).to_string()),
-                ("InternalIP", &host_ip6(i).to_string()),
-            ],
-        );
-        let mut h = bench.underlay.add_host(i);
-        h.add_ipv6(i);
-        hosts.push(h);
-    }
+    let mut c = KubeCluster::hosts(3, Stack::DualStack);
     // Host 3 tells its peers to tunnel IPv6 to a second address of its own (a NAT
     // address in real life).
     let overwrite6 = "fd00:198::103";
-    hosts[2]
+    c.hosts[2]
         .ns
         .sh(&format!("ip -6 addr add {overwrite6}/64 dev eth0 nodad"));
-    bench.api.annotate(
+    c.bench.api.annotate(
         "h3",
         &[(&format!("{P}public-ipv6-overwrite"), Some(overwrite6))],
     );
     let conf = format!(
         r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"{V6_NETWORK}","Backend":{{"Type":"vxlan"}}}}"#
     );
-    let agents: Vec<KubeAgent> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let dataplane = if i == 0 { "ebpf" } else { "kernel" };
-            start_agent_with(
-                &h.ns,
-                &format!("h{}", i + 1),
-                &bench.api,
-                dataplane,
-                &conf,
-                &HEALTHZ,
-            )
-        })
-        .collect();
-    let all: Vec<&KubeAgent> = agents.iter().collect();
-    wait_for_subnet_env(&all);
-    for (i, (h, a)) in hosts.iter_mut().zip(&agents).enumerate() {
-        let n = u8::try_from(i + 1).unwrap();
+    c.start_agents(
+        &conf,
+        |i| if i == 1 { "ebpf" } else { "kernel" },
+        |_| Vec::new(),
+    );
+    for (n, a) in (1u8..).zip(&c.agents) {
         let env = std::fs::read_to_string(a.subnet_env()).unwrap();
         assert_eq!(
             env,
@@ -407,9 +753,9 @@ fn kube_dual_stack_ebpf_and_kernel_hosts_every_pod_pair_pings_over_both_families
                  FLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n"
             )
         );
-        h.add_pods(subnet4(n), a.mtu(), 2);
-        h.add_pod_ipv6(subnet6(n));
     }
+    c.add_pods(2);
+    let (hosts, all, bench) = (&c.hosts, c.agent_refs(), &c.bench);
     assert!(readyz(&hosts[0].ns).contains("x-flannel-datapath: ebpf"));
     for (i, h) in hosts.iter().enumerate() {
         let n = u8::try_from(i + 1).unwrap();
@@ -464,8 +810,8 @@ fn kube_dual_stack_ebpf_and_kernel_hosts_every_pod_pair_pings_over_both_families
             );
         }
     }
-    assert_all_pods_reach_each_other_v4(&hosts, &all);
-    assert_all_pods_reach_each_other_v6(&hosts, &all);
+    assert_all_pods_reach_each_other_v4(hosts, &all);
+    assert_all_pods_reach_each_other_v6(hosts, &all);
 }
 
 /// The source address a TCP connection from `from` to `to` arrives with at `to`.
@@ -491,15 +837,15 @@ fn kube_ipv6_only_ip_masq_installs_ipv6_rules_only() {
         return;
     }
     for nftables in [false, true] {
-        let (mut bench, hosts, agents) =
-            v6_only_cluster(&v6_only_conf_nft(nftables), &["--ip-masq=true"]);
-        let all: Vec<&KubeAgent> = agents.iter().collect();
+        let mut c = v6_only_cluster(&v6_only_conf_nft(nftables), &["--ip-masq=true"]);
         let outside_ip6: Ipv6Addr = "fd00:198::200".parse().unwrap();
-        let outside = bench
+        let outside = c
+            .bench
             .underlay
             .attach("out", "198.18.1.2".parse().unwrap(), 1500);
+        let (hosts, all) = (&c.hosts, c.agent_refs());
         outside.sh(&format!("ip -6 addr add {outside_ip6}/64 dev eth0 nodad"));
-        assert_all_pods_reach_each_other_v6(&hosts, &all);
+        assert_all_pods_reach_each_other_v6(hosts, &all);
         let h1 = &hosts[0].ns;
         if nftables {
             let table = h1.sh("nft list table ip6 flannel-ipv6");
@@ -544,7 +890,7 @@ fn kube_ipv6_only_ip_masq_installs_ipv6_rules_only() {
             "pod → pod masqueraded (nftables {nftables})"
         );
         drop(outside);
-        drop((agents, hosts, bench));
+        drop(c);
     }
 }
 
@@ -558,43 +904,38 @@ fn kube_ipv6_only_restart_keeps_the_vtep_mac_and_traffic() {
         return;
     }
     let conf = v6_only_conf("vxlan");
-    let (bench, hosts, mut agents) = v6_only_cluster(&conf, &[]);
-    {
-        let all: Vec<&KubeAgent> = agents.iter().collect();
-        assert_all_pods_reach_each_other_v6(&hosts, &all);
-    }
-    let before = flannel_annotations(&bench.api, "h1");
-    let mac = mac_of(&hosts[0].ns, "flannel-v6.1");
+    let mut c = v6_only_cluster(&conf, &[]);
+    assert_all_pods_reach_each_other_v6(&c.hosts, &c.agent_refs());
+    let before = flannel_annotations(&c.bench.api, "h1");
+    let mac = mac_of(&c.hosts[0].ns, "flannel-v6.1");
     assert!(
         before["backend-v6-data"].contains(&mac),
         "{before:?} vs {mac}"
     );
-    let old = agents.remove(0);
+    let old = c.agents.remove(0);
     drop(old);
-    hosts[0].ns.sh("ip link del flannel-v6.1");
-    agents.insert(
-        0,
-        start_agent_with(&hosts[0].ns, "h1", &bench.api, "kernel", &conf, &[]),
-    );
-    let all: Vec<&KubeAgent> = agents.iter().collect();
+    c.hosts[0].ns.sh("ip link del flannel-v6.1");
+    let restarted = start_agent_with(&c.hosts[0].ns, "h1", &c.bench.api, "kernel", &conf, &[]);
+    c.agents.insert(0, restarted);
+    let all = c.agent_refs();
     wait_for_subnet_env(&all);
     let back = wait_until(Duration::from_secs(10), || {
-        has_link(&hosts[0].ns, "flannel-v6.1")
+        has_link(&c.hosts[0].ns, "flannel-v6.1")
     });
-    assert!(back, "flannel-v6.1 not re-created\n{}", agents[0].log());
+    assert!(back, "flannel-v6.1 not re-created\n{}", c.agents[0].log());
     assert_eq!(
-        mac_of(&hosts[0].ns, "flannel-v6.1"),
+        mac_of(&c.hosts[0].ns, "flannel-v6.1"),
         mac,
         "the VTEP MAC changed"
     );
-    assert_all_pods_reach_each_other_v6(&hosts, &all);
+    assert_all_pods_reach_each_other_v6(&c.hosts, &all);
     assert_eq!(
-        flannel_annotations(&bench.api, "h1"),
+        flannel_annotations(&c.bench.api, "h1"),
         before,
         "annotations churned"
     );
     // (A node seen before its agent annotated it is skipped at debug level: not counted.)
-    for (i, a) in agents.iter().enumerate() {
+    for (i, a) in c.agents.iter().enumerate() {
         let log = a.log();
         let loud = log
             .lines()
