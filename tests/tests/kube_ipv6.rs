@@ -530,7 +530,24 @@ fn kube_ipv6_only_ebpf_and_kernel_hosts_carry_ipv6_in_bpf() {
         );
     }
 
+    // Bulk TCP between the eBPF hosts' pods is a verified pod flow: the per-flow fast path
+    // (pod programs on every cni0 port, IPv6-only hosts too) carries it both ways.
+    let path = |c: &KubeCluster, host: u8, which: &str| {
+        open(c, host).counters().expect("counters").paths[which].packets
+    };
+    let (tx, rx) = (path(&c, 1, "fast_tx"), path(&c, 2, "fast_rx"));
     assert_iperf6_gigabit(&c, 1, 2, "eBPF");
+    let (tx2, rx2) = (path(&c, 1, "fast_tx"), path(&c, 2, "fast_rx"));
+    eprintln!(
+        "fast path: host 1 fast_tx +{}, host 2 fast_rx +{}",
+        tx2 - tx,
+        rx2 - rx
+    );
+    assert!(
+        tx2 > tx + 100 && rx2 > rx + 100,
+        "the IPv6 flow stayed on the kernel path: fast_tx {tx} -> {tx2}, fast_rx {rx} -> {rx2}\n{}",
+        c.logs()
+    );
     assert_iperf6_gigabit(&c, 3, 2, "kernel -> eBPF");
     assert_packet_too_big_at_the_pod_mtu(&c, 1, 2);
 

@@ -5,12 +5,12 @@
 //!
 //! ```text
 //! <root>/v5/maps/{ROUTES,PEERS,ENDPOINTS,CONFIG,PEER_STATS,DROPS,PASSES,FLOWS,FLOW_EVENTS,PATHS,STRANGERS}
-//! <root>/v4/links/{encap,encap6,decap}   # encap: vxlan_encap on flannel.<VNI> (unless IPv6-only),
+//! <root>/v5/links/{encap,encap6,decap}   # encap: vxlan_encap on flannel.<VNI> (unless IPv6-only),
 //!                                       # encap6: on flannel-v6.<VNI> (with IPv6)
-//! <root>/v4/links/pod<ifindex>-{in,out}   # from_pod / to_pod on a pod veth (bpffs names allow no dots)
+//! <root>/v5/links/pod<ifindex>-{in,out}   # from_pod / to_pod on a pod veth (bpffs names allow no dots)
 //! ```
 //!
-//! `v4` is `flannel_common::names::LAYOUT_VERSION`: a release that changes a map type uses
+//! `v5` is `flannel_common::names::LAYOUT_VERSION`: a release that changes a map type uses
 //! a new directory instead of reusing maps of the wrong shape (aya reuses a pinned map
 //! without checking it). A map's *size* is not part of the layout: the peer-keyed maps are
 //! sized for the cluster at load time, and pinned maps of another size are replaced with

@@ -468,13 +468,14 @@ impl Backend for EbpfVxlan {
                 "eBPF all-flows fast path on: traffic to local pods bypasses this host's routing and netfilter (kube-proxy, NetworkPolicy)"
             );
         }
-        if let Some(subnet) = own.subnet.filter(|_| flow_cache || o.fast_path) {
+        if flow_cache || o.fast_path {
+            // The per-pod programs carry both families, so an IPv6-only host gets them
+            // too; the all-flows fast path's endpoints are IPv4 pods only.
             tokio::spawn(pods::watch(
                 pods::PodWatch {
                     layout: self.layout.clone(),
                     bridge: endpoints::BRIDGE.to_owned(),
-                    subnet,
-                    endpoints: o.fast_path,
+                    endpoints: own.subnet.filter(|_| o.fast_path),
                 },
                 self.cancel.child_token(),
             ));

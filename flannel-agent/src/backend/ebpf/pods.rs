@@ -31,10 +31,9 @@ pub struct PodWatch {
     pub layout: PinLayout,
     /// The bridge pods hang off.
     pub bridge: String,
-    /// This host's pod subnet.
-    pub subnet: Ipv4Network,
-    /// Also fill the endpoints map (opt-in all-flows fast path).
-    pub endpoints: bool,
+    /// Also fill the endpoints map with the pods of this IPv4 subnet (opt-in all-flows
+    /// fast path; `None` without it, and on an IPv6-only host).
+    pub endpoints: Option<Ipv4Network>,
 }
 
 /// Keep the per-pod programs and maps in step with the pods until `cancel`.
@@ -44,7 +43,12 @@ pub async fn watch(w: PodWatch, cancel: CancellationToken) {
         let datapath = open_pinned(&w.layout).map_err(|e| e.to_string())?;
         let nl = Netlink::connect().map_err(|e| e.to_string())?;
         let (mut conn, _handle, events) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
-        let groups = RTMGRP_LINK | if w.endpoints { RTMGRP_NEIGH } else { 0 };
+        let groups = RTMGRP_LINK
+            | if w.endpoints.is_some() {
+                RTMGRP_NEIGH
+            } else {
+                0
+            };
         conn.socket_mut()
             .socket_mut()
             .bind(&SocketAddr::new(0, groups))
@@ -125,8 +129,8 @@ async fn sync(
             }
         }
     }
-    if w.endpoints {
-        let found = endpoints::discover(nl, &w.bridge, w.subnet)
+    if let Some(subnet) = w.endpoints {
+        let found = endpoints::discover(nl, &w.bridge, subnet)
             .await
             .map_err(|e| e.to_string())?;
         datapath
