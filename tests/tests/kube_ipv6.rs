@@ -12,7 +12,8 @@
 //!   and the kernel device on the third: the programs on `flannel-v6.1` and the uplink,
 //!   CONFIG without an IPv4 device, IPv6-only PEERS/ROUTES entries (also as bpftool
 //!   dumps them), BPF counters moving both ways eBPF⇄eBPF and eBPF⇄kernel, iperf3,
-//!   packet-too-big, and a stranger's VXLAN over IPv6 dropped and counted by source.
+//!   packet-too-big, the per-flow fast path, a stranger's VXLAN over IPv6 dropped and
+//!   counted by source; repair of `flannel-v6.1`, its encap link and CONFIG.
 //! * The IPv6 blackhole route (`--ip-blackhole-route`) of the own subnet: present,
 //!   repaired after deletion, and traffic to an unassigned own address stays on the host.
 //! * Dual stack: `spec.podCIDRs` with both families, one eBPF host and two kernel hosts,
@@ -639,6 +640,81 @@ fn kube_ipv6_only_ebpf_and_kernel_hosts_carry_ipv6_in_bpf() {
         "unknown_peer drops {drops_before:?} -> {drops:?}"
     );
     drop(stranger);
+}
+
+/// Repair on an IPv6-only eBPF host: `flannel-v6.1` deleted under the agent comes back
+/// with the encap program on its egress and CONFIG naming its new index (the IPv4 device
+/// still 0), and a removed encap link pin is re-attached and pinned; after each, IPv6 pod
+/// traffic to the kernel host is carried by BPF again (per-peer counters both ways).
+#[test]
+fn kube_ipv6_only_ebpf_host_repairs_its_device_link_and_config() {
+    if !require_root() {
+        return;
+    }
+    let c = KubeCluster::start(
+        2,
+        Stack::Ipv6Only,
+        &v6_only_conf("vxlan"),
+        |i| if i == 1 { "ebpf" } else { "kernel" },
+        |_| Vec::new(),
+    );
+    assert_all_pods_reach_each_other_v6(&c.hosts, &c.agent_refs());
+    let (h1, layout) = (&c.hosts[0].ns, c.pin_layout(1));
+    let open = || flannel_agent::backend::ebpf::open_pinned(&layout).expect("pinned maps");
+    let carried = |what: &str| {
+        let to6 = c.hosts[1].pods[0].ip6.unwrap();
+        let back = wait_until(Duration::from_secs(20), || {
+            c.hosts[0].pods[0]
+                .ns
+                .run(&format!("ping -6 -c 1 -W 1 {to6}"))
+                .status
+                .success()
+        });
+        assert!(back, "{what}: no IPv6 traffic\n{}", c.logs());
+        let peer = |dp: &flannel_agent::backend::ebpf::Datapath| {
+            dp.counters().expect("counters").peers6[&host_ip6(2)]
+        };
+        let before = peer(&open());
+        c.hosts[0].pods[0]
+            .ns
+            .sh(&format!("ping -6 -c 5 -i 0.2 -W 1 {to6}"));
+        let after = peer(&open());
+        assert!(
+            after.tx_packets >= before.tx_packets + 5 && after.rx_packets >= before.rx_packets + 5,
+            "{what}: not carried by BPF: {before:?} -> {after:?}\n{}",
+            c.logs()
+        );
+    };
+    carried("at start");
+
+    let old = h1.ifindex("flannel-v6.1");
+    h1.sh("ip link del flannel-v6.1");
+    let repaired = wait_until(Duration::from_secs(20), || {
+        has_link(h1, "flannel-v6.1") && {
+            let now = h1.ifindex("flannel-v6.1");
+            let cfg = open().config.get(&0, 0).expect("CONFIG");
+            now != old
+                && cfg.vxlan6_ifindex == now
+                && cfg.vxlan_ifindex == 0
+                && tcx_programs(h1, "flannel-v6.1", "egress")
+                    == vec![flannel_common::names::PROG_ENCAP.to_owned()]
+        }
+    });
+    assert!(
+        repaired,
+        "flannel-v6.1 not repaired with its program and CONFIG\n{}",
+        c.agents[0].log()
+    );
+    carried("after flannel-v6.1 was re-created");
+
+    std::fs::remove_file(layout.link("encap6")).expect("remove the encap6 link pin");
+    let relinked = wait_until(Duration::from_secs(20), || {
+        layout.link("encap6").exists()
+            && tcx_programs(h1, "flannel-v6.1", "egress")
+                == vec![flannel_common::names::PROG_ENCAP.to_owned()]
+    });
+    assert!(relinked, "encap6 not re-attached\n{}", c.agents[0].log());
+    carried("after the encap6 link pin was removed");
 }
 
 /// `--ip-blackhole-route` on an IPv6-only host without a bridge for its subnet (as with
