@@ -344,6 +344,12 @@ fn kube_ipv6_only_host_gw_three_hosts_every_pod_pair_pings() {
     assert!(readyz(&hosts[0].ns).contains("x-flannel-datapath: host-gw"));
     assert!(!c.agents[0].pins.0.exists(), "host-gw pinned BPF objects");
     assert_all_pods_reach_each_other_v6(hosts, &all);
+    // No tunnel: a DF packet of the pod MTU (the uplink's) crosses whole, and bulk TCP.
+    let far6 = hosts[2].pods[0].ip6.unwrap();
+    hosts[0].pods[0]
+        .ns
+        .sh(&format!("ping -6 -c 1 -W 2 -M do -s {} {far6}", 1500 - 48));
+    assert_iperf6_gigabit(&c, 1, 3, "IPv6-only host-gw,");
 }
 
 /// The names of the programs attached (tcx) to `dev`'s `dir` (`ingress`, `egress`) in
@@ -905,6 +911,10 @@ fn kube_dual_stack_ebpf_and_kernel_hosts_every_pod_pair_pings_over_both_families
     }
     assert_all_pods_reach_each_other_v4(hosts, &all);
     assert_all_pods_reach_each_other_v6(hosts, &all);
+    // IPv6 between hosts at full size and in bulk, eBPF ⇄ kernel.
+    assert_packet_too_big_at_the_pod_mtu(&c, 1, 2);
+    assert_iperf6_gigabit(&c, 1, 2, "dual-stack kube, eBPF ->");
+    assert_iperf6_gigabit(&c, 3, 1, "dual-stack kube, kernel ->");
 }
 
 /// The source address a TCP connection from `from` to `to` arrives with at `to`.
