@@ -18,7 +18,9 @@
 //!   repaired after deletion, and traffic to an unassigned own address stays on the host.
 //! * Dual stack: `spec.podCIDRs` with both families, one eBPF host and two kernel hosts,
 //!   one host publishing a `public-ipv6-overwrite`; every pod pair pings over both
-//!   families, and the annotations match upstream's byte for byte.
+//!   families, and the annotations match upstream's byte for byte; packet-too-big at the
+//!   pod MTU and iperf3 over IPv6, eBPF ⇄ kernel. Dual-stack host-gw: routes of both
+//!   families via each peer's addresses, upstream's annotations, pings, iperf3.
 //!
 //! Needs root and a built agent: `cargo build --bins`, then
 //! `cargo test -p flannel-e2e --test kube_ipv6`.
@@ -33,8 +35,8 @@ use flannel_e2e::{
     craft,
     kube_api::KubeApi,
     kube_cluster::{
-        KubeAgent, KubeCluster, P, Stack, pod_subnet6 as subnet6, readyz, start_agent_with,
-        wait_for_subnet_env,
+        KubeAgent, KubeCluster, P, Stack, pod_subnet4, pod_subnet6 as subnet6, readyz,
+        start_agent_with, wait_for_subnet_env,
     },
     netns::{Host, NetNs, host_ip, host_ip6, wait_until},
     require_root,
@@ -915,6 +917,64 @@ fn kube_dual_stack_ebpf_and_kernel_hosts_every_pod_pair_pings_over_both_families
     assert_packet_too_big_at_the_pod_mtu(&c, 1, 2);
     assert_iperf6_gigabit(&c, 1, 2, "dual-stack kube, eBPF ->");
     assert_iperf6_gigabit(&c, 3, 1, "dual-stack kube, kernel ->");
+}
+
+#[test]
+fn kube_dual_stack_host_gw_routes_both_families() {
+    if !require_root() {
+        return;
+    }
+    let conf = format!(
+        r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"{V6_NETWORK}","Backend":{{"Type":"host-gw"}}}}"#
+    );
+    let c = KubeCluster::start(3, Stack::DualStack, &conf, |_| "kernel", |_| Vec::new());
+    let (hosts, all) = (&c.hosts, c.agent_refs());
+    for (i, (h, a)) in hosts.iter().zip(&c.agents).enumerate() {
+        let n = u8::try_from(i + 1).unwrap();
+        assert_eq!(a.mtu(), 1500, "host-gw: the uplink MTU");
+        for j in (1..=3u8).filter(|j| *j != n) {
+            let want4 = format!("{} via {} dev eth0 proto 84", pod_subnet4(j), host_ip(j));
+            let want6 = format!("{} via {} dev eth0 proto 84", subnet6(j), host_ip6(j));
+            let ok = wait_until(Duration::from_secs(10), || {
+                h.ns.sh("ip route show").contains(&want4)
+                    && h.ns.sh("ip -6 route show").contains(&want6)
+            });
+            assert!(
+                ok,
+                "{}: no routes {want4:?} / {want6:?}\n{}{}\n{}",
+                h.ns.name(),
+                h.ns.sh("ip route show"),
+                h.ns.sh("ip -6 route show"),
+                logs(&all)
+            );
+        }
+        // Upstream's annotations for a non-vxlan backend over both families.
+        let want = expect(&[
+            ("backend-data", "null".into()),
+            ("backend-type", "host-gw".into()),
+            ("backend-v6-data", "null".into()),
+            ("kube-subnet-manager", "true".into()),
+            ("public-ip", host_ip(n).to_string()),
+            ("public-ipv6", host_ip6(n).to_string()),
+        ]);
+        let name = format!("h{n}");
+        let ok = wait_until(Duration::from_secs(10), || {
+            flannel_annotations(&c.bench.api, &name) == want
+        });
+        assert!(
+            ok,
+            "{name}: {:?}\nwant {want:?}",
+            flannel_annotations(&c.bench.api, &name)
+        );
+        assert!(!has_link(&h.ns, "flannel.1") && !has_link(&h.ns, "flannel-v6.1"));
+    }
+    assert_all_pods_reach_each_other_v4(hosts, &all);
+    assert_all_pods_reach_each_other_v6(hosts, &all);
+    let far6 = hosts[2].pods[0].ip6.unwrap();
+    hosts[0].pods[0]
+        .ns
+        .sh(&format!("ping -6 -c 1 -W 2 -M do -s {} {far6}", 1500 - 48));
+    assert_iperf6_gigabit(&c, 1, 3, "dual-stack kube host-gw,");
 }
 
 /// The source address a TCP connection from `from` to `to` arrives with at `to`.
