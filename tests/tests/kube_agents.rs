@@ -9,8 +9,11 @@
 use std::time::Duration;
 
 use flannel_e2e::{
-    kube_cluster::{KubeBench, P, kube_hosts, ping, start_agent, start_kube_agents},
-    netns::{Host, wait_until},
+    kube_cluster::{
+        KubeAgent, KubeBench, P, kube_hosts, ping, pod_cidr, start_agent, start_agent_with,
+        start_kube_agents, wait_for_subnet_env,
+    },
+    netns::{ChildGuard, Host, wait_until},
     require_root,
 };
 
@@ -278,4 +281,123 @@ fn kube_agent_skips_invalid_nodes_once_and_programs_the_rest() {
     let longest = log.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 2000, "a {longest}-byte log line");
     drop(a1);
+}
+
+/// A peer Node whose IPv6 pod CIDR changes while its IPv4 one stays is swapped in place
+/// on the other host: one `Added`, never `Removed` then `Added`. Its IPv4 route is never
+/// deleted (a netlink route monitor in h1 says so) and IPv4 pod traffic, a ping every
+/// 50 ms through the change, loses nothing. (A dual-stack network ignores Nodes without
+/// an IPv6 pod CIDR, so the IPv6 half changing is how a known peer's lease changes
+/// subnets under the same IPv4 one.)
+#[test]
+fn a_peer_whose_ipv6_pod_cidr_changes_keeps_its_ipv4_route_and_traffic() {
+    if !require_root() {
+        return;
+    }
+    let mut bench = KubeBench::new();
+    let conf = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+    let mut hosts: Vec<Host> = (1..=2u8)
+        .map(|i| {
+            bench.api.add_node(
+                &format!("h{i}"),
+                &[
+                    &format!("10.244.{i}.0/24"),
+                    &format!("fd00:10:244:{i}::/64"),
+                ],
+            );
+            let mut h = bench.underlay.add_host(i);
+            h.add_ipv6(i);
+            h
+        })
+        .collect();
+    let api = &bench.api;
+    let agents: Vec<KubeAgent> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| start_agent_with(&h.ns, &format!("h{}", i + 1), api, "kernel", conf, &[]))
+        .collect();
+    wait_for_subnet_env(&agents.iter().collect::<Vec<_>>());
+    for (i, (h, a)) in hosts.iter_mut().zip(&agents).enumerate() {
+        h.add_pods(pod_cidr(u8::try_from(i + 1).unwrap()), a.mtu(), 1);
+    }
+    let (h1, h2) = (&hosts[0], &hosts[1]);
+    let (p1, p2) = (&h1.pods[0], &h2.pods[0]);
+    assert!(
+        wait_until(Duration::from_secs(15), || ping(&p1.ns, p2.ip)),
+        "pods cannot talk\n{}",
+        agents[0].log()
+    );
+    let routes6 = |net: &str| h1.ns.sh(&format!("ip -6 route show {net}"));
+    assert!(routes6("fd00:10:244:2::/64").contains("flannel-v6.1"));
+
+    // Every route change in h1 from now on, as netlink reports it.
+    let seen = tempfile::NamedTempFile::new().unwrap();
+    let mut monitor = ChildGuard::new(
+        h1.ns
+            .command("ip")
+            .args(["-4", "monitor", "route"])
+            .stdout(seen.reopen().unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // A marker route, added and deleted until the monitor reports it: then it listens.
+    let listening = wait_until(Duration::from_secs(10), || {
+        h1.ns.sh("ip route add blackhole 192.0.2.1/32 table 100 && \
+             ip route del blackhole 192.0.2.1/32 table 100");
+        std::fs::read_to_string(seen.path()).is_ok_and(|s| s.contains("192.0.2.1"))
+    });
+    assert!(listening, "ip monitor route reported nothing");
+
+    // 200 pings, 50 ms apart (10 s), around the change.
+    let (pod, to) = (p1.ns.path(), p2.ip);
+    let pinging = std::thread::spawn(move || {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={pod}"))
+            .args(["--", "ping", "-n", "-i", "0.05", "-c", "200", "-W", "1"])
+            .arg(to.to_string())
+            .output()
+            .expect("spawn ping")
+    });
+    let mut node = api.node("h2").unwrap();
+    let spec = node.spec.as_mut().unwrap();
+    spec.pod_cidrs = Some(vec!["10.244.2.0/24".into(), "fd00:10:244:22::/64".into()]);
+    api.put_node(&node);
+    let moved = wait_until(Duration::from_secs(10), || {
+        routes6("fd00:10:244:22::/64").contains("flannel-v6.1")
+    });
+    assert!(
+        moved,
+        "h1 never routed h2's new IPv6 subnet\n{}",
+        agents[0].log()
+    );
+    assert!(
+        !pinging.is_finished(),
+        "the change took longer than the pings"
+    );
+    let out = pinging.join().unwrap();
+    let stats = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stats.contains("200 packets transmitted, 200 received"),
+        "IPv4 pings lost across the change:\n{stats}\n{}",
+        agents[0].log()
+    );
+    monitor.kill();
+    let routes = std::fs::read_to_string(seen.path()).unwrap();
+    assert!(
+        !routes
+            .lines()
+            .any(|l| l.starts_with("Deleted") && l.contains("10.244.2.0/24")),
+        "h1 deleted its route to h2's IPv4 subnet:\n{routes}"
+    );
+    assert!(
+        h1.ns
+            .sh("ip route show 10.244.2.0/24")
+            .contains("flannel.1"),
+        "{}",
+        h1.ns.sh("ip route")
+    );
+    // Each agent listed the nodes once (the watch's list): the acquisition reads only its
+    // own Node.
+    assert_eq!(api.list_count(), 2, "node lists");
+    drop(agents);
 }

@@ -130,10 +130,15 @@ impl LeaseTracker {
                     Ok(new) => match self.known.insert(name, new.clone()) {
                         // Heartbeats, resyncs, unrelated fields: nothing to tell.
                         Some(old) if old == new => Vec::new(),
-                        // A new pod CIDR (upstream misses this): the old subnet is gone.
-                        Some(old) if old.id() != new.id() => {
+                        // A new IPv4 pod CIDR (upstream misses this): the old subnet is
+                        // gone, so it is removed before the new one is added.
+                        Some(old) if !old.same_subnet(&new) => {
                             vec![LeaseEvent::Removed(old), LeaseEvent::Added(new)]
                         }
+                        // Same host subnet, other attributes or a gained/changed IPv6 pod
+                        // CIDR: `Added` alone, which the agent's `PeerSet` applies in place.
+                        // A `Removed` first would drop the peer's IPv4 route for as long as
+                        // the re-add takes, on every host.
                         _ => vec![LeaseEvent::Added(new)],
                     },
                     // flannel was taken off the node: it is no longer a peer.
@@ -206,6 +211,49 @@ mod tests {
             known: HashMap::new(),
             warned: HashMap::new(),
         }
+    }
+
+    /// `node` with both pod CIDRs and the IPv6 annotations of a dual-stack peer.
+    fn dual_node(name: &str, cidr: &str, cidr6: &str) -> Node {
+        let mut n = node(name, cidr, "0a:00:00:00:00:01", true);
+        let p = "flannel.alpha.coreos.com/";
+        let ann = n.metadata.annotations.as_mut().unwrap();
+        ann.insert(format!("{p}public-ipv6"), "fd00:198::1".into());
+        ann.insert(
+            format!("{p}backend-v6-data"),
+            r#"{"VNI":1,"VtepMAC":"0a:00:00:00:00:61"}"#.into(),
+        );
+        n.spec.as_mut().unwrap().pod_cidrs = Some(vec![cidr.into(), cidr6.into()]);
+        n
+    }
+
+    #[test]
+    fn a_new_ipv6_pod_cidr_is_one_added_and_a_new_ipv4_one_a_removal_first() {
+        let mut t = tracker();
+        t.families.ipv6 = true;
+        t.handle(watcher::Event::Init);
+        t.handle(watcher::Event::InitDone);
+        let a = dual_node("a", "10.244.1.0/24", "fd00:10:244:1::/64");
+        assert_eq!(
+            subnets(&t.handle(watcher::Event::Apply(a))),
+            ["added 10.244.1.0/24&fd00:10:244:1::/64"]
+        );
+        // Same IPv4 subnet, another IPv6 one: the peer is swapped in place, never removed
+        // (a removal would take its IPv4 route away on every host until the add).
+        let a6 = dual_node("a", "10.244.1.0/24", "fd00:10:244:11::/64");
+        assert_eq!(
+            subnets(&t.handle(watcher::Event::Apply(a6))),
+            ["added 10.244.1.0/24&fd00:10:244:11::/64"]
+        );
+        // Another IPv4 subnet is another host's address space: the old one goes first.
+        let a4 = dual_node("a", "10.244.9.0/24", "fd00:10:244:11::/64");
+        assert_eq!(
+            subnets(&t.handle(watcher::Event::Apply(a4))),
+            [
+                "removed 10.244.1.0/24&fd00:10:244:11::/64",
+                "added 10.244.9.0/24&fd00:10:244:11::/64"
+            ]
+        );
     }
 
     fn subnets(events: &[LeaseEvent]) -> Vec<String> {
