@@ -4,7 +4,7 @@
 //! re-exported here.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     hash::{Hash, Hasher},
     net::IpAddr,
     sync::{Arc, Mutex},
@@ -269,10 +269,25 @@ pub enum PeerChange {
 /// against the cache, and unlike upstream a snapshot whose entry changed attributes yields
 /// an [`PeerChange::Add`] so a peer that re-registered with a new VTEP MAC during a
 /// disconnect is re-programmed.
+///
+/// Peers are keyed by [`host_key`], so the lease a new one replaces (a host that gained or
+/// changed its IPv6 subnet) is found by one lookup, not by a scan of every peer: a cluster
+/// start at 5,000 nodes is 5,000 new leases.
 #[derive(Clone, Debug)]
 pub struct PeerSet {
     own: SubnetId,
-    peers: std::collections::BTreeMap<SubnetId, Lease>,
+    peers: HashMap<SubnetId, Lease>,
+}
+
+/// Which host a lease belongs to: its IPv4 subnet, or on an IPv6-only network its IPv6
+/// subnet. This is [`same_subnet`]'s rule for networks whose leases all have an IPv4
+/// subnet or all lack one, which [`LeaseRules`] makes of every network (and etcd keys
+/// always name one): two leases are the same host exactly when their keys are equal.
+fn host_key((v4, v6): SubnetId) -> SubnetId {
+    match v4 {
+        Some(v4) => (Some(v4), None),
+        None => (None, v6),
+    }
 }
 
 impl PeerSet {
@@ -280,13 +295,15 @@ impl PeerSet {
     pub fn new(own: SubnetId) -> Self {
         Self {
             own,
-            peers: Default::default(),
+            peers: HashMap::new(),
         }
     }
 
     /// The current peers, ordered by subnet.
     pub fn peers(&self) -> Vec<Lease> {
-        self.peers.values().cloned().collect()
+        let mut peers: Vec<Lease> = self.peers.values().cloned().collect();
+        peers.sort_unstable_by_key(Lease::id);
+        peers
     }
 
     /// Number of peers.
@@ -310,20 +327,15 @@ impl PeerSet {
                 if self.is_own(&lease) {
                     return Vec::new();
                 }
-                match self.peers.get(&lease.id()) {
-                    Some(old) if !old.differs_from(&lease) => Vec::new(),
-                    Some(_) => {
-                        self.peers.insert(lease.id(), lease.clone());
-                        vec![PeerChange::Add(lease)]
-                    }
-                    None => {
-                        // A host that replaced its lease (same IPv4 subnet, an IPv6 subnet
-                        // gained or changed): the new lease takes the old one's place. The
-                        // backends program a peer by subnet, so the add overwrites what the
-                        // old lease had; an IPv6 subnet it no longer has is removed by the
-                        // next resync.
-                        self.peers.retain(|id, _| !same_subnet(*id, lease.id()));
-                        self.peers.insert(lease.id(), lease.clone());
+                match self.peers.get(&host_key(lease.id())) {
+                    Some(old) if !changed(old, &lease) => Vec::new(),
+                    // New, changed, or a host that replaced its lease (same IPv4 subnet, an
+                    // IPv6 subnet gained or changed): the new lease takes the old one's
+                    // place. The backends program a peer by subnet, so the add overwrites
+                    // what the old lease had; an IPv6 subnet it no longer has is removed
+                    // by the next resync.
+                    _ => {
+                        self.peers.insert(host_key(lease.id()), lease.clone());
                         vec![PeerChange::Add(lease)]
                     }
                 }
@@ -332,45 +344,47 @@ impl PeerSet {
                 if self.is_own(&lease) {
                     return Vec::new();
                 }
-                let key = self
-                    .peers
-                    .contains_key(&lease.id())
-                    .then(|| lease.id())
-                    .or_else(|| {
-                        self.peers
-                            .keys()
-                            .find(|id| same_subnet(**id, lease.id()))
-                            .copied()
-                    });
-                key.and_then(|k| self.peers.remove(&k))
+                self.peers
+                    .remove(&host_key(lease.id()))
                     .map(PeerChange::Remove)
                     .into_iter()
                     .collect()
             }
             LeaseEvent::Snapshot(leases) => {
-                let mut fresh = std::collections::BTreeMap::new();
+                let mut fresh = HashMap::with_capacity(leases.len());
                 for lease in leases {
                     if !self.is_own(&lease) {
-                        fresh.insert(lease.id(), lease);
+                        fresh.insert(host_key(lease.id()), lease);
                     }
                 }
-                let mut changes: Vec<PeerChange> = self
+                let mut removed: Vec<Lease> = self
                     .peers
                     .iter()
                     .filter(|(k, _)| !fresh.contains_key(*k))
-                    .map(|(_, l)| PeerChange::Remove(l.clone()))
+                    .map(|(_, l)| l.clone())
                     .collect();
-                changes.extend(
-                    fresh
-                        .iter()
-                        .filter(|(k, l)| self.peers.get(*k).is_none_or(|old| old.differs_from(l)))
-                        .map(|(_, l)| PeerChange::Add(l.clone())),
-                );
+                let mut added: Vec<Lease> = fresh
+                    .iter()
+                    .filter(|(k, l)| self.peers.get(*k).is_none_or(|old| changed(old, l)))
+                    .map(|(_, l)| l.clone())
+                    .collect();
+                removed.sort_unstable_by_key(Lease::id);
+                added.sort_unstable_by_key(Lease::id);
                 self.peers = fresh;
-                changes
+                removed
+                    .into_iter()
+                    .map(PeerChange::Remove)
+                    .chain(added.into_iter().map(PeerChange::Add))
+                    .collect()
             }
         }
     }
+}
+
+/// Whether `new`, for the same host as `old`, must be programmed again: other subnets
+/// (an IPv6 subnet gained, changed or lost) or other attributes.
+fn changed(old: &Lease, new: &Lease) -> bool {
+    old.id() != new.id() || old.differs_from(new)
 }
 
 #[cfg(test)]
@@ -436,6 +450,61 @@ mod tests {
             vec![PeerChange::Remove(dual)]
         );
         assert!(set.is_empty());
+    }
+
+    fn dual(sn: &str, sn6: &str, ip: [u8; 4]) -> Lease {
+        let mut l = lease(sn, ip);
+        l.ipv6_subnet = Some(sn6.parse().unwrap());
+        l
+    }
+
+    #[test]
+    fn peer_set_replaces_in_place_by_host_subnet() {
+        let mut set = PeerSet::new((Some("10.0.1.0/24".parse().unwrap()), None));
+        let a = lease("10.0.2.0/24", [1, 1, 1, 2]);
+        let b = dual("10.0.3.0/24", "fd00:0:0:3::/64", [1, 1, 1, 3]);
+        set.apply(LeaseEvent::Added(a.clone()));
+        set.apply(LeaseEvent::Added(b.clone()));
+        // New attributes, same subnets: replaced in place.
+        let a2 = lease("10.0.2.0/24", [1, 1, 1, 22]);
+        assert_eq!(
+            set.apply(LeaseEvent::Added(a2.clone())),
+            vec![PeerChange::Add(a2.clone())]
+        );
+        // The IPv6 subnet changes, the IPv4 one (the host) stays: one add, no removal.
+        let b2 = dual("10.0.3.0/24", "fd00:0:0:33::/64", [1, 1, 1, 3]);
+        assert_eq!(
+            set.apply(LeaseEvent::Added(b2.clone())),
+            vec![PeerChange::Add(b2.clone())]
+        );
+        assert_eq!(set.apply(LeaseEvent::Added(b2.clone())), vec![]);
+        assert_eq!(set.peers(), vec![a2.clone(), b2.clone()]);
+        // A removal names the host by the subnets its key carries: the IPv4 one alone, or
+        // both (also the stale IPv6 half of an older key).
+        assert_eq!(
+            set.apply(LeaseEvent::Removed(Lease::bare(b.subnet, b.ipv6_subnet))),
+            vec![PeerChange::Remove(b2)]
+        );
+        assert_eq!(
+            set.apply(LeaseEvent::Removed(bare("10.0.2.0/24"))),
+            vec![PeerChange::Remove(a2)]
+        );
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn peer_set_snapshot_swaps_a_replaced_lease_in_place() {
+        let mut set = PeerSet::new((Some("10.0.1.0/24".parse().unwrap()), None));
+        let a = lease("10.0.2.0/24", [1, 1, 1, 2]);
+        let b = lease("10.0.3.0/24", [1, 1, 1, 3]);
+        set.apply(LeaseEvent::Snapshot(vec![a, b.clone()]));
+        // After a disconnect: a is dual stack now. No removal of a's IPv4 subnet.
+        let a6 = dual("10.0.2.0/24", "fd00:0:0:2::/64", [1, 1, 1, 2]);
+        assert_eq!(
+            set.apply(LeaseEvent::Snapshot(vec![b.clone(), a6.clone()])),
+            vec![PeerChange::Add(a6.clone())]
+        );
+        assert_eq!(set.peers(), vec![a6, b]);
     }
 
     #[test]
