@@ -461,6 +461,72 @@ async fn watchers_see_snapshot_add_and_remove() -> Result<()> {
     Ok(())
 }
 
+/// A manager that prefers `subnet`, so the test knows which subnet it gets.
+async fn manager_for(etcd: &EtcdServer, subnet: &str) -> Result<EtcdSubnetManager> {
+    Ok(EtcdSubnetManager::connect(EtcdOptions {
+        previous: PreviousSubnets {
+            subnet: Some(subnet.parse()?),
+            ..Default::default()
+        },
+        ..options(etcd, etcd_mgr::DEFAULT_TTL)
+    })
+    .await?)
+}
+
+/// #10: a start reads the leases once. The agent's start-up read (`previous_lease`) is
+/// what the acquisition decides on, and that read with our own write applied is the first
+/// watch's snapshot; the watch goes on from the read's revision. So leases written after
+/// the read are not in the snapshot (no second read happened) but arrive right after it,
+/// in order (none lost), and our own write is not repeated as an event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_reads_the_leases_once_and_loses_no_event_after_the_read() -> Result<()> {
+    let etcd = EtcdServer::start()?;
+    put_config(&etcd, CONFIG).await?;
+    let early = manager_for(&etcd, "10.244.1.0/24")
+        .await?
+        .acquire_lease(&attrs(host(1)))
+        .await?;
+    // The agent's start: the network config, the previous lease, the acquisition.
+    let m = manager_for(&etcd, "10.244.2.0/24").await?;
+    m.network_config().await?;
+    assert_eq!(m.previous_lease(host(2)).await?, None);
+    let between = manager_for(&etcd, "10.244.3.0/24")
+        .await?
+        .acquire_lease(&attrs(host(3)))
+        .await?;
+    let own = m.acquire_lease(&attrs(host(2))).await?;
+    assert_eq!(own.v4().to_string(), "10.244.2.0/24");
+    let after = manager_for(&etcd, "10.244.4.0/24")
+        .await?
+        .acquire_lease(&attrs(host(4)))
+        .await?;
+
+    let mut events = m.watch_leases();
+    assert_eq!(
+        next_event(&mut events, Duration::from_secs(5)).await?,
+        LeaseEvent::Snapshot(vec![early, own]),
+        "the snapshot is the start-up read plus our own lease"
+    );
+    assert_eq!(
+        next_event(&mut events, Duration::from_secs(5)).await?,
+        LeaseEvent::Added(between)
+    );
+    assert_eq!(
+        next_event(&mut events, Duration::from_secs(5)).await?,
+        LeaseEvent::Added(after)
+    );
+    // Live from here on; our own write never came as an event.
+    let live = manager_for(&etcd, "10.244.5.0/24")
+        .await?
+        .acquire_lease(&attrs(host(5)))
+        .await?;
+    assert_eq!(
+        next_event(&mut events, Duration::from_secs(5)).await?,
+        LeaseEvent::Added(live)
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_restart_mid_watch_loses_no_event() -> Result<()> {
     let mut etcd = EtcdServer::start()?;

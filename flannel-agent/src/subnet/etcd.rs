@@ -7,10 +7,16 @@
 //! subnets (upstream checks only the exact key, so two hosts can win one IPv4 subnet), the
 //! lease watch resyncs with a fresh snapshot after any disconnect (not only after
 //! compaction), and renewal refuses to resurrect a key someone deleted.
+//!
+//! A start reads the leases once: `previous_lease`'s read is what the acquisition decides
+//! on (its writes are transactions guarded by that read, so a stale one only loses and is
+//! retried), and the acquisition's read, with our own write applied, is the first watch's
+//! snapshot; the watch goes on from that read's revision, so nothing written meanwhile is
+//! missed.
 
 use std::{
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -240,6 +246,67 @@ struct Record {
     mod_revision: i64,
     /// The etcd lease the key is attached to; 0 for a reservation (no TTL).
     etcd_lease: i64,
+    /// Whether the lease passed the network's [`LeaseRules`] (what a datapath may see).
+    routable: bool,
+}
+
+/// One read of every lease key.
+#[derive(Clone, Debug, Default)]
+struct Listing {
+    /// Every readable record, routable or not.
+    records: Vec<Record>,
+    /// Every subnet whose key parses (readable or not: a key with a bad value still
+    /// occupies its subnet).
+    used: Vec<KeySubnets>,
+    /// The store revision of the read.
+    revision: i64,
+    /// Whether `routable` was decided (the network's rules were known).
+    checked: bool,
+    /// The revision of our own lease write, already applied to `records`: a watch from
+    /// `revision` skips its events.
+    own_write: Option<i64>,
+}
+
+impl Listing {
+    /// The read with our own record `own` written (replacing the record with key
+    /// `replaced`, if any), as if the read had seen it.
+    fn with_own(mut self, own: Record, replaced: Option<&str>) -> Self {
+        self.records
+            .retain(|r| r.key != own.key && Some(r.key.as_str()) != replaced);
+        self.own_write = Some(own.mod_revision);
+        if let Some(v4) = own.lease.subnet {
+            self.used.push((v4, own.lease.ipv6_subnet));
+        }
+        // In key order, as etcd lists them.
+        let at = self.records.partition_point(|r| r.key < own.key);
+        self.records.insert(at, own);
+        self
+    }
+}
+
+/// What a lease watch starts from: the routable leases of one read, the read's revision
+/// (the watch goes on after it) and the revision of our own write already applied to them,
+/// whose events are not passed on again.
+#[derive(Debug)]
+pub(super) struct WatchStart {
+    pub(super) leases: Vec<Lease>,
+    pub(super) revision: i64,
+    pub(super) skip: Option<i64>,
+}
+
+impl From<Listing> for WatchStart {
+    fn from(listing: Listing) -> Self {
+        Self {
+            leases: listing
+                .records
+                .into_iter()
+                .filter(|r| r.routable)
+                .map(|r| r.lease)
+                .collect(),
+            revision: listing.revision,
+            skip: listing.own_write,
+        }
+    }
 }
 
 /// The subnet manager backed by etcd v3.
@@ -255,6 +322,10 @@ pub struct EtcdSubnetManager {
     rules: Arc<RwLock<Option<LeaseRules>>>,
     /// Bad records already warned about.
     skipped: SkipLog,
+    /// The last read of every lease, left for the next reader that can start from it
+    /// instead of reading them all again: the acquisition after `previous_lease`, then the
+    /// first watch after the acquisition. At 5,000 nodes each read is 5,000 records.
+    listing: Arc<Mutex<Option<Listing>>>,
     /// Stops the endpoint prober when the last clone of the manager goes.
     _health: Option<Arc<tokio_util::sync::DropGuard>>,
 }
@@ -324,6 +395,7 @@ impl EtcdSubnetManager {
             previous: opts.previous,
             rules: Arc::default(),
             skipped: SkipLog::default(),
+            listing: Arc::default(),
             _health: health,
         })
     }
@@ -380,36 +452,49 @@ impl EtcdSubnetManager {
     /// Reads one lease record; a malformed one, or with `rules` an invalid one, is skipped
     /// and warned about once (its value truncated), however often a resync lists it again.
     pub(super) fn read_record(&self, rules: Option<&LeaseRules>, kv: &KeyValue) -> Option<Lease> {
+        let lease = self.parse_kv(kv)?;
+        rules
+            .is_none_or(|r| self.routable(r, &lease, kv))
+            .then_some(lease)
+    }
+
+    /// The lease in `kv`; a malformed one is warned about once.
+    fn parse_kv(&self, kv: &KeyValue) -> Option<Lease> {
         let key = String::from_utf8_lossy(kv.key());
-        let result = parse_record(&key, kv.value())
-            .map_err(|e| e.to_string())
-            .and_then(|lease| match rules.map(|r| r.check(&lease)) {
-                Some(Err(invalid)) => Err(invalid.to_string()),
-                _ => Ok(lease),
-            });
-        match result {
-            Ok(lease) => Some(lease),
-            Err(error) => {
-                if self.skipped.first_time(&key, kv.value()) {
-                    warn!(key = %truncated(kv.key()), %error, value = %truncated(kv.value()),
-                          "ignoring malformed or invalid lease");
-                }
-                None
-            }
+        parse_record(&key, kv.value())
+            .map_err(|e| self.skip(kv, &e.to_string()))
+            .ok()
+    }
+
+    /// Whether `lease` (read from `kv`) may reach a datapath; one that may not is warned
+    /// about once.
+    fn routable(&self, rules: &LeaseRules, lease: &Lease, kv: &KeyValue) -> bool {
+        rules
+            .check(lease)
+            .map_err(|invalid| self.skip(kv, &invalid.to_string()))
+            .is_ok()
+    }
+
+    fn skip(&self, kv: &KeyValue, error: &str) {
+        let key = String::from_utf8_lossy(kv.key());
+        if self.skipped.first_time(&key, kv.value()) {
+            warn!(key = %truncated(kv.key()), %error, value = %truncated(kv.value()),
+                  "ignoring malformed or invalid lease");
         }
     }
 
-    /// Every readable lease record, every subnet whose key parses (readable or not: a key
-    /// with a bad value still occupies its subnet), and the store revision.
-    ///
-    /// `rules` (what the watch uses) also drops leases no datapath may see; acquisition
-    /// lists without them, so an own lease made incompatible by a config change is still
-    /// found and replaced.
-    async fn list(
-        &self,
-        rules: Option<&LeaseRules>,
-    ) -> Result<(Vec<Record>, Vec<KeySubnets>, i64)> {
+    /// The rules of the network config last read, if one was.
+    fn cached_rules(&self) -> Option<LeaseRules> {
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads every lease record. Each is marked routable or not by the rules of the
+    /// network config last read (the watch passes on only routable ones; acquisition looks
+    /// at all, so an own lease made incompatible by a config change is still found and
+    /// replaced).
+    async fn list(&self) -> Result<Listing> {
         let prefix = self.subnets_prefix();
+        let rules = self.cached_rules();
         let resp = call(
             format!("list {prefix}"),
             self.client
@@ -417,25 +502,54 @@ impl EtcdSubnetManager {
                 .get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
         )
         .await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        let mut records = Vec::new();
-        let mut used = Vec::new();
+        let mut listing = Listing {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            checked: rules.is_some(),
+            ..Listing::default()
+        };
         for kv in resp.kvs() {
             if let Ok(key) = kv.key_str()
                 && let Ok(id) = parse_subnet_key(key)
             {
-                used.push(id);
+                listing.used.push(id);
             }
-            if let Some(lease) = self.read_record(rules, kv) {
-                records.push(Record {
+            if let Some(lease) = self.parse_kv(kv) {
+                let routable = rules.as_ref().is_none_or(|r| self.routable(r, &lease, kv));
+                listing.records.push(Record {
                     key: String::from_utf8_lossy(kv.key()).into_owned(),
                     lease,
                     mod_revision: kv.mod_revision(),
                     etcd_lease: kv.lease(),
+                    routable,
                 });
             }
         }
-        Ok((records, used, revision))
+        Ok(listing)
+    }
+
+    /// The listing left by the last reader, if any (taken: each is used once).
+    fn take_listing(&self) -> Option<Listing> {
+        self.listing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn leave_listing(&self, listing: Listing) {
+        *self.listing.lock().unwrap_or_else(|e| e.into_inner()) = Some(listing);
+    }
+
+    /// Where the first watch starts: the listing the acquisition left, if its routability
+    /// was decided.
+    pub(super) fn take_watch_start(&self) -> Option<WatchStart> {
+        self.take_listing()
+            .filter(|l| l.checked)
+            .map(WatchStart::from)
+    }
+
+    /// Where a watch starts afresh: a new read of every lease.
+    pub(super) async fn watch_start(&self) -> Result<WatchStart> {
+        Ok(self.list().await?.into())
     }
 
     async fn grant(&self) -> Result<i64> {
@@ -503,8 +617,9 @@ impl EtcdSubnetManager {
     }
 
     /// Creates the lease key of `subnet`/`ipv6_subnet`, replacing `replacing` (our own lease
-    /// that no longer fits the config) in the same transaction: `false` when another host
-    /// took either half first, or changed the replaced lease.
+    /// that no longer fits the config) in the same transaction: the store revision of the
+    /// create and the etcd lease of the key, or `None` when another host took either half
+    /// first, or changed the replaced lease.
     ///
     /// A dual-stack key names both subnets, so "the key is absent" (upstream's only check)
     /// lets two hosts that drew the same IPv4 subnet with different IPv6 ones both win. The
@@ -519,7 +634,7 @@ impl EtcdSubnetManager {
         ipv6_subnet: Option<Ipv6Network>,
         value: String,
         replacing: Option<&Record>,
-    ) -> Result<bool> {
+    ) -> Result<Option<(i64, i64)>> {
         let key = self.lease_key(subnet, ipv6_subnet);
         let v4_key = self.lease_key(subnet, None);
         let old = replacing.map(|r| r.key.as_str());
@@ -549,10 +664,10 @@ impl EtcdSubnetManager {
         }
         let Some((created, etcd_lease)) = self.replace_when(old, &key, value, guards, true).await?
         else {
-            return Ok(false);
+            return Ok(None);
         };
         let Some(v6) = ipv6_subnet else {
-            return Ok(true);
+            return Ok(Some((created, etcd_lease)));
         };
         let prefix = self.subnets_prefix();
         let resp = call(
@@ -571,7 +686,7 @@ impl EtcdSubnetManager {
                 })
         });
         let Some(earlier) = earlier else {
-            return Ok(true);
+            return Ok(Some((created, etcd_lease)));
         };
         info!(%key, earlier = %String::from_utf8_lossy(earlier.key()),
               "another host created a lease with the same IPv6 subnet first; withdrawing ours");
@@ -581,25 +696,34 @@ impl EtcdSubnetManager {
             self.client.clone().lease_revoke(etcd_lease),
         )
         .await?;
-        Ok(false)
+        Ok(None)
     }
 
     /// One acquisition attempt; `None` when another host took the chosen subnets first.
     ///
     /// `previous` holds the subnets to prefer; an own lease replaced here adds its own, so
     /// they are still preferred by the next attempt.
+    ///
+    /// The first attempt may decide on the listing `previous_lease` left (a few seconds
+    /// old): every write here is a transaction guarded by what the listing showed, so a
+    /// stale listing only loses the race and the next attempt lists afresh. What this
+    /// attempt read, with our write applied, is left for the first watch.
     async fn try_acquire(
         &self,
         cfg: &NetworkConfig,
         attrs: &LeaseAttrs,
         previous: &mut PreviousSubnets,
     ) -> Result<Option<Lease>> {
-        let (records, mut used, _) = self.list(None).await?;
+        let mut listing = match self.take_listing() {
+            Some(listing) => listing,
+            None => self.list().await?,
+        };
         let value = attrs.to_json();
         let mut replacing = None;
 
         // 1. Reuse the lease already published for our public IP.
-        if let Some(rec) = records
+        if let Some(rec) = listing
+            .records
             .iter()
             .find(|r| r.lease.attrs.public_ip == attrs.public_ip)
         {
@@ -611,35 +735,68 @@ impl EtcdSubnetManager {
                     Compare::mod_revision(rec.key.as_str(), CompareOp::Equal, rec.mod_revision);
                 // A reservation (key without TTL) stays one, as upstream documents.
                 let ttl = rec.etcd_lease != 0;
-                if !self.put_if_with(&rec.key, value, cmp, ttl).await? {
+                let Some(written) = self.put_when(&rec.key, value, vec![cmp], ttl).await? else {
                     return Ok(None);
-                }
+                };
                 info!(key = %rec.key, "reusing the lease already held by this public IP");
-                return Ok(Some(Lease {
+                let lease = Lease {
                     attrs: attrs.clone(),
                     ..rec.lease.clone()
-                }));
+                };
+                let key = rec.key.clone();
+                self.leave_own(listing, &lease, key, None, written);
+                return Ok(Some(lease));
             }
             warn!(key = %rec.key, "lease of this public IP is incompatible with the network config; replacing it");
-            used.retain(|(v4, v6)| (Some(*v4), *v6) != rec.lease.id());
+            listing
+                .used
+                .retain(|(v4, v6)| (Some(*v4), *v6) != rec.lease.id());
             // What still fits of the replaced lease is kept: enabling IPv6 on a running
             // cluster must not renumber a host's IPv4 pods, even without a subnet.env.
             previous.subnet = previous.subnet.or(rec.lease.subnet);
             previous.ipv6_subnet = previous.ipv6_subnet.or(rec.lease.ipv6_subnet);
-            replacing = Some(rec);
+            replacing = Some(rec.clone());
         }
 
         // 2. The subnet of the previous run, if still free; 3. otherwise a random free one.
-        let (subnet, ipv6_subnet) = self.choose(cfg, &used, *previous)?;
-        if !self.create(subnet, ipv6_subnet, value, replacing).await? {
+        let (subnet, ipv6_subnet) = self.choose(cfg, &listing.used, *previous)?;
+        let Some(written) = self
+            .create(subnet, ipv6_subnet, value, replacing.as_ref())
+            .await?
+        else {
             return Ok(None);
-        }
-        Ok(Some(Lease {
+        };
+        let lease = Lease {
             subnet: Some(subnet),
             ipv6_subnet,
             extra_senders: Vec::new(),
             attrs: attrs.clone(),
-        }))
+        };
+        let key = self.lease_key(subnet, ipv6_subnet);
+        let replaced = replacing.map(|r| r.key);
+        self.leave_own(listing, &lease, key, replaced.as_deref(), written);
+        Ok(Some(lease))
+    }
+
+    /// Leaves `listing` with our `lease` (written under `key` at the store revision and
+    /// etcd lease `written`, replacing the key `replaced`) applied, for the first watch.
+    fn leave_own(
+        &self,
+        listing: Listing,
+        lease: &Lease,
+        key: String,
+        replaced: Option<&str>,
+        written: (i64, i64),
+    ) {
+        let routable = self.cached_rules().is_none_or(|r| r.check(lease).is_ok());
+        let own = Record {
+            key,
+            lease: lease.clone(),
+            mod_revision: written.0,
+            etcd_lease: written.1,
+            routable,
+        };
+        self.leave_listing(listing.with_own(own, replaced));
     }
 
     fn choose(
@@ -876,11 +1033,15 @@ impl SubnetManager for EtcdSubnetManager {
     }
 
     async fn previous_lease(&self, public_ip: std::net::Ipv4Addr) -> super::Result<Option<Lease>> {
-        let (records, _, _) = self.list(None).await?;
-        Ok(records
-            .into_iter()
+        let listing = self.list().await?;
+        let found = listing
+            .records
+            .iter()
             .find(|r| r.lease.attrs.public_ip == public_ip)
-            .map(|r| r.lease))
+            .map(|r| r.lease.clone());
+        // The acquisition that follows at start-up decides on this read.
+        self.leave_listing(listing);
+        Ok(found)
     }
 }
 

@@ -59,7 +59,9 @@ pub trait SubnetManager: Send + Sync {
     fn acquire_lease(&self, attrs: &LeaseAttrs) -> impl Future<Output = Result<Lease>> + Send;
 
     /// Every lease in the cluster, this host's included: a [`LeaseEvent::Snapshot`] first,
-    /// then changes; a new snapshot after any gap (reconnect, compaction, relist).
+    /// then changes; a new snapshot after any gap (reconnect, compaction, relist). The first
+    /// snapshot after [`Self::acquire_lease`] may be the acquisition's own read of the
+    /// leases (etcd), with the changes since it following, so a start reads them once.
     fn watch_leases(&self) -> BoxStream<'static, Result<LeaseEvent>>;
 
     /// Keep `lease` alive until `cancel` fires (etcd: renew before expiry, putting the key

@@ -13,7 +13,7 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::{EtcdSubnetManager, is_delete, prefix_watch, removed_lease};
+use super::{EtcdSubnetManager, WatchStart, is_delete, prefix_watch, removed_lease};
 use crate::lease::{LeaseEvent, LeaseRules};
 
 /// Exponential backoff 100 ms → ×2 → 5 s, as upstream's watch reconnect.
@@ -62,15 +62,30 @@ async fn sleep_or_closed(tx: &Tx, d: Duration) -> bool {
 async fn run(mgr: EtcdSubnetManager, tx: Tx) {
     let prefix = mgr.subnets_prefix();
     let mut backoff = Backoff::default();
+    // The first snapshot is the acquisition's read of the leases when it left one: the
+    // watch goes on from that read's revision, so no change since is missed, and a start
+    // reads the leases once instead of twice. Our own write is in it already; its events
+    // (at `skip`) are not passed on again.
+    let mut start = mgr.take_watch_start();
     loop {
         let listed = tokio::select! {
             () = tx.closed() => return,
             r = async {
                 let rules = mgr.lease_rules().await?;
-                mgr.list(Some(&rules)).await.map(|l| (l, rules))
+                match start.take() {
+                    Some(start) => Ok((start, rules)),
+                    None => mgr.watch_start().await.map(|s| (s, rules)),
+                }
             } => r,
         };
-        let ((records, _, revision), rules) = match listed {
+        let (
+            WatchStart {
+                leases,
+                revision,
+                skip,
+            },
+            rules,
+        ) = match listed {
             Ok(l) => l,
             Err(error) => {
                 crate::metrics::get().datastore_error("list_leases");
@@ -81,8 +96,8 @@ async fn run(mgr: EtcdSubnetManager, tx: Tx) {
                 continue;
             }
         };
-        debug!(leases = records.len(), revision, "lease snapshot");
-        let snapshot = LeaseEvent::Snapshot(records.into_iter().map(|r| r.lease).collect());
+        debug!(leases = leases.len(), revision, "lease snapshot");
+        let snapshot = LeaseEvent::Snapshot(leases);
         if tx.send(Ok(snapshot)).await.is_err() {
             return;
         }
@@ -93,7 +108,7 @@ async fn run(mgr: EtcdSubnetManager, tx: Tx) {
         };
         match watched {
             Ok(mut ws) => {
-                if forward(&mgr, &rules, &mut ws, &tx, &mut backoff).await {
+                if forward(&mgr, &rules, &mut ws, &tx, &mut backoff, skip).await {
                     return;
                 }
             }
@@ -108,13 +123,15 @@ async fn run(mgr: EtcdSubnetManager, tx: Tx) {
     }
 }
 
-/// Forwards watch events until the watch ends; `true` if the receiver went away.
+/// Forwards watch events until the watch ends, except those of revision `skip` (already
+/// in the snapshot); `true` if the receiver went away.
 async fn forward(
     mgr: &EtcdSubnetManager,
     rules: &LeaseRules,
     ws: &mut WatchStream,
     tx: &Tx,
     backoff: &mut Backoff,
+    skip: Option<i64>,
 ) -> bool {
     loop {
         let msg = tokio::select! {
@@ -146,7 +163,7 @@ async fn forward(
             .events()
             .iter()
             .filter_map(|ev| {
-                let kv = ev.kv()?;
+                let kv = ev.kv().filter(|kv| Some(kv.mod_revision()) != skip)?;
                 let event = if is_delete(ev) {
                     LeaseEvent::Removed(removed_lease(kv)?)
                 } else {
