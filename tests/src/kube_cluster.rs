@@ -3,8 +3,6 @@
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
-use ipnetwork::Ipv4Network;
-
 use crate::{
     cluster::flanneld_bin,
     kube_api::KubeApi,
@@ -220,12 +218,7 @@ pub fn wait_for_subnet_env(agents: &[&KubeAgent]) {
     );
 }
 
-/// The pod CIDR of node `h<i>` in [`kube_hosts`]: `10.244.<i>.0/24`.
-pub fn pod_cidr(i: u8) -> Ipv4Network {
-    Ipv4Network::new([10, 244, i, 0].into(), 24).expect("a /24")
-}
-
-/// Nodes `h1`…`hN` on `bench`'s API server, node `h<i>` with pod CIDR [`pod_cidr`]`(i)`,
+/// Nodes `h1`…`hN` on `bench`'s API server, node `h<i>` with pod CIDR [`pod_subnet4`]`(i)`,
 /// and a host namespace for each (host `i` at `host_ip(i)`). A test annotates the nodes
 /// or prepares the hosts here, before [`start_kube_agents`].
 pub fn kube_hosts<const N: usize>(bench: &mut KubeBench) -> [Host; N] {
@@ -233,7 +226,7 @@ pub fn kube_hosts<const N: usize>(bench: &mut KubeBench) -> [Host; N] {
         let i = u8::try_from(i + 1).expect("few hosts");
         bench
             .api
-            .add_node(&format!("h{i}"), &[&pod_cidr(i).to_string()]);
+            .add_node(&format!("h{i}"), &[&pod_subnet4(i).to_string()]);
         bench.underlay.add_host(i)
     })
 }
@@ -252,7 +245,7 @@ pub fn start_kube_agents<const N: usize>(
     }
     wait_for_subnet_env(&started.iter().map(|(_, a)| a).collect::<Vec<_>>());
     for (i, (host, agent)) in started.iter_mut().enumerate() {
-        let cidr = pod_cidr(u8::try_from(i + 1).expect("few hosts"));
+        let cidr = pod_subnet4(u8::try_from(i + 1).expect("few hosts"));
         host.add_pods(cidr, agent.mtu(), 1);
     }
     let agents: Vec<KubeAgent> = started.into_iter().map(|(_, a)| a).collect();

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use flannel_e2e::{
     kube_cluster::{
-        KubeAgent, KubeBench, P, kube_hosts, ping, pod_cidr, start_agent, start_agent_with,
-        start_kube_agents, wait_for_subnet_env,
+        KubeBench, KubeCluster, P, Stack, kube_hosts, ping, start_agent, start_kube_agents,
     },
     netns::{ChildGuard, Host, wait_until},
     require_root,
@@ -294,38 +293,15 @@ fn a_peer_whose_ipv6_pod_cidr_changes_keeps_its_ipv4_route_and_traffic() {
     if !require_root() {
         return;
     }
-    let mut bench = KubeBench::new();
     let conf = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
-    let mut hosts: Vec<Host> = (1..=2u8)
-        .map(|i| {
-            bench.api.add_node(
-                &format!("h{i}"),
-                &[
-                    &format!("10.244.{i}.0/24"),
-                    &format!("fd00:10:244:{i}::/64"),
-                ],
-            );
-            let mut h = bench.underlay.add_host(i);
-            h.add_ipv6(i);
-            h
-        })
-        .collect();
-    let api = &bench.api;
-    let agents: Vec<KubeAgent> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| start_agent_with(&h.ns, &format!("h{}", i + 1), api, "kernel", conf, &[]))
-        .collect();
-    wait_for_subnet_env(&agents.iter().collect::<Vec<_>>());
-    for (i, (h, a)) in hosts.iter_mut().zip(&agents).enumerate() {
-        h.add_pods(pod_cidr(u8::try_from(i + 1).unwrap()), a.mtu(), 1);
-    }
-    let (h1, h2) = (&hosts[0], &hosts[1]);
+    let c = KubeCluster::start(2, Stack::DualStack, conf, |_| "kernel", |_| Vec::new());
+    let (api, agents) = (&c.bench.api, &c.agents);
+    let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
     let (p1, p2) = (&h1.pods[0], &h2.pods[0]);
     assert!(
         wait_until(Duration::from_secs(15), || ping(&p1.ns, p2.ip)),
         "pods cannot talk\n{}",
-        agents[0].log()
+        c.logs()
     );
     let routes6 = |net: &str| h1.ns.sh(&format!("ip -6 route show {net}"));
     assert!(routes6("fd00:10:244:2::/64").contains("flannel-v6.1"));
@@ -399,5 +375,4 @@ fn a_peer_whose_ipv6_pod_cidr_changes_keeps_its_ipv4_route_and_traffic() {
     // Each agent listed the nodes once (the watch's list): the acquisition reads only its
     // own Node.
     assert_eq!(api.list_count(), 2, "node lists");
-    drop(agents);
 }
