@@ -8,7 +8,8 @@
 //! * the VXLAN devices `flannel.<VNI>` / `flannel-v6.<VNI>` (kind vxlan); their routes,
 //!   neighbours and FDB entries go with them;
 //! * routes with `rtm_protocol` 84 ([`RTPROT_FLANNEL`]): host-gw and DirectRouting routes,
-//!   the `--ip-blackhole-route` route;
+//!   the `--ip-blackhole-route` route; then nexthop objects with protocol 84 (those of
+//!   DirectRouting routes; the VXLAN devices' went with them);
 //! * the nftables table `flannel-ipv4` and the iptables `FLANNEL-*` chains with their jumps,
 //!   then the `ip nat` / `ip filter` tables iptables-nft leaves behind, when nothing at all
 //!   is left in them; the VXLAN peer guard's table `inet flannel-vxlan-guard`;
@@ -93,6 +94,11 @@ pub async fn run(config: &Config) -> Result<Vec<String>, Error> {
     }
     remove_routes::<ipnetwork::Ipv4Network>(&nl, &mut removed).await?;
     remove_routes::<ipnetwork::Ipv6Network>(&nl, &mut removed).await?;
+    for nh in nl.nexthops().await?.unwrap_or_default() {
+        if nh.protocol == RTPROT_FLANNEL && nl.nexthop_del(nh.id).await? {
+            removed.push(format!("nexthop {} proto {RTPROT_FLANNEL}", nh.id));
+        }
+    }
 
     // Absent rules are fine, so this cannot tell whether there were any.
     masq::teardown().await?;

@@ -527,6 +527,7 @@ pub fn kernel_state(ns: &NetNs, device: &str) -> String {
         s.push_str(&ns.sh(&format!("bridge fdb show dev {device}")));
     }
     s.push_str(&ns.sh("ip route show table main"));
+    s.push_str(&ns.sh("ip nexthop show"));
     s
 }
 

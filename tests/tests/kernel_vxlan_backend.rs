@@ -29,6 +29,11 @@ fn ext_for(ns: &NetNs, ip: Ipv4Addr) -> ExternalInterface {
     }
 }
 
+/// The nexthop object the agent's route to `10.244.<i>.0/24` names (its base address).
+fn nexthop_id(i: usize) -> u32 {
+    u32::from(Ipv4Addr::new(10, 244, u8::try_from(i).unwrap(), 0))
+}
+
 fn subnet(i: u8) -> Ipv4Network {
     Ipv4Network::new(Ipv4Addr::new(10, 244, i, 0), 24).unwrap()
 }
@@ -183,7 +188,8 @@ fn vxlan_backend_programs_peers_carries_traffic_and_reconciles() {
         );
         assert!(
             routes.contains(&format!(
-                "10.244.{n}.0/24 via 10.244.{n}.0 dev flannel.1 proto 84 onlink"
+                "10.244.{n}.0/24 nhid {} via 10.244.{n}.0 dev flannel.1 proto 84 onlink",
+                nexthop_id(n)
             )),
             "{routes}"
         );
@@ -413,7 +419,9 @@ fn vxlan_direct_routing_uses_plain_routes_to_on_link_peers() {
     let h1 = &hosts[0].ns;
     let routes = h1.sh("ip route show");
     assert!(
-        routes.contains("10.244.2.0/24 via 198.18.0.2 dev eth0 proto 84"),
+        // Plain (no nexthop object): the uplink is the host's, and its tools must be able
+        // to flush it.
+        routes.contains("10.244.2.0/24 via 198.18.0.2 dev eth0 proto 84 \n"),
         "{routes}"
     );
     assert!(h1.sh("ip neigh show dev flannel.1").trim().is_empty());
@@ -425,6 +433,8 @@ fn vxlan_direct_routing_uses_plain_routes_to_on_link_peers() {
         Box::pin(async move { b.reconcile(&[]).await.expect("reconcile") })
     });
     assert!(!hosts[0].ns.sh("ip route show").contains("10.244.2.0/24"));
+    let nexthops = hosts[0].ns.sh("ip nexthop show");
+    assert!(!nexthops.contains("198.18.0.2"), "{nexthops}");
 }
 
 #[test]
@@ -472,7 +482,10 @@ fn vxlan_reconcile_recreates_a_deleted_device_with_the_advertised_mac() {
     );
     assert!(state.contains("inet 10.244.1.0/32"), "{state}");
     assert!(
-        state.contains("10.244.2.0/24 via 10.244.2.0 dev flannel.1 proto 84 onlink"),
+        state.contains(&format!(
+            "10.244.2.0/24 nhid {} via 10.244.2.0 dev flannel.1 proto 84 onlink",
+            nexthop_id(2)
+        )),
         "{state}"
     );
     assert!(state.contains("dst 198.18.0.2 self permanent"), "{state}");
@@ -572,6 +585,73 @@ fn vxlan_peer(i: u8, m: u8) -> Lease {
     }
 }
 
+/// Run `cmd` with `sh -c` on this thread (inside the namespace it entered).
+fn sh_here(cmd: &str) {
+    let st = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .unwrap();
+    assert!(st.success(), "{cmd}");
+}
+
+#[test]
+fn peer_routes_name_nexthop_objects_and_leave_foreign_ones_alone() {
+    if !require_root() {
+        return;
+    }
+    let mut underlay = Underlay::new();
+    let host = underlay.add_host(1);
+    let ext = ext_for(&host.ns, host.ip);
+    let own = vxlan_peer(1, 0);
+    host.ns.block_on(move || async move {
+        let mut b = started(ext, VxlanConfig::default(), &own).await;
+        b.reconcile(&[]).await.expect("reconcile");
+        // Another owner's nexthop holds the id 10.244.2.0/24's route would use; one of
+        // ours is left from a peer that is gone.
+        sh_here(&format!(
+            "ip nexthop add id {} via 198.18.0.9 dev eth0 proto static && \
+             ip nexthop add id {} via 10.244.9.0 dev flannel.1 onlink proto 84",
+            nexthop_id(2),
+            nexthop_id(9)
+        ));
+        b.reconcile(&[vxlan_peer(2, 0), vxlan_peer(3, 0)])
+            .await
+            .expect("reconcile");
+        assert_eq!(b.programmed_peers(), 2);
+    });
+    let routes = host.ns.sh("ip route show dev flannel.1");
+    let nexthops = host.ns.sh("ip nexthop show");
+    assert!(
+        routes.contains("10.244.2.0/24 via 10.244.2.0 proto 84 onlink"),
+        "the subnet whose id is taken has no plain route:\n{routes}"
+    );
+    assert!(
+        routes.contains(&format!(
+            "10.244.3.0/24 nhid {} via 10.244.3.0 proto 84 onlink",
+            nexthop_id(3)
+        )),
+        "{routes}"
+    );
+    assert!(
+        nexthops.contains(&format!(
+            "id {} via 198.18.0.9 dev eth0 scope link proto static",
+            nexthop_id(2)
+        )),
+        "the foreign nexthop was touched:\n{nexthops}"
+    );
+    assert!(
+        nexthops.contains(&format!(
+            "id {} via 10.244.3.0 dev flannel.1 scope link proto 84 onlink",
+            nexthop_id(3)
+        )),
+        "{nexthops}"
+    );
+    assert!(
+        !nexthops.contains("10.244.9.0"),
+        "the stale nexthop was left:\n{nexthops}"
+    );
+}
+
 #[test]
 fn peer_events_after_a_reconcile_read_no_table() {
     if !require_root() {
@@ -589,12 +669,12 @@ fn peer_events_after_a_reconcile_read_no_table() {
     host.ns.block_on(move || async move {
         let mut b = started(ext, VxlanConfig::default(), &own).await;
         // 200 peers in one reconcile: batched requests, one dump per table (the device's
-        // addresses, neighbours, FDB, routes).
+        // addresses, neighbours, FDB, routes, nexthop objects).
         let peers: Vec<Lease> = (2..=201).map(|i| vxlan_peer(i, 0)).collect();
         let before = b.netlink().dump_count();
         b.reconcile(&peers).await.expect("reconcile");
         assert_eq!(b.programmed_peers(), 200);
-        assert_eq!(b.netlink().dump_count() - before, 4, "one dump per table");
+        assert_eq!(b.netlink().dump_count() - before, 5, "one dump per table");
 
         // Events: a new peer, a new MAC, a new address, a removal — no dump at all.
         let dumps = b.netlink().dump_count();
@@ -617,6 +697,10 @@ fn peer_events_after_a_reconcile_read_no_table() {
     assert_eq!(neigh.lines().count(), 200, "{neigh}");
     assert_eq!(fdb.lines().filter(|l| l.contains(" dst ")).count(), 200);
     assert_eq!(routes.lines().count(), 200);
+    // One nexthop object per route; the removed peer's went with it.
+    let nexthops = host.ns.sh("ip nexthop show");
+    assert_eq!(nexthops.lines().count(), 200, "{nexthops}");
+    assert!(!nexthops.contains("via 10.244.4.0 "), "{nexthops}");
     assert!(neigh.contains("10.244.202.0 lladdr 0e:00:00:00:00:ca PERMANENT"));
     assert!(neigh.contains("10.244.2.0 lladdr 0e:00:00:00:01:02 PERMANENT"));
     assert!(fdb.contains("0e:00:00:00:01:02 dst 198.18.1.2 self permanent"));

@@ -1,8 +1,8 @@
 //! The running agent repairs what it owns, without a restart: two hosts, A on the eBPF
 //! datapath and B on the kernel VXLAN device, a pod behind each, real etcd. Each test
 //! tampers with one thing the way an operator or a misbehaving tool would (`ip link del
-//! flannel.1`, `ip route flush`, deleting a neighbour or FDB entry, flushing the rule set,
-//! removing the eBPF pins), then waits for the repair: the state is back, pod-to-pod
+//! flannel.1`, `ip route del`, `ip nexthop flush`, deleting a neighbour or FDB entry,
+//! flushing the rule set, removing the eBPF pins), then waits for the repair: the state is back, pod-to-pod
 //! traffic flows both ways and — on A — through the eBPF programs (their per-peer counters
 //! move, which they don't when detached or pointed at a stale ifindex).
 //!
@@ -172,7 +172,10 @@ fn vxlan_and_ebpf_state_is_repaired_without_a_restart() {
         let old_index = ifindex(ns, "flannel.1");
         let tamperings = [
             "ip link del flannel.1".to_owned(),
-            "ip route flush dev flannel.1".to_owned(),
+            format!("ip route del {subnet}"),
+            // The route names a nexthop object; deleting that takes the route silently
+            // (and iproute2 6.1's `ip route flush` cannot delete such routes at all).
+            "ip nexthop flush".to_owned(),
             format!("ip neigh del {base} dev flannel.1"),
             format!("bridge fdb del {peer_mac} dev flannel.1 dst {peer_ip} self"),
             "ip link set flannel.1 down".to_owned(),

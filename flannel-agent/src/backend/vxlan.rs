@@ -16,7 +16,9 @@
 //! Per peer, in this order (so the kernel never ARPs for the gateway):
 //! 1. permanent neighbour `<peer subnet base> lladdr <peer VtepMAC> dev flannel.N`;
 //! 2. permanent FDB entry `<peer VtepMAC> dst <peer PublicIP> self dev flannel.N`;
-//! 3. route `<peer subnet> via <peer subnet base> dev flannel.N onlink`.
+//! 3. route `<peer subnet> via <peer subnet base> dev flannel.N onlink`; over IPv4 the
+//!    route names a nexthop object with that gateway (`nhid <subnet base as a number>`),
+//!    which spares the kernel a quadratic insert (see [`crate::net::nexthop`]).
 //!
 //! With `DirectRouting`, a peer whose PublicIP is directly connected (the kernel's route to
 //! it has no gateway) gets only `<peer subnet> via <PublicIP> dev <uplink>` instead.
@@ -63,6 +65,7 @@ use crate::{
         BackendAttrs, Lease, LeaseAttrs, LeaseFamily, MacAddr, SubnetId, VxlanBackendData,
         same_subnet,
     },
+    net::nexthop::Nexthop,
     net::{
         netlink::{self, Netlink, NlFamily},
         vxlan_guard::{GuardRead, PeerGuard},
@@ -233,6 +236,48 @@ pub struct VxlanDevice<N: VxlanFamily> {
     /// step by every peer event, so an event is turned into the difference without
     /// reading any table.
     programmed: Option<BTreeMap<N, Target<N::Addr>>>,
+    /// Which nexthop objects peer routes may name (read at start and by every resync).
+    nexthops: NexthopIds,
+}
+
+/// Whether this device's peer routes name nexthop objects ([`NlFamily::nexthop_id`]; see
+/// [`crate::net::nexthop`] for why), and which of those ids another owner holds: a subnet
+/// whose id is taken gets a plain route and the other owner's object is left alone.
+#[derive(Clone, Debug, Default)]
+struct NexthopIds {
+    /// The kernel has nexthop objects (and this family uses them).
+    usable: bool,
+    /// Ids held by nexthops that are not ours (another protocol).
+    foreign: BTreeSet<u32>,
+}
+
+impl NexthopIds {
+    /// From a dump (`None`: the kernel has no nexthop objects).
+    fn from_dump<N: NlFamily>(dump: Option<&[Nexthop]>) -> Self {
+        match dump {
+            Some(all) if N::NEXTHOP_OBJECTS => Self {
+                usable: true,
+                foreign: all
+                    .iter()
+                    .filter(|nh| nh.protocol != RTPROT_FLANNEL)
+                    .map(|nh| nh.id)
+                    .collect(),
+            },
+            _ => Self::default(),
+        }
+    }
+
+    /// The id the route to `subnet` for `target` names, or `None` for a plain route. Only
+    /// routes on the VXLAN device name one: there are thousands of them, and the device is
+    /// ours alone. A DirectRouting route on the uplink stays plain, because tools that
+    /// delete routes by echoing a dump back (iproute2 6.1's `ip route flush`) are refused by
+    /// the kernel for a route that names a nexthop, and the uplink is the host's.
+    fn for_route<N: NlFamily>(&self, subnet: N, target: Target<N::Addr>) -> Option<u32> {
+        matches!(target, Target::Vxlan { .. })
+            .then(|| N::nexthop_id(subnet))
+            .flatten()
+            .filter(|id| self.usable && !self.foreign.contains(id))
+    }
 }
 
 /// The underlay addresses a VXLAN peer may send from: where its packets to us come from.
@@ -296,8 +341,13 @@ impl<N: VxlanFamily> VxlanDevice<N> {
             mtu,
             own: None,
             programmed: None,
+            nexthops: NexthopIds::default(),
         };
         this.ensure_device().await?;
+        this.nexthops = NexthopIds::from_dump::<N>(read_nexthops::<N>(&this.nl).await?.as_deref());
+        if N::NEXTHOP_OBJECTS && !this.nexthops.usable {
+            info!(device = %this.name, "the kernel has no nexthop objects; peer routes name their gateways");
+        }
         Ok(this)
     }
 
@@ -696,7 +746,7 @@ impl<N: VxlanFamily> VxlanDevice<N> {
                         .await;
                     return Err(e.into());
                 }
-                if let Err(e) = self.nl.route_replace(self.vxlan_route(subnet)).await {
+                if let Err(e) = self.write_route(subnet, target).await {
                     let _ = self
                         .nl
                         .neigh_del(fdb_entry::<N>(self.ifindex, vtep_mac, public_ip))
@@ -705,24 +755,41 @@ impl<N: VxlanFamily> VxlanDevice<N> {
                         .nl
                         .neigh_del(arp_entry::<N>(self.ifindex, base, vtep_mac))
                         .await;
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
-            Target::Direct { gateway, oif } => {
-                self.nl
-                    .route_replace(netlink::gateway_route(subnet, gateway, oif))
-                    .await?;
-            }
+            Target::Direct { .. } => self.write_route(subnet, target).await?,
         }
         Ok(())
     }
 
-    fn vxlan_route(&self, subnet: N) -> RouteMessage {
-        let mut r = netlink::route_base(subnet);
-        r.header.flags = RouteFlags::Onlink;
-        r.attributes
-            .push(RouteAttribute::Gateway(N::route_addr(cidr::base(subnet))));
-        r.attributes.push(RouteAttribute::Oif(self.ifindex));
+    /// The route to `subnet` for `target`, after the nexthop object it names (if any).
+    async fn write_route(&self, subnet: N, target: Target<N::Addr>) -> Result<(), Error> {
+        let (gw, oif) = self.route_target(subnet, target);
+        if let Some(id) = self.nexthops.for_route(subnet, target) {
+            self.nl
+                .nexthop_replace(Nexthop::via(id, gw.into(), oif, true, RTPROT_FLANNEL))
+                .await?;
+        }
+        self.nl
+            .route_replace(self.peer_route(subnet, target))
+            .await?;
+        Ok(())
+    }
+
+    /// The route to `subnet` for `target`: naming its nexthop object, or (without one)
+    /// `via <gateway> dev <oif>`, onlink on the VXLAN device.
+    fn peer_route(&self, subnet: N, target: Target<N::Addr>) -> RouteMessage {
+        if let Some(id) = self.nexthops.for_route(subnet, target) {
+            let mut r = netlink::route_base(subnet);
+            r.attributes.push(RouteAttribute::NhId(id));
+            return r;
+        }
+        let (gw, oif) = self.route_target(subnet, target);
+        let mut r = netlink::gateway_route(subnet, gw, oif);
+        if matches!(target, Target::Vxlan { .. }) {
+            r.header.flags = RouteFlags::Onlink;
+        }
         r
     }
 
@@ -737,25 +804,15 @@ impl<N: VxlanFamily> VxlanDevice<N> {
                     && r.header.protocol != RouteProtocol::Kernel))
     }
 
-    /// Whether a dumped route is exactly what `target` wants for `subnet`.
+    /// Whether a dumped route is exactly what `target` wants for `subnet` (its gateway and
+    /// device are reported for a route naming a nexthop too).
     fn route_matches(&self, r: &RouteMessage, subnet: N, target: Target<N::Addr>) -> bool {
         let (gw, oif) = self.route_target(subnet, target);
         netlink::route_dst::<N>(r) == Some(subnet)
             && netlink::route_gateway::<N>(r) == Some(gw)
             && netlink::route_oif(r) == Some(oif)
+            && netlink::route_nexthop_id(r) == self.nexthops.for_route(subnet, target)
             && self.is_exact_flannel_route(r)
-    }
-
-    /// Make the kernel equal `desired` for every entry this backend owns: read the
-    /// neighbour, FDB and route tables once, program what is missing or differs and
-    /// remove what is stale, many requests in flight at once. Returns the subnets that are
-    /// now programmed as desired, and what was missing or wrong and had to be written.
-    async fn converge(
-        &self,
-        desired: &BTreeMap<N, Target<N::Addr>>,
-    ) -> Result<Converged<N>, Error> {
-        let tables = read_tables::<N>(&self.nl, self.ifindex).await?;
-        self.converge_with(tables, desired, &BTreeSet::new()).await
     }
 
     /// A future that reads this device's tables without borrowing the device, so lease
@@ -767,10 +824,13 @@ impl<N: VxlanFamily> VxlanDevice<N> {
         async move { read_tables::<N>(&nl, ifindex).await }
     }
 
-    /// [`converge`](Self::converge) against tables read earlier. Subnets in `touched` were
-    /// changed by lease events after the read began: the tables may predate those changes,
-    /// so their entries are left as the events made them (and as the record says); the
-    /// next resync checks them.
+    /// Make the kernel equal `desired` for every entry this backend owns, comparing with
+    /// the neighbour, FDB, route and nexthop tables read once: program what is missing or
+    /// differs and remove what is stale, many requests in flight at once. Returns the
+    /// subnets that are now programmed as desired, and what was missing or wrong and had
+    /// to be written. Subnets in `touched` were changed by lease events after the read
+    /// began: the tables may predate those changes, so their entries are left as the
+    /// events made them (and as the record says); the next resync checks them.
     async fn converge_with(
         &self,
         tables: DeviceTables<N>,
@@ -782,12 +842,13 @@ impl<N: VxlanFamily> VxlanDevice<N> {
             neighs,
             fdb,
             routes,
+            nexthops,
             ..
         } = tables;
         let mut failed = None;
 
         // 1. Add or fix what differs (entries already right are not rewritten).
-        let routed: BTreeSet<(N, N::Addr, u32)> = routes
+        let routed: BTreeSet<(N, N::Addr, u32, Option<u32>)> = routes
             .iter()
             .filter(|r| self.is_exact_flannel_route(r))
             .filter_map(|r| {
@@ -795,6 +856,7 @@ impl<N: VxlanFamily> VxlanDevice<N> {
                     netlink::route_dst::<N>(r)?,
                     netlink::route_gateway::<N>(r)?,
                     netlink::route_oif(r)?,
+                    netlink::route_nexthop_id(r),
                 ))
             })
             .collect();
@@ -814,8 +876,9 @@ impl<N: VxlanFamily> VxlanDevice<N> {
                 continue;
             }
             let (gw, oif) = self.route_target(*subnet, *target);
+            let nh = self.nexthops.for_route(*subnet, *target);
             let mut wrong = Fixes::new();
-            if !routed.contains(&(*subnet, gw, oif)) {
+            if !routed.contains(&(*subnet, gw, oif, nh)) {
                 wrong.push((RepairKind::Route, format!("route {subnet} ({target})")));
             }
             if let Target::Vxlan {
@@ -947,6 +1010,22 @@ impl<N: VxlanFamily> VxlanDevice<N> {
                 deletions.push(Deletion::Neigh(fdb_entry::<N>(self.ifindex, mac, dst)));
             }
         }
+        // Our nexthop objects no route of a desired peer names (after the routes, which
+        // the kernel would otherwise delete with them, unannounced).
+        let want_nh: BTreeSet<u32> = desired
+            .iter()
+            .filter_map(|(s, t)| self.nexthops.for_route(*s, *t))
+            .chain(touched.iter().filter_map(|s| N::nexthop_id(*s)))
+            .collect();
+        for nh in nexthops.iter().flatten() {
+            if nh.protocol == RTPROT_FLANNEL
+                && nh.family == u8::from(N::AF)
+                && !want_nh.contains(&nh.id)
+            {
+                info!(id = nh.id, gateway = ?nh.gateway, "removing stale nexthop");
+                deletions.push(Deletion::Nexthop(nh.id));
+            }
+        }
         // Routes first (the order above), so nothing is sent to a half-removed peer; the
         // batches keep that order between kinds because routes are queued first.
         let results: Vec<Result<bool, netlink::Error>> = stream::iter(deletions)
@@ -954,6 +1033,7 @@ impl<N: VxlanFamily> VxlanDevice<N> {
                 match d {
                     Deletion::Route(r) => self.nl.route_del(r).await,
                     Deletion::Neigh(n) => self.nl.neigh_del(n).await,
+                    Deletion::Nexthop(id) => self.nl.nexthop_del(id).await,
                 }
             })
             .buffered(NETLINK_BATCH)
@@ -1006,7 +1086,7 @@ impl<N: VxlanFamily> VxlanDevice<N> {
                 vtep_mac,
                 public_ip,
             } => {
-                self.nl.route_del(self.vxlan_route(subnet)).await?;
+                self.delete_route(subnet, target).await?;
                 self.nl
                     .neigh_del(fdb_entry::<N>(self.ifindex, vtep_mac, public_ip))
                     .await?;
@@ -1014,11 +1094,16 @@ impl<N: VxlanFamily> VxlanDevice<N> {
                     .neigh_del(arp_del::<N>(self.ifindex, cidr::base(subnet)))
                     .await?;
             }
-            Target::Direct { gateway, oif } => {
-                self.nl
-                    .route_del(netlink::gateway_route(subnet, gateway, oif))
-                    .await?;
-            }
+            Target::Direct { .. } => self.delete_route(subnet, target).await?,
+        }
+        Ok(())
+    }
+
+    /// The route to `subnet`, then the nexthop object it named.
+    async fn delete_route(&self, subnet: N, target: Target<N::Addr>) -> Result<(), Error> {
+        self.nl.route_del(self.peer_route(subnet, target)).await?;
+        if let Some(id) = self.nexthops.for_route(subnet, target) {
+            self.nl.nexthop_del(id).await?;
         }
         Ok(())
     }
@@ -1031,6 +1116,8 @@ pub struct DeviceTables<N> {
     neighs: Vec<NeighbourMessage>,
     fdb: Vec<NeighbourMessage>,
     routes: Vec<RouteMessage>,
+    /// Every nexthop object of family `N` (`None`: the kernel has none, or `N` uses none).
+    nexthops: Option<Vec<Nexthop>>,
     family: std::marker::PhantomData<N>,
 }
 
@@ -1041,8 +1128,21 @@ async fn read_tables<N: VxlanFamily>(nl: &Netlink, ifindex: u32) -> Result<Devic
         neighs: nl.neighbours(N::AF, ifindex).await?,
         fdb: nl.neighbours(AddressFamily::Bridge, ifindex).await?,
         routes: nl.routes::<N>().await?,
+        nexthops: read_nexthops::<N>(nl).await?,
         family: std::marker::PhantomData,
     })
+}
+
+/// The kernel's nexthop objects of family `N`, for a family whose routes name them.
+async fn read_nexthops<N: VxlanFamily>(nl: &Netlink) -> Result<Option<Vec<Nexthop>>, Error> {
+    if !N::NEXTHOP_OBJECTS {
+        return Ok(None);
+    }
+    Ok(nl.nexthops().await?.map(|all| {
+        all.into_iter()
+            .filter(|nh| nh.family == u8::from(N::AF))
+            .collect()
+    }))
 }
 
 /// Both devices' tables, read by [`KernelVxlan::tables_reader`].
@@ -1057,6 +1157,7 @@ pub struct KernelTables {
 enum Deletion {
     Route(RouteMessage),
     Neigh(NeighbourMessage),
+    Nexthop(u32),
 }
 
 /// What [`VxlanDevice::converge`] achieved.
@@ -1092,10 +1193,12 @@ impl<N: VxlanFamily> VxlanDevice<N> {
             fixes.extend(self.ensure_registered(own).await?);
         }
         let desired = self.desired(peers).await?;
-        let converged = match tables.filter(|t| t.ifindex == self.ifindex) {
-            Some(t) => self.converge_with(t, &desired, touched).await?,
-            None => self.converge(&desired).await?,
+        let tables = match tables.filter(|t| t.ifindex == self.ifindex) {
+            Some(t) => t,
+            None => read_tables::<N>(&self.nl, self.ifindex).await?,
         };
+        self.nexthops = NexthopIds::from_dump::<N>(tables.nexthops.as_deref());
+        let converged = self.converge_with(tables, &desired, touched).await?;
         self.programmed = Some(converged.done);
         fixes.extend(converged.fixes);
         converged.failed.map_or(Ok(fixes), Err)

@@ -5,5 +5,6 @@ pub mod iface;
 pub mod masq;
 pub mod monitor;
 pub mod netlink;
+pub mod nexthop;
 pub mod sockets;
 pub mod vxlan_guard;

@@ -12,6 +12,8 @@
 //! - addresses, neighbours and FDB entries deleted from a device;
 //! - any deleted route carrying this agent's protocol ([`RTPROT_FLANNEL`]): per-peer VXLAN
 //!   and direct routes, host-gw routes, the blackhole route;
+//! - any deleted nexthop object carrying it (on a second socket: `rtnetlink` cannot parse
+//!   nexthop messages): the kernel deletes the routes naming one without a word;
 //! - IPv4 address changes on the uplink ([`Trigger::UplinkAddress`]): the published public
 //!   IP may have to follow;
 //! - and, outside netlink, the eBPF datapath's pins ([`watch_pins`]): a removed or replaced
@@ -35,7 +37,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::net::netlink::{RTPROT_FLANNEL, link_name, route_oif};
+use crate::net::{
+    netlink::{RTPROT_FLANNEL, link_name, route_oif},
+    nexthop::{NexthopMessage, RTNLGRP_NEXTHOP},
+};
 
 /// Why the monitor asks for a resync.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,17 +146,41 @@ impl Filter {
         };
         let conn = tokio::spawn(conn);
         drop(handle);
+        // Without the nexthop subscription (a kernel without nexthop objects has none to
+        // delete), the rest still works.
+        let (nh_conn, mut nh_messages) = match nexthop_subscription() {
+            Ok((c, m)) => (Some(tokio::spawn(c)), Some(m)),
+            Err(error) => {
+                debug!(%error, "netlink monitor: no nexthop events");
+                (None, None)
+            }
+        };
         self.learn_device_index().await;
-        while let Some((msg, _)) = messages.next().await {
-            let NetlinkPayload::InnerMessage(msg) = msg.payload else {
-                continue;
+        loop {
+            let trigger = tokio::select! {
+                msg = messages.next() => {
+                    let Some((msg, _)) = msg else { break };
+                    let NetlinkPayload::InnerMessage(msg) = msg.payload else {
+                        continue;
+                    };
+                    self.classify(&msg)
+                }
+                Some((msg, _)) = async { nh_messages.as_mut()?.next().await } => match msg.payload {
+                    NetlinkPayload::InnerMessage(NexthopMessage::Del(nh)) if nh.protocol == RTPROT_FLANNEL => {
+                        Some(Trigger::Kernel(format!("nexthop {} deleted", nh.id)))
+                    }
+                    _ => None,
+                },
             };
-            if let Some(trigger) = self.classify(&msg) {
+            if let Some(trigger) = trigger {
                 debug!(?trigger, "netlink event on owned state");
                 let _ = tx.try_send(trigger);
             }
         }
         conn.abort();
+        if let Some(c) = nh_conn {
+            c.abort();
+        }
     }
 
     /// Seed the device indexes (events about a device's neighbours carry only the index).
@@ -221,6 +250,23 @@ impl Filter {
     fn on_device_route(&self, r: &RouteMessage) -> bool {
         route_oif(r).is_some_and(|i| self.on_device(i))
     }
+}
+
+type NexthopEvents = futures::channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<NexthopMessage>,
+    rtnetlink::proto::sys::SocketAddr,
+)>;
+
+/// A socket subscribed to nexthop changes (`RTNLGRP_NEXTHOP`), with its connection task.
+fn nexthop_subscription()
+-> std::io::Result<(rtnetlink::proto::Connection<NexthopMessage>, NexthopEvents)> {
+    let (mut conn, _, messages) = rtnetlink::proto::new_connection::<NexthopMessage>(
+        rtnetlink::sys::protocols::NETLINK_ROUTE,
+    )?;
+    let socket = rtnetlink::proto::sys::AsyncSocket::socket_mut(conn.socket_mut());
+    socket.bind(&rtnetlink::proto::sys::SocketAddr::new(0, 0))?;
+    socket.add_membership(RTNLGRP_NEXTHOP)?;
+    Ok((conn, messages))
 }
 
 fn is_ours(r: &RouteMessage) -> bool {

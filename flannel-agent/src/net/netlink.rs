@@ -31,8 +31,12 @@ use rtnetlink::packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
     NetlinkPayload,
 };
+use rtnetlink::proto::{ConnectionHandle, sys::SocketAddr};
 
-use crate::wire::cidr::Cidr;
+use crate::{
+    net::nexthop::{Nexthop, NexthopMessage},
+    wire::cidr::Cidr,
+};
 
 /// How one address family's addresses appear in rtnetlink messages: everything the
 /// address, route and neighbour helpers below need to be written once for IPv4 and IPv6.
@@ -50,11 +54,26 @@ pub trait NlFamily: Cidr {
     fn neigh_addr(addr: Self::Addr) -> NeighbourAddress;
     /// The address, when `ip` is of this family.
     fn of_ip(ip: IpAddr) -> Option<Self::Addr>;
+    /// Whether this family's peer routes name nexthop objects (see [`crate::net::nexthop`]
+    /// for why IPv4 routes do and IPv6 routes need not).
+    const NEXTHOP_OBJECTS: bool;
+    /// The id of the nexthop object a peer route to `subnet` names: the subnet's base
+    /// address as a number, distinct for distinct leases of one network and stable across
+    /// restarts, so a dump tells which subnet a nexthop is for.
+    fn nexthop_id(subnet: Self) -> Option<u32> {
+        if !Self::NEXTHOP_OBJECTS {
+            return None;
+        }
+        u32::try_from(Self::addr_bits(crate::wire::cidr::base(subnet)))
+            .ok()
+            .filter(|id| *id != 0)
+    }
 }
 
 impl NlFamily for Ipv4Network {
     const AF: AddressFamily = AddressFamily::Inet;
     const DEFAULT_METRIC: u32 = 0;
+    const NEXTHOP_OBJECTS: bool = true;
     fn route_addr(addr: Ipv4Addr) -> RouteAddress {
         RouteAddress::Inet(addr)
     }
@@ -78,6 +97,7 @@ impl NlFamily for Ipv4Network {
 impl NlFamily for Ipv6Network {
     const AF: AddressFamily = AddressFamily::Inet6;
     const DEFAULT_METRIC: u32 = 1024;
+    const NEXTHOP_OBJECTS: bool = false;
     fn route_addr(addr: Ipv6Addr) -> RouteAddress {
         RouteAddress::Inet6(addr)
     }
@@ -166,6 +186,8 @@ pub const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 #[derive(Clone, Debug)]
 pub struct Netlink {
     handle: rtnetlink::Handle,
+    /// A second socket for nexthop objects, whose messages `rtnetlink` cannot carry.
+    nexthops: ConnectionHandle<NexthopMessage>,
     /// Dump requests sent on this connection (all clones), so tests and metrics can see
     /// that steady-state work never re-reads whole tables.
     dumps: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -179,8 +201,14 @@ impl Netlink {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|source| Error::Connect { source })?;
         tokio::spawn(conn);
+        let (conn, nexthops, _) = rtnetlink::proto::new_connection::<NexthopMessage>(
+            rtnetlink::sys::protocols::NETLINK_ROUTE,
+        )
+        .map_err(|source| Error::Connect { source })?;
+        tokio::spawn(conn);
         Ok(Self {
             handle,
+            nexthops,
             dumps: Default::default(),
         })
     }
@@ -222,7 +250,7 @@ impl Netlink {
         flags: u16,
     ) -> Result<Vec<RouteNetlinkMessage>> {
         let op = op.into();
-        if flags & NLM_F_DUMP != 0 {
+        if flags & NLM_F_DUMP == NLM_F_DUMP {
             self.dumps
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -555,6 +583,81 @@ impl Netlink {
             })
             .ok_or(Error::Unexpected { op })
     }
+
+    // ---- nexthop objects ----
+
+    /// Send a nexthop request; its answers (the entries of a dump), or the kernel's error.
+    async fn nexthop_request(
+        &self,
+        op: String,
+        msg: NexthopMessage,
+        flags: u16,
+    ) -> Result<Vec<Nexthop>> {
+        if flags & NLM_F_DUMP == NLM_F_DUMP {
+            self.dumps
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut req = NetlinkMessage::new(Default::default(), NetlinkPayload::InnerMessage(msg));
+        req.header.flags = NLM_F_REQUEST | flags;
+        let handle = self.nexthops.clone();
+        let mut replies = handle
+            .request(req, SocketAddr::new(0, 0))
+            .map_err(|_| Error::Transport { op: op.clone() })?;
+        let mut out = Vec::new();
+        while let Some(reply) = replies.next().await {
+            match reply.payload {
+                NetlinkPayload::InnerMessage(NexthopMessage::New(nh)) => out.push(nh),
+                NetlinkPayload::Error(err) if err.code.is_some() => {
+                    return Err(kernel_error(op, err.raw_code()));
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every nexthop object; `Ok(None)` when the kernel has none to offer (built without
+    /// them, or older than 5.3), so callers fall back to plain routes.
+    pub async fn nexthops(&self) -> Result<Option<Vec<Nexthop>>> {
+        let all = self
+            .nexthop_request(
+                "dump nexthops".into(),
+                NexthopMessage::Get(Nexthop::by_id(0)),
+                NLM_F_DUMP,
+            )
+            .await;
+        match all {
+            Ok(all) => Ok(Some(all)),
+            Err(e) if matches!(e.errno(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Create or replace a nexthop object.
+    pub async fn nexthop_replace(&self, nh: Nexthop) -> Result<()> {
+        let op = format!(
+            "replace nexthop {} via {:?} dev #{:?}",
+            nh.id, nh.gateway, nh.oif
+        );
+        self.nexthop_request(
+            op,
+            NexthopMessage::New(nh),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Delete a nexthop object (and with it every route that names it); `Ok(false)` if it
+    /// was not there.
+    pub async fn nexthop_del(&self, id: u32) -> Result<bool> {
+        let op = format!("delete nexthop {id}");
+        absent_ok(
+            self.nexthop_request(op, NexthopMessage::Del(Nexthop::by_id(id)), NLM_F_ACK)
+                .await
+                .map(drop),
+        )
+    }
 }
 
 /// The `rtm_protocol` value marking routes this agent created (`ip route show proto 84`).
@@ -586,26 +689,35 @@ pub fn gateway_route<N: NlFamily>(subnet: N, gateway: N::Addr, oif: u32) -> Rout
     r
 }
 
-/// A delete request matching exactly one dumped route.
+/// A delete request matching exactly one dumped route. A route naming a nexthop object
+/// is matched by its id: the kernel refuses a gateway or device in that request (they are
+/// the nexthop's, reported in dumps for compatibility only).
 pub fn route_del_from(r: &RouteMessage) -> RouteMessage {
+    let by_nexthop = route_nexthop_id(r).is_some();
     let mut d = RouteMessage::default();
     d.header = r.header.clone();
     d.attributes = r
         .attributes
         .iter()
-        .filter(|a| {
-            matches!(
-                a,
-                RouteAttribute::Destination(_)
-                    | RouteAttribute::Gateway(_)
-                    | RouteAttribute::Oif(_)
-                    | RouteAttribute::Priority(_)
-                    | RouteAttribute::Table(_)
-            )
+        .filter(|a| match a {
+            RouteAttribute::Destination(_)
+            | RouteAttribute::Priority(_)
+            | RouteAttribute::Table(_)
+            | RouteAttribute::NhId(_) => true,
+            RouteAttribute::Gateway(_) | RouteAttribute::Oif(_) => !by_nexthop,
+            _ => false,
         })
         .cloned()
         .collect();
     d
+}
+
+/// The nexthop object a route names (`RTA_NH_ID`), if it names one.
+pub fn route_nexthop_id(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::NhId(id) => Some(*id),
+        _ => None,
+    })
 }
 
 fn kernel_error(op: String, raw: i32) -> Error {
