@@ -101,6 +101,19 @@ pub const CONFIG_F_GBP: u32 = 8;
 /// direction re-checked on the kernel path every [`DatapathConfig::flow_refresh_ms`].
 pub const CONFIG_F_FLOW_CACHE: u32 = 16;
 
+/// The kernel's `bpf_skb_adjust_room` knows [`BPF_F_ADJ_ROOM_DECAP_L4_UDP`] (the agent's
+/// probe says so): a GSO aggregate from a known peer that no fast path takes is
+/// decapsulated in BPF onto the kernel path too, the flag clearing the tunnel GSO state
+/// the kernel's own decap clears. Without it such aggregates go to `flannel.<VNI>`
+/// undecapsulated, since a decapsulated aggregate that keeps `SKB_GSO_UDP_TUNNEL` would
+/// be re-segmented wrongly on its next transmit.
+pub const CONFIG_F_DECAP_L4_UDP: u32 = 32;
+
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (1 << 10): proposed in 2026 (bpf-next), not in Linux
+/// 6.18 and not in aya's bindings. Flags are checked when the helper runs, not by the
+/// verifier, so a kernel without it answers `-EINVAL` at run time: hence a probe.
+pub const BPF_F_ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
+
 /// Value of [`crate::names::MAP_CONFIG`] (one element): this host's VXLAN parameters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -35,6 +35,9 @@ pub const PROG_DECAP: &str = "vxlan_decap";
 pub const PROG_FROM_POD: &str = "from_pod";
 /// TC egress program on a pod's host-side veth: what the kernel path delivers to the pod.
 pub const PROG_TO_POD: &str = "to_pod";
+/// Never attached: run once by the agent through `BPF_PROG_TEST_RUN` to learn whether the
+/// kernel offers [`crate::maps::BPF_F_ADJ_ROOM_DECAP_L4_UDP`].
+pub const PROG_PROBE_DECAP_L4_UDP: &str = "probe_decap_l4";
 
 /// Maximum number of flows the per-flow fast path tracks (least recently used go first).
 pub const MAX_FLOWS: u32 = 65536;
@@ -92,4 +95,5 @@ const _: () = {
     assert!(PROG_DECAP.len() <= 15);
     assert!(PROG_FROM_POD.len() <= 15);
     assert!(PROG_TO_POD.len() <= 15);
+    assert!(PROG_PROBE_DECAP_L4_UDP.len() <= 15);
 };

@@ -40,6 +40,10 @@
 //! device transmit happens, so the stale tunnel GSO state is harmless). Every other inner
 //! packet is recorded as seen and continues on the default path below.
 //!
+//! Kernel path: a packet no fast path takes is stripped and put into `flannel.<VNI>`'s
+//! ingress; a GSO aggregate only where the kernel offers `BPF_F_ADJ_ROOM_DECAP_L4_UDP`
+//! (`CONFIG_F_DECAP_L4_UDP`, probed by the agent), else it goes to the device as it came.
+//!
 //! Opt-in all-flows fast path (`CONFIG_F_FAST_INGRESS`): packets for a local pod in the endpoints map,
 //! aggregates included, are decapsulated and put straight into the pod's namespace with
 //! `bpf_redirect_peer`. No device transmit happens on the way, so the stale tunnel GSO
@@ -53,7 +57,10 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use flannel_common::{
     DatapathConfig, DropReason, Endpoint, EndpointKey, PassReason, PathReason, Peer, PeerKey,
-    maps::{CONFIG_F_ANY_PEER, CONFIG_F_FAST_INGRESS, CONFIG_F_FLOW_CACHE, CONFIG_F_GBP},
+    maps::{
+        BPF_F_ADJ_ROOM_DECAP_L4_UDP, CONFIG_F_ANY_PEER, CONFIG_F_DECAP_L4_UDP,
+        CONFIG_F_FAST_INGRESS, CONFIG_F_FLOW_CACHE, CONFIG_F_GBP,
+    },
     wire::{
         ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, UDP_LEN, VXLAN_LEN,
         VXLAN_OVERHEAD, VXLAN6_OVERHEAD, in_subnet16, ipv4_header_checksum, is_v4_mapped,
@@ -135,12 +142,8 @@ fn try_decap(ctx: &TcContext) -> Result<i32, Outcome> {
         // SAFETY: plain helper call; the ifindex comes from the agent's endpoint sync.
         return Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32);
     }
-    // SAFETY: reading a field of the context the kernel handed us.
-    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
-        return Err(Outcome::Pass(PassReason::GsoIngress));
-    }
     // flannel.<VNI> sees a frame addressed to itself from the peer's VTEP.
-    strip_outer(ctx, VXLAN_OVERHEAD, &eth)?;
+    strip_for_kernel_path(ctx, &cfg, VXLAN_OVERHEAD, &eth)?;
     maps::count_peer(peer.slot, ctx.len(), false);
     // SAFETY: plain helper call; the ifindex comes from the agent's configuration.
     Ok(unsafe { bpf_redirect(cfg.vxlan_ifindex, BPF_F_INGRESS as u64) } as i32)
@@ -185,11 +188,7 @@ fn try_decap6(ctx: &TcContext) -> Result<i32, Outcome> {
             Err(reason) => maps::count(&maps::PATHS, reason as u32, ctx.len()),
         }
     }
-    // SAFETY: reading a field of the context the kernel handed us.
-    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
-        return Err(Outcome::Pass(PassReason::GsoIngress));
-    }
-    strip_outer(ctx, VXLAN6_OVERHEAD, &eth)?;
+    strip_for_kernel_path(ctx, cfg, VXLAN6_OVERHEAD, &eth)?;
     maps::count_peer(peer.slot, ctx.len(), false);
     // SAFETY: plain helper call; the ifindex comes from the agent's configuration.
     Ok(unsafe { bpf_redirect(cfg.vxlan6_ifindex, BPF_F_INGRESS as u64) } as i32)
@@ -420,12 +419,58 @@ fn fast_path_endpoint(ctx: &TcContext, cfg: &DatapathConfig) -> Result<Option<En
 /// inner IP header.
 #[inline(always)]
 fn strip_outer(ctx: &TcContext, overhead: usize, eth: &[u8; ETH_LEN]) -> Result<(), Outcome> {
+    strip_outer_with(ctx, overhead, eth, 0)
+}
+
+/// [`strip_outer`] with more `BPF_F_ADJ_ROOM_*` flags.
+#[inline(always)]
+fn strip_outer_with(
+    ctx: &TcContext,
+    overhead: usize,
+    eth: &[u8; ETH_LEN],
+    flags: u64,
+) -> Result<(), Outcome> {
     ctx.adjust_room(
         -(overhead as i32),
         BPF_ADJ_ROOM_MAC,
-        BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+        BPF_F_ADJ_ROOM_FIXED_GSO as u64 | flags,
     )
     .map_err(|_| Outcome::Pass(PassReason::HelperFailed))?;
     ctx.store(0, eth, 0)
         .map_err(|_| Outcome::Drop(DropReason::Malformed))
+}
+
+/// Strip the outer headers of a packet the kernel device is to receive. A GSO aggregate
+/// is stripped only where the kernel offers `BPF_F_ADJ_ROOM_DECAP_L4_UDP`
+/// ([`CONFIG_F_DECAP_L4_UDP`]), which clears the tunnel GSO state; elsewhere it goes to
+/// the device undecapsulated (see the flag's documentation).
+#[inline(always)]
+fn strip_for_kernel_path(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    overhead: usize,
+    eth: &[u8; ETH_LEN],
+) -> Result<(), Outcome> {
+    // SAFETY: reading a field of the context the kernel handed us.
+    if unsafe { (*ctx.skb.skb).gso_size } == 0 {
+        return strip_outer(ctx, overhead, eth);
+    }
+    if cfg.flags & CONFIG_F_DECAP_L4_UDP == 0 {
+        return Err(Outcome::Pass(PassReason::GsoIngress));
+    }
+    strip_outer_with(ctx, overhead, eth, BPF_F_ADJ_ROOM_DECAP_L4_UDP)
+}
+
+/// The body of the `probe_decap_l4` program: 0 when `bpf_skb_adjust_room` takes
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` on a VXLAN frame, else its negative errno.
+#[inline(always)]
+pub fn probe_decap_l4_udp(ctx: &TcContext) -> i32 {
+    match ctx.adjust_room(
+        -(VXLAN_OVERHEAD as i32),
+        BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L4_UDP,
+    ) {
+        Ok(()) => 0,
+        Err(errno) => errno as i32,
+    }
 }

@@ -89,6 +89,14 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     pod::to_pod(&ctx)
 }
 
+/// Never attached: the agent runs it once on a VXLAN frame (`BPF_PROG_TEST_RUN`) and
+/// reads whether `bpf_skb_adjust_room` took `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (0) or not
+/// (the helper's negative errno).
+#[classifier]
+pub fn probe_decap_l4(ctx: TcContext) -> i32 {
+    decap::probe_decap_l4_udp(&ctx)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

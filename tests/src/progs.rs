@@ -211,6 +211,12 @@ impl Loaded {
         }
     }
 
+    /// Loads classifier `prog`, one no test attaches (the agent's probe), for
+    /// [`run`](Self::run).
+    pub fn load_program(&mut self, prog: &str) {
+        load_program(&mut self.ebpf, prog);
+    }
+
     /// Runs `prog` once on `packet`: its verdict, the packet as it left, and the
     /// `struct __sk_buff` as the program left it (`mark` at offset 8); `Err` when
     /// `BPF_PROG_TEST_RUN` refuses the input itself.

@@ -93,6 +93,20 @@ fn mixed_cluster_of_ebpf_and_kernel_vxlan_hosts() {
         c.logs()
     );
     assert!(!c.nodes[2].log().contains("eBPF VXLAN datapath attached"));
+    // The kernel's answer to the DECAP_L4_UDP probe: logged, and in CONFIG's flags.
+    let cfg = open_pinned(&pins.layout(1))
+        .unwrap()
+        .config
+        .get(&0, 0)
+        .expect("CONFIG");
+    let flagged = cfg.flags & flannel_common::maps::CONFIG_F_DECAP_L4_UDP != 0;
+    assert!(
+        c.nodes[0]
+            .log()
+            .contains(&format!("kernel_has_decap_l4_udp={flagged}")),
+        "{}",
+        c.nodes[0].log()
+    );
 }
 
 #[test]

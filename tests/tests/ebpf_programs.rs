@@ -76,6 +76,40 @@ fn encap_builds_the_headers_the_linux_vxlan_driver_builds() {
 }
 
 #[test]
+fn the_decap_l4_udp_probe_answers_as_the_helper_does_on_a_peers_packet() {
+    if !flannel_e2e::require_root() {
+        return;
+    }
+    let pins = PinDir::new("probe");
+    let pin_path = pins.0.clone();
+    in_fresh_netns(move || {
+        let mut dp = Loaded::new(&pin_path);
+        // The agent's probe, on its own frame.
+        let agent_says = flannel_agent::backend::ebpf::probe_decap_l4_udp(&mut dp.ebpf)
+            .expect("the probe runs and answers yes or no");
+        // The same program on a known peer's VXLAN packet as the decap tests build it:
+        // the helper's own answer, 0 or -EINVAL (length checks come first and would
+        // answer -ENOTSUPP, so -EINVAL is the flag).
+        dp.load_program(names::PROG_PROBE_DECAP_L4_UDP);
+        let inner = inner_frame(OUR_MAC, PEER_MAC, [10, 244, 2, 7], [10, 244, 1, 5]);
+        let (answer, _) = dp.run(
+            names::PROG_PROBE_DECAP_L4_UDP,
+            &vxlan_packet(PEER_IP, 1, &inner),
+        );
+        let answer = answer as i32;
+        assert!(
+            answer == 0 || answer == -libc::EINVAL,
+            "unexpected answer {answer}"
+        );
+        assert_eq!(agent_says, answer == 0);
+        eprintln!(
+            "this kernel {} BPF_F_ADJ_ROOM_DECAP_L4_UDP",
+            if agent_says { "offers" } else { "lacks" }
+        );
+    });
+}
+
+#[test]
 fn encap_leaves_unrouted_and_non_ip_traffic_to_the_kernel() {
     if !flannel_e2e::require_root() {
         return;

@@ -28,7 +28,7 @@ use aya::{
         RingBuf,
     },
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -131,6 +131,9 @@ pub struct Datapath {
     encap4: bool,
     /// Whether `vxlan_encap` rides on `flannel-v6.<VNI>` (its link is pinned).
     encap6: bool,
+    /// The kernel's answer to [`probe_decap_l4_udp`] (`false` when only the pinned maps
+    /// were opened).
+    pub decap_l4_udp: bool,
     /// Keeps the programs (and their log buffer) loaded while the agent runs; `None` when
     /// only the pinned maps were opened for inspection.
     _ebpf: Option<Ebpf>,
@@ -196,9 +199,68 @@ fn assemble(
         state: TableState::new(capacity),
         encap4,
         encap6,
+        decap_l4_udp: false,
         _ebpf: None,
         _tasks: None,
     })
+}
+
+/// Whether this kernel's `bpf_skb_adjust_room` takes `BPF_F_ADJ_ROOM_DECAP_L4_UDP`:
+/// flags are checked when the helper runs, not by the verifier, so the `probe_decap_l4`
+/// program is run once through `BPF_PROG_TEST_RUN` on a VXLAN frame (never a kernel
+/// version compared). `Err` when the probe itself could not run or answered something
+/// else than yes (0) or no (`-EINVAL`, which on this frame can only be the flag).
+pub fn probe_decap_l4_udp(ebpf: &mut Ebpf) -> Result<bool, String> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(names::PROG_PROBE_DECAP_L4_UDP)
+        .ok_or("the probe program is missing from the object")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    program.load().map_err(|e| format!("loading it: {e}"))?;
+    let frame = probe_frame();
+    let mut out = vec![0u8; frame.len() + 64];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(&frame);
+    opts.data_out = Some(&mut out);
+    let answer = program
+        .test_run(opts)
+        .map(|r| r.return_value as i32)
+        .map_err(|e| format!("running it: {e}"));
+    // Run once; nothing keeps it loaded.
+    let _ = program.unload();
+    match answer? {
+        0 => Ok(true),
+        e if e == -libc::EINVAL => Ok(false),
+        e => Err(format!("unexpected answer {e}")),
+    }
+}
+
+/// A VXLAN frame as a peer sends it (outer Ethernet, IPv4, UDP 8472, VXLAN VNI 1, inner
+/// Ethernet, IPv4, 8 bytes of payload): long enough that stripping 50 bytes leaves a whole
+/// IPv4 header, which the helper checks before the flags.
+fn probe_frame() -> Vec<u8> {
+    use flannel_common::wire::{ETH_LEN, IPV4_LEN, UDP_LEN, VXLAN_LEN};
+    let inner_ip = IPV4_LEN + 8;
+    let udp = UDP_LEN + VXLAN_LEN + ETH_LEN + inner_ip;
+    let mut f = Vec::with_capacity(ETH_LEN + IPV4_LEN + udp);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00]);
+    let outer_len = u16::try_from(IPV4_LEN + udp).expect("small");
+    f.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0]);
+    f[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&outer_len.to_be_bytes());
+    f.extend_from_slice(&[198, 18, 0, 2, 198, 18, 0, 1]);
+    let udp_len = u16::try_from(udp).expect("small");
+    f.extend_from_slice(&[0x12, 0x34, 0x21, 0x18]);
+    f.extend_from_slice(&udp_len.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&[0x08, 0, 0, 0, 0, 0, 1, 0]);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 3, 0x02, 0, 0, 0, 0, 4, 0x08, 0x00]);
+    let inner_len = u16::try_from(inner_ip).expect("small");
+    f.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0]);
+    let at = f.len() - 10;
+    f[at..at + 2].copy_from_slice(&inner_len.to_be_bytes());
+    f.extend_from_slice(&[10, 244, 2, 2, 10, 244, 1, 2]);
+    f.extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, 0]);
+    f
 }
 
 /// The links of `vxlan_encap`, one per VXLAN device (see [`attachments`]).
@@ -331,6 +393,13 @@ pub fn load_sized(
         warn!(error = %e, "copying the resized maps' contents failed; the reconcile refills them");
     }
 
+    let decap_l4_udp = match probe_decap_l4_udp(&mut ebpf) {
+        Ok(yes) => yes,
+        Err(error) => {
+            warn!(%error, "probing for BPF_F_ADJ_ROOM_DECAP_L4_UDP failed; going without it");
+            false
+        }
+    };
     let wanted = attachments(devices);
     for a in &wanted {
         attach(&mut ebpf, layout, a)?;
@@ -379,6 +448,7 @@ pub fn load_sized(
         (devices.vxlan.is_some(), devices.vxlan6.is_some()),
     )?;
     Ok(Datapath {
+        decap_l4_udp,
         _ebpf: Some(ebpf),
         _tasks: Some(tasks.drop_guard()),
         ..maps

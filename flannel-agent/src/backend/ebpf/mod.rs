@@ -30,8 +30,8 @@ use std::{
 use flannel_common::{
     DatapathConfig,
     maps::{
-        CONFIG_F_ANY_PEER, CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS, CONFIG_F_FLOW_CACHE,
-        CONFIG_F_GBP,
+        CONFIG_F_ANY_PEER, CONFIG_F_DECAP_L4_UDP, CONFIG_F_ENABLED, CONFIG_F_FAST_INGRESS,
+        CONFIG_F_FLOW_CACHE, CONFIG_F_GBP,
     },
 };
 use ipnetwork::{IpNetwork, Ipv6Network};
@@ -41,6 +41,7 @@ use tracing::{debug, info, warn};
 pub use flows::serve_flow_events;
 pub use loader::{
     Datapath, Devices, OBJECT, PinLayout, PodPrograms, load, load_sized, open_pinned,
+    probe_decap_l4_udp,
 };
 pub use probe::{FallbackReason, probe};
 pub use tables::{
@@ -148,7 +149,8 @@ impl EbpfVxlan {
         let layout = PinLayout::new(options.pin_root.clone());
         let devices = devices(&kernel);
         let datapath = loader::load_sized(&layout, devices, options.max_peers, &cancel)?;
-        info!(device = devices.vxlan, device6 = devices.vxlan6, uplink = devices.uplink, pins = %layout.versioned().display(), max_peers = datapath.capacity(), "eBPF VXLAN datapath attached");
+        info!(device = devices.vxlan, device6 = devices.vxlan6, uplink = devices.uplink, pins = %layout.versioned().display(), max_peers = datapath.capacity(),
+              kernel_has_decap_l4_udp = datapath.decap_l4_udp, "eBPF VXLAN datapath attached");
         Ok(Self {
             kernel,
             datapath,
@@ -183,6 +185,7 @@ impl EbpfVxlan {
             (!self.options.peer_check, CONFIG_F_ANY_PEER),
             (config.gbp, CONFIG_F_GBP),
             (self.flow_cache(), CONFIG_F_FLOW_CACHE),
+            (self.datapath.decap_l4_udp, CONFIG_F_DECAP_L4_UDP),
         ] {
             if on {
                 flags |= flag;
