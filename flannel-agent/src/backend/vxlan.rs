@@ -768,7 +768,7 @@ impl<N: VxlanFamily> VxlanDevice<N> {
         let (gw, oif) = self.route_target(subnet, target);
         if let Some(id) = self.nexthops.for_route(subnet, target) {
             self.nl
-                .nexthop_replace(Nexthop::via(id, gw.into(), oif, true, RTPROT_FLANNEL))
+                .nexthop_replace(Nexthop::onlink(id, gw.into(), oif, RTPROT_FLANNEL))
                 .await?;
         }
         self.nl
@@ -1160,7 +1160,7 @@ enum Deletion {
     Nexthop(u32),
 }
 
-/// What [`VxlanDevice::converge`] achieved.
+/// What [`VxlanDevice::converge_with`] achieved.
 struct Converged<N: VxlanFamily> {
     /// The subnets now programmed as desired.
     done: BTreeMap<N, Target<N::Addr>>,

@@ -59,8 +59,9 @@ pub struct Nexthop {
 }
 
 impl Nexthop {
-    /// `id <id> via <gateway> dev <oif> [onlink] proto <protocol>`.
-    pub fn via(id: u32, gateway: IpAddr, oif: u32, onlink: bool, protocol: u8) -> Self {
+    /// `id <id> via <gateway> dev <oif> onlink proto <protocol>`: the only kind the agent
+    /// writes (a peer's gateway on the VXLAN device).
+    pub fn onlink(id: u32, gateway: IpAddr, oif: u32, protocol: u8) -> Self {
         let family = match gateway {
             IpAddr::V4(_) => AddressFamily::Inet,
             IpAddr::V6(_) => AddressFamily::Inet6,
@@ -69,7 +70,7 @@ impl Nexthop {
             id,
             family: u8::from(family),
             protocol,
-            flags: if onlink { RTNH_F_ONLINK } else { 0 },
+            flags: RTNH_F_ONLINK,
             oif: Some(oif),
             gateway: Some(gateway),
         }
@@ -214,13 +215,7 @@ mod tests {
 
     #[test]
     fn a_nexthop_survives_its_wire_format() {
-        let nh = Nexthop::via(
-            0x0af4_0300,
-            IpAddr::V4(Ipv4Addr::new(10, 244, 3, 0)),
-            7,
-            true,
-            84,
-        );
+        let nh = Nexthop::onlink(0x0af4_0300, IpAddr::V4(Ipv4Addr::new(10, 244, 3, 0)), 7, 84);
         let msg = NexthopMessage::New(nh.clone());
         let mut buf = vec![0u8; msg.buffer_len()];
         msg.serialize(&mut buf);
